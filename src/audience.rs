@@ -1,0 +1,291 @@
+//! Audience files: CSV with a header row, one contact a row.
+//!
+//! A row's identity is its `username`, else its `phone` (normalized to
+//! E.164), else its `user_id`. `first_name` and `last_name` are kept as such;
+//! every other column becomes a contact field. A UTF-8 BOM and CRLF line ends
+//! are accepted. A bad row is reported with `file:line` and skipped; the rest
+//! is imported.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::config::{io_reason, Problem};
+use crate::model::Identity;
+
+/// One contact as its audience file describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactRow {
+    /// 1-based line of the row in the file.
+    pub line: u64,
+    pub identity: Identity,
+    pub username: Option<String>,
+    pub phone: Option<String>,
+    pub user_id: Option<i64>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// What reading an audience file gave: the good rows and a problem per bad one.
+#[derive(Debug, Default)]
+pub struct AudienceFile {
+    pub rows: Vec<ContactRow>,
+    pub problems: Vec<Problem>,
+}
+
+/// Reads an audience file. An unreadable, empty or binary file is one
+/// problem and no rows.
+pub fn read(path: &Path) -> AudienceFile {
+    let shown = path.display().to_string();
+    match std::fs::read(path) {
+        Ok(bytes) => parse(&shown, &bytes),
+        Err(e) => AudienceFile {
+            rows: Vec::new(),
+            problems: vec![Problem::new(
+                shown,
+                format!("cannot read the audience file: {}", io_reason(&e)),
+            )],
+        },
+    }
+}
+
+/// Parses audience CSV; `shown` names the file in problems.
+pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
+    let mut out = AudienceFile::default();
+    let whole = |msg: String| AudienceFile {
+        rows: Vec::new(),
+        problems: vec![Problem::new(shown, msg)],
+    };
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.contains(&0) {
+        return whole("looks like a binary file, not CSV text".into());
+    }
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
+        return AudienceFile {
+            rows: Vec::new(),
+            problems: vec![Problem::new(
+                format!("{shown}:{line}"),
+                "is not UTF-8 text; save the file as UTF-8",
+            )],
+        };
+    }
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return whole("is empty; it needs a header row such as \"username,first_name\"".into());
+    }
+
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let headers: Vec<String> = match reader.headers() {
+        Ok(h) => h.iter().map(|s| s.to_ascii_lowercase()).collect(),
+        Err(e) => return whole(format!("has an unreadable header row ({e})")),
+    };
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let (c_user, c_phone, c_id) = (col("username"), col("phone"), col("user_id"));
+    if c_user.is_none() && c_phone.is_none() && c_id.is_none() {
+        return whole(format!(
+            "has no username, phone or user_id column (header: {})",
+            headers.join(",")
+        ));
+    }
+    let (c_first, c_last) = (col("first_name"), col("last_name"));
+
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                out.problems.push(Problem::new(
+                    format!("{shown}:{line}"),
+                    format!("unreadable row ({e}); skipped"),
+                ));
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        let at = format!("{shown}:{line}");
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if record.len() != headers.len() {
+            out.problems.push(Problem::new(
+                at,
+                format!(
+                    "has {} fields but the header has {}; skipped",
+                    record.len(),
+                    headers.len()
+                ),
+            ));
+            continue;
+        }
+        let get = |c: Option<usize>| {
+            c.and_then(|i| record.get(i))
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        match row(&get, c_user, c_phone, c_id) {
+            Ok((identity, username, phone, user_id)) => {
+                let known = [c_user, c_phone, c_id, c_first, c_last];
+                let fields = headers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !known.contains(&Some(*i)))
+                    .map(|(i, h)| (h.clone(), record.get(i).unwrap_or("").to_string()))
+                    .collect();
+                out.rows.push(ContactRow {
+                    line,
+                    identity,
+                    username,
+                    phone,
+                    user_id,
+                    first_name: get(c_first),
+                    last_name: get(c_last),
+                    fields,
+                });
+            }
+            Err(why) => out
+                .problems
+                .push(Problem::new(at, format!("{why}; row skipped"))),
+        }
+    }
+    out
+}
+
+type Ids = (Identity, Option<String>, Option<String>, Option<i64>);
+
+fn row(
+    get: &dyn Fn(Option<usize>) -> Option<String>,
+    c_user: Option<usize>,
+    c_phone: Option<usize>,
+    c_id: Option<usize>,
+) -> Result<Ids, String> {
+    let username = get(c_user).map(|u| normalize_username(&u)).transpose()?;
+    let phone = get(c_phone).map(|p| normalize_phone(&p)).transpose()?;
+    let user_id = get(c_id)
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| format!("user_id \"{v}\" is not a positive number"))
+        })
+        .transpose()?;
+    let identity = match (&username, &phone, user_id) {
+        (Some(u), _, _) => Identity::Username(u.clone()),
+        (None, Some(p), _) => Identity::Phone(p.clone()),
+        (None, None, Some(id)) => Identity::UserId(id),
+        (None, None, None) => return Err("has no username, phone or user_id".into()),
+    };
+    Ok((identity, username, phone, user_id))
+}
+
+/// `@Name` → `name`; Telegram usernames are 4 to 32 letters, digits and `_`.
+pub fn normalize_username(raw: &str) -> Result<String, String> {
+    let u = raw.trim().trim_start_matches('@');
+    let ok = (4..=32).contains(&u.len())
+        && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && u.starts_with(|c: char| c.is_ascii_alphabetic());
+    if ok {
+        Ok(u.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "username \"{raw}\" is not a Telegram username (4 to 32 letters, digits or _)"
+        ))
+    }
+}
+
+/// A phone number in international form to E.164: `+1 (555) 000-0001` →
+/// `+15550000001`. The country code is required: a leading `+` or `00`, or a
+/// bare digit string that starts with its country code.
+pub fn normalize_phone(raw: &str) -> Result<String, String> {
+    let t = raw.trim();
+    let body = t
+        .strip_prefix('+')
+        .or_else(|| t.strip_prefix("00"))
+        .unwrap_or(t);
+    let mut digits = String::with_capacity(16);
+    for c in body.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            ' ' | '-' | '(' | ')' | '.' => {}
+            _ => {
+                return Err(format!(
+                    "phone \"{raw}\" has a character that is not a digit: '{c}'"
+                ))
+            }
+        }
+    }
+    if !(8..=15).contains(&digits.len()) || digits.starts_with('0') {
+        return Err(format!(
+            "phone \"{raw}\" is not an international number (country code and 8 to 15 digits, like +15550000001)"
+        ));
+    }
+    Ok(format!("+{digits}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> AudienceFile {
+        parse("a.csv", s.as_bytes())
+    }
+
+    #[test]
+    fn identities_and_fields() {
+        let a = parse_str(
+            "username,phone,first_name,company\n@Alice_1,,Alice,Acme\n,+1 (555) 000-0001,Bob,\n",
+        );
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert_eq!(a.rows.len(), 2);
+        assert_eq!(a.rows[0].identity, Identity::Username("alice_1".into()));
+        assert_eq!(a.rows[0].fields["company"], "Acme");
+        assert_eq!(a.rows[0].first_name.as_deref(), Some("Alice"));
+        assert_eq!(a.rows[1].identity, Identity::Phone("+15550000001".into()));
+        assert_eq!(a.rows[1].line, 3);
+    }
+
+    #[test]
+    fn bom_and_crlf_are_accepted() {
+        let a = parse("a.csv", b"\xEF\xBB\xBFuser_id,first_name\r\n42,Ann\r\n");
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert_eq!(a.rows[0].identity, Identity::UserId(42));
+    }
+
+    #[test]
+    fn bad_rows_are_reported_with_their_line_and_skipped() {
+        let a = parse_str("phone,first_name\n+15550000001,A\nnot-a-phone,B\n,C\n+15550000002,D\n");
+        assert_eq!(a.rows.len(), 2);
+        let msgs: Vec<String> = a.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(
+            msgs[0].starts_with("a.csv:3: phone \"not-a-phone\""),
+            "{msgs:?}"
+        );
+        assert!(msgs[1].starts_with("a.csv:4: has no username"), "{msgs:?}");
+    }
+
+    #[test]
+    fn whole_file_problems() {
+        assert!(parse_str("").problems[0].message.contains("empty"));
+        assert!(parse("b.csv", b"\x00\x01\x02").problems[0]
+            .message
+            .contains("binary"));
+        assert!(parse_str("name,city\nx,y\n").problems[0]
+            .message
+            .contains("no username, phone or user_id column"));
+    }
+
+    #[test]
+    fn phones_normalize_to_e164() {
+        assert_eq!(normalize_phone("0049 30 1234567").unwrap(), "+49301234567");
+        assert_eq!(normalize_phone("15550000001").unwrap(), "+15550000001");
+        assert!(normalize_phone("+1 555").is_err());
+        assert!(normalize_phone("+1555abc0001").is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! The command line (SPEC section 3): argument parsing and one function per
+//! command. Exit codes: 0 success, 2 bad usage or bad input, 1 anything else.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::audience;
+use crate::config::{Config, Problems};
+use crate::logging::{self, LogFormat};
+use crate::model::DialogId;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "colloquy",
+    version,
+    about = "Runs Telegram conversation campaigns with Lua dialog engines"
+)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    pub config: PathBuf,
+    /// How log lines look on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the headless host until SIGINT or SIGTERM.
+    Run,
+    /// Validate the config, its audiences and every engine.
+    Check,
+    /// Run a Lua file in the engine environment and print its result as JSON.
+    Eval {
+        file: PathBuf,
+        /// Values for the script's `arg` table.
+        args: Vec<String>,
+    },
+    /// Play a contact on stdin while a campaign's engine answers on stdout.
+    Chat {
+        #[arg(long)]
+        campaign: String,
+    },
+    /// Campaigns, accounts and dialog counts by status.
+    Status,
+    /// List dialogs.
+    Dialogs {
+        #[arg(long)]
+        campaign: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Print one dialog's transcript.
+    Dialog { id: DialogId },
+    /// Log a Telegram user account in.
+    Login { account: String },
+}
+
+/// How a command failed, and so which exit code it gets.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or bad input: exit 2.
+    Input(Problems),
+    /// Anything else: exit 1.
+    Other(String),
+}
+
+impl From<Problems> for Failure {
+    fn from(p: Problems) -> Failure {
+        Failure::Input(p)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Failure::Other(e.to_string())
+    }
+}
+
+/// Parses the process arguments, runs the command, and maps the outcome to
+/// an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(problems)) => {
+            eprintln!("{problems}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Status => status(&cli.config),
+        Command::Dialogs { campaign, status } => {
+            dialogs(&cli.config, campaign.as_deref(), status.as_deref())
+        }
+        Command::Dialog { id } => dialog(&cli.config, id),
+        Command::Run => {
+            not_available("the host (runner, conductors, reviver and the simulated transport)")
+        }
+        Command::Eval { .. } | Command::Chat { .. } => not_available("the Lua engine runtime"),
+        Command::Login { .. } => not_available("the Telegram transport"),
+    }
+}
+
+fn not_available(capability: &str) -> Result<(), Failure> {
+    Err(Failure::Other(format!(
+        "not available yet: needs {capability}"
+    )))
+}
+
+/// `colloquy check`: every problem of the config and its audiences.
+pub fn check(config_path: &Path) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let mut problems = Vec::new();
+    let mut contacts = 0;
+    for a in &config.file.audiences {
+        let file = audience::read(&config.resolve(&a.file));
+        contacts += file.rows.len();
+        problems.extend(file.problems);
+    }
+    if !problems.is_empty() {
+        return Err(Failure::Input(Problems(problems)));
+    }
+    let f = &config.file;
+    println!(
+        "{} is valid: {}, {}, {} ({})",
+        config.shown(),
+        plural(f.campaigns.len(), "campaign"),
+        plural(f.accounts.len(), "account"),
+        plural(f.audiences.len(), "audience"),
+        plural(contacts, "contact"),
+    );
+    Ok(())
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Opens the store read-mostly for the reporting commands, or says why not.
+fn open_store(config: &Config) -> Result<Option<Store>, Failure> {
+    let dir = config.data_dir();
+    if !dir.join("store").exists() {
+        return Ok(None);
+    }
+    match Store::open(&dir) {
+        Ok(s) => Ok(Some(s)),
+        Err(StoreError::Locked(d)) => Err(Failure::Other(format!(
+            "the store in {d} is held by a running host; stop it to read the store directly"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn status(config_path: &Path) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let store = open_store(&config)?;
+    let mut out = String::new();
+    for c in &config.file.campaigns {
+        let _ = writeln!(
+            out,
+            "campaign {}: {}, engine {}, accounts {}, audiences {}",
+            c.name,
+            c.status.label(),
+            c.engine,
+            c.accounts.join(", "),
+            c.audiences.join(", ")
+        );
+    }
+    for a in &config.file.accounts {
+        let state = match &store {
+            Some(s) => s.account(&a.name)?.status.label(),
+            None => "active",
+        };
+        let _ = writeln!(out, "account {}: {state}", a.name);
+    }
+    match &store {
+        Some(s) => {
+            let counts = s.dialog_counts()?;
+            let parts: Vec<String> = counts.iter().map(|(l, n)| format!("{l} {n}")).collect();
+            let _ = writeln!(out, "dialogs: {}", parts.join(", "));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "dialogs: none yet (no store in {})",
+                config.data_dir().display()
+            );
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn dialogs(
+    config_path: &Path,
+    campaign: Option<&str>,
+    status: Option<&str>,
+) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    if let Some(s) = status {
+        if crate::model::DialogStatus::tag_of(s).is_none() {
+            return Err(Failure::Input(Problems(vec![crate::config::Problem::new(
+                "--status",
+                format!(
+                    "\"{s}\" is not a dialog status; use one of {}",
+                    crate::model::DialogStatus::TAGS.join(", ")
+                ),
+            )])));
+        }
+    }
+    let Some(store) = open_store(&config)? else {
+        return Ok(());
+    };
+    for d in store.all_dialogs() {
+        let d = d?;
+        if campaign.is_some_and(|c| c != d.campaign)
+            || status.is_some_and(|s| s != d.status.label())
+        {
+            continue;
+        }
+        let who = store
+            .contact(d.contact)?
+            .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            d.id,
+            d.campaign,
+            d.account,
+            who,
+            status_text(&d.status),
+            d.last_activity().to_rfc3339()
+        );
+    }
+    Ok(())
+}
+
+fn status_text(s: &crate::model::DialogStatus) -> String {
+    use crate::model::DialogStatus::*;
+    match s {
+        Finished { outcome } => format!("finished:{outcome}"),
+        Error { reason } => format!("error:{reason}"),
+        other => other.label().to_string(),
+    }
+}
+
+fn dialog(config_path: &Path, id: DialogId) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let missing = || {
+        Failure::Input(Problems(vec![crate::config::Problem::new(
+            "dialog",
+            format!("there is no dialog {id}"),
+        )]))
+    };
+    let store = open_store(&config)?.ok_or_else(missing)?;
+    let d = store.dialog(id)?.ok_or_else(missing)?;
+    let who = store
+        .contact(d.contact)?
+        .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
+    println!(
+        "dialog {} · campaign {} · account {} · contact {} · {}",
+        d.id,
+        d.campaign,
+        d.account,
+        who,
+        status_text(&d.status)
+    );
+    for m in store.messages(id)? {
+        let arrow = match m.direction {
+            crate::model::Direction::In => "<".to_string(),
+            crate::model::Direction::Out => {
+                format!(
+                    ">{}",
+                    m.kind
+                        .map(|k| format!(" {}", k.label()))
+                        .unwrap_or_default()
+                )
+            }
+        };
+        let pending = match &m.delivery {
+            Some(crate::model::Delivery::Pending) => " (pending)",
+            Some(crate::model::Delivery::Cancelled { .. }) => " (cancelled)",
+            _ => "",
+        };
+        println!("{} {arrow}{pending} {}", m.at.to_rfc3339(), m.text);
+    }
+    Ok(())
+}

@@ -1,0 +1,556 @@
+//! `config.toml`: its shape (SPEC section 4), parsing with file positions,
+//! and the semantic checks that parsing cannot make.
+//!
+//! [`Config::load`] gives a validated config or every [`Problem`] found.
+//! Shape errors (syntax, unknown keys, wrong types, bad values) stop parsing
+//! and carry `file:line:column`; semantic problems carry the key path, such
+//! as `campaigns[0].accounts[1]`, and are all reported together.
+
+mod validate;
+pub mod values;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use values::{ByteSize, Dur, DurRange, TimeOfDay, Zone};
+
+/// One thing wrong with the user's input, printed as one sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `file`, `file:line` or `file:line:column`, plus a key path if any.
+    pub location: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(location: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// Every problem found in one pass.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// The validated configuration, with the place it was read from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file as given on the command line.
+    pub path: PathBuf,
+    /// The directory relative paths in the file are resolved against.
+    pub base_dir: PathBuf,
+    pub file: ConfigFile,
+}
+
+/// The file as written, with defaults filled in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub host: Host,
+    #[serde(default)]
+    pub transport: TransportSection,
+    #[serde(default)]
+    pub sim: Sim,
+    pub telegram: Option<Telegram>,
+    #[serde(default)]
+    pub safety: Safety,
+    #[serde(default)]
+    pub engines: Engines,
+    #[serde(default)]
+    pub alerts: Alerts,
+    #[serde(default)]
+    pub compliance: Compliance,
+    #[serde(default)]
+    pub accounts: Vec<Account>,
+    #[serde(default)]
+    pub audiences: Vec<Audience>,
+    #[serde(default)]
+    pub campaigns: Vec<Campaign>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Host {
+    pub data_dir: PathBuf,
+    pub engines_dir: PathBuf,
+    pub scripts_dir: PathBuf,
+}
+
+impl Default for Host {
+    fn default() -> Host {
+        Host {
+            data_dir: "data".into(),
+            engines_dir: "engines".into(),
+            scripts_dir: "scripts".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    #[default]
+    Sim,
+    Telegram,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    #[serde(default)]
+    pub kind: TransportKind,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sim {
+    pub seed: u64,
+    pub time_scale: f64,
+    pub reply_probability: f64,
+    pub reply_delay: DurRange,
+    /// Lua file that writes the contacts' replies.
+    pub persona: Option<PathBuf>,
+    pub faults: SimFaults,
+}
+
+impl Default for Sim {
+    fn default() -> Sim {
+        Sim {
+            seed: 42,
+            time_scale: 60.0,
+            reply_probability: 0.6,
+            reply_delay: DurRange::between(30, 1200),
+            persona: None,
+            faults: SimFaults::default(),
+        }
+    }
+}
+
+/// Chances per send attempt (`privacy_restricted`: per contact).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimFaults {
+    pub flood_wait: f64,
+    pub flood_wait_duration: DurRange,
+    pub peer_flood: f64,
+    pub ban: f64,
+    pub privacy_restricted: f64,
+    pub transient: f64,
+    pub timeout_delivered: f64,
+}
+
+impl Default for SimFaults {
+    fn default() -> SimFaults {
+        SimFaults {
+            flood_wait: 0.0,
+            flood_wait_duration: DurRange::between(60, 1800),
+            peer_flood: 0.0,
+            ban: 0.0,
+            privacy_restricted: 0.0,
+            transient: 0.0,
+            timeout_delivered: 0.0,
+        }
+    }
+}
+
+impl SimFaults {
+    /// The chances with their names, for validation and reporting.
+    pub fn chances(&self) -> [(&'static str, f64); 6] {
+        [
+            ("flood_wait", self.flood_wait),
+            ("peer_flood", self.peer_flood),
+            ("ban", self.ban),
+            ("privacy_restricted", self.privacy_restricted),
+            ("transient", self.transient),
+            ("timeout_delivered", self.timeout_delivered),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telegram {
+    pub api_id: i64,
+    /// Name of the environment variable that holds the api_hash.
+    pub api_hash_env: String,
+}
+
+/// Limits of one account: `[safety]`, merged with `[accounts.safety]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Safety {
+    pub max_per_hour: u32,
+    pub max_per_day: u32,
+    pub max_new_dialogs_per_day: u32,
+    pub min_interval: Dur,
+    pub jitter: Dur,
+    pub stuck_after: Dur,
+    pub max_follow_ups: u32,
+    pub reply_delay: DurRange,
+    pub peer_flood_cooldown: Dur,
+    pub warmup: Dur,
+    pub warmup_start: f64,
+    pub retry_attempts: u32,
+    pub retry_max_delay: Dur,
+}
+
+impl Default for Safety {
+    fn default() -> Safety {
+        Safety {
+            max_per_hour: 20,
+            max_per_day: 100,
+            max_new_dialogs_per_day: 20,
+            min_interval: Dur::secs(30),
+            jitter: Dur::secs(15),
+            stuck_after: Dur::secs(86_400),
+            max_follow_ups: 2,
+            reply_delay: DurRange::between(20, 180),
+            peer_flood_cooldown: Dur::secs(86_400),
+            warmup: Dur::secs(0),
+            warmup_start: 0.2,
+            retry_attempts: 5,
+            retry_max_delay: Dur::secs(600),
+        }
+    }
+}
+
+/// `[accounts.safety]`: any subset of `[safety]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyOverrides {
+    pub max_per_hour: Option<u32>,
+    pub max_per_day: Option<u32>,
+    pub max_new_dialogs_per_day: Option<u32>,
+    pub min_interval: Option<Dur>,
+    pub jitter: Option<Dur>,
+    pub stuck_after: Option<Dur>,
+    pub max_follow_ups: Option<u32>,
+    pub reply_delay: Option<DurRange>,
+    pub peer_flood_cooldown: Option<Dur>,
+    pub warmup: Option<Dur>,
+    pub warmup_start: Option<f64>,
+    pub retry_attempts: Option<u32>,
+    pub retry_max_delay: Option<Dur>,
+}
+
+impl Safety {
+    /// These limits with an account's overrides applied.
+    pub fn merged(&self, o: &SafetyOverrides) -> Safety {
+        Safety {
+            max_per_hour: o.max_per_hour.unwrap_or(self.max_per_hour),
+            max_per_day: o.max_per_day.unwrap_or(self.max_per_day),
+            max_new_dialogs_per_day: o
+                .max_new_dialogs_per_day
+                .unwrap_or(self.max_new_dialogs_per_day),
+            min_interval: o.min_interval.unwrap_or(self.min_interval),
+            jitter: o.jitter.unwrap_or(self.jitter),
+            stuck_after: o.stuck_after.unwrap_or(self.stuck_after),
+            max_follow_ups: o.max_follow_ups.unwrap_or(self.max_follow_ups),
+            reply_delay: o.reply_delay.unwrap_or(self.reply_delay),
+            peer_flood_cooldown: o.peer_flood_cooldown.unwrap_or(self.peer_flood_cooldown),
+            warmup: o.warmup.unwrap_or(self.warmup),
+            warmup_start: o.warmup_start.unwrap_or(self.warmup_start),
+            retry_attempts: o.retry_attempts.unwrap_or(self.retry_attempts),
+            retry_max_delay: o.retry_max_delay.unwrap_or(self.retry_max_delay),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Engines {
+    pub instruction_budget: u64,
+    pub time_budget: Dur,
+    pub memory_limit: ByteSize,
+    pub env_allow: Vec<String>,
+    pub extra_paths: Vec<PathBuf>,
+}
+
+impl Default for Engines {
+    fn default() -> Engines {
+        Engines {
+            instruction_budget: 10_000_000,
+            time_budget: Dur::secs(60),
+            memory_limit: ByteSize(64 << 20),
+            env_allow: Vec::new(),
+            extra_paths: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    pub webhook_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Compliance {
+    pub opt_out_patterns: Vec<String>,
+}
+
+impl Default for Compliance {
+    fn default() -> Compliance {
+        Compliance {
+            opt_out_patterns: vec!["stop".into(), "unsubscribe".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub name: String,
+    pub phone: Option<String>,
+    pub proxy: Option<String>,
+    #[serde(default)]
+    pub safety: SafetyOverrides,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audience {
+    pub name: String,
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CampaignStatus {
+    #[default]
+    Active,
+    Paused,
+    Finished,
+}
+
+impl CampaignStatus {
+    pub fn label(self) -> &'static str {
+        match self {
+            CampaignStatus::Active => "active",
+            CampaignStatus::Paused => "paused",
+            CampaignStatus::Finished => "finished",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendWindow {
+    pub start: TimeOfDay,
+    pub end: TimeOfDay,
+    pub timezone: Zone,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Campaign {
+    pub name: String,
+    #[serde(default)]
+    pub status: CampaignStatus,
+    /// Engine name: `engines_dir/NAME.lua`.
+    pub engine: String,
+    pub prompt_template: Option<PathBuf>,
+    pub audiences: Vec<String>,
+    pub accounts: Vec<String>,
+    pub send_window: Option<SendWindow>,
+    /// Free-form values handed to the engine as `ctx.campaign.params`.
+    #[serde(default)]
+    pub params: BTreeMap<String, toml::Value>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Problems> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problems(vec![Problem::new(
+                &shown,
+                format!("cannot read the config file: {}", io_reason(&e)),
+            )])
+        })?;
+        let config = Config::parse(path, &text)?;
+        let problems = validate::validate(&config);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Problems(problems))
+        }
+    }
+
+    /// Parses config text without the semantic checks.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Problems> {
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| Problems(vec![toml_problem(path, text, &e)]))?;
+        let base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(Config {
+            path: path.to_path_buf(),
+            base_dir,
+            file,
+        })
+    }
+
+    /// A path from the file, resolved against the config's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.resolve(&self.file.host.data_dir)
+    }
+
+    pub fn engines_dir(&self) -> PathBuf {
+        self.resolve(&self.file.host.engines_dir)
+    }
+
+    pub fn scripts_dir(&self) -> PathBuf {
+        self.resolve(&self.file.host.scripts_dir)
+    }
+
+    /// `engines_dir/NAME.lua`.
+    pub fn engine_path(&self, engine: &str) -> PathBuf {
+        self.engines_dir().join(format!("{engine}.lua"))
+    }
+
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.file.accounts.iter().find(|a| a.name == name)
+    }
+
+    pub fn campaign(&self, name: &str) -> Option<&Campaign> {
+        self.file.campaigns.iter().find(|c| c.name == name)
+    }
+
+    /// The limits in force for an account: `[safety]` merged with its own.
+    pub fn account_safety(&self, name: &str) -> Safety {
+        match self.account(name) {
+            Some(a) => self.file.safety.merged(&a.safety),
+            None => self.file.safety.clone(),
+        }
+    }
+
+    /// The config file's name as shown in messages.
+    pub fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// A TOML parse or shape error as `file:line:column: message`.
+fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
+    let mut location = path.display().to_string();
+    if let Some(span) = e.span() {
+        let (line, col) = line_col(text, span.start);
+        location = format!("{location}:{line}:{col}");
+    }
+    let mut message = e.message().trim().replace('\n', " ");
+    for secret in ["api_hash", "api_key", "password", "token"] {
+        if message.contains(&format!("unknown field `{secret}`")) {
+            message.push_str(&format!(
+                "; secrets never go in the file: name an environment variable with `{secret}_env`"
+            ));
+        }
+    }
+    Problem::new(location, message)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// An io error's reason without the OS error number.
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        std::io::ErrorKind::InvalidData => "it is not UTF-8 text".into(),
+        _ => {
+            let s = e.to_string();
+            s.split(" (os error").next().unwrap_or(&s).to_lowercase()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Problems> {
+        Config::parse(Path::new("c.toml"), text)
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c.file.safety, Safety::default());
+        assert_eq!(c.file.transport.kind, TransportKind::Sim);
+        assert_eq!(c.file.sim.seed, 42);
+    }
+
+    #[test]
+    fn account_overrides_merge_over_defaults() {
+        let c = parse(
+            "[safety]\nmax_per_day = 80\n[[accounts]]\nname = \"a\"\n[accounts.safety]\nmax_per_hour = 5\n",
+        )
+        .unwrap();
+        let s = c.account_safety("a");
+        assert_eq!((s.max_per_hour, s.max_per_day), (5, 80));
+    }
+
+    #[test]
+    fn shape_errors_carry_line_and_column() {
+        let e = parse("[safety]\nmax_per_hour = 20\nbogus = 1\n").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        let s = e.to_string();
+        assert!(s.starts_with("c.toml:3:1: unknown field `bogus`"), "{s}");
+    }
+
+    #[test]
+    fn secrets_in_the_file_get_a_hint() {
+        let e = parse("[telegram]\napi_id = 1\napi_hash = \"abc\"\n").unwrap_err();
+        assert!(e.to_string().contains("api_hash_env"), "{e}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

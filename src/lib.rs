@@ -1,0 +1,28 @@
+//! colloquy: a headless host that runs Telegram conversation campaigns.
+//!
+//! An operator declares campaigns in `config.toml`: audiences of contacts
+//! (CSV), a pool of Telegram user accounts, and a dialog engine written in
+//! Lua. The host opens dialogs with contacts never contacted before, lets the
+//! engine answer every reply, revives dialogs that went quiet, and never lets
+//! an account exceed its safety limits.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
+//! - [`config`]: `config.toml`, parsed with file positions and validated.
+//! - [`audience`]: audience CSV files to contact rows.
+//! - [`model`]: campaigns, accounts, contacts, dialogs, messages, and the
+//!   status transition tables.
+//! - [`store`]: the sled store; the only module that names sled.
+//! - [`transport`]: the boundary to Telegram and its classified errors.
+//! - [`clock`]: the injected clock and seeded random source.
+//! - [`logging`]: tracing output.
+
+pub mod audience;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod logging;
+pub mod model;
+pub mod store;
+pub mod transport;

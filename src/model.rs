@@ -1,0 +1,425 @@
+//! The domain: campaigns, accounts, contacts, dialogs and messages, and the
+//! one table of allowed status transitions.
+//!
+//! Every status change in the host goes through [`DialogStatus::transition`]
+//! or [`AccountStatus::transition`]; an illegal change is an error, never a
+//! silent overwrite.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+
+/// Store-assigned contact id.
+pub type ContactId = u64;
+/// Store-assigned dialog id.
+pub type DialogId = u64;
+
+/// How a contact is reached on Telegram, as written in the audience file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "by", content = "value", rename_all = "snake_case")]
+pub enum Identity {
+    /// A username without the leading `@`, lower-cased.
+    Username(String),
+    /// A phone number in E.164 form (`+` and digits).
+    Phone(String),
+    /// A numeric Telegram user id.
+    UserId(i64),
+}
+
+impl Identity {
+    /// The stable key the store indexes contacts by.
+    pub fn key(&self) -> String {
+        match self {
+            Identity::Username(u) => format!("u:{u}"),
+            Identity::Phone(p) => format!("p:{p}"),
+            Identity::UserId(id) => format!("i:{id}"),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    /// The identity as the wire log and humans see it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Username(u) => write!(f, "{u}"),
+            Identity::Phone(p) => write!(f, "{p}"),
+            Identity::UserId(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+/// A person an audience lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    pub id: ContactId,
+    pub identity: Identity,
+    pub username: Option<String>,
+    pub phone: Option<String>,
+    pub user_id: Option<i64>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    /// Every other column of the audience file.
+    pub fields: BTreeMap<String, String>,
+    /// Audiences that list this contact.
+    pub audiences: Vec<String>,
+    /// Random key of the contact in the uncontacted index; fixed at creation.
+    pub pick_key: u64,
+}
+
+/// Why a contact must never be messaged again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "reason", rename_all = "snake_case")]
+pub enum DoNotContact {
+    /// The contact asked to stop.
+    OptedOut,
+    /// Telegram refuses messages to the contact (privacy, invalid peer, ...).
+    Unreachable(String),
+}
+
+/// The state of a sending account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum AccountStatus {
+    Active,
+    /// Telegram asked the account to wait.
+    FloodWait {
+        until: Timestamp,
+    },
+    /// PEER_FLOOD: no new dialogs until then; replies continue.
+    SpamLimited {
+        until: Timestamp,
+    },
+    /// Banned or deactivated by Telegram; never used again.
+    Blocked {
+        reason: String,
+    },
+    /// The session is missing or revoked: `colloquy login NAME` fixes it.
+    Unauthorized,
+    /// Taken out of service by the operator.
+    Disabled,
+}
+
+impl AccountStatus {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AccountStatus::Active => "active",
+            AccountStatus::FloodWait { .. } => "flood_wait",
+            AccountStatus::SpamLimited { .. } => "spam_limited",
+            AccountStatus::Blocked { .. } => "blocked",
+            AccountStatus::Unauthorized => "unauthorized",
+            AccountStatus::Disabled => "disabled",
+        }
+    }
+
+    /// The account-status table. Blocked is final; everything else can return
+    /// to active (a wait ends, a login succeeds, the operator re-enables).
+    pub fn can_become(&self, next: &AccountStatus) -> bool {
+        use AccountStatus::*;
+        match (self, next) {
+            (Blocked { .. }, _) => false,
+            (_, Blocked { .. }) | (_, Unauthorized) | (_, Disabled) => true,
+            (Active, FloodWait { .. } | SpamLimited { .. }) => true,
+            (FloodWait { .. }, Active | FloodWait { .. } | SpamLimited { .. }) => true,
+            (SpamLimited { .. }, Active | FloodWait { .. } | SpamLimited { .. }) => true,
+            (Unauthorized | Disabled, Active) => true,
+            _ => false,
+        }
+    }
+
+    pub fn transition(&self, next: AccountStatus) -> Result<AccountStatus, TransitionError> {
+        if self.can_become(&next) {
+            Ok(next)
+        } else {
+            Err(TransitionError {
+                entity: "account",
+                from: self.label(),
+                to: next.label(),
+            })
+        }
+    }
+}
+
+/// The state of a dialog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum DialogStatus {
+    /// The host talks in it.
+    Active,
+    /// A human took over; the host sends nothing more.
+    Handoff,
+    /// The engine ended it with an outcome label.
+    Finished { outcome: String },
+    /// The reviver gave up on it.
+    Dead,
+    /// Its account was banned or logged out.
+    Blocked,
+    /// An engine or transport error ended it.
+    Error { reason: String },
+    /// The contact asked to stop.
+    OptedOut,
+}
+
+impl DialogStatus {
+    /// All status tags, in the order the store indexes them.
+    pub const TAGS: [&'static str; 7] = [
+        "active",
+        "handoff",
+        "finished",
+        "dead",
+        "blocked",
+        "error",
+        "opted_out",
+    ];
+
+    pub fn label(&self) -> &'static str {
+        Self::TAGS[self.tag() as usize]
+    }
+
+    /// A one-byte tag for the by-status index.
+    pub fn tag(&self) -> u8 {
+        match self {
+            DialogStatus::Active => 0,
+            DialogStatus::Handoff => 1,
+            DialogStatus::Finished { .. } => 2,
+            DialogStatus::Dead => 3,
+            DialogStatus::Blocked => 4,
+            DialogStatus::Error { .. } => 5,
+            DialogStatus::OptedOut => 6,
+        }
+    }
+
+    pub fn tag_of(label: &str) -> Option<u8> {
+        Self::TAGS.iter().position(|t| *t == label).map(|i| i as u8)
+    }
+
+    /// Whether the host may still send in this dialog.
+    pub fn is_live(&self) -> bool {
+        matches!(self, DialogStatus::Active)
+    }
+
+    /// The dialog-status table. Only an active dialog moves, except that a
+    /// handed-off dialog can be returned to the host, finished by its human,
+    /// opted out by its contact or blocked with its account.
+    pub fn can_become(&self, next: &DialogStatus) -> bool {
+        use DialogStatus::*;
+        match (self, next) {
+            (Active, Active) => false,
+            (Active, _) => true,
+            (Handoff, Active | Finished { .. } | OptedOut | Blocked) => true,
+            _ => false,
+        }
+    }
+
+    pub fn transition(&self, next: DialogStatus) -> Result<DialogStatus, TransitionError> {
+        if self.can_become(&next) {
+            Ok(next)
+        } else {
+            Err(TransitionError {
+                entity: "dialog",
+                from: self.label(),
+                to: next.label(),
+            })
+        }
+    }
+}
+
+/// An illegal status change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a {entity} cannot go from {from} to {to}")]
+pub struct TransitionError {
+    pub entity: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+/// One conversation between an account and a contact within a campaign.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dialog {
+    pub id: DialogId,
+    pub campaign: String,
+    pub account: String,
+    pub contact: ContactId,
+    pub status: DialogStatus,
+    pub started_at: Timestamp,
+    pub follow_ups_sent: u32,
+    pub last_inbound_at: Option<Timestamp>,
+    pub last_outbound_at: Option<Timestamp>,
+    /// The engine's `ctx.state`, as JSON.
+    pub state: serde_json::Value,
+    /// Sequence number of the next message of this dialog.
+    pub next_seq: u64,
+}
+
+impl Dialog {
+    /// The later of the last inbound and last outbound message, or the start.
+    pub fn last_activity(&self) -> Timestamp {
+        self.last_inbound_at
+            .into_iter()
+            .chain(self.last_outbound_at)
+            .max()
+            .unwrap_or(self.started_at)
+            .max(self.started_at)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// Why an outbound message was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    Opening,
+    Reply,
+    FollowUp,
+}
+
+impl MessageKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageKind::Opening => "opening",
+            MessageKind::Reply => "reply",
+            MessageKind::FollowUp => "follow_up",
+        }
+    }
+}
+
+/// Where an outbound message is in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Delivery {
+    /// Recorded, not yet confirmed by the transport.
+    Pending,
+    /// The transport confirmed it.
+    Sent,
+    /// It will never be sent; the reason says why.
+    Cancelled { reason: String },
+}
+
+/// The idempotency key of an outbound message: reused on every retry, and
+/// Telegram's `random_id` on the real transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IdempotencyKey(pub u64);
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One message of a dialog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub dialog: DialogId,
+    /// Position in the dialog, from 0.
+    pub seq: u64,
+    pub direction: Direction,
+    /// Set for outbound messages.
+    pub kind: Option<MessageKind>,
+    pub text: String,
+    pub at: Timestamp,
+    /// Set for outbound messages.
+    pub key: Option<IdempotencyKey>,
+    /// Set for outbound messages.
+    pub delivery: Option<Delivery>,
+    /// The transport's id of the message, once known.
+    pub transport_id: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialog_transitions_follow_the_table() {
+        use DialogStatus::*;
+        let done = Finished {
+            outcome: "booked".into(),
+        };
+        assert!(Active.transition(done.clone()).is_ok());
+        assert!(Active.transition(Handoff).is_ok());
+        assert!(Handoff.transition(Active).is_ok());
+        assert!(Active.transition(Active).is_err());
+        for terminal in [done, Dead, Blocked, OptedOut, Error { reason: "x".into() }] {
+            for next in [Active, Handoff, Dead, OptedOut] {
+                let err = terminal.transition(next.clone()).unwrap_err();
+                assert_eq!(err.from, terminal.label());
+            }
+        }
+        assert_eq!(
+            Dead.transition(Active).unwrap_err().to_string(),
+            "a dialog cannot go from dead to active"
+        );
+    }
+
+    #[test]
+    fn account_transitions_follow_the_table() {
+        use AccountStatus::*;
+        let wait = FloodWait {
+            until: Timestamp(5),
+        };
+        assert!(Active.transition(wait.clone()).is_ok());
+        assert!(wait.transition(Active).is_ok());
+        assert!(Unauthorized.transition(Active).is_ok());
+        let blocked = Blocked {
+            reason: "banned".into(),
+        };
+        assert!(Active.transition(blocked.clone()).is_ok());
+        assert!(blocked.transition(Active).is_err());
+        assert!(Disabled
+            .transition(SpamLimited {
+                until: Timestamp(1)
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn status_tags_round_trip() {
+        for (i, label) in DialogStatus::TAGS.iter().enumerate() {
+            assert_eq!(DialogStatus::tag_of(label), Some(i as u8));
+        }
+        assert_eq!(DialogStatus::OptedOut.label(), "opted_out");
+    }
+}
+
+/// One outbound send counted against an account's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMark {
+    pub at: Timestamp,
+    /// Openings also count against `max_new_dialogs_per_day`.
+    pub opening: bool,
+}
+
+/// What the host remembers about an account between restarts: its status and
+/// the sends that still count against a sliding window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub name: String,
+    pub status: AccountStatus,
+    /// Sends of the last day, oldest first.
+    pub sends: Vec<SendMark>,
+    /// The account's first send ever; warm-up counts from it.
+    pub first_send_at: Option<Timestamp>,
+    /// No send before this: the last send plus `min_interval` and jitter.
+    pub next_send_at: Timestamp,
+}
+
+impl AccountRecord {
+    pub fn new(name: &str) -> AccountRecord {
+        AccountRecord {
+            name: name.to_string(),
+            status: AccountStatus::Active,
+            sends: Vec::new(),
+            first_send_at: None,
+            next_send_at: Timestamp::EPOCH,
+        }
+    }
+}

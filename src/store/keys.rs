@@ -1,0 +1,83 @@
+//! Key layouts of the store's trees. Integers are big-endian so that byte
+//! order is numeric order and range scans walk them in sequence.
+
+use crate::clock::Timestamp;
+
+pub fn u64_key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+pub fn read_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Time as an ordered u64 (times before the epoch sort first).
+pub fn time_key(t: Timestamp) -> [u8; 8] {
+    ((t.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn read_time(bytes: &[u8]) -> Timestamp {
+    Timestamp((read_u64(bytes) ^ (1 << 63)) as i64)
+}
+
+/// `a ++ b`, both 8 bytes.
+pub fn pair(a: [u8; 8], b: [u8; 8]) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a);
+    k[8..].copy_from_slice(&b);
+    k
+}
+
+/// `[tag] ++ id`: the dialogs-by-status index.
+pub fn status_key(tag: u8, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = tag;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// `name ++ 0x00`: the prefix of one audience in the uncontacted index.
+pub fn audience_prefix(audience: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(audience.len() + 17);
+    k.extend_from_slice(audience.as_bytes());
+    k.push(0);
+    k
+}
+
+/// `name ++ 0x00 ++ pick_key ++ contact`: the uncontacted index.
+pub fn uncontacted_key(audience: &str, pick_key: u64, contact: u64) -> Vec<u8> {
+    let mut k = audience_prefix(audience);
+    k.extend_from_slice(&pick_key.to_be_bytes());
+    k.extend_from_slice(&contact.to_be_bytes());
+    k
+}
+
+/// `account ++ 0x00 ++ transport id`: inbound messages already stored.
+pub fn inbound_key(account: &str, transport_id: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(account.len() + 9);
+    k.extend_from_slice(account.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&transport_id.to_be_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_keys_sort_numerically() {
+        let ts = [
+            Timestamp(-5),
+            Timestamp(0),
+            Timestamp(7),
+            Timestamp(1 << 40),
+        ];
+        for w in ts.windows(2) {
+            assert!(time_key(w[0]) < time_key(w[1]));
+        }
+        assert_eq!(read_time(&time_key(Timestamp(-5))), Timestamp(-5));
+    }
+}

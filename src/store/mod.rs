@@ -1,0 +1,850 @@
+//! The embedded store: every tree, key layout and record encoding of the
+//! host, over sled 0.34. Nothing else in the crate names sled.
+//!
+//! # Trees
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `contacts` | contact id | [`Contact`] |
+//! | `identities` | [`Identity::key`] | contact id |
+//! | `uncontacted` | audience, 0, pick key, contact id | (empty) |
+//! | `do_not_contact` | contact id | [`DoNotContact`] |
+//! | `dialogs` | dialog id | [`Dialog`] |
+//! | `dialogs_by_status` | status tag, dialog id | (empty) |
+//! | `dialogs_by_activity` | last activity, dialog id (active dialogs only) | (empty) |
+//! | `dialog_of_contact` | contact id | dialog id: the claim, at most one per contact |
+//! | `messages` | dialog id, seq | [`Message`] |
+//! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
+//! | `inbound` | account, 0, transport id | dialog id, seq (dedupe of incoming) |
+//! | `accounts` | account name | [`AccountRecord`] |
+//! | `meta` | name | value |
+//!
+//! Records are a version byte followed by JSON; [`RECORD_VERSION`] names the
+//! current layout so that a later one can migrate old records on read.
+//! Changes that span records run in one sled transaction.
+
+mod keys;
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use sled::Transactional;
+
+use crate::audience::ContactRow;
+use crate::clock::Timestamp;
+use crate::model::{
+    AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
+    DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
+};
+use keys::*;
+
+/// The layout version written in front of every record.
+pub const RECORD_VERSION: u8 = 1;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store in {0} is in use by another colloquy process; stop it first or use another data_dir")]
+    Locked(String),
+    #[error("the store failed: {0}")]
+    Storage(String),
+    #[error("a stored {what} record is unreadable ({reason})")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("no {what} {id} in the store")]
+    NotFound { what: &'static str, id: String },
+    #[error("contact {0} already has a dialog or must not be contacted")]
+    Claimed(ContactId),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// A caller's check inside a transaction said no; the text says why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> StoreError {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> StoreError {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.push(RECORD_VERSION);
+    // Serializing our own plain data types to JSON cannot fail.
+    serde_json::to_writer(&mut out, value).expect("records serialize");
+    out
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, body)) => {
+            serde_json::from_slice(body).map_err(|e| StoreError::Corrupt {
+                what,
+                reason: e.to_string(),
+            })
+        }
+        Some((v, _)) => Err(StoreError::Corrupt {
+            what,
+            reason: format!("unknown record version {v}"),
+        }),
+        None => Err(StoreError::Corrupt {
+            what,
+            reason: "empty record".into(),
+        }),
+    }
+}
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn tx_decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> TxResult<T> {
+    decode(what, bytes).map_err(ConflictableTransactionError::Abort)
+}
+
+/// Rows written per batch of an import: large batches make sled copy big
+/// nodes, small ones pay per-batch overhead.
+const IMPORT_CHUNK: usize = 1024;
+
+/// Counts of what an audience import did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ImportStats {
+    pub added: usize,
+    pub updated: usize,
+}
+
+/// A dialog to create for a claimed contact.
+#[derive(Debug, Clone)]
+pub struct NewDialog {
+    pub campaign: String,
+    pub account: String,
+    pub contact: ContactId,
+    pub at: Timestamp,
+}
+
+/// An outbound message to record before it is sent.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub kind: MessageKind,
+    pub text: String,
+    pub key: IdempotencyKey,
+}
+
+/// The host's store. Cheap to clone: all clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    t: Trees,
+}
+
+#[derive(Clone)]
+struct Trees {
+    contacts: sled::Tree,
+    identities: sled::Tree,
+    uncontacted: sled::Tree,
+    do_not_contact: sled::Tree,
+    dialogs: sled::Tree,
+    by_status: sled::Tree,
+    by_activity: sled::Tree,
+    dialog_of_contact: sled::Tree,
+    messages: sled::Tree,
+    outbox: sled::Tree,
+    inbound: sled::Tree,
+    accounts: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// The trees a dialog change touches, inside one transaction.
+struct Tx<'a> {
+    contacts: &'a TransactionalTree,
+    uncontacted: &'a TransactionalTree,
+    do_not_contact: &'a TransactionalTree,
+    dialogs: &'a TransactionalTree,
+    by_status: &'a TransactionalTree,
+    by_activity: &'a TransactionalTree,
+    dialog_of_contact: &'a TransactionalTree,
+    messages: &'a TransactionalTree,
+    outbox: &'a TransactionalTree,
+    inbound: &'a TransactionalTree,
+    accounts: &'a TransactionalTree,
+}
+
+impl Tx<'_> {
+    fn dialog(&self, id: DialogId) -> TxResult<Dialog> {
+        match self.dialogs.get(u64_key(id))? {
+            Some(bytes) => tx_decode("dialog", &bytes),
+            None => abort(StoreError::NotFound {
+                what: "dialog",
+                id: id.to_string(),
+            }),
+        }
+    }
+
+    /// Writes a dialog and moves its index entries from `old` to `new`.
+    fn put_dialog(
+        &self,
+        old: Option<&Dialog>,
+        new: &Dialog,
+    ) -> Result<(), UnabortableTransactionError> {
+        if let Some(old) = old {
+            if old.status.tag() != new.status.tag() {
+                self.by_status
+                    .remove(&status_key(old.status.tag(), old.id))?;
+            }
+            if old.status.is_live() {
+                self.by_activity
+                    .remove(&pair(time_key(old.last_activity()), u64_key(old.id)))?;
+            }
+        }
+        self.by_status
+            .insert(&status_key(new.status.tag(), new.id), &[])?;
+        if new.status.is_live() {
+            self.by_activity
+                .insert(&pair(time_key(new.last_activity()), u64_key(new.id)), &[])?;
+        }
+        self.dialogs.insert(&u64_key(new.id), encode(new))?;
+        Ok(())
+    }
+
+    fn account(&self, name: &str) -> TxResult<AccountRecord> {
+        match self.accounts.get(name.as_bytes())? {
+            Some(bytes) => tx_decode("account", &bytes),
+            None => Ok(AccountRecord::new(name)),
+        }
+    }
+
+    /// Appends a message to a dialog, updating the dialog's counters.
+    fn append(&self, dialog: &mut Dialog, mut msg: Message) -> TxResult<Message> {
+        msg.dialog = dialog.id;
+        msg.seq = dialog.next_seq;
+        dialog.next_seq += 1;
+        match msg.direction {
+            Direction::In => dialog.last_inbound_at = Some(msg.at),
+            Direction::Out => {
+                dialog.last_outbound_at = Some(msg.at);
+                if msg.kind == Some(MessageKind::FollowUp) {
+                    dialog.follow_ups_sent += 1;
+                }
+            }
+        }
+        if let (Some(key), Some(Delivery::Pending)) = (msg.key, &msg.delivery) {
+            if self.outbox.get(u64_key(key.0))?.is_some() {
+                return abort(StoreError::Refused(format!(
+                    "idempotency key {key} is already in the outbox"
+                )));
+            }
+            self.outbox.insert(
+                &u64_key(key.0),
+                &pair(u64_key(msg.dialog), u64_key(msg.seq)),
+            )?;
+        }
+        self.messages
+            .insert(&pair(u64_key(msg.dialog), u64_key(msg.seq)), encode(&msg))?;
+        Ok(msg)
+    }
+
+    fn unlist_contact(&self, contact: &Contact) -> Result<(), UnabortableTransactionError> {
+        for audience in &contact.audiences {
+            self.uncontacted
+                .remove(uncontacted_key(audience, contact.pick_key, contact.id))?;
+        }
+        Ok(())
+    }
+}
+
+fn outbound_message(out: &Outbound, at: Timestamp) -> Message {
+    Message {
+        dialog: 0,
+        seq: 0,
+        direction: Direction::Out,
+        kind: Some(out.kind),
+        text: out.text.clone(),
+        at,
+        key: Some(out.key),
+        delivery: Some(Delivery::Pending),
+        transport_id: None,
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(dir.join("store"))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                other => other.into(),
+            })?;
+        let store = Store::from_db(db)?;
+        store.t.meta.insert("record_version", &[RECORD_VERSION])?;
+        Ok(store)
+    }
+
+    /// A store in a temporary directory that disappears on drop, for tests
+    /// and benchmarks.
+    pub fn temporary() -> Result<Store, StoreError> {
+        Store::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Store, StoreError> {
+        let tree = |name: &str| db.open_tree(name);
+        let t = Trees {
+            contacts: tree("contacts")?,
+            identities: tree("identities")?,
+            uncontacted: tree("uncontacted")?,
+            do_not_contact: tree("do_not_contact")?,
+            dialogs: tree("dialogs")?,
+            by_status: tree("dialogs_by_status")?,
+            by_activity: tree("dialogs_by_activity")?,
+            dialog_of_contact: tree("dialog_of_contact")?,
+            messages: tree("messages")?,
+            outbox: tree("outbox")?,
+            inbound: tree("inbound")?,
+            accounts: tree("accounts")?,
+            meta: tree("meta")?,
+        };
+        Ok(Store { db, t })
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Runs `f` over the dialog trees in one transaction.
+    fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let t = &self.t;
+        let trees = (
+            &t.contacts,
+            &t.uncontacted,
+            &t.do_not_contact,
+            &t.dialogs,
+            &t.by_status,
+            &t.by_activity,
+            &t.dialog_of_contact,
+            &t.messages,
+            &t.outbox,
+            &t.inbound,
+            &t.accounts,
+        );
+        Ok(
+            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, i, acc)| {
+                f(&Tx {
+                    contacts: c,
+                    uncontacted: u,
+                    do_not_contact: dnc,
+                    dialogs: d,
+                    by_status: s,
+                    by_activity: a,
+                    dialog_of_contact: doc,
+                    messages: m,
+                    outbox: o,
+                    inbound: i,
+                    accounts: acc,
+                })
+            })?,
+        )
+    }
+
+    // ----------------------------------------------------------------- contacts
+
+    /// Imports an audience's rows. A known identity keeps its contact (fields
+    /// updated, audience added); a new one gets a new contact listed as
+    /// uncontacted in this audience. Importing the same file twice changes
+    /// nothing the second time.
+    pub fn import_audience(
+        &self,
+        audience: &str,
+        rows: &[ContactRow],
+        pick_keys: &mut dyn FnMut() -> u64,
+    ) -> Result<ImportStats, StoreError> {
+        let mut stats = ImportStats::default();
+        for chunk in rows.chunks(IMPORT_CHUNK) {
+            let s = self.import_chunk(audience, chunk, pick_keys)?;
+            stats.added += s.added;
+            stats.updated += s.updated;
+        }
+        Ok(stats)
+    }
+
+    fn import_chunk(
+        &self,
+        audience: &str,
+        rows: &[ContactRow],
+        pick_keys: &mut dyn FnMut() -> u64,
+    ) -> Result<ImportStats, StoreError> {
+        let mut stats = ImportStats::default();
+        let mut contacts = sled::Batch::default();
+        let mut identities = sled::Batch::default();
+        let mut uncontacted = sled::Batch::default();
+        let mut fresh: std::collections::HashMap<String, ContactId> = Default::default();
+        for row in rows {
+            let ikey = row.identity.key();
+            let existing = match fresh.get(&ikey) {
+                Some(id) => Some(*id),
+                None => self
+                    .t
+                    .identities
+                    .get(ikey.as_bytes())?
+                    .map(|v| read_u64(&v)),
+            };
+            let mut contact = match existing {
+                Some(id) if !fresh.contains_key(&ikey) => {
+                    stats.updated += 1;
+                    self.contact(id)?.ok_or(StoreError::NotFound {
+                        what: "contact",
+                        id: id.to_string(),
+                    })?
+                }
+                Some(_) => {
+                    // The same identity twice in one chunk: the first row wins.
+                    continue;
+                }
+                None => {
+                    stats.added += 1;
+                    let id = self.db.generate_id()? + 1;
+                    fresh.insert(ikey.clone(), id);
+                    identities.insert(ikey.as_bytes(), &u64_key(id));
+                    Contact {
+                        id,
+                        identity: row.identity.clone(),
+                        username: None,
+                        phone: None,
+                        user_id: None,
+                        first_name: None,
+                        last_name: None,
+                        fields: Default::default(),
+                        audiences: Vec::new(),
+                        pick_key: pick_keys(),
+                    }
+                }
+            };
+            contact.username = row.username.clone();
+            contact.phone = row.phone.clone();
+            contact.user_id = row.user_id;
+            contact.first_name = row.first_name.clone();
+            contact.last_name = row.last_name.clone();
+            contact.fields = row.fields.clone();
+            if !contact.audiences.iter().any(|a| a == audience) {
+                contact.audiences.push(audience.to_string());
+                if self.is_contactable(contact.id)? {
+                    uncontacted
+                        .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[]);
+                }
+            }
+            contacts.insert(&u64_key(contact.id), encode(&contact));
+        }
+        // Contacts first: an identity or index entry never points at nothing.
+        self.t.contacts.apply_batch(contacts)?;
+        self.t.identities.apply_batch(identities)?;
+        self.t.uncontacted.apply_batch(uncontacted)?;
+        Ok(stats)
+    }
+
+    /// Neither claimed by a dialog nor on the do-not-contact set.
+    fn is_contactable(&self, id: ContactId) -> Result<bool, StoreError> {
+        Ok(!self.t.dialog_of_contact.contains_key(u64_key(id))?
+            && !self.t.do_not_contact.contains_key(u64_key(id))?)
+    }
+
+    pub fn contact(&self, id: ContactId) -> Result<Option<Contact>, StoreError> {
+        self.t
+            .contacts
+            .get(u64_key(id))?
+            .map(|b| decode("contact", &b))
+            .transpose()
+    }
+
+    pub fn contact_by_identity(&self, identity: &Identity) -> Result<Option<Contact>, StoreError> {
+        match self.t.identities.get(identity.key().as_bytes())? {
+            Some(id) => self.contact(read_u64(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// A random uncontacted contact of an audience, or `None` when all have
+    /// been contacted: seek to the random key `r` and take the next entry,
+    /// wrapping around. O(log n).
+    pub fn pick_uncontacted(
+        &self,
+        audience: &str,
+        r: u64,
+    ) -> Result<Option<ContactId>, StoreError> {
+        let prefix = audience_prefix(audience);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&r.to_be_bytes());
+        let mut end = prefix.clone();
+        *end.last_mut().expect("prefix ends with 0") = 1;
+        let found = match self.t.uncontacted.range(start..end.clone()).next() {
+            Some(entry) => Some(entry?),
+            None => self.t.uncontacted.range(prefix..end).next().transpose()?,
+        };
+        Ok(found.map(|(k, _)| read_u64(&k[k.len() - 8..])))
+    }
+
+    /// How many contacts of an audience are still uncontacted. O(n).
+    pub fn uncontacted_count(&self, audience: &str) -> usize {
+        self.t
+            .uncontacted
+            .scan_prefix(audience_prefix(audience))
+            .count()
+    }
+
+    /// Puts a contact on the do-not-contact set; no campaign picks it again.
+    pub fn add_do_not_contact(&self, id: ContactId, why: DoNotContact) -> Result<(), StoreError> {
+        self.transact(|tx| {
+            if let Some(bytes) = tx.contacts.get(u64_key(id))? {
+                let contact: Contact = tx_decode("contact", &bytes)?;
+                tx.unlist_contact(&contact)?;
+            }
+            tx.do_not_contact.insert(&u64_key(id), encode(&why))?;
+            Ok(())
+        })
+    }
+
+    pub fn do_not_contact(&self, id: ContactId) -> Result<Option<DoNotContact>, StoreError> {
+        self.t
+            .do_not_contact
+            .get(u64_key(id))?
+            .map(|b| decode("do-not-contact", &b))
+            .transpose()
+    }
+
+    // ------------------------------------------------------------------ dialogs
+
+    /// Claims a contact and creates its dialog in one transaction, together
+    /// with the opening (recorded as pending) and the account's reservation:
+    /// `reserve` may update the account record or refuse. Fails with
+    /// [`StoreError::Claimed`] if the contact already has a dialog or is on
+    /// the do-not-contact set.
+    pub fn open_dialog(
+        &self,
+        new: &NewDialog,
+        opening: Option<&Outbound>,
+        reserve: &dyn Fn(&mut AccountRecord) -> Result<(), String>,
+    ) -> Result<(Dialog, Option<Message>), StoreError> {
+        let id = self.db.generate_id()? + 1;
+        self.transact(|tx| {
+            let ck = u64_key(new.contact);
+            if tx.dialog_of_contact.get(ck)?.is_some() || tx.do_not_contact.get(ck)?.is_some() {
+                return abort(StoreError::Claimed(new.contact));
+            }
+            let Some(bytes) = tx.contacts.get(ck)? else {
+                return abort(StoreError::NotFound {
+                    what: "contact",
+                    id: new.contact.to_string(),
+                });
+            };
+            let contact: Contact = tx_decode("contact", &bytes)?;
+            let mut account = tx.account(&new.account)?;
+            if let Err(why) = reserve(&mut account) {
+                return abort(StoreError::Refused(why));
+            }
+            tx.accounts
+                .insert(new.account.as_bytes(), encode(&account))?;
+            tx.unlist_contact(&contact)?;
+            tx.dialog_of_contact.insert(&ck, &u64_key(id))?;
+            let mut dialog = Dialog {
+                id,
+                campaign: new.campaign.clone(),
+                account: new.account.clone(),
+                contact: new.contact,
+                status: DialogStatus::Active,
+                started_at: new.at,
+                follow_ups_sent: 0,
+                last_inbound_at: None,
+                last_outbound_at: None,
+                state: serde_json::Value::Object(Default::default()),
+                next_seq: 0,
+            };
+            let msg = match opening {
+                Some(out) => Some(tx.append(&mut dialog, outbound_message(out, new.at))?),
+                None => None,
+            };
+            tx.put_dialog(None, &dialog)?;
+            Ok((dialog, msg))
+        })
+    }
+
+    pub fn dialog(&self, id: DialogId) -> Result<Option<Dialog>, StoreError> {
+        self.t
+            .dialogs
+            .get(u64_key(id))?
+            .map(|b| decode("dialog", &b))
+            .transpose()
+    }
+
+    /// The dialog that claimed a contact, if any.
+    pub fn dialog_of_contact(&self, contact: ContactId) -> Result<Option<DialogId>, StoreError> {
+        Ok(self
+            .t
+            .dialog_of_contact
+            .get(u64_key(contact))?
+            .map(|v| read_u64(&v)))
+    }
+
+    /// Moves a dialog to a new status through the transition table.
+    pub fn set_dialog_status(
+        &self,
+        id: DialogId,
+        next: DialogStatus,
+    ) -> Result<Dialog, StoreError> {
+        self.transact(|tx| {
+            let old = tx.dialog(id)?;
+            let mut new = old.clone();
+            new.status = match old.status.transition(next.clone()) {
+                Ok(s) => s,
+                Err(e) => return abort(e.into()),
+            };
+            tx.put_dialog(Some(&old), &new)?;
+            Ok(new)
+        })
+    }
+
+    /// Replaces a dialog's engine state.
+    pub fn set_dialog_state(
+        &self,
+        id: DialogId,
+        state: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.transact(|tx| {
+            let old = tx.dialog(id)?;
+            let mut new = old.clone();
+            new.state = state.clone();
+            tx.put_dialog(Some(&old), &new)?;
+            Ok(())
+        })
+    }
+
+    /// Ids of the dialogs with a status, in id order.
+    pub fn dialogs_with_status(&self, status_label: &str) -> Result<Vec<DialogId>, StoreError> {
+        let Some(tag) = DialogStatus::tag_of(status_label) else {
+            return Ok(Vec::new());
+        };
+        self.t
+            .by_status
+            .scan_prefix([tag])
+            .map(|e| Ok(read_u64(&e?.0[1..])))
+            .collect()
+    }
+
+    /// Dialog counts per status label.
+    pub fn dialog_counts(&self) -> Result<Vec<(&'static str, usize)>, StoreError> {
+        DialogStatus::TAGS
+            .iter()
+            .enumerate()
+            .map(|(tag, label)| Ok((*label, self.t.by_status.scan_prefix([tag as u8]).count())))
+            .collect()
+    }
+
+    /// Every dialog, in id order.
+    pub fn all_dialogs(&self) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
+        self.t.dialogs.iter().map(|e| {
+            e.map_err(StoreError::from)
+                .and_then(|(_, v)| decode("dialog", &v))
+        })
+    }
+
+    /// Active dialogs whose last message is older than `before`, quietest
+    /// first: the reviver's scan.
+    pub fn quiet_dialogs(
+        &self,
+        before: Timestamp,
+    ) -> Result<Vec<(Timestamp, DialogId)>, StoreError> {
+        self.t
+            .by_activity
+            .range(..time_key(before).to_vec())
+            .map(|e| {
+                let (k, _) = e?;
+                Ok((read_time(&k[..8]), read_u64(&k[8..])))
+            })
+            .collect()
+    }
+
+    /// The active dialog that has been quiet the longest, if any.
+    pub fn quietest_dialog(&self) -> Result<Option<(Timestamp, DialogId)>, StoreError> {
+        Ok(self
+            .t
+            .by_activity
+            .first()?
+            .map(|(k, _)| (read_time(&k[..8]), read_u64(&k[8..]))))
+    }
+
+    // ----------------------------------------------------------------- messages
+
+    /// Records an outbound message as pending before it is sent.
+    pub fn record_outbound(
+        &self,
+        dialog: DialogId,
+        out: &Outbound,
+        at: Timestamp,
+    ) -> Result<Message, StoreError> {
+        self.transact(|tx| {
+            let old = tx.dialog(dialog)?;
+            if !old.status.is_live() {
+                return abort(StoreError::Refused(format!(
+                    "dialog {dialog} is {}; nothing more is sent in it",
+                    old.status.label()
+                )));
+            }
+            let mut new = old.clone();
+            let msg = tx.append(&mut new, outbound_message(out, at))?;
+            tx.put_dialog(Some(&old), &new)?;
+            Ok(msg)
+        })
+    }
+
+    /// Stores an incoming message once: a transport id seen before returns
+    /// `None`.
+    pub fn record_inbound(
+        &self,
+        dialog: DialogId,
+        account: &str,
+        transport_id: i64,
+        text: &str,
+        at: Timestamp,
+    ) -> Result<Option<Message>, StoreError> {
+        let ikey = inbound_key(account, transport_id);
+        self.transact(|tx| {
+            if tx.inbound.get(&ikey)?.is_some() {
+                return Ok(None);
+            }
+            let old = tx.dialog(dialog)?;
+            let mut new = old.clone();
+            let msg = tx.append(
+                &mut new,
+                Message {
+                    dialog,
+                    seq: 0,
+                    direction: Direction::In,
+                    kind: None,
+                    text: text.to_string(),
+                    at,
+                    key: None,
+                    delivery: None,
+                    transport_id: Some(transport_id),
+                },
+            )?;
+            tx.inbound
+                .insert(ikey.as_slice(), &pair(u64_key(dialog), u64_key(msg.seq)))?;
+            tx.put_dialog(Some(&old), &new)?;
+            Ok(Some(msg))
+        })
+    }
+
+    /// Marks a pending outbound message sent, or cancelled, and takes it out
+    /// of the outbox.
+    pub fn settle_outbound(
+        &self,
+        key: IdempotencyKey,
+        delivery: Delivery,
+        transport_id: Option<i64>,
+    ) -> Result<Message, StoreError> {
+        self.transact(|tx| {
+            let Some(at) = tx.outbox.remove(&u64_key(key.0))? else {
+                return abort(StoreError::NotFound {
+                    what: "pending message with key",
+                    id: key.to_string(),
+                });
+            };
+            let mkey = at.to_vec();
+            let Some(bytes) = tx.messages.get(&mkey)? else {
+                return abort(StoreError::NotFound {
+                    what: "message with key",
+                    id: key.to_string(),
+                });
+            };
+            let mut msg: Message = tx_decode("message", &bytes)?;
+            msg.delivery = Some(delivery.clone());
+            msg.transport_id = transport_id.or(msg.transport_id);
+            tx.messages.insert(mkey, encode(&msg))?;
+            Ok(msg)
+        })
+    }
+
+    /// Outbound messages recorded but not yet confirmed, in key order.
+    pub fn pending_outbound(&self) -> Result<Vec<Message>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.t.outbox.iter() {
+            let (_, at) = entry?;
+            if let Some(bytes) = self.t.messages.get(&at)? {
+                out.push(decode("message", &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A dialog's messages, oldest first.
+    pub fn messages(&self, dialog: DialogId) -> Result<Vec<Message>, StoreError> {
+        self.t
+            .messages
+            .scan_prefix(u64_key(dialog))
+            .map(|e| decode("message", &e?.1))
+            .collect()
+    }
+
+    // ----------------------------------------------------------------- accounts
+
+    /// An account's record; a new one if the account never sent.
+    pub fn account(&self, name: &str) -> Result<AccountRecord, StoreError> {
+        match self.t.accounts.get(name.as_bytes())? {
+            Some(b) => decode("account", &b),
+            None => Ok(AccountRecord::new(name)),
+        }
+    }
+
+    /// Updates an account's record atomically; `f` may refuse.
+    pub fn update_account<T>(
+        &self,
+        name: &str,
+        f: &dyn Fn(&mut AccountRecord) -> Result<T, String>,
+    ) -> Result<T, StoreError> {
+        self.transact(|tx| {
+            let mut record = tx.account(name)?;
+            match f(&mut record) {
+                Ok(v) => {
+                    tx.accounts.insert(name.as_bytes(), encode(&record))?;
+                    Ok(v)
+                }
+                Err(why) => abort(StoreError::Refused(why)),
+            }
+        })
+    }
+
+    /// Every stored account record.
+    pub fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.t
+            .accounts
+            .iter()
+            .map(|e| decode("account", &e?.1))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

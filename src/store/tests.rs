@@ -1,0 +1,298 @@
+use super::*;
+use crate::audience;
+use crate::clock::SeededRng;
+
+fn rows(csv: &str) -> Vec<ContactRow> {
+    let a = audience::parse("t.csv", csv.as_bytes());
+    assert!(a.problems.is_empty(), "{:?}", a.problems);
+    a.rows
+}
+
+fn import(store: &Store, audience: &str, csv: &str) -> ImportStats {
+    let rng = SeededRng::new(1);
+    store
+        .import_audience(audience, &rows(csv), &mut || rng.next_u64())
+        .unwrap()
+}
+
+fn new_dialog(contact: ContactId) -> NewDialog {
+    NewDialog {
+        campaign: "c".into(),
+        account: "a".into(),
+        contact,
+        at: Timestamp(1_000),
+    }
+}
+
+fn allow(_: &mut AccountRecord) -> Result<(), String> {
+    Ok(())
+}
+
+fn opening(key: u64) -> Outbound {
+    Outbound {
+        kind: MessageKind::Opening,
+        text: "hi".into(),
+        key: IdempotencyKey(key),
+    }
+}
+
+#[test]
+fn import_is_idempotent_and_updates_fields() {
+    let store = Store::temporary().unwrap();
+    let csv = "username,first_name\nalice,Alice\nbobby,Bob\n";
+    assert_eq!(
+        import(&store, "l", csv),
+        ImportStats {
+            added: 2,
+            updated: 0
+        }
+    );
+    assert_eq!(
+        import(&store, "l", csv),
+        ImportStats {
+            added: 0,
+            updated: 2
+        }
+    );
+    assert_eq!(store.uncontacted_count("l"), 2);
+    import(&store, "l", "username,first_name\nalice,Alicia\n");
+    let c = store
+        .contact_by_identity(&Identity::Username("alice".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.first_name.as_deref(), Some("Alicia"));
+    assert_eq!(store.uncontacted_count("l"), 2);
+}
+
+#[test]
+fn claiming_is_exclusive_across_audiences_and_campaigns() {
+    let store = Store::temporary().unwrap();
+    import(&store, "a1", "username\nalice\n");
+    import(&store, "a2", "username\nalice\n");
+    let id = store.pick_uncontacted("a1", 0).unwrap().unwrap();
+    assert_eq!(store.pick_uncontacted("a2", u64::MAX).unwrap(), Some(id));
+    let (d, m) = store
+        .open_dialog(&new_dialog(id), Some(&opening(7)), &allow)
+        .unwrap();
+    assert_eq!(m.unwrap().delivery, Some(Delivery::Pending));
+    assert_eq!(store.dialog_of_contact(id).unwrap(), Some(d.id));
+    // Gone from both audiences, and a second claim fails.
+    assert_eq!(store.pick_uncontacted("a1", 0).unwrap(), None);
+    assert_eq!(store.pick_uncontacted("a2", 0).unwrap(), None);
+    let again = store.open_dialog(&new_dialog(id), None, &allow);
+    assert!(matches!(again, Err(StoreError::Claimed(_))));
+    // Re-importing does not list a claimed contact again.
+    import(&store, "a1", "username\nalice\n");
+    assert_eq!(store.uncontacted_count("a1"), 0);
+}
+
+#[test]
+fn a_refused_reservation_leaves_nothing_behind() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\n");
+    let id = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let deny = |_: &mut AccountRecord| Err("hourly limit reached".to_string());
+    let r = store.open_dialog(&new_dialog(id), Some(&opening(1)), &deny);
+    assert_eq!(r.unwrap_err().to_string(), "hourly limit reached");
+    assert_eq!(store.dialog_of_contact(id).unwrap(), None);
+    assert_eq!(store.uncontacted_count("l"), 1);
+    assert!(store.pending_outbound().unwrap().is_empty());
+}
+
+#[test]
+fn do_not_contact_removes_from_the_pick() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\n");
+    let id = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    store
+        .add_do_not_contact(id, DoNotContact::OptedOut)
+        .unwrap();
+    assert_eq!(store.pick_uncontacted("l", 0).unwrap(), None);
+    assert!(matches!(
+        store.open_dialog(&new_dialog(id), None, &allow),
+        Err(StoreError::Claimed(_))
+    ));
+    import(&store, "l", "username\nalice\n");
+    assert_eq!(store.uncontacted_count("l"), 0);
+    assert_eq!(
+        store.do_not_contact(id).unwrap(),
+        Some(DoNotContact::OptedOut)
+    );
+}
+
+#[test]
+fn random_pick_is_spread_over_the_audience() {
+    let store = Store::temporary().unwrap();
+    let mut csv = String::from("user_id\n");
+    for i in 1..=100 {
+        csv.push_str(&format!("{i}\n"));
+    }
+    import(&store, "l", &csv);
+    let rng = SeededRng::new(9);
+    let mut hits = std::collections::HashMap::new();
+    let draws = 20_000;
+    for _ in 0..draws {
+        let id = store
+            .pick_uncontacted("l", rng.next_u64())
+            .unwrap()
+            .unwrap();
+        *hits.entry(id).or_insert(0usize) += 1;
+    }
+    // Every contact is reachable and none dominates: with random pick keys
+    // the chance of each is its gap, on average 1/100.
+    assert_eq!(hits.len(), 100);
+    let max = *hits.values().max().unwrap();
+    assert!(max < draws / 10, "one contact got {max} of {draws} picks");
+}
+
+#[test]
+fn messages_outbox_and_inbound_dedupe() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\n");
+    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let (d, _) = store
+        .open_dialog(&new_dialog(cid), Some(&opening(1)), &allow)
+        .unwrap();
+    assert_eq!(store.pending_outbound().unwrap().len(), 1);
+    let sent = store
+        .settle_outbound(IdempotencyKey(1), Delivery::Sent, Some(55))
+        .unwrap();
+    assert_eq!(sent.transport_id, Some(55));
+    assert!(store.pending_outbound().unwrap().is_empty());
+    // A repeated key is refused while pending.
+    let reply = Outbound {
+        kind: MessageKind::Reply,
+        text: "r".into(),
+        key: IdempotencyKey(2),
+    };
+    store
+        .record_outbound(d.id, &reply, Timestamp(3_000))
+        .unwrap();
+    assert!(store
+        .record_outbound(d.id, &reply, Timestamp(3_000))
+        .is_err());
+
+    let first = store
+        .record_inbound(d.id, "a", 900, "hello", Timestamp(2_000))
+        .unwrap();
+    assert!(first.is_some());
+    let dup = store
+        .record_inbound(d.id, "a", 900, "hello", Timestamp(2_000))
+        .unwrap();
+    assert!(dup.is_none());
+    let msgs = store.messages(d.id).unwrap();
+    let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![0, 1, 2]);
+    assert_eq!(msgs[2].direction, Direction::In);
+    let d = store.dialog(d.id).unwrap().unwrap();
+    assert_eq!(d.last_inbound_at, Some(Timestamp(2_000)));
+    assert_eq!(d.next_seq, 3);
+}
+
+#[test]
+fn status_and_activity_indexes_follow_the_dialog() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\nbobby\n");
+    let mut ids = Vec::new();
+    for (i, r) in [0u64, u64::MAX].into_iter().enumerate() {
+        let cid = store.pick_uncontacted("l", r).unwrap().unwrap();
+        let mut nd = new_dialog(cid);
+        nd.at = Timestamp(1_000 * (i as i64 + 1));
+        ids.push(store.open_dialog(&nd, None, &allow).unwrap().0.id);
+    }
+    assert_eq!(store.dialogs_with_status("active").unwrap(), ids);
+    let quiet = store.quiet_dialogs(Timestamp(1_500)).unwrap();
+    assert_eq!(quiet, vec![(Timestamp(1_000), ids[0])]);
+    assert_eq!(
+        store.quietest_dialog().unwrap(),
+        Some((Timestamp(1_000), ids[0]))
+    );
+
+    store
+        .record_inbound(ids[0], "a", 1, "x", Timestamp(5_000))
+        .unwrap();
+    assert_eq!(
+        store.quietest_dialog().unwrap(),
+        Some((Timestamp(2_000), ids[1]))
+    );
+
+    let done = DialogStatus::Finished {
+        outcome: "booked".into(),
+    };
+    store.set_dialog_status(ids[1], done).unwrap();
+    assert_eq!(store.dialogs_with_status("finished").unwrap(), vec![ids[1]]);
+    assert_eq!(store.dialogs_with_status("active").unwrap(), vec![ids[0]]);
+    assert_eq!(store.quiet_dialogs(Timestamp(10_000)).unwrap().len(), 1);
+    // An illegal transition is an error and changes nothing.
+    let err = store
+        .set_dialog_status(ids[1], DialogStatus::Active)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a dialog cannot go from finished to active"
+    );
+    let counts: std::collections::HashMap<_, _> =
+        store.dialog_counts().unwrap().into_iter().collect();
+    assert_eq!((counts["active"], counts["finished"]), (1, 1));
+    // Nothing is recorded for sending in a finished dialog.
+    let out = Outbound {
+        kind: MessageKind::FollowUp,
+        text: "?".into(),
+        key: IdempotencyKey(3),
+    };
+    assert!(store.record_outbound(ids[1], &out, Timestamp(9)).is_err());
+}
+
+#[test]
+fn records_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let did;
+    {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "l", "username\nalice\n");
+        let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+        did = store
+            .open_dialog(&new_dialog(cid), Some(&opening(4)), &allow)
+            .unwrap()
+            .0
+            .id;
+        store
+            .update_account("a", &|r| {
+                r.first_send_at = Some(Timestamp(1));
+                Ok(())
+            })
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.dialog(did).unwrap().unwrap().status,
+        DialogStatus::Active
+    );
+    assert_eq!(store.pending_outbound().unwrap().len(), 1);
+    assert_eq!(
+        store.account("a").unwrap().first_send_at,
+        Some(Timestamp(1))
+    );
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Store::open(dir.path()).unwrap();
+    let second = Store::open(dir.path());
+    assert!(
+        matches!(second, Err(StoreError::Locked(_))),
+        "{:?}",
+        second.err()
+    );
+}
+
+#[test]
+fn unknown_record_versions_are_reported() {
+    let err = decode::<Dialog>("dialog", &[9, b'{', b'}']).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a stored dialog record is unreadable (unknown record version 9)"
+    );
+}

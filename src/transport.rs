@@ -1,0 +1,86 @@
+//! The boundary to Telegram: what the host needs from a transport, and the
+//! classified errors the safety core reacts to.
+//!
+//! The simulated transport and the Telegram transport both implement
+//! [`Transport`]; nothing above this boundary knows which one runs.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::clock::{BoxFuture, Timestamp};
+use crate::model::{IdempotencyKey, Identity, MessageKind};
+
+/// A message to send. The key is reused on every retry of the same message,
+/// so a transport can refuse a duplicate (Telegram's `random_id`).
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    pub account: String,
+    pub contact: Identity,
+    pub text: String,
+    pub kind: MessageKind,
+    pub key: IdempotencyKey,
+}
+
+/// The transport's receipt for a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub transport_id: i64,
+    pub at: Timestamp,
+}
+
+/// A message a contact sent to one of our accounts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingMessage {
+    pub account: String,
+    pub contact: Identity,
+    /// Unique per account; the store dedupes on it.
+    pub transport_id: i64,
+    pub text: String,
+    pub at: Timestamp,
+}
+
+/// Why a send failed, classified for the safety core's reaction table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("Telegram asks the account to wait {}", humantime::format_duration(*.0))]
+    FloodWait(Duration),
+    #[error("Telegram limits the account for spam (PEER_FLOOD)")]
+    PeerFlood,
+    #[error("the contact's privacy settings refuse the message")]
+    PrivacyRestricted,
+    #[error("the contact cannot be reached (invalid or deleted peer)")]
+    PeerInvalid,
+    #[error("the account is banned")]
+    AccountBanned,
+    #[error("the account is logged out; run `colloquy login` for it")]
+    Unauthorized,
+    #[error("a transient transport error: {0}")]
+    Transient(String),
+    /// The send timed out: it may or may not have been delivered.
+    #[error("the send timed out; delivery is unknown")]
+    TimedOutAfterSend,
+    #[error("the transport failed: {0}")]
+    Other(String),
+}
+
+/// A way to reach Telegram.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends one message.
+    fn send(&self, msg: OutgoingMessage) -> BoxFuture<'_, Result<Delivered, SendError>>;
+
+    /// Whether a message with this key reached the contact; used to
+    /// reconcile sends whose outcome is unknown (after a timeout or a crash).
+    fn was_delivered(
+        &self,
+        account: &str,
+        contact: &Identity,
+        key: IdempotencyKey,
+    ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>>;
+
+    /// Starts delivering incoming messages of every account to `sink`.
+    fn subscribe(
+        &self,
+        sink: mpsc::Sender<IncomingMessage>,
+    ) -> BoxFuture<'_, Result<(), SendError>>;
+}
