@@ -24,5 +24,6 @@ pub mod clock;
 pub mod config;
 pub mod logging;
 pub mod model;
+pub mod safety;
 pub mod store;
 pub mod transport;

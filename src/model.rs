@@ -390,12 +390,21 @@ mod tests {
     }
 }
 
-/// One outbound send counted against an account's limits.
+/// One outbound send counted against an account's limits. Stored as a
+/// compact `[at, opening, key]` triple: an account record holds a day of them
+/// and is rewritten on every send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    into = "(Timestamp, bool, IdempotencyKey)",
+    from = "(Timestamp, bool, IdempotencyKey)"
+)]
 pub struct SendMark {
     pub at: Timestamp,
     /// Openings also count against `max_new_dialogs_per_day`.
     pub opening: bool,
+    /// The message the send was reserved for, so a failed send can return
+    /// its slot.
+    pub key: IdempotencyKey,
 }
 
 /// What the host remembers about an account between restarts: its status and
@@ -410,6 +419,18 @@ pub struct AccountRecord {
     pub first_send_at: Option<Timestamp>,
     /// No send before this: the last send plus `min_interval` and jitter.
     pub next_send_at: Timestamp,
+}
+
+impl From<SendMark> for (Timestamp, bool, IdempotencyKey) {
+    fn from(m: SendMark) -> Self {
+        (m.at, m.opening, m.key)
+    }
+}
+
+impl From<(Timestamp, bool, IdempotencyKey)> for SendMark {
+    fn from((at, opening, key): (Timestamp, bool, IdempotencyKey)) -> Self {
+        SendMark { at, opening, key }
+    }
 }
 
 impl AccountRecord {

@@ -307,7 +307,12 @@ impl Store {
     /// A store in a temporary directory that disappears on drop, for tests
     /// and benchmarks.
     pub fn temporary() -> Result<Store, StoreError> {
-        Store::from_db(sled::Config::new().temporary(true).open()?)
+        Store::from_db(
+            sled::Config::new()
+                .temporary(true)
+                .mode(sled::Mode::HighThroughput)
+                .open()?,
+        )
     }
 
     fn from_db(db: sled::Db) -> Result<Store, StoreError> {
@@ -818,22 +823,51 @@ impl Store {
         }
     }
 
-    /// Updates an account's record atomically; `f` may refuse.
+    /// Reads, changes and writes an account's record in one transaction;
+    /// the record is written only if `f` changed it.
     pub fn update_account<T>(
         &self,
         name: &str,
-        f: &dyn Fn(&mut AccountRecord) -> Result<T, String>,
+        f: &dyn Fn(&mut AccountRecord) -> T,
     ) -> Result<T, StoreError> {
-        self.transact(|tx| {
-            let mut record = tx.account(name)?;
-            match f(&mut record) {
-                Ok(v) => {
-                    tx.accounts.insert(name.as_bytes(), encode(&record))?;
-                    Ok(v)
-                }
-                Err(why) => abort(StoreError::Refused(why)),
+        // Only the accounts tree: a transaction over fewer trees is cheaper,
+        // and this runs before every send.
+        Ok(self.t.accounts.transaction(|accounts| {
+            let before: AccountRecord = match accounts.get(name.as_bytes())? {
+                Some(bytes) => tx_decode("account", &bytes)?,
+                None => AccountRecord::new(name),
+            };
+            let mut record = before.clone();
+            let out = f(&mut record);
+            if record != before {
+                accounts.insert(name.as_bytes(), encode(&record))?;
             }
-        })
+            Ok(out)
+        })?)
+    }
+
+    /// Blocks every active or handed-off dialog of an account; returns their
+    /// ids.
+    pub fn block_dialogs_of(&self, account: &str) -> Result<Vec<DialogId>, StoreError> {
+        let mut blocked = Vec::new();
+        for label in ["active", "handoff"] {
+            for id in self.dialogs_with_status(label)? {
+                let done = self.transact(|tx| {
+                    let old = tx.dialog(id)?;
+                    if old.account != account || !old.status.can_become(&DialogStatus::Blocked) {
+                        return Ok(false);
+                    }
+                    let mut new = old.clone();
+                    new.status = DialogStatus::Blocked;
+                    tx.put_dialog(Some(&old), &new)?;
+                    Ok(true)
+                })?;
+                if done {
+                    blocked.push(id);
+                }
+            }
+        }
+        Ok(blocked)
     }
 
     /// Every stored account record.

@@ -257,10 +257,7 @@ fn records_survive_reopen() {
             .0
             .id;
         store
-            .update_account("a", &|r| {
-                r.first_send_at = Some(Timestamp(1));
-                Ok(())
-            })
+            .update_account("a", &|r| r.first_send_at = Some(Timestamp(1)))
             .unwrap();
         store.flush().unwrap();
     }

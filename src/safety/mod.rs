@@ -1,0 +1,377 @@
+//! AccountSafety: the only gate between the host and the transport.
+//!
+//! - [`decide`] is the pure core: limits, windows, pauses, warm-up.
+//! - [`reaction`] is the one table from transport errors to reactions.
+//! - [`alerts`] raises alerts to the log and a webhook.
+//! - [`AccountSafety`] (this file) puts them on the store: reservations are
+//!   atomic store transactions, and waiting is sleeping until the exact
+//!   moment a send becomes possible.
+
+pub mod alerts;
+pub mod decide;
+pub mod reaction;
+
+pub use decide::{Decision, Denied, Limits, SendRequest};
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, SeededRng, Timestamp};
+use crate::config::{Config, SendWindow};
+use crate::model::{AccountStatus, ContactId, DialogId, DoNotContact, IdempotencyKey, MessageKind};
+use crate::store::{Store, StoreError};
+use crate::transport::SendError;
+use alerts::{Alert, AlertKind, Alerts};
+use reaction::{AccountEffect, Outcome, Reaction, Situation};
+
+/// Why the gate could not let a send through.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The failed send that [`AccountSafety::report`] reacts to.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    pub account: &'a str,
+    pub campaign: &'a str,
+    pub dialog: Option<DialogId>,
+    pub contact: Option<ContactId>,
+    pub key: IdempotencyKey,
+    /// How many times this message failed before, from 0.
+    pub attempt: u32,
+    pub error: &'a SendError,
+}
+
+/// The safety gate of every account. Cheap to clone.
+#[derive(Clone)]
+pub struct AccountSafety {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    rng: Arc<SeededRng>,
+    alerts: Alerts,
+    /// Limits per account, replaced when the config is reloaded. A std
+    /// `RwLock` is enough: it is held only to clone a value, never across an
+    /// await.
+    config: RwLock<Arc<Config>>,
+    /// Wakes every waiter when something that can shorten a wait changes
+    /// (a config reload, an account re-enabled).
+    changed: Notify,
+}
+
+impl AccountSafety {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        rng: Arc<SeededRng>,
+        alerts: Alerts,
+    ) -> Self {
+        AccountSafety {
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                rng,
+                alerts,
+                config: RwLock::new(config),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Applies a reloaded config; waiting sends re-check their limits.
+    pub fn set_config(&self, config: Arc<Config>) {
+        *self.inner.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        self.inner.changed.notify_waiters();
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.inner
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn limits(&self, account: &str) -> Limits {
+        Limits::from(&self.config().account_safety(account))
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// May the account send this kind of message now? Reserves nothing.
+    pub fn check(
+        &self,
+        account: &str,
+        kind: MessageKind,
+        window: Option<&SendWindow>,
+    ) -> Result<Decision, StoreError> {
+        let record = self.inner.store.account(account)?;
+        let req = SendRequest {
+            kind,
+            now: self.now(),
+            window,
+        };
+        Ok(decide::decide(&record, &self.limits(account), req))
+    }
+
+    /// Takes a slot for one send if the limits allow it now, in one store
+    /// transaction: two callers can never both take the last slot.
+    pub fn try_reserve(
+        &self,
+        account: &str,
+        kind: MessageKind,
+        window: Option<&SendWindow>,
+        key: IdempotencyKey,
+    ) -> Result<Decision, StoreError> {
+        let limits = self.limits(account);
+        let jitter = self.jitter(&limits);
+        let now = self.now();
+        self.inner.store.update_account(account, &|record| {
+            decide::reserve(
+                record,
+                &limits,
+                SendRequest { kind, now, window },
+                key,
+                jitter,
+            )
+        })
+    }
+
+    /// A reservation step for [`Store::open_dialog`], so that claiming the
+    /// contact, creating the dialog and taking the opening's slot are one
+    /// transaction.
+    pub fn opening_reserver(
+        &self,
+        account: &str,
+        window: Option<SendWindow>,
+        key: IdempotencyKey,
+    ) -> impl Fn(&mut crate::model::AccountRecord) -> Result<(), String> {
+        let limits = self.limits(account);
+        let jitter = self.jitter(&limits);
+        let now = self.now();
+        move |record| {
+            let req = SendRequest {
+                kind: MessageKind::Opening,
+                now,
+                window: window.as_ref(),
+            };
+            match decide::reserve(record, &limits, req, key, jitter) {
+                Decision::Allow => Ok(()),
+                Decision::NotBefore(t) => Err(format!(
+                    "account {} may open a dialog at {}",
+                    record.name,
+                    t.to_rfc3339()
+                )),
+                Decision::Deny(d) => Err(d.to_string()),
+            }
+        }
+    }
+
+    /// Waits until the account may send, then takes the slot. Sleeps until
+    /// the exact moment the limits allow it, or until the config changes.
+    pub async fn acquire(
+        &self,
+        account: &str,
+        kind: MessageKind,
+        window: Option<&SendWindow>,
+        key: IdempotencyKey,
+    ) -> Result<(), GateError> {
+        loop {
+            match self.try_reserve(account, kind, window, key)? {
+                Decision::Allow => return Ok(()),
+                Decision::Deny(d) => return Err(d.into()),
+                Decision::NotBefore(t) => self.wait_until(t).await,
+            }
+        }
+    }
+
+    /// Sleeps until `t` or until something changes that may allow earlier.
+    pub async fn wait_until(&self, t: Timestamp) {
+        let changed = self.inner.changed.notified();
+        tokio::select! {
+            _ = self.inner.clock.sleep_until(t) => {}
+            _ = changed => {}
+        }
+    }
+
+    /// Gives a slot back: the send surely did not reach Telegram.
+    pub fn release(&self, account: &str, key: IdempotencyKey) -> Result<(), StoreError> {
+        self.inner.store.update_account(account, &|r| {
+            decide::release(r, key);
+        })
+    }
+
+    fn jitter(&self, limits: &Limits) -> Duration {
+        self.inner
+            .rng
+            .duration_between(Duration::ZERO, limits.jitter)
+    }
+
+    /// Reacts to a failed send as the reaction table says: pauses or blocks
+    /// the account, marks an unreachable contact, returns or keeps the slot,
+    /// raises alerts. Returns what should happen to the message.
+    pub fn report(&self, f: &Failure<'_>) -> Result<Reaction, StoreError> {
+        let config = self.config();
+        let safety = config.account_safety(f.account);
+        let now = self.now();
+        let outcome: Outcome = reaction::react(
+            f.error,
+            Situation {
+                now,
+                attempt: f.attempt,
+                safety: &safety,
+                unit: self.inner.rng.unit(),
+            },
+        );
+        let store = &self.inner.store;
+        let release = outcome.release_slot;
+        let effect = outcome.account.clone();
+        store.update_account(f.account, &|r| {
+            if release {
+                decide::release(r, f.key);
+            }
+            match &effect {
+                AccountEffect::None => {}
+                AccountEffect::Pause(until) => decide::pause(r, *until),
+                AccountEffect::SpamLimit(until) => decide::spam_limit(r, *until),
+                AccountEffect::Banned => {
+                    if let Ok(s) = r.status.transition(AccountStatus::Blocked {
+                        reason: f.error.to_string(),
+                    }) {
+                        r.status = s;
+                    }
+                }
+                AccountEffect::Unauthorized => {
+                    if let Ok(s) = r.status.transition(AccountStatus::Unauthorized) {
+                        r.status = s;
+                    }
+                }
+            }
+        })?;
+        tracing::warn!(
+            account = f.account,
+            campaign = f.campaign,
+            dialog = f.dialog,
+            "send failed: {}",
+            f.error
+        );
+        let alert = |kind, message: String| {
+            let mut a = Alert::new(kind, now, message)
+                .account(f.account)
+                .campaign(f.campaign);
+            if let Some(d) = f.dialog {
+                a = a.dialog(d);
+            }
+            a
+        };
+        match &outcome.reaction {
+            Reaction::Unreachable(why) => {
+                if let Some(c) = f.contact {
+                    store.add_do_not_contact(c, DoNotContact::Unreachable(why.clone()))?;
+                }
+            }
+            Reaction::AccountLost => {
+                let blocked = store.block_dialogs_of(f.account)?;
+                let kind = if outcome.account == AccountEffect::Banned {
+                    AlertKind::AccountBanned
+                } else {
+                    AlertKind::AccountUnauthorized
+                };
+                self.inner.alerts.raise(alert(
+                    kind,
+                    format!(
+                        "account {} is out of service ({}); {} dialogs blocked",
+                        f.account,
+                        f.error,
+                        blocked.len()
+                    ),
+                ));
+            }
+            Reaction::FailDialog(why) => {
+                self.inner.alerts.raise(alert(
+                    AlertKind::DialogError,
+                    format!("a dialog failed: {why}"),
+                ));
+            }
+            Reaction::RetryAt(_) | Reaction::Reconcile => {}
+        }
+        if let AccountEffect::SpamLimit(until) = outcome.account {
+            self.inner.alerts.raise(alert(
+                AlertKind::AccountSpamLimited,
+                format!(
+                    "account {} may not open dialogs until {} ({})",
+                    f.account,
+                    until.to_rfc3339(),
+                    f.error
+                ),
+            ));
+            for c in config
+                .file
+                .campaigns
+                .iter()
+                .filter(|c| c.accounts.iter().any(|a| a == f.account))
+            {
+                if self.none_can_open(&c.accounts)? {
+                    self.inner.alerts.raise(
+                        Alert::new(
+                            AlertKind::CampaignPaused,
+                            now,
+                            format!("campaign {} paused itself: every account of it is limited for spam", c.name),
+                        )
+                        .campaign(&c.name),
+                    );
+                }
+            }
+        }
+        Ok(outcome.reaction)
+    }
+
+    /// Whether every one of `accounts` is barred from opening dialogs now:
+    /// a campaign with none left pauses itself.
+    pub fn none_can_open(&self, accounts: &[String]) -> Result<bool, StoreError> {
+        let now = self.now();
+        for a in accounts {
+            let r = self.inner.store.account(a)?;
+            let barred = match r.status {
+                AccountStatus::SpamLimited { until } => until > now,
+                AccountStatus::Active | AccountStatus::FloodWait { .. } => false,
+                _ => true,
+            };
+            if !barred {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn alerts(&self) -> &Alerts {
+        &self.inner.alerts
+    }
+
+    /// Per-account view of the stored records, for `status`.
+    pub fn accounts(&self) -> Result<HashMap<String, crate::model::AccountRecord>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .accounts()?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,286 @@
+use super::*;
+use crate::audience;
+use crate::clock::TokioClock;
+use crate::store::NewDialog;
+use std::path::Path;
+
+const START: Timestamp = Timestamp(1_768_000_000_000);
+
+fn config(safety: &str) -> Arc<Config> {
+    let text = format!(
+        "[safety]\n{safety}\n[[accounts]]\nname = \"a\"\n[[accounts]]\nname = \"b\"\n\
+         [[campaigns]]\nname = \"c\"\nengine = \"echo\"\naudiences = [\"l\"]\naccounts = [\"a\"]\n"
+    );
+    Arc::new(Config::parse(Path::new("t.toml"), &text).unwrap())
+}
+
+fn gate(store: &Store, safety: &str) -> AccountSafety {
+    AccountSafety::new(
+        store.clone(),
+        config(safety),
+        Arc::new(TokioClock::new(START, 1.0)),
+        Arc::new(SeededRng::new(3)),
+        Alerts::log_only(),
+    )
+}
+
+const TIGHT: &str = "max_per_hour = 2\nmax_per_day = 10\nmax_new_dialogs_per_day = 2\nmin_interval = \"10s\"\njitter = \"0s\"";
+
+#[tokio::test(start_paused = true)]
+async fn acquire_sleeps_until_exactly_the_next_slot() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    g.acquire("a", MessageKind::Reply, None, IdempotencyKey(1))
+        .await
+        .unwrap();
+    assert_eq!(g.now(), START);
+    g.acquire("a", MessageKind::Reply, None, IdempotencyKey(2))
+        .await
+        .unwrap();
+    assert_eq!(g.now(), Timestamp(START.0 + 10_000), "min_interval");
+    g.acquire("a", MessageKind::Reply, None, IdempotencyKey(3))
+        .await
+        .unwrap();
+    assert_eq!(g.now(), Timestamp(START.0 + 3_600_000), "the hour window");
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_callers_never_share_the_last_slot() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, "max_per_hour = 1\nmax_per_day = 1\nmax_new_dialogs_per_day = 1\nmin_interval = \"0s\"\njitter = \"0s\"");
+    let (x, y) = (g.clone(), g.clone());
+    let a = tokio::spawn(async move {
+        x.try_reserve("a", MessageKind::Reply, None, IdempotencyKey(1))
+            .unwrap()
+    });
+    let b = tokio::spawn(async move {
+        y.try_reserve("a", MessageKind::Reply, None, IdempotencyKey(2))
+            .unwrap()
+    });
+    let got = [a.await.unwrap(), b.await.unwrap()];
+    assert_eq!(
+        got.iter().filter(|d| **d == Decision::Allow).count(),
+        1,
+        "{got:?}"
+    );
+    assert_eq!(store.account("a").unwrap().sends.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flood_wait_pauses_the_account_across_a_restart() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    g.acquire("a", MessageKind::Reply, None, IdempotencyKey(1))
+        .await
+        .unwrap();
+    let err = SendError::FloodWait(Duration::from_secs(600));
+    let r = g
+        .report(&Failure {
+            account: "a",
+            campaign: "c",
+            dialog: None,
+            contact: None,
+            key: IdempotencyKey(1),
+            attempt: 0,
+            error: &err,
+        })
+        .unwrap();
+    let until = Timestamp(START.0 + 665_000);
+    assert_eq!(r, Reaction::RetryAt(until));
+    // The failed send's slot came back; the pause holds for a new gate too.
+    let again = gate(&store, TIGHT);
+    assert_eq!(store.account("a").unwrap().sends.len(), 0);
+    assert_eq!(
+        again.check("a", MessageKind::Reply, None).unwrap(),
+        Decision::NotBefore(until)
+    );
+    again
+        .acquire("a", MessageKind::Reply, None, IdempotencyKey(2))
+        .await
+        .unwrap();
+    assert_eq!(again.now(), until);
+    assert_eq!(store.account("a").unwrap().status, AccountStatus::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn peer_flood_stops_openings_but_not_replies() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    let err = SendError::PeerFlood;
+    g.report(&Failure {
+        account: "a",
+        campaign: "c",
+        dialog: None,
+        contact: None,
+        key: IdempotencyKey(1),
+        attempt: 0,
+        error: &err,
+    })
+    .unwrap();
+    assert!(matches!(
+        g.check("a", MessageKind::Opening, None).unwrap(),
+        Decision::NotBefore(_)
+    ));
+    assert_eq!(
+        g.check("a", MessageKind::Reply, None).unwrap(),
+        Decision::Allow
+    );
+    assert!(g.none_can_open(&["a".to_string()]).unwrap());
+    assert!(!g
+        .none_can_open(&["a".to_string(), "b".to_string()])
+        .unwrap());
+}
+
+fn dialog_with(store: &Store, account: &str) -> (DialogId, ContactId) {
+    let rows = audience::parse("l.csv", b"username\nalice_a\n").rows;
+    store.import_audience("l", &rows, &mut || 5).unwrap();
+    let contact = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let nd = NewDialog {
+        campaign: "c".into(),
+        account: account.into(),
+        contact,
+        at: START,
+    };
+    (
+        store.open_dialog(&nd, None, &|_| Ok(())).unwrap().0.id,
+        contact,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn privacy_restricted_marks_the_contact_unreachable() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    let (dialog, contact) = dialog_with(&store, "a");
+    let err = SendError::PrivacyRestricted;
+    let r = g
+        .report(&Failure {
+            account: "a",
+            campaign: "c",
+            dialog: Some(dialog),
+            contact: Some(contact),
+            key: IdempotencyKey(1),
+            attempt: 0,
+            error: &err,
+        })
+        .unwrap();
+    assert!(matches!(r, Reaction::Unreachable(_)));
+    assert!(matches!(
+        store.do_not_contact(contact).unwrap(),
+        Some(DoNotContact::Unreachable(_))
+    ));
+    assert_eq!(store.account("a").unwrap().status, AccountStatus::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ban_blocks_the_account_and_its_dialogs() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    let (dialog, _) = dialog_with(&store, "a");
+    let err = SendError::AccountBanned;
+    let r = g
+        .report(&Failure {
+            account: "a",
+            campaign: "c",
+            dialog: Some(dialog),
+            contact: None,
+            key: IdempotencyKey(1),
+            attempt: 0,
+            error: &err,
+        })
+        .unwrap();
+    assert_eq!(r, Reaction::AccountLost);
+    assert_eq!(
+        store.dialog(dialog).unwrap().unwrap().status,
+        crate::model::DialogStatus::Blocked
+    );
+    let denied = g
+        .acquire("a", MessageKind::Reply, None, IdempotencyKey(2))
+        .await;
+    assert!(matches!(denied, Err(GateError::Denied(Denied::Blocked(_)))));
+
+    let err = SendError::Unauthorized;
+    g.report(&Failure {
+        account: "b",
+        campaign: "c",
+        dialog: None,
+        contact: None,
+        key: IdempotencyKey(3),
+        attempt: 0,
+        error: &err,
+    })
+    .unwrap();
+    assert_eq!(
+        store.account("b").unwrap().status,
+        AccountStatus::Unauthorized
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_delivery_keeps_its_slot_and_transient_errors_return_it() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    g.acquire("a", MessageKind::Reply, None, IdempotencyKey(1))
+        .await
+        .unwrap();
+    let timeout = SendError::TimedOutAfterSend;
+    let r = g
+        .report(&Failure {
+            account: "a",
+            campaign: "c",
+            dialog: None,
+            contact: None,
+            key: IdempotencyKey(1),
+            attempt: 0,
+            error: &timeout,
+        })
+        .unwrap();
+    assert_eq!(r, Reaction::Reconcile);
+    assert_eq!(store.account("a").unwrap().sends.len(), 1);
+    let transient = SendError::Transient("connection reset".into());
+    let r = g
+        .report(&Failure {
+            account: "a",
+            campaign: "c",
+            dialog: None,
+            contact: None,
+            key: IdempotencyKey(1),
+            attempt: 0,
+            error: &transient,
+        })
+        .unwrap();
+    assert!(matches!(r, Reaction::RetryAt(_)));
+    assert_eq!(store.account("a").unwrap().sends.len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_opening_reservation_is_part_of_the_claim() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    let rows = audience::parse("l.csv", b"username\nalice_a\nbobby_b\ncarla_c\n").rows;
+    store.import_audience("l", &rows, &mut || 7).unwrap();
+    let mut opened = 0;
+    for key in 1..=3u64 {
+        let contact = store.pick_uncontacted("l", key).unwrap().unwrap();
+        let nd = NewDialog {
+            campaign: "c".into(),
+            account: "a".into(),
+            contact,
+            at: g.now(),
+        };
+        if store
+            .open_dialog(
+                &nd,
+                None,
+                &g.opening_reserver("a", None, IdempotencyKey(key)),
+            )
+            .is_ok()
+        {
+            opened += 1;
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+    }
+    // max_new_dialogs_per_day = 2: the third claim is refused and leaves the contact uncontacted.
+    assert_eq!(opened, 2);
+    assert_eq!(store.uncontacted_count("l"), 1);
+}
