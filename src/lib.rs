@@ -22,6 +22,7 @@ pub mod audience;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod logging;
 pub mod model;
 pub mod safety;

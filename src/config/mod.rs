@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use validate::{is_env_name, is_module_name};
 pub use values::{ByteSize, Dur, DurRange, TimeOfDay, Zone};
 
 /// One thing wrong with the user's input, printed as one sentence.

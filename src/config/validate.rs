@@ -305,7 +305,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: a plausible environment variable name.
-pub(crate) fn is_env_name(s: &str) -> bool {
+pub fn is_env_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -313,7 +313,7 @@ pub(crate) fn is_env_name(s: &str) -> bool {
 
 /// A Lua module or engine name: letters, digits, `_`, `-`, and dots between
 /// parts; never a path.
-pub(crate) fn is_module_name(s: &str) -> bool {
+pub fn is_module_name(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|part| {
             !part.is_empty()

@@ -1,0 +1,397 @@
+//! The Lua engine runtime: the only module that names mlua.
+//!
+//! # VM model
+//!
+//! A pool of worker threads, one per core, each with its own Lua VM and a
+//! single-threaded tokio runtime. A call goes to the least busy worker and
+//! runs there as a coroutine, so thousands of dialogs can each await an HTTP
+//! request in one VM while others run. CPU-bound Lua stalls only its own
+//! worker, and only up to its instruction and time budgets; the other
+//! workers and the host go on. Engines are pure functions of (ctx, state,
+//! input): state lives in the store and comes back in [`Reply::state`].
+//!
+//! # Reload
+//!
+//! [`library::Snapshot`] holds every engine, module and template in memory.
+//! [`EngineRuntime::reload`] reads the files, validates them in a scratch VM
+//! and swaps the snapshot only if they pass; engines that fail keep their
+//! previous version, and the error is logged once with `file:line`. A worker
+//! rebuilds its VM when it sees a newer snapshot; calls in flight finish on
+//! the VM they started in. [`watch`] reloads on file changes (debounced) and
+//! on SIGHUP.
+
+pub mod ctx;
+pub mod library;
+pub mod modules;
+pub mod vm;
+mod watch;
+
+use std::collections::{BTreeMap, HashSet};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use ctx::{Call, Ctx, Output, Reply};
+use library::{Dirs, Snapshot};
+use modules::HostEnv;
+use vm::{Budgets, Vm};
+pub use watch::watch;
+
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// An engine failed; the message names the engine, the function and, for
+/// Lua errors, `file:line`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine {engine} cannot be loaded: {message}")]
+    Load { engine: String, message: String },
+    #[error("engine {engine}, {function}: {message}")]
+    Call {
+        engine: String,
+        function: &'static str,
+        message: String,
+    },
+    #[error("the engine runtime is shut down")]
+    Stopped,
+}
+
+/// One engine call for a worker.
+struct Job {
+    engine: String,
+    call: Call,
+    ctx: Ctx,
+    reply: oneshot::Sender<Result<Reply, EngineError>>,
+}
+
+struct Worker {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Calls sent and not yet answered, for picking the least busy worker.
+    busy: Arc<AtomicUsize>,
+}
+
+/// What every VM is built with.
+#[derive(Clone)]
+struct VmSpec {
+    budgets: Budgets,
+    host: HostEnv,
+    seed: u64,
+}
+
+/// State shared by the runtime handle and its workers.
+struct Shared {
+    /// The live snapshot. A std `RwLock`: held only to clone the `Arc`.
+    snapshot: RwLock<Arc<Snapshot>>,
+    dirs: Dirs,
+    spec: VmSpec,
+    /// Errors already logged, so a broken file is reported once, not on
+    /// every save or call.
+    reported: Mutex<HashSet<String>>,
+}
+
+/// The engine runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineRuntime {
+    shared: Arc<Shared>,
+    workers: Arc<Vec<Worker>>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The snapshot went live.
+    pub swapped: bool,
+    /// One sentence per problem, with `file:line` where Lua gave one.
+    pub problems: Vec<String>,
+}
+
+impl EngineRuntime {
+    /// Loads and validates every engine, then starts `workers` VM threads
+    /// (0: one per core). Problems come back beside the runtime: engines
+    /// that failed are missing until a reload fixes them.
+    pub fn start(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        workers: usize,
+    ) -> (EngineRuntime, Vec<String>) {
+        let e = &config.file.engines;
+        let spec = VmSpec {
+            budgets: Budgets {
+                instructions: e.instruction_budget,
+                time: e.time_budget.0,
+                memory: e.memory_limit.0 as usize,
+            },
+            host: HostEnv {
+                env_allow: Arc::new(e.env_allow.iter().cloned().collect()),
+                clock,
+                http: reqwest::Client::builder()
+                    .user_agent(concat!("colloquy/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .unwrap_or_default(),
+            },
+            seed: config.file.sim.seed,
+        };
+        let shared = Arc::new(Shared {
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            dirs: Dirs::from_config(config),
+            spec,
+            reported: Mutex::new(HashSet::new()),
+        });
+        let n = if workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            workers
+        };
+        let workers = (0..n).map(|i| spawn_worker(i, shared.clone())).collect();
+        let rt = EngineRuntime {
+            shared,
+            workers: Arc::new(workers),
+        };
+        let report = rt.reload();
+        (rt, report.problems)
+    }
+
+    /// The live snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Names of the engines that are loaded and valid.
+    pub fn engines(&self) -> Vec<String> {
+        self.snapshot().engines.keys().cloned().collect()
+    }
+
+    /// Re-reads every file, validates it, and swaps in what passes: a module
+    /// that does not compile, or an engine that does not load, keeps its
+    /// previous version (or stays absent if it never loaded).
+    pub fn reload(&self) -> ReloadReport {
+        let current = self.snapshot();
+        let (mut next, mut problems) = Snapshot::read(&self.shared.dirs, current.generation + 1);
+        let spec = &self.shared.spec;
+        fallback(&mut next, Some(&current), &mut problems, spec);
+        // An engine kept at its previous version must still load with the
+        // new modules; one that does not is dropped (already reported).
+        fallback(&mut next, None, &mut Vec::new(), spec);
+        problems.sort();
+        problems.dedup();
+        *self
+            .shared
+            .snapshot
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        let mut reported = self
+            .shared
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for p in &problems {
+            if reported.insert(p.clone()) {
+                tracing::error!("{p}");
+            }
+        }
+        reported.retain(|p| problems.contains(p));
+        ReloadReport {
+            swapped: true,
+            problems,
+        }
+    }
+
+    /// Calls an engine function for one dialog on the least busy worker.
+    pub async fn call(&self, engine: &str, call: Call, ctx: Ctx) -> Result<Reply, EngineError> {
+        let worker = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.busy.load(Ordering::Relaxed))
+            .ok_or(EngineError::Stopped)?;
+        let (tx, rx) = oneshot::channel();
+        worker.busy.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            engine: engine.to_string(),
+            call,
+            ctx,
+            reply: tx,
+        };
+        if worker.jobs.send(job).is_err() {
+            worker.busy.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Stopped);
+        }
+        let out = rx.await.unwrap_or(Err(EngineError::Stopped));
+        worker.busy.fetch_sub(1, Ordering::Relaxed);
+        out
+    }
+
+    /// Runs a Lua file in the engine sandbox, as `colloquy eval` does.
+    pub fn eval_blocking(
+        &self,
+        shown: &str,
+        text: &str,
+        args: &[String],
+    ) -> Result<serde_json::Value, String> {
+        let spec = self.shared.spec.clone();
+        let snap = self.snapshot();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let vm = Vm::new(snap, spec.budgets, &spec.host, spec.seed)?;
+            vm.eval(shown, text, args).await
+        })
+    }
+}
+
+/// Validates `next`; whatever fails is replaced by its version in
+/// `previous`, or removed.
+fn fallback(
+    next: &mut Snapshot,
+    previous: Option<&Snapshot>,
+    problems: &mut Vec<String>,
+    spec: &VmSpec,
+) {
+    let snap = Arc::new(std::mem::take(next));
+    let (module_errors, engine_errors) = validate(&snap, spec);
+    *next = Arc::try_unwrap(snap).unwrap_or_else(|a| a.duplicate());
+    for (name, err) in module_errors {
+        problems.push(err);
+        match previous.and_then(|p| p.modules.get(&name)) {
+            Some(old) => next.modules.insert(name, old.clone()),
+            None => next.modules.remove(&name),
+        };
+    }
+    for (name, err) in engine_errors {
+        problems.push(err.to_string());
+        match previous.and_then(|p| p.engines.get(&name)) {
+            Some(old) => next.engines.insert(name, old.clone()),
+            None => next.engines.remove(&name),
+        };
+    }
+}
+
+type ModuleErrors = BTreeMap<String, String>;
+type EngineErrors = BTreeMap<String, EngineError>;
+
+/// Compiles every module and loads every engine of a snapshot in a scratch
+/// VM; errors by module and engine name.
+fn validate(snapshot: &Arc<Snapshot>, spec: &VmSpec) -> (ModuleErrors, EngineErrors) {
+    let snap = snapshot.clone();
+    let spec = spec.clone();
+    // A scratch thread: VMs are not Send, and the caller may be inside a
+    // runtime.
+    std::thread::spawn(move || {
+        let mut modules = BTreeMap::new();
+        let mut engines = BTreeMap::new();
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return (modules, engines);
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let vm = match Vm::new(snap.clone(), spec.budgets, &spec.host, spec.seed) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    for name in snap.engines.keys() {
+                        engines.insert(
+                            name.clone(),
+                            EngineError::Load {
+                                engine: name.clone(),
+                                message: e.clone(),
+                            },
+                        );
+                    }
+                    return;
+                }
+            };
+            let engine_files: HashSet<&str> =
+                snap.engines.values().map(|s| s.shown.as_str()).collect();
+            for (name, source) in &snap.modules {
+                // An engine file is also requirable; its errors are reported
+                // once, as the engine's.
+                if engine_files.contains(source.shown.as_str()) {
+                    continue;
+                }
+                if let Err(e) = vm.compile(source) {
+                    modules.insert(name.clone(), format!("module {name} cannot be loaded: {e}"));
+                }
+            }
+            for name in snap.engines.keys() {
+                if let Err(e) = vm.engine(name).await {
+                    engines.insert(name.clone(), e);
+                }
+            }
+        });
+        (modules, engines)
+    })
+    .join()
+    .unwrap_or_default()
+}
+
+fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let thread_shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("lua-{index}"))
+        .spawn(move || {
+            let shared = thread_shared;
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                tracing::error!("engine worker {index} could not start its runtime");
+                return;
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let mut vm: Option<Rc<Vm>> = None;
+                while let Some(job) = rx.recv().await {
+                    let snap = shared
+                        .snapshot
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    if vm
+                        .as_ref()
+                        .is_none_or(|v| v.generation() != snap.generation)
+                    {
+                        let spec = &shared.spec;
+                        match Vm::new(
+                            snap,
+                            spec.budgets,
+                            &spec.host,
+                            spec.seed.wrapping_add(index as u64),
+                        ) {
+                            Ok(v) => vm = Some(Rc::new(v)),
+                            Err(e) => {
+                                let _ = job.reply.send(Err(EngineError::Load {
+                                    engine: job.engine,
+                                    message: e,
+                                }));
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(vm) = vm.clone() else { continue };
+                    tokio::task::spawn_local(async move {
+                        let out = vm.call(&job.engine, &job.call, &job.ctx).await;
+                        let _ = job.reply.send(out);
+                    });
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start engine worker {index}: {e}");
+    }
+    Worker { jobs: tx, busy }
+}
+
+#[cfg(test)]
+mod tests;

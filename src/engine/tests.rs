@@ -1,0 +1,548 @@
+//! The engine runtime against real Lua: return shapes, state, sandbox
+//! escapes, budgets, reload.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::clock::{SystemClock, Timestamp};
+
+/// A project directory: engines/, scripts/ (with the shipped template.lua
+/// and llm.lua) and a config.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(engines: &[(&str, &str)], extra_config: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir_all(dir.path().join("engines")).unwrap();
+        std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
+        for m in ["template.lua", "llm.lua"] {
+            std::fs::copy(
+                root.join("scripts").join(m),
+                dir.path().join("scripts").join(m),
+            )
+            .unwrap();
+        }
+        for (name, src) in engines {
+            std::fs::write(dir.path().join("engines").join(format!("{name}.lua")), src).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!("[engines]\ninstruction_budget = 2_000_000\ntime_budget = \"2s\"\nmemory_limit = \"16MiB\"\n{extra_config}"),
+        )
+        .unwrap();
+        Project { dir }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn runtime(&self) -> (EngineRuntime, Vec<String>) {
+        let config = Config::parse(
+            &self.path("config.toml"),
+            &std::fs::read_to_string(self.path("config.toml")).unwrap(),
+        )
+        .unwrap();
+        EngineRuntime::start(&config, Arc::new(SystemClock), 2)
+    }
+}
+
+fn ctx() -> Ctx {
+    Ctx {
+        dialog: ctx::DialogView {
+            id: 7,
+            status: "active".into(),
+            ..Default::default()
+        },
+        contact: ctx::ContactView {
+            first_name: Some("Ann".into()),
+            ..Default::default()
+        },
+        history: vec![ctx::HistoryEntry {
+            direction: "out".into(),
+            text: "hello".into(),
+            at: 1.0,
+        }],
+        now: Timestamp(5_000).as_secs_f64(),
+        state: serde_json::json!({}),
+        ..Default::default()
+    }
+}
+
+fn respond(text: &str) -> Call {
+    Call::Response {
+        text: text.into(),
+        at: 2.0,
+    }
+}
+
+/// Runs one get_response of a one-line engine body.
+async fn shape(body: &str) -> Result<Output, EngineError> {
+    let src = format!("return {{ get_response = function(ctx, m) {body} end }}");
+    let p = Project::new(&[("e", &src)], "");
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    rt.call("e", respond("hi"), ctx()).await.map(|r| r.output)
+}
+
+#[tokio::test]
+async fn return_shapes() {
+    assert_eq!(shape("return nil").await.unwrap(), Output::default());
+    assert_eq!(
+        shape("return 're: ' .. m.text").await.unwrap().messages,
+        vec!["re: hi"]
+    );
+    assert_eq!(
+        shape("return {'a', 'b'}").await.unwrap().messages,
+        vec!["a", "b"]
+    );
+    let o = shape("return { messages = {'x'}, finish = 'booked' }")
+        .await
+        .unwrap();
+    assert_eq!(
+        (o.messages, o.finish.as_deref()),
+        (vec!["x".to_string()], Some("booked"))
+    );
+    let o = shape("return { text = 'bye', handoff = true }")
+        .await
+        .unwrap();
+    assert!(o.handoff);
+    assert_eq!(o.messages, vec!["bye"]);
+}
+
+#[tokio::test]
+async fn wrong_returns_name_engine_function_and_value() {
+    let e = shape("return 42").await.unwrap_err().to_string();
+    assert!(
+        e.starts_with("engine e, get_response: must return nil, a string"),
+        "{e}"
+    );
+    assert!(e.contains("the number 42"), "{e}");
+    let e = shape("return {'a', 7}").await.unwrap_err().to_string();
+    assert!(
+        e.contains("a message must be a string, not the number 7"),
+        "{e}"
+    );
+    let e = shape("return string.rep('x', 4097)")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("4097 characters; Telegram allows at most 4096"),
+        "{e}"
+    );
+    let e = shape("return { finish = 3 }")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("finish must be an outcome label"), "{e}");
+    let e = shape("error('boom')").await.unwrap_err().to_string();
+    assert!(e.contains("engines/e.lua:1: boom"), "{e}");
+}
+
+#[tokio::test]
+async fn state_persists_through_the_reply_and_bad_state_is_an_error() {
+    let p = Project::new(
+        &[(
+            "e",
+            "return { get_response = function(ctx, m) ctx.state.n = (ctx.state.n or 0) + 1; return tostring(ctx.state.n) end }",
+        )],
+        "",
+    );
+    let (rt, _) = p.runtime();
+    let mut c = ctx();
+    for expected in ["1", "2", "3"] {
+        let r = rt.call("e", respond("x"), c.clone()).await.unwrap();
+        assert_eq!(r.output.messages, vec![expected]);
+        c.state = r.state;
+    }
+    for bad in [
+        "ctx.state.f = print",
+        "local t = {}; t.self = t; ctx.state.t = t",
+    ] {
+        let e = shape(&format!("{bad}; return nil")).await;
+        // shape() builds a fresh ctx, so check through a call here.
+        let _ = e;
+        let p = Project::new(
+            &[(
+                "e",
+                &format!("return {{ get_response = function(ctx, m) {bad}; return nil end }}"),
+            )],
+            "",
+        );
+        let (rt, _) = p.runtime();
+        let err = rt
+            .call("e", respond("x"), ctx())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ctx.state cannot be stored"), "{bad}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn ctx_fields_reach_the_engine() {
+    let o = shape("return ctx.contact.first_name .. ' ' .. ctx.dialog.id .. ' ' .. #ctx.history .. ' ' .. ctx.history[1].direction .. ' ' .. ctx.now").await.unwrap();
+    assert_eq!(o.messages, vec!["Ann 7 1 out 5.0"]);
+}
+
+#[tokio::test]
+async fn default_opening_renders_the_prompt_template() {
+    let p = Project::new(&[("e", "return { get_response = function() end }")], "");
+    let (rt, _) = p.runtime();
+    let mut c = ctx();
+    c.prompt_template = Some("Hi {{contact.first_name}} & co!\n".into());
+    let r = rt.call("e", Call::Opening, c).await.unwrap();
+    assert_eq!(r.output.messages, vec!["Hi Ann & co!"]);
+    let p = Project::new(
+        &[(
+            "e",
+            "return { get_response = function() end, get_opening = function() return nil end }",
+        )],
+        "",
+    );
+    let (rt, _) = p.runtime();
+    assert!(
+        rt.call("e", Call::Opening, ctx())
+            .await
+            .unwrap()
+            .output
+            .skip
+    );
+}
+
+/// Every escape we can think of fails inside the sandbox.
+#[tokio::test]
+async fn sandbox_escapes_fail() {
+    let attempts = [
+        ("io", "return io == nil"),
+        (
+            "os.execute",
+            "return os.execute == nil and os.getenv == nil and os.remove == nil and os.exit == nil",
+        ),
+        ("debug", "return debug == nil"),
+        ("package", "return package == nil"),
+        (
+            "dofile/loadfile",
+            "return dofile == nil and loadfile == nil",
+        ),
+        ("string.dump", "return string.dump == nil"),
+        (
+            "binary chunk",
+            "local f, err = load('\\27Lua\\84\\0'); return f == nil and err:find('binary') ~= nil",
+        ),
+        ("load sees sandbox", "return load('return io')() == nil"),
+        (
+            "require by path",
+            "return not pcall(require, '../../etc/passwd')",
+        ),
+        (
+            "require absolute",
+            "return not pcall(require, '/etc/passwd')",
+        ),
+        ("require os", "return not pcall(require, 'os')"),
+        ("require io", "return not pcall(require, 'io')"),
+        (
+            "collectgarbage stop",
+            "return not pcall(collectgarbage, 'stop')",
+        ),
+        (
+            "env not allowed",
+            "return not pcall(require('env').get, 'HOME')",
+        ),
+        (
+            "globals isolated",
+            "x_leak = 1; return rawget(_G, 'x_leak') == nil or _G ~= _ENV",
+        ),
+    ];
+    for (name, body) in attempts {
+        let o = shape(&format!(
+            "local ok = (function() {body} end)(); return tostring(ok)"
+        ))
+        .await;
+        assert_eq!(
+            o.map(|o| o.messages),
+            Ok(vec!["true".to_string()]),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn runaway_scripts_stop_within_their_budget() {
+    let cases = [
+        ("infinite loop", "while true do end", "instruction budget"),
+        (
+            "loop in a coroutine",
+            "coroutine.wrap(function() while true do end end)()",
+            "instruction budget",
+        ),
+        (
+            "pcall swallowing the budget",
+            "while true do pcall(function() while true do end end) end",
+            "budget",
+        ),
+        (
+            "memory bomb",
+            "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1024) .. i end",
+            "memory",
+        ),
+        ("string bomb", "local s = string.rep('x', 2^40)", ""),
+        (
+            "runaway recursion",
+            "local function f(n) return f(n + 1) + 1 end return f(1)",
+            "",
+        ),
+    ];
+    let mut engines = Vec::new();
+    let sources: Vec<String> = cases
+        .iter()
+        .map(|(_, body, _)| format!("return {{ get_response = function(ctx, m) {body} end }}"))
+        .collect();
+    for (i, src) in sources.iter().enumerate() {
+        engines.push((["e0", "e1", "e2", "e3", "e4", "e5"][i], src.as_str()));
+    }
+    engines.push((
+        "echo",
+        "return { get_response = function(ctx, m) return 're: ' .. m.text end }",
+    ));
+    let p = Project::new(&engines, "");
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    for (i, (name, _, expect)) in cases.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let err = rt
+            .call(&format!("e{i}"), respond("x"), ctx())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expect), "{name}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+        // The runtime still answers.
+        let ok = rt.call("echo", respond("still here"), ctx()).await.unwrap();
+        assert_eq!(ok.output.messages, vec!["re: still here"], "after {name}");
+    }
+}
+
+#[tokio::test]
+async fn broken_edits_keep_the_previous_version() {
+    let p = Project::new(
+        &[("e", "return { get_response = function() return 'v1' end }")],
+        "",
+    );
+    let (rt, _) = p.runtime();
+    assert_eq!(
+        rt.call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages,
+        vec!["v1"]
+    );
+    std::fs::write(
+        p.path("engines/e.lua"),
+        "return { get_response = function() return 'v2' end",
+    )
+    .unwrap();
+    let report = rt.reload();
+    assert_eq!(report.problems.len(), 1);
+    assert!(
+        report.problems[0].contains("engines/e.lua:1:"),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        rt.call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages,
+        vec!["v1"]
+    );
+    std::fs::write(
+        p.path("engines/e.lua"),
+        "return { get_opening = function() end }",
+    )
+    .unwrap();
+    let report = rt.reload();
+    assert!(
+        report.problems[0].contains("has no get_response function"),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        rt.call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages,
+        vec!["v1"]
+    );
+    std::fs::write(
+        p.path("engines/e.lua"),
+        "return { get_response = function() return 'v3' end }",
+    )
+    .unwrap();
+    assert!(rt.reload().problems.is_empty());
+    assert_eq!(
+        rt.call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages,
+        vec!["v3"]
+    );
+}
+
+#[tokio::test]
+async fn a_broken_module_keeps_its_previous_version() {
+    let p = Project::new(
+        &[(
+            "e",
+            "local u = require('util') return { get_response = function() return u.word() end }",
+        )],
+        "",
+    );
+    std::fs::write(
+        p.path("scripts/util.lua"),
+        "return { word = function() return 'one' end }",
+    )
+    .unwrap();
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        rt.call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages,
+        vec!["one"]
+    );
+    std::fs::write(
+        p.path("scripts/util.lua"),
+        "return { word = function() return 'two' end",
+    )
+    .unwrap();
+    let report = rt.reload();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("scripts/util.lua:1:")),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        rt.call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages,
+        vec!["one"]
+    );
+}
+
+#[tokio::test]
+async fn saved_changes_are_live_within_a_second() {
+    let p = Project::new(
+        &[(
+            "e",
+            "return { get_response = function() return 'before' end }",
+        )],
+        "",
+    );
+    let (rt, _) = p.runtime();
+    let _guard = watch(&rt).unwrap();
+    std::fs::write(
+        p.path("engines/e.lua"),
+        "return { get_response = function() return 'after' end }",
+    )
+    .unwrap();
+    let saved = std::time::Instant::now();
+    loop {
+        let got = rt
+            .call("e", respond("x"), ctx())
+            .await
+            .unwrap()
+            .output
+            .messages;
+        if got == vec!["after"] {
+            break;
+        }
+        assert!(
+            saved.elapsed() < Duration::from_secs(1),
+            "not live after {:?}",
+            saved.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn many_dialogs_await_http_at_once() {
+    // A local server that answers after 200 ms; 200 calls must overlap.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let src = format!(
+        "local http = require('http') return {{ get_response = function(ctx, m) local r = http.request{{ url = 'http://{addr}/' }} return r.body .. ' ' .. r.status end }}"
+    );
+    let p = Project::new(&[("e", &src)], "");
+    let (rt, _) = p.runtime();
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.call("e", respond("x"), ctx()).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().output.messages, vec!["ok 200"]);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "calls did not overlap: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn eval_runs_in_the_sandbox_with_args() {
+    let p = Project::new(&[], "");
+    let (rt, _) = p.runtime();
+    let v = rt
+        .eval_blocking("t.lua", "return { n = #arg, first = arg[1], io = io == nil, json = require('json').encode({1, 2}) }", &["a".into(), "b".into()])
+        .unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"n": 2, "first": "a", "io": true, "json": "[1,2]"})
+    );
+    let e = rt.eval_blocking("t.lua", "return (", &[]).unwrap_err();
+    assert!(e.starts_with("t.lua:1:"), "{e}");
+}

@@ -1,0 +1,660 @@
+//! One sandboxed Lua VM: the sandbox, `require` over a snapshot, the
+//! per-call instruction and time budgets, ctx in and output out.
+//!
+//! A VM is not `Send`: each lives on one worker thread (see
+//! [`super::EngineRuntime`]) and runs many calls concurrently as coroutines.
+//! A global count hook (inherited by every coroutine, including those Lua
+//! code creates) charges the instructions to the call being polled, which
+//! [`Metered`] records in the VM's app data around each poll.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use mlua::chunk::ChunkMode;
+use mlua::serde::{DeserializeOptions, SerializeOptions};
+use mlua::{
+    Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, MultiValue, StdLib, Table, Value, VmState,
+};
+
+use super::ctx::{Call, Ctx, Output, Reply};
+use super::library::{Snapshot, Source};
+use super::modules::{self, HostEnv};
+use super::EngineError;
+
+/// Telegram's limit on one message.
+pub const MAX_MESSAGE_CHARS: usize = 4096;
+/// The count hook fires every this many VM instructions.
+const HOOK_EVERY: u32 = 1000;
+
+/// Limits of every call on a VM.
+#[derive(Debug, Clone, Copy)]
+pub struct Budgets {
+    pub instructions: u64,
+    pub time: Duration,
+    pub memory: usize,
+}
+
+/// The call being run, for the hook and the `log` module.
+#[derive(Debug)]
+pub struct CallScope {
+    pub engine: String,
+    pub dialog: Option<u64>,
+    /// Instructions left.
+    remaining: Cell<u64>,
+    /// Budget given, for the error message.
+    budget: u64,
+    deadline: Instant,
+    /// Set once a budget ran out. The hook raises an error the first time;
+    /// if the script catches it (pcall) and keeps going, every later hook
+    /// yields instead, which hands control back to [`Metered`], and that
+    /// ends the call. A caught error can thus not keep a call alive.
+    exceeded: RefCell<Option<String>>,
+}
+
+/// Which call is being polled on this VM, if any.
+#[derive(Default)]
+struct Current(RefCell<Option<Rc<CallScope>>>);
+
+/// The scope of the call running now on `lua`'s VM.
+pub fn current_scope(lua: &Lua) -> Option<Rc<CallScope>> {
+    lua.app_data_ref::<Current>()?.0.borrow().clone()
+}
+
+pub fn to_lua_options() -> SerializeOptions {
+    SerializeOptions::new()
+        .serialize_none_to_null(false)
+        .serialize_unit_to_null(false)
+}
+
+pub fn from_lua_options() -> DeserializeOptions {
+    DeserializeOptions::new()
+        .deny_unsupported_types(true)
+        .deny_recursive_tables(true)
+}
+
+/// A future that marks its call as current on the VM while it is polled.
+struct Metered<'a, T> {
+    lua: &'a Lua,
+    scope: Rc<CallScope>,
+    inner: Pin<Box<dyn Future<Output = T> + 'a>>,
+}
+
+impl<T> Future for Metered<'_, mlua::Result<T>> {
+    type Output = mlua::Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<mlua::Result<T>> {
+        let this = &mut *self;
+        set_current(this.lua, Some(this.scope.clone()));
+        let out = this.inner.as_mut().poll(cx);
+        set_current(this.lua, None);
+        if let Some(why) = this.scope.exceeded.borrow().clone() {
+            return Poll::Ready(Err(mlua::Error::runtime(why)));
+        }
+        out
+    }
+}
+
+fn set_current(lua: &Lua, scope: Option<Rc<CallScope>>) {
+    if let Some(cur) = lua.app_data_ref::<Current>() {
+        *cur.0.borrow_mut() = scope;
+    }
+}
+
+/// A sandboxed VM built from one snapshot.
+pub struct Vm {
+    lua: Lua,
+    snapshot: Arc<Snapshot>,
+    budgets: Budgets,
+    /// Engine tables loaded so far, by name.
+    engines: RefCell<HashMap<String, Table>>,
+}
+
+impl Vm {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        budgets: Budgets,
+        host: &HostEnv,
+        seed: u64,
+    ) -> Result<Vm, String> {
+        let lua = sandbox(&snapshot, budgets, host, seed)
+            .map_err(|e| format!("cannot build the Lua sandbox: {e}"))?;
+        Ok(Vm {
+            lua,
+            snapshot,
+            budgets,
+            engines: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.snapshot.generation
+    }
+
+    pub fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    /// Runs a chunk of source in the sandbox under the budgets, as `eval`
+    /// does: `args` become the global `arg`.
+    pub async fn eval(
+        &self,
+        shown: &str,
+        text: &str,
+        args: &[String],
+    ) -> Result<serde_json::Value, String> {
+        let env = self.engine_env().map_err(|e| e.to_string())?;
+        let arg = self
+            .lua
+            .create_sequence_from(args.iter().cloned())
+            .map_err(|e| e.to_string())?;
+        env.set("arg", arg).map_err(|e| e.to_string())?;
+        let func = self
+            .lua
+            .load(text)
+            .set_name(format!("@{shown}"))
+            .set_mode(ChunkMode::Text)
+            .set_environment(env)
+            .into_function()
+            .map_err(|e| lua_error_text(&e))?;
+        let scope = self.scope("eval", None);
+        let values: MultiValue = self
+            .metered(scope, func.call_async(()))
+            .await
+            .map_err(|e| lua_error_text(&e))?;
+        let first = values.into_iter().next().unwrap_or(Value::Nil);
+        self.lua
+            .from_value_with(first, from_lua_options())
+            .map_err(|e| format!("the result cannot be shown as JSON: {e}"))
+    }
+
+    fn scope(&self, engine: &str, dialog: Option<u64>) -> Rc<CallScope> {
+        Rc::new(CallScope {
+            engine: engine.to_string(),
+            dialog,
+            remaining: Cell::new(self.budgets.instructions),
+            budget: self.budgets.instructions,
+            deadline: Instant::now() + self.budgets.time,
+            exceeded: RefCell::new(None),
+        })
+    }
+
+    /// Runs `fut` as the call `scope`, within the time budget.
+    async fn metered<'a, T>(
+        &'a self,
+        scope: Rc<CallScope>,
+        fut: impl Future<Output = mlua::Result<T>> + 'a,
+    ) -> mlua::Result<T> {
+        let metered = Metered {
+            lua: &self.lua,
+            scope,
+            inner: Box::pin(fut),
+        };
+        match tokio::time::timeout(self.budgets.time, metered).await {
+            Ok(r) => r,
+            Err(_) => Err(mlua::Error::runtime(format!(
+                "time budget of {} exceeded",
+                humantime::format_duration(self.budgets.time)
+            ))),
+        }
+    }
+
+    /// A fresh `_ENV` for one engine or chunk: its own globals, falling back
+    /// to the sandbox's.
+    fn engine_env(&self) -> mlua::Result<Table> {
+        let env = self.lua.create_table()?;
+        let meta = self.lua.create_table()?;
+        meta.set("__index", self.lua.globals())?;
+        env.set_metatable(Some(meta))?;
+        Ok(env)
+    }
+
+    /// Compiles a source without running it: a syntax check.
+    pub fn compile(&self, source: &Source) -> Result<(), String> {
+        self.lua
+            .load(&*source.text)
+            .set_name(format!("@{}", source.shown))
+            .set_mode(ChunkMode::Text)
+            .into_function()
+            .map(|_| ())
+            .map_err(|e| lua_error_text(&e))
+    }
+
+    /// The engine's table, loading it on first use.
+    pub async fn engine(&self, name: &str) -> Result<Table, EngineError> {
+        if let Some(t) = self.engines.borrow().get(name) {
+            return Ok(t.clone());
+        }
+        let source = self
+            .snapshot
+            .engines
+            .get(name)
+            .ok_or_else(|| EngineError::Load {
+                engine: name.to_string(),
+                message: format!("there is no engine file {name}.lua"),
+            })?;
+        let table = self.load_engine(name, source).await?;
+        self.engines
+            .borrow_mut()
+            .insert(name.to_string(), table.clone());
+        Ok(table)
+    }
+
+    async fn load_engine(&self, name: &str, source: &Source) -> Result<Table, EngineError> {
+        let load_err = |message: String| EngineError::Load {
+            engine: name.to_string(),
+            message,
+        };
+        let env = self.engine_env().map_err(|e| load_err(e.to_string()))?;
+        let func = self
+            .lua
+            .load(&*source.text)
+            .set_name(format!("@{}", source.shown))
+            .set_mode(ChunkMode::Text)
+            .set_environment(env)
+            .into_function()
+            .map_err(|e| load_err(lua_error_text(&e)))?;
+        // Loading runs top-level code: it gets a budget like any call.
+        let scope = self.scope(name, None);
+        let value = self.metered(scope, func.call_async::<Value>(())).await;
+        let table = match value.map_err(|e| load_err(lua_error_text(&e)))? {
+            Value::Table(t) => t,
+            other => {
+                return Err(load_err(format!(
+                    "{} must return a table of functions, not {}",
+                    source.shown,
+                    other.type_name()
+                )))
+            }
+        };
+        for (function, required) in [
+            ("get_response", true),
+            ("get_opening", false),
+            ("get_follow_up", false),
+            ("is_dialog_dead", false),
+        ] {
+            match table.get::<Value>(function) {
+                Ok(Value::Function(_)) => {}
+                Ok(Value::Nil) if !required => {}
+                Ok(Value::Nil) => {
+                    return Err(load_err(format!(
+                        "{} has no {function} function",
+                        source.shown
+                    )))
+                }
+                Ok(other) => {
+                    return Err(load_err(format!(
+                        "{}: {function} must be a function, not {}",
+                        source.shown,
+                        other.type_name()
+                    )))
+                }
+                Err(e) => return Err(load_err(e.to_string())),
+            }
+        }
+        Ok(table)
+    }
+
+    /// Calls one engine function for one dialog.
+    pub async fn call(&self, engine: &str, call: &Call, ctx: &Ctx) -> Result<Reply, EngineError> {
+        let fail = |message: String| EngineError::Call {
+            engine: engine.to_string(),
+            function: call.function(),
+            message,
+        };
+        let table = self.engine(engine).await?;
+        let ctx_table: Table = match self.lua.to_value_with(ctx, to_lua_options()) {
+            Ok(Value::Table(t)) => t,
+            Ok(_) => return Err(fail("ctx did not become a table".into())),
+            Err(e) => return Err(fail(format!("cannot build ctx: {e}"))),
+        };
+        let func: Option<Function> = table
+            .get(call.function())
+            .map_err(|e| fail(e.to_string()))?;
+        let scope = self.scope(engine, Some(ctx.dialog.id));
+        let result: mlua::Result<Value> = match (call, func) {
+            (Call::Opening, None) => {
+                self.metered(scope, self.default_opening(ctx_table.clone()))
+                    .await
+            }
+            (_, None) => Ok(Value::Nil),
+            (Call::Response { text, at }, Some(f)) => {
+                let message = self.lua.create_table().map_err(|e| fail(e.to_string()))?;
+                message
+                    .set("text", text.as_str())
+                    .map_err(|e| fail(e.to_string()))?;
+                message.set("at", *at).map_err(|e| fail(e.to_string()))?;
+                self.metered(scope, f.call_async((ctx_table.clone(), message)))
+                    .await
+            }
+            (_, Some(f)) => self.metered(scope, f.call_async(ctx_table.clone())).await,
+        };
+        let value = result.map_err(|e| fail(lua_error_text(&e)))?;
+        let state_value: Value = ctx_table.get("state").map_err(|e| fail(e.to_string()))?;
+        let state: serde_json::Value = match state_value {
+            Value::Nil => serde_json::Value::Object(Default::default()),
+            v => self
+                .lua
+                .from_value_with(v, from_lua_options())
+                .map_err(|e| fail(format!("ctx.state cannot be stored: {e}")))?,
+        };
+        let output = match call {
+            Call::IsDead => {
+                let dead = match value {
+                    Value::Boolean(b) => b,
+                    Value::Nil => false,
+                    other => {
+                        return Err(fail(format!(
+                            "must return true or false, not {}",
+                            describe(&other)
+                        )))
+                    }
+                };
+                Output {
+                    dead,
+                    ..Output::default()
+                }
+            }
+            Call::Opening if value.is_nil() => Output {
+                skip: true,
+                ..Output::default()
+            },
+            _ => parse_output(value).map_err(fail)?,
+        };
+        Ok(Reply { output, state })
+    }
+
+    /// The prompt template rendered with ctx, without HTML escaping.
+    async fn default_opening(&self, ctx: Table) -> mlua::Result<Value> {
+        let template: Option<String> = ctx.get("prompt_template")?;
+        let Some(template) = template else {
+            return Err(mlua::Error::runtime(
+                "the engine has no get_opening and the campaign no prompt_template",
+            ));
+        };
+        let require: Function = self.lua.globals().get("require")?;
+        let module: Table = require.call("template")?;
+        let render: Function = module.get("render")?;
+        let opts = self.lua.create_table()?;
+        opts.set("escape", false)?;
+        let text: String = render.call_async((template, ctx, Value::Nil, opts)).await?;
+        Ok(Value::String(self.lua.create_string(text.trim())?))
+    }
+}
+
+/// A Lua value in a few words, for error messages.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("the string \"{}\"", s.to_string_lossy()),
+        Value::Number(n) => format!("the number {n}"),
+        Value::Integer(n) => format!("the number {n}"),
+        Value::Boolean(b) => format!("{b}"),
+        other => format!("a {}", other.type_name()),
+    }
+}
+
+/// The return shapes of SPEC section 5.
+fn parse_output(value: Value) -> Result<Output, String> {
+    let mut out = Output::default();
+    match value {
+        Value::Nil => {}
+        Value::String(s) => out.messages.push(message_text(&Value::String(s))?),
+        Value::Table(t) => {
+            let structured = ["messages", "text", "finish", "handoff"]
+                .iter()
+                .any(|k| t.contains_key(*k).unwrap_or(false));
+            if structured {
+                if let Value::Table(list) = t.get::<Value>("messages").map_err(|e| e.to_string())? {
+                    out.messages = list_of_messages(&list)?;
+                } else if t.contains_key("messages").unwrap_or(false) {
+                    return Err("messages must be a list of strings".into());
+                }
+                match t.get::<Value>("text").map_err(|e| e.to_string())? {
+                    Value::Nil => {}
+                    v => out.messages.push(message_text(&v)?),
+                }
+                match t.get::<Value>("finish").map_err(|e| e.to_string())? {
+                    Value::Nil => {}
+                    Value::String(s) if !s.to_string_lossy().trim().is_empty() => {
+                        out.finish = Some(s.to_string_lossy().trim().to_string())
+                    }
+                    other => return Err(format!("finish must be an outcome label, not {}", describe(&other))),
+                }
+                match t.get::<Value>("handoff").map_err(|e| e.to_string())? {
+                    Value::Nil | Value::Boolean(false) => {}
+                    Value::Boolean(true) => out.handoff = true,
+                    other => return Err(format!("handoff must be true or false, not {}", describe(&other))),
+                }
+            } else {
+                out.messages = list_of_messages(&t)?;
+            }
+        }
+        other => {
+            return Err(format!(
+                "must return nil, a string, a list of strings or a table with messages/text/finish/handoff, not {}",
+                describe(&other)
+            ))
+        }
+    }
+    Ok(out)
+}
+
+fn list_of_messages(t: &Table) -> Result<Vec<String>, String> {
+    let len = t.raw_len();
+    let pairs = t.pairs::<Value, Value>().count();
+    if pairs != len {
+        return Err("a list of messages must have only the keys 1..n".into());
+    }
+    (1..=len)
+        .map(|i| message_text(&t.raw_get::<Value>(i).map_err(|e| e.to_string())?))
+        .collect()
+}
+
+fn message_text(v: &Value) -> Result<String, String> {
+    let Value::String(s) = v else {
+        return Err(format!("a message must be a string, not {}", describe(v)));
+    };
+    let text = s
+        .to_str()
+        .map_err(|_| "a message is not valid UTF-8".to_string())?
+        .to_string();
+    if text.trim().is_empty() {
+        return Err("a message is empty".into());
+    }
+    let chars = text.chars().count();
+    if chars > MAX_MESSAGE_CHARS {
+        return Err(format!(
+            "a message has {chars} characters; Telegram allows at most {MAX_MESSAGE_CHARS}"
+        ));
+    }
+    Ok(text)
+}
+
+/// A Lua error as one line: its message without the Rust-side traceback.
+pub fn lua_error_text(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { cause, .. } => lua_error_text(cause),
+        mlua::Error::WithContext { cause, context } => {
+            format!("{context}: {}", lua_error_text(cause))
+        }
+        mlua::Error::SyntaxError { message, .. } => first_line(message),
+        mlua::Error::RuntimeError(m) => first_line(m),
+        mlua::Error::MemoryError(_) => "the engine ran out of its memory limit".into(),
+        other => first_line(&other.to_string()),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+/// Builds the sandbox: only string, table, math, utf8, coroutine and
+/// os.time/clock/date; text chunks only; `require` over the snapshot.
+fn sandbox(
+    snapshot: &Arc<Snapshot>,
+    budgets: Budgets,
+    host: &HostEnv,
+    seed: u64,
+) -> mlua::Result<Lua> {
+    let libs = StdLib::COROUTINE
+        | StdLib::TABLE
+        | StdLib::STRING
+        | StdLib::UTF8
+        | StdLib::MATH
+        | StdLib::OS;
+    let lua = Lua::new_with(libs, LuaOptions::new())?;
+    lua.set_memory_limit(budgets.memory)?;
+    lua.set_app_data(Current::default());
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+        |lua, _debug| {
+            let Some(scope) = current_scope(lua) else {
+                return Ok(VmState::Continue);
+            };
+            if scope.exceeded.borrow().is_some() {
+                return Ok(VmState::Yield);
+            }
+            let left = scope.remaining.get().saturating_sub(HOOK_EVERY as u64);
+            scope.remaining.set(left);
+            let why = if left == 0 {
+                format!("instruction budget of {} exceeded", scope.budget)
+            } else if Instant::now() >= scope.deadline {
+                "time budget exceeded".to_string()
+            } else {
+                return Ok(VmState::Continue);
+            };
+            *scope.exceeded.borrow_mut() = Some(why.clone());
+            Err(mlua::Error::runtime(why))
+        },
+    )?;
+
+    let g = lua.globals();
+    for name in [
+        "dofile",
+        "loadfile",
+        "load",
+        "require",
+        "collectgarbage",
+        "print",
+    ] {
+        g.raw_set(name, Value::Nil)?;
+    }
+    let os: Table = g.get("os")?;
+    let safe_os = lua.create_table()?;
+    for name in ["time", "clock", "date"] {
+        safe_os.set(name, os.get::<Function>(name)?)?;
+    }
+    g.set("os", safe_os)?;
+    let string: Table = g.get("string")?;
+    string.set("dump", Value::Nil)?;
+    let math: Table = g.get("math")?;
+    let randomseed: Function = math.get("randomseed")?;
+    randomseed.call::<()>(seed as i64)?;
+
+    // load: text only, in the caller-given environment or a fresh one.
+    g.set(
+        "load",
+        lua.create_function(
+            |lua, (chunk, name, _mode, env): (Value, Option<String>, Value, Option<Table>)| {
+                let text = match chunk {
+                    Value::String(s) => s.as_bytes().to_vec(),
+                    _ => {
+                        return Ok((
+                            Value::Nil,
+                            Some("load: only source text can be loaded".to_string()),
+                        ))
+                    }
+                };
+                if text.first() == Some(&0x1b) {
+                    return Ok((
+                        Value::Nil,
+                        Some("load: binary chunks are not allowed".to_string()),
+                    ));
+                }
+                let env = match env {
+                    Some(e) => e,
+                    None => {
+                        let e = lua.create_table()?;
+                        let meta = lua.create_table()?;
+                        meta.set("__index", lua.globals())?;
+                        e.set_metatable(Some(meta))?;
+                        e
+                    }
+                };
+                let chunk = lua
+                    .load(text)
+                    .set_name(name.unwrap_or_else(|| "=load".into()))
+                    .set_mode(ChunkMode::Text)
+                    .set_environment(env);
+                match chunk.into_function() {
+                    Ok(f) => Ok((Value::Function(f), None)),
+                    Err(e) => Ok((Value::Nil, Some(lua_error_text(&e)))),
+                }
+            },
+        )?,
+    )?;
+    g.set(
+        "collectgarbage",
+        lua.create_function(|lua, opt: Option<String>| {
+            match opt.as_deref().unwrap_or("collect") {
+                "count" => Ok(lua.used_memory() as f64 / 1024.0),
+                "collect" | "step" => {
+                    lua.gc_collect()?;
+                    Ok(0.0)
+                }
+                other => Err(mlua::Error::runtime(format!(
+                    "collectgarbage(\"{other}\") is not allowed in engines"
+                ))),
+            }
+        })?,
+    )?;
+
+    let preload = lua.create_table()?;
+    modules::register_all(&lua, &preload, host)?;
+    g.set("print", {
+        let log: Table = preload.get("log")?;
+        log.get::<Function>("info")?
+    })?;
+    let loaded = lua.create_table()?;
+    let snap = snapshot.clone();
+    g.set(
+        "require",
+        lua.create_function(move |lua, name: String| {
+            if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
+                return Ok(v);
+            }
+            if let Some(m) = preload.raw_get::<Option<Table>>(name.as_str())? {
+                return Ok(Value::Table(m));
+            }
+            if !crate::config::is_module_name(&name) {
+                return Err(mlua::Error::runtime(format!(
+                    "require: \"{name}\" is not a module name; modules are found by name (like \"template\" or \"lib.util\"), never by path"
+                )));
+            }
+            let Some(source) = snap.modules.get(&name) else {
+                return Err(mlua::Error::runtime(format!(
+                    "require: module \"{name}\" not found in scripts_dir, engines_dir or [engines] extra_paths"
+                )));
+            };
+            let env = lua.create_table()?;
+            let meta = lua.create_table()?;
+            meta.set("__index", lua.globals())?;
+            env.set_metatable(Some(meta))?;
+            let value: Value = lua
+                .load(&*source.text)
+                .set_name(format!("@{}", source.shown))
+                .set_mode(ChunkMode::Text)
+                .set_environment(env)
+                .call(name.as_str())?;
+            let value = if value.is_nil() { Value::Boolean(true) } else { value };
+            loaded.raw_set(name.as_str(), value.clone())?;
+            Ok(value)
+        })?,
+    )?;
+    Ok(lua)
+}
