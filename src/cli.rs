@@ -7,8 +7,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use std::sync::Arc;
+
 use crate::audience;
-use crate::config::{Config, Problems};
+use crate::clock::SystemClock;
+use crate::config::{Config, Problem, Problems};
+use crate::engine::EngineRuntime;
 use crate::logging::{self, LogFormat};
 use crate::model::DialogId;
 use crate::store::{Store, StoreError};
@@ -113,7 +117,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Run => {
             not_available("the host (runner, conductors, reviver and the simulated transport)")
         }
-        Command::Eval { .. } | Command::Chat { .. } => not_available("the Lua engine runtime"),
+        Command::Eval { file, args } => eval(&cli.config, &file, &args),
+        Command::Chat { campaign } => crate::chat::run(&cli.config, &campaign),
         Command::Login { .. } => not_available("the Telegram transport"),
     }
 }
@@ -134,19 +139,43 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         contacts += file.rows.len();
         problems.extend(file.problems);
     }
+    let (engines, engine_problems) = EngineRuntime::start(&config, Arc::new(SystemClock), 1);
+    problems.extend(engine_problems.into_iter().map(|m| Problem::new("", m)));
     if !problems.is_empty() {
         return Err(Failure::Input(Problems(problems)));
     }
     let f = &config.file;
     println!(
-        "{} is valid: {}, {}, {} ({})",
+        "{} is valid: {}, {}, {} ({}), {}",
         config.shown(),
         plural(f.campaigns.len(), "campaign"),
         plural(f.accounts.len(), "account"),
         plural(f.audiences.len(), "audience"),
         plural(contacts, "contact"),
+        plural(engines.engines().len(), "engine"),
     );
     Ok(())
+}
+
+/// `colloquy eval FILE [ARG...]`: runs a Lua file in the engine sandbox and
+/// prints its result as JSON.
+fn eval(config_path: &Path, file: &Path, args: &[String]) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let shown = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Failure::Input(Problems(vec![Problem::new(
+            &shown,
+            format!("cannot read the Lua file: {}", crate::config::io_reason(&e)),
+        )]))
+    })?;
+    let (engines, _) = EngineRuntime::start(&config, Arc::new(SystemClock), 1);
+    match engines.eval_blocking(&shown, &text, args) {
+        Ok(value) => {
+            println!("{value}");
+            Ok(())
+        }
+        Err(message) => Err(Failure::Input(Problems(vec![Problem::new("", message)]))),
+    }
 }
 
 fn plural(n: usize, what: &str) -> String {
@@ -220,7 +249,7 @@ fn dialogs(
     let config = Config::load(config_path)?;
     if let Some(s) = status {
         if crate::model::DialogStatus::tag_of(s).is_none() {
-            return Err(Failure::Input(Problems(vec![crate::config::Problem::new(
+            return Err(Failure::Input(Problems(vec![Problem::new(
                 "--status",
                 format!(
                     "\"{s}\" is not a dialog status; use one of {}",
@@ -267,7 +296,7 @@ fn status_text(s: &crate::model::DialogStatus) -> String {
 fn dialog(config_path: &Path, id: DialogId) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     let missing = || {
-        Failure::Input(Problems(vec![crate::config::Problem::new(
+        Failure::Input(Problems(vec![Problem::new(
             "dialog",
             format!("there is no dialog {id}"),
         )]))

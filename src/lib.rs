@@ -19,6 +19,7 @@
 //! - [`logging`]: tracing output.
 
 pub mod audience;
+pub mod chat;
 pub mod cli;
 pub mod clock;
 pub mod config;

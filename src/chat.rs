@@ -1,0 +1,195 @@
+//! `colloquy chat --campaign NAME`: the operator plays the contact on stdin,
+//! the campaign's engine answers on stdout, opening first. No transport, no
+//! store writes; engines reload on save as in the host.
+//!
+//! Lines starting with `/` are commands: `/followup` asks for a follow-up,
+//! `/dead` asks whether the dialog is dead, `/quit` ends the chat.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::audience;
+use crate::cli::Failure;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, Problem, Problems};
+use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
+use crate::engine::{watch, Call, Ctx, EngineRuntime, Output};
+
+/// Runs a chat until `/quit`, end of input, or the engine ends the dialog.
+pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let Some(camp) = config.campaign(campaign).cloned() else {
+        let names: Vec<&str> = config
+            .file
+            .campaigns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        return Err(Failure::Input(Problems(vec![Problem::new(
+            "--campaign",
+            format!(
+                "no campaign named \"{campaign}\" is declared (campaigns: {})",
+                names.join(", ")
+            ),
+        )])));
+    };
+    let clock = Arc::new(SystemClock);
+    let (engines, problems) = EngineRuntime::start(&config, clock.clone(), 1);
+    if !engines.engines().contains(&camp.engine) {
+        return Err(Failure::Input(Problems(
+            problems.into_iter().map(|m| Problem::new("", m)).collect(),
+        )));
+    }
+    let _watch = watch(&engines)
+        .map_err(|e| Failure::Other(format!("cannot watch the engine files: {e}")))?;
+
+    let template_path = camp.prompt_template.as_ref().map(|t| config.resolve(t));
+    let params = serde_json::to_value(&camp.params).unwrap_or_default();
+    let mut ctx = Ctx {
+        dialog: DialogView {
+            id: 0,
+            status: "active".into(),
+            started_at: clock.now().as_secs_f64(),
+            ..DialogView::default()
+        },
+        contact: sample_contact(&config, &camp.audiences),
+        account: AccountView {
+            name: camp.accounts.first().cloned().unwrap_or_default(),
+        },
+        campaign: CampaignView {
+            name: camp.name.clone(),
+            params: Arc::new(params),
+        },
+        state: serde_json::json!({}),
+        ..Ctx::default()
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    let say = |ctx: &mut Ctx, call: Call| -> bool {
+        ctx.now = clock.now().as_secs_f64();
+        ctx.prompt_template = template_path
+            .as_ref()
+            .and_then(|p| engines.snapshot().templates.get(p).cloned());
+        match rt.block_on(engines.call(&camp.engine, call.clone(), ctx.clone())) {
+            Ok(reply) => {
+                ctx.state = reply.state;
+                show(ctx, &call, &reply.output, clock.as_ref())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                true
+            }
+        }
+    };
+
+    if !say(&mut ctx, Call::Opening) {
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| Failure::Other(format!("cannot read stdin: {e}")))?;
+        let text = line.trim();
+        let go_on = match text {
+            "" => true,
+            "/quit" => false,
+            "/followup" => say(&mut ctx, Call::FollowUp),
+            "/dead" => say(&mut ctx, Call::IsDead),
+            t if t.starts_with('/') => {
+                println!("[commands: /followup, /dead, /quit]");
+                true
+            }
+            t => {
+                let at = clock.now().as_secs_f64();
+                ctx.history.push(HistoryEntry {
+                    direction: "in".into(),
+                    text: t.to_string(),
+                    at,
+                });
+                ctx.dialog.last_inbound_at = Some(at);
+                say(
+                    &mut ctx,
+                    Call::Response {
+                        text: t.to_string(),
+                        at,
+                    },
+                )
+            }
+        };
+        let _ = std::io::stdout().flush();
+        if !go_on {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Prints what the engine said; false when the dialog is over.
+fn show(ctx: &mut Ctx, call: &Call, out: &Output, clock: &dyn Clock) -> bool {
+    let at = clock.now().as_secs_f64();
+    for m in &out.messages {
+        println!("{m}");
+        ctx.history.push(HistoryEntry {
+            direction: "out".into(),
+            text: m.clone(),
+            at,
+        });
+        ctx.dialog.last_outbound_at = Some(at);
+    }
+    if *call == Call::FollowUp {
+        if out.messages.is_empty() {
+            println!("[no follow-up]");
+        } else {
+            ctx.dialog.follow_ups_sent += 1;
+        }
+    }
+    if *call == Call::IsDead {
+        println!("[dead: {}]", out.dead);
+    }
+    if out.skip {
+        println!("[get_opening returned nil: the host would skip this contact]");
+        return false;
+    }
+    if let Some(outcome) = &out.finish {
+        println!("[finished: {outcome}]");
+        return false;
+    }
+    if out.handoff {
+        println!("[handed off to a human]");
+        return false;
+    }
+    let _ = std::io::stdout().flush();
+    true
+}
+
+/// The first contact of the campaign's audiences, so templates render with
+/// real fields; a placeholder if there is none.
+fn sample_contact(config: &Config, audiences: &[String]) -> ContactView {
+    for name in audiences {
+        let Some(a) = config.file.audiences.iter().find(|a| &a.name == name) else {
+            continue;
+        };
+        if let Some(row) = audience::read(&config.resolve(&a.file))
+            .rows
+            .into_iter()
+            .next()
+        {
+            return ContactView {
+                id: 0,
+                username: row.username,
+                phone: row.phone,
+                user_id: row.user_id,
+                first_name: row.first_name,
+                last_name: row.last_name,
+                fields: row.fields,
+            };
+        }
+    }
+    ContactView {
+        first_name: Some("You".into()),
+        ..ContactView::default()
+    }
+}

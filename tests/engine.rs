@@ -1,0 +1,71 @@
+//! The engine runtime through the real binary: `colloquy eval`, and the
+//! shipped Lua modules.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn eval(file: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("eval")
+        .arg(file)
+        .args(args)
+        .arg("--config")
+        .arg(root().join("config.toml"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn template_lua_follows_the_mustache_rules() {
+    let (code, stdout, stderr) = eval(&root().join("tests/lua/template_cases.lua"), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["failed"], 0, "{stdout}");
+    assert!(v["count"].as_u64().unwrap() > 60);
+}
+
+#[test]
+fn eval_prints_json_and_passes_args() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("x.lua");
+    std::fs::write(
+        &f,
+        "return { args = arg, sum = 1 + 2, t = require('time').duration('2h') }",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = eval(&f, &["a", "b"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"args": ["a", "b"], "sum": 3, "t": 7200.0})
+    );
+}
+
+#[test]
+fn eval_reports_lua_errors_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.lua");
+    std::fs::write(&f, "local x = 1\nreturn x +\n").unwrap();
+    let (code, _, stderr) = eval(&f, &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("bad.lua:3:"), "{stderr}");
+    std::fs::write(&f, "local x = nil\nreturn x.y\n").unwrap();
+    let (code, _, stderr) = eval(&f, &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("bad.lua:2: attempt to index"), "{stderr}");
+    let (code, _, stderr) = eval(&dir.path().join("missing.lua"), &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("missing.lua: cannot read"), "{stderr}");
+}
