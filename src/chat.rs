@@ -104,7 +104,7 @@ pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
             }
             t => {
                 let at = clock.now().as_secs_f64();
-                ctx.history.push(HistoryEntry {
+                Arc::make_mut(&mut ctx.history).push(HistoryEntry {
                     direction: "in".into(),
                     text: t.to_string(),
                     at,
@@ -132,7 +132,7 @@ fn show(ctx: &mut Ctx, call: &Call, out: &Output, clock: &dyn Clock) -> bool {
     let at = clock.now().as_secs_f64();
     for m in &out.messages {
         println!("{m}");
-        ctx.history.push(HistoryEntry {
+        Arc::make_mut(&mut ctx.history).push(HistoryEntry {
             direction: "out".into(),
             text: m.clone(),
             at,

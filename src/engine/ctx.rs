@@ -13,8 +13,10 @@ pub struct Ctx {
     pub contact: ContactView,
     pub account: AccountView,
     pub campaign: CampaignView,
-    /// Oldest first.
-    pub history: Vec<HistoryEntry>,
+    /// Oldest first. Built into Lua only when the engine reads it, and
+    /// shared, so the host can keep one per dialog and append to it.
+    #[serde(skip)]
+    pub history: Arc<Vec<HistoryEntry>>,
     /// The campaign's prompt template, raw.
     pub prompt_template: Option<Arc<str>>,
     /// Unix seconds.

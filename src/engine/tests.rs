@@ -63,11 +63,11 @@ fn ctx() -> Ctx {
             first_name: Some("Ann".into()),
             ..Default::default()
         },
-        history: vec![ctx::HistoryEntry {
+        history: Arc::new(vec![ctx::HistoryEntry {
             direction: "out".into(),
             text: "hello".into(),
             at: 1.0,
-        }],
+        }]),
         now: Timestamp(5_000).as_secs_f64(),
         state: serde_json::json!({}),
         ..Default::default()
@@ -545,4 +545,142 @@ fn eval_runs_in_the_sandbox_with_args() {
     );
     let e = rt.eval_blocking("t.lua", "return (", &[]).unwrap_err();
     assert!(e.starts_with("t.lua:1:"), "{e}");
+}
+
+/// A one-shot HTTP server on loopback: answers every request with `status`
+/// and `body`, and hands back the request bodies it saw.
+async fn fake_llm(
+    status: u16,
+    body: &'static str,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if rest.len() >= len {
+                            let _ = tx.send(format!("{head}\r\n\r\n{rest}"));
+                            break;
+                        }
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    (url, rx)
+}
+
+fn llm_engine(url: &str) -> String {
+    format!(
+        "local llm = require('llm') return {{ get_response = function(ctx, m) return llm.chat({{ base_url = '{url}', model = 'm1', api_key_env = 'COLLOQUY_TEST_KEY', temperature = 0.1, max_tokens = 50, timeout = 5 }}, ctx) end }}"
+    )
+}
+
+#[tokio::test]
+async fn llm_chat_sends_the_prompt_and_history() {
+    std::env::set_var("COLLOQUY_TEST_KEY", "sk-test");
+    let (url, mut requests) = fake_llm(
+        200,
+        r#"{"choices":[{"message":{"role":"assistant","content":"Sure, Ann!"}}]}"#,
+    )
+    .await;
+    let p = Project::new(
+        &[("e", &llm_engine(&url))],
+        "env_allow = [\"COLLOQUY_TEST_KEY\"]\n",
+    );
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    let mut c = ctx();
+    c.prompt_template = Some("You sell to {{contact.first_name}} & friends.".into());
+    Arc::make_mut(&mut c.history).push(ctx::HistoryEntry {
+        direction: "in".into(),
+        text: "hi".into(),
+        at: 2.0,
+    });
+    let r = rt.call("e", respond("hi"), c).await.unwrap();
+    assert_eq!(r.output.messages, vec!["Sure, Ann!"]);
+    let req = requests.recv().await.unwrap();
+    assert!(req.starts_with("POST /v1/chat/completions"), "{req}");
+    assert!(
+        req.to_ascii_lowercase()
+            .contains("authorization: bearer sk-test"),
+        "{req}"
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(req.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["model"], "m1");
+    assert_eq!(body["max_tokens"], 50);
+    assert_eq!(
+        body["messages"],
+        serde_json::json!([
+            {"role": "system", "content": "You sell to Ann & friends."},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "hi"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn llm_errors_carry_status_and_provider_message() {
+    std::env::set_var("COLLOQUY_TEST_KEY", "sk-test");
+    let (url, _requests) = fake_llm(
+        429,
+        r#"{"error":{"message":"Rate limit reached for m1","type":"requests"}}"#,
+    )
+    .await;
+    let p = Project::new(
+        &[("e", &llm_engine(&url))],
+        "env_allow = [\"COLLOQUY_TEST_KEY\"]\n",
+    );
+    let (rt, _) = p.runtime();
+    let err = rt
+        .call("e", respond("hi"), ctx())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("llm: HTTP 429: Rate limit reached for m1"),
+        "{err}"
+    );
+    // A server that is not there.
+    let p = Project::new(
+        &[("e", &llm_engine("http://127.0.0.1:9"))],
+        "env_allow = [\"COLLOQUY_TEST_KEY\"]\n",
+    );
+    let (rt, _) = p.runtime();
+    let err = rt
+        .call("e", respond("hi"), ctx())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot connect"), "{err}");
 }

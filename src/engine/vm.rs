@@ -22,7 +22,7 @@ use mlua::{
     Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, MultiValue, StdLib, Table, Value, VmState,
 };
 
-use super::ctx::{Call, Ctx, Output, Reply};
+use super::ctx::{Call, Ctx, HistoryEntry, Output, Reply};
 use super::library::{Snapshot, Source};
 use super::modules::{self, HostEnv};
 use super::EngineError;
@@ -313,6 +313,8 @@ impl Vm {
             Ok(_) => return Err(fail("ctx did not become a table".into())),
             Err(e) => return Err(fail(format!("cannot build ctx: {e}"))),
         };
+        self.attach_history(&ctx_table, &ctx.history)
+            .map_err(|e| fail(e.to_string()))?;
         let func: Option<Function> = table
             .get(call.function())
             .map_err(|e| fail(e.to_string()))?;
@@ -367,6 +369,37 @@ impl Vm {
             _ => parse_output(value).map_err(fail)?,
         };
         Ok(Reply { output, state })
+    }
+
+    /// Makes `ctx.history` appear on first read: most engine calls never look
+    /// at it, and building it is most of the cost of a ctx.
+    fn attach_history(&self, ctx: &Table, history: &Arc<Vec<HistoryEntry>>) -> mlua::Result<()> {
+        let history = history.clone();
+        let meta = self.lua.create_table()?;
+        meta.set(
+            "__index",
+            self.lua
+                .create_function(move |lua, (t, key): (Table, Value)| {
+                    if key
+                        .as_string()
+                        .is_none_or(|k| k.as_bytes() != b"history".as_slice())
+                    {
+                        return Ok(Value::Nil);
+                    }
+                    let list = lua.create_table_with_capacity(history.len(), 0)?;
+                    for (i, h) in history.iter().enumerate() {
+                        let entry = lua.create_table_with_capacity(0, 3)?;
+                        entry.raw_set("direction", h.direction.as_str())?;
+                        entry.raw_set("text", h.text.as_str())?;
+                        entry.raw_set("at", h.at)?;
+                        list.raw_set(i + 1, entry)?;
+                    }
+                    t.raw_set("history", &list)?;
+                    Ok(Value::Table(list))
+                })?,
+        )?;
+        ctx.set_metatable(Some(meta))?;
+        Ok(())
     }
 
     /// The prompt template rendered with ctx, without HTML escaping.
