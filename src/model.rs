@@ -251,6 +251,14 @@ pub struct Dialog {
     pub state: serde_json::Value,
     /// Sequence number of the next message of this dialog.
     pub next_seq: u64,
+    /// When the reviver last looked at the dialog and left it as it was; a
+    /// quiet dialog is looked at again `stuck_after` later.
+    #[serde(default)]
+    pub reviewed_at: Option<Timestamp>,
+    /// The status the dialog takes once its pending messages are sent (the
+    /// engine finished or handed off with a last message).
+    #[serde(default)]
+    pub ending: Option<DialogStatus>,
 }
 
 impl Dialog {
@@ -259,6 +267,7 @@ impl Dialog {
         self.last_inbound_at
             .into_iter()
             .chain(self.last_outbound_at)
+            .chain(self.reviewed_at)
             .max()
             .unwrap_or(self.started_at)
             .max(self.started_at)

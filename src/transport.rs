@@ -60,8 +60,20 @@ pub enum SendError {
     /// The send timed out: it may or may not have been delivered.
     #[error("the send timed out; delivery is unknown")]
     TimedOutAfterSend,
+    /// The key was used before: the message was already sent (Telegram's
+    /// RANDOM_ID_DUPLICATE).
+    #[error("a message with this key was already sent")]
+    Duplicate,
     #[error("the transport failed: {0}")]
     Other(String),
+}
+
+/// An incoming message handed to the host, with the receipt the host sends
+/// back once the message is stored: a transport records delivery only then.
+#[derive(Debug)]
+pub struct Inbound {
+    pub message: IncomingMessage,
+    pub stored: tokio::sync::oneshot::Sender<()>,
 }
 
 /// A way to reach Telegram.

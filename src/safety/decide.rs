@@ -306,6 +306,11 @@ pub fn reserve(
     key: IdempotencyKey,
     jitter: Duration,
 ) -> Decision {
+    // A message keeps its slot across retries and restarts: taking it again
+    // is a no-op.
+    if record.sends.iter().any(|s| s.key == key) {
+        return Decision::Allow;
+    }
     let decision = decide(record, limits, req);
     if decision != Decision::Allow {
         return decision;
@@ -357,6 +362,18 @@ pub fn spam_limit(record: &mut AccountRecord, until: Timestamp) {
         },
         other => other.clone(),
     };
+}
+
+/// Moves a send's mark to the moment the transport says it went out, and
+/// the pause before the next send with it.
+pub fn confirm(record: &mut AccountRecord, key: IdempotencyKey, at: Timestamp) {
+    if let Some(mark) = record.sends.iter_mut().find(|s| s.key == key) {
+        if at > mark.at {
+            let shift = at.since(mark.at);
+            mark.at = at;
+            record.next_send_at = record.next_send_at.saturating_add(shift);
+        }
+    }
 }
 
 /// Returns the slot of a send that failed before delivery.

@@ -132,7 +132,9 @@ pub fn react(error: &SendError, s: Situation<'_>) -> Outcome {
                 )
             }
         }
-        SendError::TimedOutAfterSend => out(Reaction::Reconcile, AccountEffect::None, false, false),
+        SendError::TimedOutAfterSend | SendError::Duplicate => {
+            out(Reaction::Reconcile, AccountEffect::None, false, false)
+        }
         SendError::Other(_) => out(
             Reaction::FailDialog(error.to_string()),
             AccountEffect::None,

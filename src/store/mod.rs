@@ -16,6 +16,8 @@
 //! | `messages` | dialog id, seq | [`Message`] |
 //! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
 //! | `inbound` | account, 0, transport id | dialog id, seq (dedupe of incoming) |
+//! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
+//! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
 //! | `accounts` | account name | [`AccountRecord`] |
 //! | `meta` | name | value |
 //!
@@ -137,6 +139,20 @@ pub struct NewDialog {
     pub at: Timestamp,
 }
 
+/// What handling one event of a dialog changed; see [`Store::apply`].
+#[derive(Debug, Default)]
+pub struct Apply<'a> {
+    pub at: Timestamp,
+    /// The incoming message (its seq) that is now handled.
+    pub handled: Option<u64>,
+    pub state: Option<&'a serde_json::Value>,
+    pub outbound: &'a [Outbound],
+    /// The status to take after `outbound` is sent (at once if it is empty).
+    pub ending: Option<DialogStatus>,
+    /// The reviver looked at the dialog.
+    pub reviewed: bool,
+}
+
 /// An outbound message to record before it is sent.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -165,6 +181,8 @@ struct Trees {
     messages: sled::Tree,
     outbox: sled::Tree,
     inbound: sled::Tree,
+    unhandled: sled::Tree,
+    orphans: sled::Tree,
     accounts: sled::Tree,
     meta: sled::Tree,
 }
@@ -181,6 +199,7 @@ struct Tx<'a> {
     messages: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
     inbound: &'a TransactionalTree,
+    unhandled: &'a TransactionalTree,
     accounts: &'a TransactionalTree,
 }
 
@@ -329,6 +348,8 @@ impl Store {
             messages: tree("messages")?,
             outbox: tree("outbox")?,
             inbound: tree("inbound")?,
+            unhandled: tree("unhandled")?,
+            orphans: tree("orphans")?,
             accounts: tree("accounts")?,
             meta: tree("meta")?,
         };
@@ -355,10 +376,11 @@ impl Store {
             &t.messages,
             &t.outbox,
             &t.inbound,
+            &t.unhandled,
             &t.accounts,
         );
         Ok(
-            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, i, acc)| {
+            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, i, un, acc)| {
                 f(&Tx {
                     contacts: c,
                     uncontacted: u,
@@ -370,6 +392,7 @@ impl Store {
                     messages: m,
                     outbox: o,
                     inbound: i,
+                    unhandled: un,
                     accounts: acc,
                 })
             })?,
@@ -586,6 +609,8 @@ impl Store {
                 last_outbound_at: None,
                 state: serde_json::Value::Object(Default::default()),
                 next_seq: 0,
+                reviewed_at: None,
+                ending: None,
             };
             let msg = match opening {
                 Some(out) => Some(tx.append(&mut dialog, outbound_message(out, new.at))?),
@@ -755,11 +780,159 @@ impl Store {
                     transport_id: Some(transport_id),
                 },
             )?;
-            tx.inbound
-                .insert(ikey.as_slice(), &pair(u64_key(dialog), u64_key(msg.seq)))?;
+            let at_key = pair(u64_key(dialog), u64_key(msg.seq));
+            tx.inbound.insert(ikey.as_slice(), &at_key)?;
+            tx.unhandled.insert(&at_key, &[])?;
             tx.put_dialog(Some(&old), &new)?;
             Ok(Some(msg))
         })
+    }
+
+    /// Applies what came of handling an event of a dialog, in one
+    /// transaction: the incoming message is marked handled, the engine's
+    /// state stored, its messages recorded as pending, and the ending (or
+    /// review) noted. A dialog that is no longer live only gets the
+    /// incoming message marked handled.
+    pub fn apply(&self, dialog: DialogId, a: &Apply<'_>) -> Result<(Dialog, Vec<Message>), StoreError> {
+        self.transact(|tx| {
+            let old = tx.dialog(dialog)?;
+            if let Some(seq) = a.handled {
+                tx.unhandled.remove(&pair(u64_key(dialog), u64_key(seq)))?;
+            }
+            if !old.status.is_live() || old.ending.is_some() {
+                return Ok((old, Vec::new()));
+            }
+            let mut new = old.clone();
+            if let Some(state) = a.state {
+                new.state = state.clone();
+            }
+            let mut recorded = Vec::with_capacity(a.outbound.len());
+            for out in a.outbound {
+                recorded.push(tx.append(&mut new, outbound_message(out, a.at))?);
+            }
+            if let Some(ending) = &a.ending {
+                if recorded.is_empty() {
+                    new.status = match new.status.transition(ending.clone()) {
+                        Ok(s) => s,
+                        Err(e) => return abort(e.into()),
+                    };
+                } else {
+                    new.ending = Some(ending.clone());
+                }
+            }
+            if a.reviewed {
+                new.reviewed_at = Some(a.at);
+            }
+            tx.put_dialog(Some(&old), &new)?;
+            Ok((new, recorded))
+        })
+    }
+
+    /// Takes the status the dialog was waiting to take once its messages
+    /// were sent.
+    pub fn complete_ending(&self, dialog: DialogId) -> Result<Dialog, StoreError> {
+        self.transact(|tx| {
+            let old = tx.dialog(dialog)?;
+            let Some(ending) = old.ending.clone() else {
+                return Ok(old);
+            };
+            let mut new = old.clone();
+            new.ending = None;
+            if old.status.can_become(&ending) {
+                new.status = ending;
+            }
+            tx.put_dialog(Some(&old), &new)?;
+            Ok(new)
+        })
+    }
+
+    /// The contact opted out: the dialog ends as opted out, the contact goes
+    /// on the do-not-contact set, and every message still waiting to be sent
+    /// in the dialog is cancelled, all at once.
+    pub fn opt_out(&self, dialog: DialogId) -> Result<Dialog, StoreError> {
+        let waiting: Vec<IdempotencyKey> = self
+            .messages(dialog)?
+            .into_iter()
+            .filter(|m| m.delivery == Some(Delivery::Pending))
+            .filter_map(|m| m.key)
+            .collect();
+        let unhandled: Vec<sled::IVec> = self
+            .t
+            .unhandled
+            .scan_prefix(u64_key(dialog))
+            .keys()
+            .collect::<Result<_, _>>()?;
+        self.transact(|tx| {
+            let old = tx.dialog(dialog)?;
+            let mut new = old.clone();
+            new.ending = None;
+            if old.status.can_become(&DialogStatus::OptedOut) {
+                new.status = DialogStatus::OptedOut;
+            }
+            tx.do_not_contact
+                .insert(&u64_key(old.contact), encode(&DoNotContact::OptedOut))?;
+            for key in &waiting {
+                if let Some(at) = tx.outbox.remove(&u64_key(key.0))? {
+                    if let Some(bytes) = tx.messages.get(&at)? {
+                        let mut msg: Message = tx_decode("message", &bytes)?;
+                        msg.delivery = Some(Delivery::Cancelled {
+                            reason: "the contact opted out".into(),
+                        });
+                        tx.messages.insert(at, encode(&msg))?;
+                    }
+                }
+            }
+            for k in &unhandled {
+                tx.unhandled.remove(k)?;
+            }
+            tx.put_dialog(Some(&old), &new)?;
+            Ok(new)
+        })
+    }
+
+    /// Stores an incoming message from a contact without a dialog; a transport
+    /// id seen before is ignored.
+    pub fn record_orphan(&self, account: &str, transport_id: i64, contact: &str, text: &str, at: Timestamp) -> Result<bool, StoreError> {
+        let key = inbound_key(account, transport_id);
+        let record = serde_json::json!({"account": account, "contact": contact, "text": text, "at": at});
+        let prev = self
+            .t
+            .orphans
+            .compare_and_swap(key, None as Option<&[u8]>, Some(encode(&record)))?;
+        Ok(prev.is_ok())
+    }
+
+    /// Incoming messages stored and not yet handled, by dialog, in order.
+    pub fn unhandled(&self) -> Result<Vec<(DialogId, u64)>, StoreError> {
+        self.t
+            .unhandled
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                Ok((read_u64(&k[..8]), read_u64(&k[8..])))
+            })
+            .collect()
+    }
+
+    /// The first unhandled incoming message of a dialog.
+    pub fn next_unhandled(&self, dialog: DialogId) -> Result<Option<Message>, StoreError> {
+        match self.t.unhandled.scan_prefix(u64_key(dialog)).keys().next() {
+            Some(k) => {
+                let k = k?;
+                Ok(self.t.messages.get(&k)?.map(|b| decode("message", &b)).transpose()?)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A dialog's outbound messages still waiting to be sent, in order.
+    pub fn pending_of(&self, dialog: DialogId) -> Result<Vec<Message>, StoreError> {
+        Ok(self
+            .messages(dialog)?
+            .into_iter()
+            .filter(|m| m.delivery == Some(Delivery::Pending))
+            .collect())
     }
 
     /// Marks a pending outbound message sent, or cancelled, and takes it out
