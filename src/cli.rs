@@ -114,9 +114,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             dialogs(&cli.config, campaign.as_deref(), status.as_deref())
         }
         Command::Dialog { id } => dialog(&cli.config, id),
-        Command::Run => {
-            not_available("the host (runner, conductors, reviver and the simulated transport)")
-        }
+        Command::Run => run_host(&cli.config),
         Command::Eval { file, args } => eval(&cli.config, &file, &args),
         Command::Chat { campaign } => crate::chat::run(&cli.config, &campaign),
         Command::Login { .. } => not_available("the Telegram transport"),
@@ -155,6 +153,49 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         plural(engines.engines().len(), "engine"),
     );
     Ok(())
+}
+
+/// `colloquy run`: the host until SIGINT or SIGTERM.
+fn run_host(config_path: &Path) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_stop_signal().await;
+            tracing::info!("stopping: finishing in-flight work");
+            signal.cancel();
+        });
+        crate::host::run(config, shutdown)
+            .await
+            .map_err(Failure::Other)
+    })?;
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// `colloquy eval FILE [ARG...]`: runs a Lua file in the engine sandbox and

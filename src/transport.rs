@@ -91,8 +91,5 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>>;
 
     /// Starts delivering incoming messages of every account to `sink`.
-    fn subscribe(
-        &self,
-        sink: mpsc::Sender<IncomingMessage>,
-    ) -> BoxFuture<'_, Result<(), SendError>>;
+    fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>>;
 }

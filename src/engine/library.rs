@@ -56,6 +56,15 @@ impl Dirs {
         }
     }
 
+    /// Engines from one directory (personas), with the config's modules.
+    pub fn for_dir(config: &Config, engines: PathBuf) -> Dirs {
+        Dirs {
+            engines,
+            templates: Vec::new(),
+            ..Dirs::from_config(config)
+        }
+    }
+
     fn shown(&self, p: &Path) -> String {
         p.strip_prefix(&self.base)
             .unwrap_or(p)

@@ -116,6 +116,17 @@ impl EngineRuntime {
         clock: Arc<dyn Clock>,
         workers: usize,
     ) -> (EngineRuntime, Vec<String>) {
+        EngineRuntime::start_with(config, Dirs::from_config(config), clock, workers)
+    }
+
+    /// Like [`EngineRuntime::start`], with engines from other directories
+    /// (the simulated contacts' personas).
+    pub fn start_with(
+        config: &Config,
+        dirs: Dirs,
+        clock: Arc<dyn Clock>,
+        workers: usize,
+    ) -> (EngineRuntime, Vec<String>) {
         let e = &config.file.engines;
         let spec = VmSpec {
             budgets: Budgets {
@@ -135,7 +146,7 @@ impl EngineRuntime {
         };
         let shared = Arc::new(Shared {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
-            dirs: Dirs::from_config(config),
+            dirs,
             spec,
             reported: Mutex::new(HashSet::new()),
         });

@@ -208,8 +208,15 @@ impl AccountSafety {
     }
 
     /// Records when a send really went out (the transport's time).
-    pub fn confirm(&self, account: &str, key: IdempotencyKey, at: Timestamp) -> Result<(), StoreError> {
-        self.inner.store.update_account(account, &|r| decide::confirm(r, key, at))
+    pub fn confirm(
+        &self,
+        account: &str,
+        key: IdempotencyKey,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .store
+            .update_account(account, &|r| decide::confirm(r, key, at))
     }
 
     /// Gives a slot back: the send surely did not reach Telegram.

@@ -793,7 +793,11 @@ impl Store {
     /// state stored, its messages recorded as pending, and the ending (or
     /// review) noted. A dialog that is no longer live only gets the
     /// incoming message marked handled.
-    pub fn apply(&self, dialog: DialogId, a: &Apply<'_>) -> Result<(Dialog, Vec<Message>), StoreError> {
+    pub fn apply(
+        &self,
+        dialog: DialogId,
+        a: &Apply<'_>,
+    ) -> Result<(Dialog, Vec<Message>), StoreError> {
         self.transact(|tx| {
             let old = tx.dialog(dialog)?;
             if let Some(seq) = a.handled {
@@ -892,13 +896,21 @@ impl Store {
 
     /// Stores an incoming message from a contact without a dialog; a transport
     /// id seen before is ignored.
-    pub fn record_orphan(&self, account: &str, transport_id: i64, contact: &str, text: &str, at: Timestamp) -> Result<bool, StoreError> {
+    pub fn record_orphan(
+        &self,
+        account: &str,
+        transport_id: i64,
+        contact: &str,
+        text: &str,
+        at: Timestamp,
+    ) -> Result<bool, StoreError> {
         let key = inbound_key(account, transport_id);
-        let record = serde_json::json!({"account": account, "contact": contact, "text": text, "at": at});
-        let prev = self
-            .t
-            .orphans
-            .compare_and_swap(key, None as Option<&[u8]>, Some(encode(&record)))?;
+        let record =
+            serde_json::json!({"account": account, "contact": contact, "text": text, "at": at});
+        let prev =
+            self.t
+                .orphans
+                .compare_and_swap(key, None as Option<&[u8]>, Some(encode(&record)))?;
         Ok(prev.is_ok())
     }
 
@@ -920,7 +932,12 @@ impl Store {
         match self.t.unhandled.scan_prefix(u64_key(dialog)).keys().next() {
             Some(k) => {
                 let k = k?;
-                Ok(self.t.messages.get(&k)?.map(|b| decode("message", &b)).transpose()?)
+                Ok(self
+                    .t
+                    .messages
+                    .get(&k)?
+                    .map(|b| decode("message", &b))
+                    .transpose()?)
             }
             None => Ok(None),
         }

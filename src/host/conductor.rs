@@ -1,0 +1,356 @@
+//! DialogConductor: one task per dialog with work, started on demand and
+//! gone when idle. It sends what is pending, takes a waiting ending, and
+//! answers incoming messages one at a time, in order.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Host;
+use crate::engine::Call;
+use crate::model::{Delivery, DialogId, DialogStatus, Message, MessageKind};
+use crate::safety::alerts::{Alert, AlertKind};
+use crate::safety::reaction::Reaction;
+use crate::safety::{Failure, GateError};
+use crate::store::{Apply, Outbound, StoreError};
+use crate::transport::OutgoingMessage;
+
+pub async fn run(host: Arc<Host>, dialog: DialogId, dirty: Arc<AtomicBool>) {
+    // Keys this process has tried to send: any other pending key may have
+    // reached Telegram before a crash, and is reconciled before it is sent.
+    let mut tried = HashSet::new();
+    loop {
+        dirty.store(false, Ordering::SeqCst);
+        if host.shutdown.is_cancelled() {
+            break;
+        }
+        match step(&host, dialog, &mut tried).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(dialog, "dialog work failed: {e}");
+                break;
+            }
+        }
+        if host.conductor_may_stop(dialog, &dirty) {
+            return;
+        }
+    }
+    host.conductor_may_stop(dialog, &AtomicBool::new(false));
+}
+
+/// Does one piece of work; false when there is none left.
+async fn step(
+    host: &Arc<Host>,
+    id: DialogId,
+    tried: &mut HashSet<u64>,
+) -> Result<bool, StoreError> {
+    let Some(dialog) = host.store.dialog(id)? else {
+        return Ok(false);
+    };
+    let pending = host.store.pending_of(id)?;
+    if let Some(m) = pending.first() {
+        send(host, m, tried).await?;
+        return Ok(!host.shutdown.is_cancelled());
+    }
+    if let Some(ending) = &dialog.ending {
+        let done = host.store.complete_ending(id)?;
+        if *ending == DialogStatus::Handoff {
+            host.alerts.raise(
+                Alert::new(
+                    AlertKind::Handoff,
+                    host.clock.now(),
+                    format!("dialog {id} was handed to a human"),
+                )
+                .campaign(&done.campaign)
+                .account(&done.account)
+                .dialog(id),
+            );
+        }
+        return Ok(true);
+    }
+    let Some(msg) = host.store.next_unhandled(id)? else {
+        return Ok(false);
+    };
+    answer(host, &dialog, &msg).await?;
+    Ok(true)
+}
+
+/// Answers one incoming message after the human-like reply delay.
+async fn answer(
+    host: &Arc<Host>,
+    dialog: &crate::model::Dialog,
+    msg: &Message,
+) -> Result<(), StoreError> {
+    let handled_only = |host: &Arc<Host>| {
+        host.store.apply(
+            dialog.id,
+            &Apply {
+                at: host.clock.now(),
+                handled: Some(msg.seq),
+                ..Apply::default()
+            },
+        )
+    };
+    if !dialog.status.is_live() || dialog.ending.is_some() {
+        handled_only(host)?;
+        return Ok(());
+    }
+    let safety = host.config().account_safety(&dialog.account);
+    let delay = host
+        .rng
+        .duration_between(safety.reply_delay.lo, safety.reply_delay.hi);
+    if !host.sleep_until(msg.at.saturating_add(delay)).await {
+        return Ok(());
+    }
+    let Some(dialog) = host.store.dialog(dialog.id)? else {
+        return Ok(());
+    };
+    if !dialog.status.is_live() {
+        handled_only(host)?;
+        return Ok(());
+    }
+    let Some(contact) = host.store.contact(dialog.contact)? else {
+        return Ok(());
+    };
+    let ctx = host.ctx(&dialog, &contact)?;
+    let engine = host
+        .config()
+        .campaign(&dialog.campaign)
+        .map(|c| c.engine.clone())
+        .unwrap_or_default();
+    let call = Call::Response {
+        text: msg.text.clone(),
+        at: msg.at.as_secs_f64(),
+    };
+    match host.engines.call(&engine, call, ctx).await {
+        Ok(reply) => {
+            let outbound: Vec<Outbound> = reply
+                .output
+                .messages
+                .iter()
+                .map(|text| Outbound {
+                    kind: MessageKind::Reply,
+                    text: text.clone(),
+                    key: host.new_key(),
+                })
+                .collect();
+            let ending = ending_of(&reply.output);
+            host.store.apply(
+                dialog.id,
+                &Apply {
+                    at: host.clock.now(),
+                    handled: Some(msg.seq),
+                    state: Some(&reply.state),
+                    outbound: &outbound,
+                    ending,
+                    reviewed: false,
+                },
+            )?;
+        }
+        Err(e) => {
+            handled_only(host)?;
+            engine_failed(host, &dialog, &e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// The status an engine's output asks for.
+pub fn ending_of(out: &crate::engine::Output) -> Option<DialogStatus> {
+    if let Some(outcome) = &out.finish {
+        Some(DialogStatus::Finished {
+            outcome: outcome.clone(),
+        })
+    } else if out.handoff {
+        Some(DialogStatus::Handoff)
+    } else {
+        None
+    }
+}
+
+/// An engine error ends the dialog with that error and raises an alert.
+pub fn engine_failed(
+    host: &Host,
+    dialog: &crate::model::Dialog,
+    error: &str,
+) -> Result<(), StoreError> {
+    tracing::error!(dialog = dialog.id, campaign = dialog.campaign, "{error}");
+    if dialog.status.can_become(&DialogStatus::Error {
+        reason: String::new(),
+    }) {
+        host.store.set_dialog_status(
+            dialog.id,
+            DialogStatus::Error {
+                reason: error.to_string(),
+            },
+        )?;
+    }
+    host.alerts.raise(
+        Alert::new(AlertKind::EngineError, host.clock.now(), error)
+            .campaign(&dialog.campaign)
+            .account(&dialog.account)
+            .dialog(dialog.id),
+    );
+    Ok(())
+}
+
+fn cancel(host: &Host, m: &Message, reason: String) -> Result<(), StoreError> {
+    if let Some(key) = m.key {
+        match host
+            .store
+            .settle_outbound(key, Delivery::Cancelled { reason }, None)
+        {
+            Ok(_) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn fail(host: &Host, dialog: DialogId, status: DialogStatus) -> Result<(), StoreError> {
+    match host.store.set_dialog_status(dialog, status) {
+        Ok(_) | Err(StoreError::Transition(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one pending message through the safety gate, reacting to every
+/// failure as the reaction table says, until it is sent or cancelled.
+async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result<(), StoreError> {
+    let Some(key) = m.key else { return Ok(()) };
+    let kind = m.kind.unwrap_or(MessageKind::Reply);
+    let Some(dialog) = host.store.dialog(m.dialog)? else {
+        return Ok(());
+    };
+    let Some(contact) = host.store.contact(dialog.contact)? else {
+        return cancel(host, m, "the contact is gone".into());
+    };
+    let settle_sent = |host: &Host, d: crate::transport::Delivered| -> Result<(), StoreError> {
+        host.store
+            .settle_outbound(key, Delivery::Sent, Some(d.transport_id))?;
+        host.safety.confirm(&dialog.account, key, d.at)
+    };
+    if tried.insert(key.0) {
+        // Possibly sent before a crash: ask before sending again.
+        if let Ok(Some(d)) = host
+            .transport
+            .was_delivered(&dialog.account, &contact.identity, key)
+            .await
+        {
+            return settle_sent(host, d);
+        }
+    }
+    let window = if kind == MessageKind::Reply {
+        None
+    } else {
+        host.window(&dialog.campaign)
+    };
+    let mut attempt = 0u32;
+    loop {
+        let still_live = |host: &Host| -> Result<Option<String>, StoreError> {
+            let d = host.store.dialog(m.dialog)?;
+            Ok(match d {
+                Some(d) if d.status.is_live() || d.ending.is_some() => {
+                    if host.store.do_not_contact(d.contact)?.is_some() {
+                        Some("the contact must not be contacted".into())
+                    } else {
+                        None
+                    }
+                }
+                Some(d) => Some(format!("the dialog is {}", d.status.label())),
+                None => Some("the dialog is gone".into()),
+            })
+        };
+        if let Some(why) = still_live(host)? {
+            return cancel(host, m, why);
+        }
+        let acquired = tokio::select! {
+            r = host.safety.acquire(&dialog.account, kind, window.as_ref(), key) => Some(r),
+            _ = host.shutdown.cancelled() => None,
+        };
+        match acquired {
+            None => return Ok(()),
+            Some(Err(GateError::Denied(d))) => {
+                cancel(host, m, d.to_string())?;
+                return fail(host, m.dialog, DialogStatus::Blocked);
+            }
+            Some(Err(GateError::Store(e))) => return Err(e),
+            Some(Ok(())) => {}
+        }
+        let account_lock = host.account_lock(&dialog.account);
+        let _account = account_lock.lock().await;
+        let gate = host.gate(m.dialog).lock().await;
+        if let Some(why) = still_live(host)? {
+            drop(gate);
+            host.safety.release(&dialog.account, key)?;
+            return cancel(host, m, why);
+        }
+        let result = host
+            .transport
+            .send(OutgoingMessage {
+                account: dialog.account.clone(),
+                contact: contact.identity.clone(),
+                text: m.text.clone(),
+                kind,
+                key,
+            })
+            .await;
+        drop(gate);
+        let error = match result {
+            Ok(d) => return settle_sent(host, d),
+            Err(e) => e,
+        };
+        let reaction = host.safety.report(&Failure {
+            account: &dialog.account,
+            campaign: &dialog.campaign,
+            dialog: Some(m.dialog),
+            contact: Some(dialog.contact),
+            key,
+            attempt,
+            error: &error,
+        })?;
+        drop(_account);
+        attempt += 1;
+        match reaction {
+            Reaction::RetryAt(t) => {
+                if !host.sleep_until(t).await {
+                    return Ok(());
+                }
+            }
+            Reaction::Reconcile => {
+                match host
+                    .transport
+                    .was_delivered(&dialog.account, &contact.identity, key)
+                    .await
+                {
+                    Ok(Some(d)) => return settle_sent(host, d),
+                    _ => {
+                        let backoff = host.clock.now().saturating_add(Duration::from_secs(2));
+                        if !host.sleep_until(backoff).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Reaction::FailDialog(why) => {
+                cancel(host, m, why.clone())?;
+                return fail(host, m.dialog, DialogStatus::Error { reason: why });
+            }
+            Reaction::Unreachable(why) => {
+                cancel(host, m, why.clone())?;
+                return fail(
+                    host,
+                    m.dialog,
+                    DialogStatus::Error {
+                        reason: format!("unreachable: {why}"),
+                    },
+                );
+            }
+            Reaction::AccountLost => {
+                return cancel(host, m, error.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! The host: startup, the campaign runners, the dialog conductors, the
+//! reviver, the inbound dispatcher and graceful shutdown (SPEC section 2).
+//!
+//! Everything a task does is recorded in the store first, so every task can
+//! be rebuilt from the store: a conductor is just "do what the store says is
+//! pending for this dialog" (messages to send, incoming messages to answer,
+//! an ending to take), which is what startup runs for every dialog with work
+//! left after a crash.
+
+mod conductor;
+mod optout;
+mod reviver;
+mod runner;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::{Clock, SeededRng, Timestamp};
+use crate::config::{Config, SendWindow, TransportKind};
+use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
+use crate::engine::{Ctx, EngineRuntime};
+use crate::model::{Contact, Dialog, DialogId, Direction, IdempotencyKey};
+use crate::safety::alerts::Alerts;
+use crate::safety::AccountSafety;
+use crate::store::{Store, StoreError};
+use crate::transport::{Inbound, Transport};
+pub use optout::OptOut;
+
+/// How many dialogs share one send gate.
+const GATES: usize = 1024;
+
+/// The host's shared state. Tasks hold an `Arc` of it.
+pub struct Host {
+    pub store: Store,
+    pub safety: AccountSafety,
+    pub engines: EngineRuntime,
+    pub transport: Arc<dyn Transport>,
+    pub clock: Arc<dyn Clock>,
+    pub rng: Arc<SeededRng>,
+    pub alerts: Alerts,
+    /// The running config; replaced by a valid edit of config.toml. A std
+    /// lock: held only to clone the `Arc`.
+    config: RwLock<Arc<Config>>,
+    opt_out: RwLock<Arc<OptOut>>,
+    /// Live conductors and their "more work arrived" flags.
+    conductors: Mutex<HashMap<DialogId, Arc<AtomicBool>>>,
+    /// Per-dialog gates (striped): a send and the handling of an incoming
+    /// message of one dialog never overlap, so an opt-out is either seen
+    /// before a send or arrives after it.
+    gates: Vec<tokio::sync::Mutex<()>>,
+    /// Per-account locks: a slot is taken, used and confirmed in one go.
+    account_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The config changed: runners and the reviver look again.
+    pub changed: Notify,
+    /// A dialog was created: the reviver may have work.
+    pub activity: Notify,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    /// Campaigns with a runner.
+    runners: Mutex<Vec<String>>,
+}
+
+impl Host {
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn opt_out(&self) -> Arc<OptOut> {
+        self.opt_out
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies a new config: limits, campaign status and accounts take
+    /// effect at once; new campaigns get a runner.
+    pub fn set_config(self: &Arc<Self>, config: Arc<Config>) {
+        *self.opt_out.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(OptOut::new(&config.file.compliance.opt_out_patterns));
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config.clone();
+        self.safety.set_config(config);
+        self.start_runners();
+        self.changed.notify_waiters();
+    }
+
+    fn gate(&self, dialog: DialogId) -> &tokio::sync::Mutex<()> {
+        &self.gates[(dialog as usize) % GATES]
+    }
+
+    fn account_lock(&self, account: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.account_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(account.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub fn new_key(&self) -> IdempotencyKey {
+        IdempotencyKey(self.rng.next_u64())
+    }
+
+    /// The send window of a campaign, if it has one.
+    pub fn window(&self, campaign: &str) -> Option<SendWindow> {
+        self.config()
+            .campaign(campaign)
+            .and_then(|c| c.send_window.clone())
+    }
+
+    /// Makes sure a conductor works on the dialog: starts one, or tells the
+    /// running one to look again.
+    pub fn activate(self: &Arc<Self>, dialog: DialogId) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let mut map = self.conductors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dirty) = map.get(&dialog) {
+            dirty.store(true, Ordering::SeqCst);
+            return;
+        }
+        let dirty = Arc::new(AtomicBool::new(true));
+        map.insert(dialog, dirty.clone());
+        drop(map);
+        let host = self.clone();
+        self.tasks
+            .spawn(async move { conductor::run(host, dialog, dirty).await });
+    }
+
+    /// Called by a conductor with nothing left to do: it may stop unless
+    /// more work arrived meanwhile.
+    fn conductor_may_stop(&self, dialog: DialogId, dirty: &AtomicBool) -> bool {
+        let mut map = self.conductors.lock().unwrap_or_else(|e| e.into_inner());
+        if dirty.load(Ordering::SeqCst) {
+            return false;
+        }
+        map.remove(&dialog);
+        true
+    }
+
+    pub fn has_conductor(&self, dialog: DialogId) -> bool {
+        self.conductors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&dialog)
+    }
+
+    /// The engine's view of a dialog.
+    pub fn ctx(&self, dialog: &Dialog, contact: &Contact) -> Result<Ctx, StoreError> {
+        let config = self.config();
+        let history: Vec<HistoryEntry> = self
+            .store
+            .messages(dialog.id)?
+            .into_iter()
+            .filter(|m| {
+                m.direction == Direction::In || m.delivery == Some(crate::model::Delivery::Sent)
+            })
+            .map(|m| HistoryEntry {
+                direction: match m.direction {
+                    Direction::In => "in".into(),
+                    Direction::Out => "out".into(),
+                },
+                text: m.text,
+                at: m.at.as_secs_f64(),
+            })
+            .collect();
+        let mut ctx = self.base_ctx(&config, &dialog.campaign, &dialog.account, contact);
+        ctx.dialog = DialogView {
+            id: dialog.id,
+            status: dialog.status.label().into(),
+            started_at: dialog.started_at.as_secs_f64(),
+            follow_ups_sent: dialog.follow_ups_sent,
+            last_inbound_at: dialog.last_inbound_at.map(Timestamp::as_secs_f64),
+            last_outbound_at: dialog.last_outbound_at.map(Timestamp::as_secs_f64),
+        };
+        ctx.history = Arc::new(history);
+        ctx.state = dialog.state.clone();
+        Ok(ctx)
+    }
+
+    /// The ctx of a contact not yet in a dialog (for `get_opening`).
+    pub fn base_ctx(
+        &self,
+        config: &Config,
+        campaign: &str,
+        account: &str,
+        contact: &Contact,
+    ) -> Ctx {
+        let camp = config.campaign(campaign);
+        let template = camp
+            .and_then(|c| c.prompt_template.as_ref())
+            .map(|t| config.resolve(t))
+            .and_then(|p| self.engines.snapshot().templates.get(&p).cloned());
+        Ctx {
+            dialog: DialogView {
+                status: "active".into(),
+                ..DialogView::default()
+            },
+            contact: ContactView {
+                id: contact.id,
+                username: contact.username.clone(),
+                phone: contact.phone.clone(),
+                user_id: contact.user_id,
+                first_name: contact.first_name.clone(),
+                last_name: contact.last_name.clone(),
+                fields: contact.fields.clone(),
+            },
+            account: AccountView {
+                name: account.to_string(),
+            },
+            campaign: CampaignView {
+                name: campaign.to_string(),
+                params: Arc::new(
+                    camp.map(|c| serde_json::to_value(&c.params).unwrap_or_default())
+                        .unwrap_or_default(),
+                ),
+            },
+            prompt_template: template,
+            now: self.clock.now().as_secs_f64(),
+            state: serde_json::json!({}),
+            history: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Sleeps until `at`, or less if the host is shutting down; false then.
+    pub async fn sleep_until(&self, at: Timestamp) -> bool {
+        tokio::select! {
+            _ = self.clock.sleep_until(at) => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    fn start_runners(self: &Arc<Self>) {
+        let config = self.config();
+        let mut running = self.runners.lock().unwrap_or_else(|e| e.into_inner());
+        for c in &config.file.campaigns {
+            if !running.contains(&c.name) {
+                running.push(c.name.clone());
+                let host = self.clone();
+                let name = c.name.clone();
+                self.tasks
+                    .spawn(async move { runner::run(host, name).await });
+            }
+        }
+    }
+
+    /// Stores an incoming message and reacts to an opt-out, under the
+    /// dialog's gate; the transport hears back once the message is stored.
+    async fn receive(self: &Arc<Self>, inbound: Inbound) -> Result<(), StoreError> {
+        let m = &inbound.message;
+        let contact = self.store.contact_by_identity(&m.contact)?;
+        let dialog = match &contact {
+            Some(c) => self.store.dialog_of_contact(c.id)?,
+            None => None,
+        };
+        let Some(dialog) = dialog else {
+            let contact_text = m.contact.to_string();
+            if self
+                .store
+                .record_orphan(&m.account, m.transport_id, &contact_text, &m.text, m.at)?
+            {
+                tracing::warn!(
+                    account = m.account,
+                    contact = contact_text,
+                    "a message from a contact without a dialog was stored: {}",
+                    m.text
+                );
+            }
+            if let (Some(c), true) = (&contact, self.opt_out().matches(&m.text)) {
+                self.store
+                    .add_do_not_contact(c.id, crate::model::DoNotContact::OptedOut)?;
+            }
+            let _ = inbound.stored.send(());
+            return Ok(());
+        };
+        let gate = self.gate(dialog).lock().await;
+        let stored =
+            self.store
+                .record_inbound(dialog, &m.account, m.transport_id, &m.text, m.at)?;
+        let opted_out = stored.is_some() && self.opt_out().matches(&m.text);
+        if opted_out {
+            let d = self.store.opt_out(dialog)?;
+            tracing::info!(
+                dialog,
+                campaign = d.campaign,
+                account = d.account,
+                "the contact opted out; nothing more will be sent to it"
+            );
+        }
+        let _ = inbound.stored.send(());
+        drop(gate);
+        if stored.is_some() && !opted_out {
+            self.activate(dialog);
+        }
+        Ok(())
+    }
+}
+
+/// Builds a host and runs it until `shutdown` is cancelled; returns once
+/// in-flight work has finished or been left reconcilable, with the store
+/// flushed.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), String> {
+    let config = Arc::new(config);
+    let store = Store::open(&config.data_dir()).map_err(|e| e.to_string())?;
+    import_audiences(&config, &store)?;
+    let (transport, clock): (Arc<dyn Transport>, Arc<dyn Clock>) =
+        match config.file.transport.kind {
+            TransportKind::Sim => {
+                let sim = crate::sim::SimTransport::open(&config)?;
+                let clock = sim.clock();
+                (Arc::new(sim), clock)
+            }
+            TransportKind::Telegram => return Err(
+                "not available yet: needs the Telegram transport; use [transport] kind = \"sim\""
+                    .into(),
+            ),
+        };
+    let host = build(config.clone(), store, transport, clock, shutdown);
+    let _watch = crate::engine::watch(&host.engines)
+        .map_err(|e| format!("cannot watch the engine files: {e}"))?;
+    let _config_watch = watch_config(host.clone(), config.path.clone());
+    start(&host).await.map_err(|e| e.to_string())?;
+    host.shutdown.cancelled().await;
+    stop(&host).await;
+    Ok(())
+}
+
+/// Assembles a host from its parts; nothing runs yet.
+pub fn build(
+    config: Arc<Config>,
+    store: Store,
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Arc<Host> {
+    let rng = Arc::new(SeededRng::new(config.file.sim.seed ^ clock.now().0 as u64));
+    let alerts = Alerts::new(config.file.alerts.webhook_url.as_deref());
+    let safety = AccountSafety::new(
+        store.clone(),
+        config.clone(),
+        clock.clone(),
+        rng.clone(),
+        alerts.clone(),
+    );
+    let (engines, _problems) = EngineRuntime::start(&config, clock.clone(), 0);
+    Arc::new(Host {
+        store,
+        safety,
+        engines,
+        transport,
+        clock,
+        rng,
+        alerts,
+        opt_out: RwLock::new(Arc::new(OptOut::new(
+            &config.file.compliance.opt_out_patterns,
+        ))),
+        config: RwLock::new(config),
+        conductors: Mutex::new(HashMap::new()),
+        gates: (0..GATES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        account_locks: Mutex::new(HashMap::new()),
+        changed: Notify::new(),
+        activity: Notify::new(),
+        shutdown,
+        tasks: TaskTracker::new(),
+        runners: Mutex::new(Vec::new()),
+    })
+}
+
+/// Resumes unfinished work, then starts receiving, the runners and the
+/// reviver.
+pub async fn start(host: &Arc<Host>) -> Result<(), StoreError> {
+    let mut resume: Vec<DialogId> = host
+        .store
+        .unhandled()?
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    resume.extend(host.store.pending_outbound()?.into_iter().map(|m| m.dialog));
+    for id in host.store.dialogs_with_status("active")? {
+        if host.store.dialog(id)?.is_some_and(|d| d.ending.is_some()) {
+            resume.push(id);
+        }
+    }
+    resume.sort_unstable();
+    resume.dedup();
+    if !resume.is_empty() {
+        tracing::info!(
+            dialogs = resume.len(),
+            "resuming dialogs with unfinished work"
+        );
+    }
+    for id in resume {
+        host.activate(id);
+    }
+    let (tx, mut rx) = mpsc::channel::<Inbound>(4096);
+    if let Err(e) = host.transport.subscribe(tx).await {
+        tracing::error!("cannot receive messages: {e}");
+    }
+    let h = host.clone();
+    host.tasks.spawn(async move {
+        loop {
+            let inbound = tokio::select! {
+                m = rx.recv() => m,
+                _ = h.shutdown.cancelled() => None,
+            };
+            let Some(inbound) = inbound else { break };
+            if let Err(e) = h.receive(inbound).await {
+                tracing::error!("an incoming message could not be stored: {e}");
+            }
+        }
+    });
+    host.start_runners();
+    let h = host.clone();
+    host.tasks.spawn(async move { reviver::run(h).await });
+    Ok(())
+}
+
+/// Stops taking work and waits (up to 4 s) for in-flight work, then
+/// flushes the store.
+pub async fn stop(host: &Arc<Host>) {
+    host.shutdown.cancel();
+    host.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(4), host.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some work was still running at shutdown; it resumes on the next start");
+    }
+    if let Err(e) = host.store.flush() {
+        tracing::error!("the store could not be flushed: {e}");
+    }
+}
+
+fn import_audiences(config: &Config, store: &Store) -> Result<(), String> {
+    let rng = SeededRng::new(config.file.sim.seed);
+    for a in &config.file.audiences {
+        let file = crate::audience::read(&config.resolve(&a.file));
+        for p in &file.problems {
+            tracing::warn!("{p}");
+        }
+        let stats = store
+            .import_audience(&a.name, &file.rows, &mut || rng.next_u64())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            audience = a.name,
+            added = stats.added,
+            updated = stats.updated,
+            "audience imported"
+        );
+    }
+    Ok(())
+}
+
+/// Reloads config.toml when it changes; an invalid edit is reported and the
+/// running config kept.
+fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if let Ok(e) = e {
+            if e.paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+            {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .ok()?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .ok()?;
+    let rt = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        while rx.recv().is_ok() {
+            while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
+            match Config::load(&path) {
+                Ok(c) => {
+                    let h = host.clone();
+                    rt.spawn(async move { h.set_config(Arc::new(c)) });
+                    tracing::info!("config.toml reloaded");
+                }
+                Err(problems) => {
+                    tracing::error!("config.toml was edited but is invalid; the running config stays:\n{problems}");
+                }
+            }
+        }
+    });
+    Some(watcher)
+}

@@ -1,0 +1,166 @@
+//! DialogReviver: follows up on dialogs that went quiet for `stuck_after`,
+//! or ends them as dead. It sleeps until the quietest dialog is due.
+
+use std::sync::Arc;
+
+use super::conductor::{ending_of, engine_failed};
+use super::Host;
+use crate::engine::Call;
+use crate::model::{Dialog, DialogStatus, MessageKind};
+use crate::store::{Apply, Outbound, StoreError};
+
+pub async fn run(host: Arc<Host>) {
+    loop {
+        let woken = host.activity.notified();
+        let changed = host.changed.notified();
+        let next = match host.store.quietest_dialog() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("the reviver cannot read the store: {e}");
+                None
+            }
+        };
+        let Some((quiet_since, id)) = next else {
+            tokio::select! {
+                _ = woken => continue,
+                _ = changed => continue,
+                _ = host.shutdown.cancelled() => return,
+            }
+        };
+        let dialog = match host.store.dialog(id) {
+            Ok(Some(d)) => d,
+            _ => continue,
+        };
+        let stuck_after = host.config().account_safety(&dialog.account).stuck_after.0;
+        let due = quiet_since.saturating_add(stuck_after);
+        if due > host.clock.now() {
+            tokio::select! {
+                _ = host.clock.sleep_until(due) => {}
+                _ = woken => {}
+                _ = changed => {}
+                _ = host.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        if let Err(e) = revive(&host, &dialog).await {
+            tracing::error!(dialog = id, "reviving the dialog failed: {e}");
+            let _ = host.store.apply(
+                id,
+                &Apply {
+                    at: host.clock.now(),
+                    reviewed: true,
+                    ..Apply::default()
+                },
+            );
+        }
+        if host.shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
+    let now = host.clock.now();
+    let reviewed = Apply {
+        at: now,
+        reviewed: true,
+        ..Apply::default()
+    };
+    // A dialog with work in hand is not quiet: look again later.
+    if host.has_conductor(dialog.id)
+        || dialog.ending.is_some()
+        || !host.store.pending_of(dialog.id)?.is_empty()
+        || host.store.next_unhandled(dialog.id)?.is_some()
+    {
+        host.store.apply(dialog.id, &reviewed)?;
+        return Ok(());
+    }
+    let Some(contact) = host.store.contact(dialog.contact)? else {
+        host.store.apply(dialog.id, &reviewed)?;
+        return Ok(());
+    };
+    let config = host.config();
+    let engine = config
+        .campaign(&dialog.campaign)
+        .map(|c| c.engine.clone())
+        .unwrap_or_default();
+    let allowance = config
+        .account_safety(&dialog.account)
+        .max_follow_ups
+        .saturating_sub(dialog.follow_ups_sent);
+    if allowance > 0 {
+        let ctx = host.ctx(dialog, &contact)?;
+        match host.engines.call(&engine, Call::FollowUp, ctx).await {
+            Ok(reply)
+                if !reply.output.messages.is_empty()
+                    || reply.output.finish.is_some()
+                    || reply.output.handoff =>
+            {
+                let outbound: Vec<Outbound> = reply
+                    .output
+                    .messages
+                    .iter()
+                    .take(allowance as usize)
+                    .map(|text| Outbound {
+                        kind: MessageKind::FollowUp,
+                        text: text.clone(),
+                        key: host.new_key(),
+                    })
+                    .collect();
+                host.store.apply(
+                    dialog.id,
+                    &Apply {
+                        at: now,
+                        state: Some(&reply.state),
+                        outbound: &outbound,
+                        ending: ending_of(&reply.output),
+                        reviewed: true,
+                        ..Apply::default()
+                    },
+                )?;
+                host.activate(dialog.id);
+                return Ok(());
+            }
+            Ok(reply) => {
+                host.store.apply(
+                    dialog.id,
+                    &Apply {
+                        at: now,
+                        state: Some(&reply.state),
+                        ..Apply::default()
+                    },
+                )?;
+            }
+            Err(e) => return engine_failed(host, dialog, &e.to_string()),
+        }
+    }
+    let dialog = host
+        .store
+        .dialog(dialog.id)?
+        .unwrap_or_else(|| dialog.clone());
+    let ctx = host.ctx(&dialog, &contact)?;
+    match host.engines.call(&engine, Call::IsDead, ctx).await {
+        Ok(reply) if reply.output.dead => {
+            host.store
+                .set_dialog_status(dialog.id, DialogStatus::Dead)?;
+            tracing::info!(
+                dialog = dialog.id,
+                campaign = dialog.campaign,
+                "the dialog went quiet for good: dead"
+            );
+        }
+        Ok(reply) => {
+            host.store.apply(
+                dialog.id,
+                &Apply {
+                    at: now,
+                    state: Some(&reply.state),
+                    reviewed: true,
+                    ..Apply::default()
+                },
+            )?;
+        }
+        Err(e) => engine_failed(host, &dialog, &e.to_string())?,
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! CampaignRunner: opens dialogs with never-contacted contacts whenever an
+//! account of the campaign may open one, and sleeps until the earliest
+//! moment one may when none can. It never polls.
+
+use std::sync::Arc;
+
+use super::conductor::ending_of;
+use super::Host;
+use crate::config::CampaignStatus;
+use crate::engine::Call;
+use crate::model::{DialogStatus, MessageKind};
+use crate::safety::alerts::{Alert, AlertKind};
+use crate::safety::Decision;
+use crate::store::{NewDialog, Outbound, StoreError};
+
+pub async fn run(host: Arc<Host>, campaign: String) {
+    let mut exhausted_logged = false;
+    let mut paused_alerted = false;
+    let mut turn = 0usize;
+    loop {
+        if host.shutdown.is_cancelled() {
+            return;
+        }
+        let changed = host.changed.notified();
+        let config = host.config();
+        let Some(camp) = config.campaign(&campaign).cloned() else {
+            return;
+        };
+        if camp.status != CampaignStatus::Active {
+            tokio::select! { _ = changed => continue, _ = host.shutdown.cancelled() => return }
+        }
+        let window = camp.send_window.clone();
+        let mut earliest = None;
+        let mut opened = false;
+        let mut exhausted = false;
+        let n = camp.accounts.len();
+        for i in 0..n {
+            let account = &camp.accounts[(turn + i) % n];
+            match host
+                .safety
+                .check(account, MessageKind::Opening, window.as_ref())
+            {
+                Ok(Decision::Allow) => match open_one(&host, &camp, account).await {
+                    Ok(Opened::Yes) => {
+                        opened = true;
+                        turn = (turn + i + 1) % n;
+                        break;
+                    }
+                    Ok(Opened::NoContactLeft) => {
+                        exhausted = true;
+                        break;
+                    }
+                    Ok(Opened::Retry) => {
+                        opened = true;
+                        break;
+                    }
+                    Err(e) => tracing::error!(campaign, "opening a dialog failed: {e}"),
+                },
+                Ok(Decision::NotBefore(t)) => {
+                    earliest = Some(earliest.map_or(t, |e: crate::clock::Timestamp| e.min(t)))
+                }
+                Ok(Decision::Deny(_)) => {}
+                Err(e) => tracing::error!(campaign, "cannot read account {account}: {e}"),
+            }
+        }
+        if opened {
+            continue;
+        }
+        if exhausted {
+            if !exhausted_logged {
+                tracing::info!(
+                    campaign,
+                    "every contact of the campaign's audiences has been contacted"
+                );
+                exhausted_logged = true;
+            }
+            tokio::select! { _ = changed => continue, _ = host.shutdown.cancelled() => return }
+        }
+        let all_limited = host.safety.none_can_open(&camp.accounts).unwrap_or(false);
+        if all_limited && !paused_alerted {
+            host.alerts.raise(
+                Alert::new(
+                    AlertKind::CampaignPaused,
+                    host.clock.now(),
+                    format!(
+                        "campaign {campaign} paused itself: none of its accounts may open dialogs"
+                    ),
+                )
+                .campaign(&campaign),
+            );
+        }
+        paused_alerted = all_limited;
+        match earliest {
+            Some(t) => {
+                tokio::select! {
+                    _ = host.clock.sleep_until(t) => {}
+                    _ = changed => {}
+                    _ = host.shutdown.cancelled() => return,
+                }
+            }
+            None => {
+                tokio::select! { _ = changed => {}, _ = host.shutdown.cancelled() => return }
+            }
+        }
+    }
+}
+
+enum Opened {
+    Yes,
+    /// Another try may succeed (the contact was taken, or the slot).
+    Retry,
+    NoContactLeft,
+}
+
+/// Picks a random uncontacted contact, asks the engine for the opening, and
+/// claims the contact, creates the dialog, records the opening and takes the
+/// account's slot in one store transaction.
+async fn open_one(
+    host: &Arc<Host>,
+    camp: &crate::config::Campaign,
+    account: &str,
+) -> Result<Opened, StoreError> {
+    let mut audiences = camp.audiences.clone();
+    let n = audiences.len();
+    if n > 1 {
+        audiences.rotate_left((host.rng.next_u64() as usize) % n);
+    }
+    let mut picked = None;
+    for a in &audiences {
+        if let Some(id) = host.store.pick_uncontacted(a, host.rng.next_u64())? {
+            picked = Some(id);
+            break;
+        }
+    }
+    let Some(contact_id) = picked else {
+        return Ok(Opened::NoContactLeft);
+    };
+    let Some(contact) = host.store.contact(contact_id)? else {
+        return Ok(Opened::Retry);
+    };
+    let config = host.config();
+    let ctx = host.base_ctx(&config, &camp.name, account, &contact);
+    let new = NewDialog {
+        campaign: camp.name.clone(),
+        account: account.to_string(),
+        contact: contact_id,
+        at: host.clock.now(),
+    };
+    let reply = match host.engines.call(&camp.engine, Call::Opening, ctx).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Claim the contact so a broken engine does not spin on it.
+            let (d, _) = match host.store.open_dialog(&new, None, &|_| Ok(())) {
+                Ok(x) => x,
+                Err(StoreError::Claimed(_)) => return Ok(Opened::Retry),
+                Err(e) => return Err(e),
+            };
+            super::conductor::engine_failed(host, &d, &e.to_string())?;
+            return Ok(Opened::Retry);
+        }
+    };
+    if reply.output.skip || reply.output.messages.is_empty() {
+        match host.store.open_dialog(&new, None, &|_| Ok(())) {
+            Ok((d, _)) => {
+                host.store.set_dialog_status(
+                    d.id,
+                    DialogStatus::Finished {
+                        outcome: "skipped".into(),
+                    },
+                )?;
+            }
+            Err(StoreError::Claimed(_)) => {}
+            Err(e) => return Err(e),
+        }
+        return Ok(Opened::Retry);
+    }
+    let mut texts = reply.output.messages.clone().into_iter();
+    let first = texts.next().unwrap_or_default();
+    let key = host.new_key();
+    let opening = Outbound {
+        kind: MessageKind::Opening,
+        text: first,
+        key,
+    };
+    let window = camp.send_window.clone();
+    let reserve = host.safety.opening_reserver(account, window, key);
+    match host.store.open_dialog(&new, Some(&opening), &reserve) {
+        Ok((d, _)) => {
+            let rest: Vec<Outbound> = texts
+                .map(|text| Outbound {
+                    kind: MessageKind::Reply,
+                    text,
+                    key: host.new_key(),
+                })
+                .collect();
+            host.store.apply(
+                d.id,
+                &crate::store::Apply {
+                    at: host.clock.now(),
+                    state: Some(&reply.state),
+                    outbound: &rest,
+                    ending: ending_of(&reply.output),
+                    ..Default::default()
+                },
+            )?;
+            tracing::info!(dialog = d.id, campaign = camp.name, account, contact = %contact.identity, "dialog opened");
+            host.activate(d.id);
+            host.activity.notify_one();
+            Ok(Opened::Yes)
+        }
+        Err(StoreError::Claimed(_)) | Err(StoreError::Refused(_)) => Ok(Opened::Retry),
+        Err(e) => Err(e),
+    }
+}

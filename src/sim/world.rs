@@ -1,0 +1,221 @@
+//! The simulated world's state and its two append-only files.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::engine::ctx::HistoryEntry;
+use crate::model::Identity;
+use crate::transport::Delivered;
+
+/// A reply a simulated contact will send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub id: i64,
+    pub due: Timestamp,
+    pub account: String,
+    pub contact: Identity,
+    pub text: String,
+}
+
+/// One line of `world.jsonl`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Journal {
+    Sent {
+        key: u64,
+        id: i64,
+        at: Timestamp,
+        contact: Identity,
+        text: String,
+    },
+    Pending(Pending),
+    Received {
+        id: i64,
+    },
+    Ban {
+        account: String,
+    },
+    Restricted {
+        contact: Identity,
+        value: bool,
+    },
+    State {
+        contact: Identity,
+        state: serde_json::Value,
+    },
+    Start,
+}
+
+/// What the simulated Telegram knows.
+#[derive(Debug, Default)]
+pub struct World {
+    /// Delivered idempotency keys.
+    pub delivered: HashMap<u64, Delivered>,
+    pub banned: HashSet<String>,
+    /// Decided once per contact.
+    pub restricted: HashMap<Identity, bool>,
+    /// Replies still to deliver, by due time.
+    pub pending: BTreeMap<(Timestamp, i64), Pending>,
+    /// Each contact's persona state.
+    pub persona_state: HashMap<Identity, serde_json::Value>,
+    /// Each contact's conversation, from the contact's side.
+    pub history: HashMap<Identity, Vec<HistoryEntry>>,
+    /// The latest time anything happened, to resume the clock from.
+    pub last_time: Option<Timestamp>,
+    /// How many times the world was opened before.
+    pub restarts: u64,
+    next_id: i64,
+}
+
+impl World {
+    pub fn next_id(&mut self) -> i64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn history_of(&mut self, contact: &Identity) -> &mut Vec<HistoryEntry> {
+        self.history.entry(contact.clone()).or_default()
+    }
+
+    fn saw(&mut self, at: Timestamp) {
+        self.last_time = Some(self.last_time.map_or(at, |t| t.max(at)));
+    }
+}
+
+/// The world's files. Every line goes to the OS at once (no user-space
+/// buffer), so it survives the host being killed.
+pub struct Files {
+    wire: Mutex<File>,
+    journal: Mutex<File>,
+}
+
+impl Files {
+    pub fn wire(&self, line: &serde_json::Value) {
+        append(&self.wire, &line.to_string());
+    }
+
+    pub fn journal(&self, entry: &Journal) {
+        if let Ok(text) = serde_json::to_string(entry) {
+            append(&self.journal, &text);
+        }
+    }
+}
+
+fn append(file: &Mutex<File>, text: &str) {
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = f.write_all(line.as_bytes()) {
+        tracing::error!("the simulated world cannot write its log: {e}");
+    }
+}
+
+/// Opens the world's files under `dir` and rebuilds the world from them.
+pub fn open(dir: &Path) -> Result<(Files, World), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let wire_path = dir.join("wire.jsonl");
+    let journal_path = dir.join("world.jsonl");
+    let mut world = World::default();
+    let mut ids: HashMap<u64, (i64, Timestamp)> = HashMap::new();
+    if let Ok(f) = File::open(&journal_path) {
+        for line in BufReader::new(f).lines().map_while(Result::ok) {
+            // A line cut short by a kill is skipped.
+            let Ok(entry) = serde_json::from_str::<Journal>(&line) else {
+                continue;
+            };
+            match entry {
+                Journal::Sent {
+                    key,
+                    id,
+                    at,
+                    contact,
+                    text,
+                } => {
+                    ids.insert(key, (id, at));
+                    world.next_id = world.next_id.max(id);
+                    world.saw(at);
+                    world.history_of(&contact).push(HistoryEntry {
+                        direction: "in".into(),
+                        text,
+                        at: at.as_secs_f64(),
+                    });
+                }
+                Journal::Pending(p) => {
+                    world.next_id = world.next_id.max(p.id);
+                    world.pending.insert((p.due, p.id), p);
+                }
+                Journal::Received { id } => {
+                    if let Some(k) = world.pending.keys().find(|(_, i)| *i == id).copied() {
+                        let p = world.pending.remove(&k).expect("found above");
+                        world.saw(k.0);
+                        world.history_of(&p.contact).push(HistoryEntry {
+                            direction: "out".into(),
+                            text: p.text,
+                            at: k.0.as_secs_f64(),
+                        });
+                    }
+                }
+                Journal::Ban { account } => {
+                    world.banned.insert(account);
+                }
+                Journal::Restricted { contact, value } => {
+                    world.restricted.insert(contact, value);
+                }
+                Journal::State { contact, state } => {
+                    world.persona_state.insert(contact, state);
+                }
+                Journal::Start => world.restarts += 1,
+            }
+        }
+    }
+    // The wire log is the truth of what was delivered.
+    if let Ok(f) = File::open(&wire_path) {
+        for line in BufReader::new(f).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(at) = v["at"].as_f64() {
+                world.saw(Timestamp::from_secs_f64(at));
+            }
+            if v["direction"] == "out" {
+                if let Some(key) = v["key"]
+                    .as_str()
+                    .and_then(|k| u64::from_str_radix(k, 16).ok())
+                {
+                    let at = Timestamp::from_secs_f64(v["at"].as_f64().unwrap_or(0.0));
+                    let (id, at) = match ids.get(&key) {
+                        Some(found) => *found,
+                        None => (world.next_id(), at),
+                    };
+                    world.delivered.insert(
+                        key,
+                        Delivered {
+                            transport_id: id,
+                            at,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| format!("cannot open {}: {e}", p.display()))
+    };
+    let files = Files {
+        wire: Mutex::new(open(&wire_path)?),
+        journal: Mutex::new(open(&journal_path)?),
+    };
+    files.journal(&Journal::Start);
+    Ok((files, world))
+}
