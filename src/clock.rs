@@ -119,8 +119,10 @@ impl TokioClock {
 
 impl Clock for TokioClock {
     fn now(&self) -> Timestamp {
+        // Rounded, not truncated: 7290.917 s is 7290916.9999 ms in floating
+        // point, and a sleep until 7290917 must end with now() there.
         let real = self.origin.elapsed().as_secs_f64() * 1000.0;
-        Timestamp(self.start.0 + (real * self.scale) as i64)
+        Timestamp(self.start.0 + (real * self.scale).round() as i64)
     }
 
     fn sleep_until(&self, at: Timestamp) -> BoxFuture<'static, ()> {
@@ -212,5 +214,19 @@ mod tests {
         let target = Timestamp(1_000_000 + 3_600_000);
         clock.sleep_until(target).await;
         assert!(clock.now() >= target);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_sleeping_until_a_moment_now_has_reached_it() {
+        // Float rounding once left `now()` a millisecond short, so a waiter
+        // woke, saw the moment not yet reached, and slept zero time forever.
+        for scale in [1.0, 3.0, 60.0, 10_000.0] {
+            let clock = TokioClock::new(Timestamp(1_767_600_000_000), scale);
+            for step in [1, 7, 999, 7_290_917, 86_400_001] {
+                let target = Timestamp(clock.now().0 + step);
+                clock.sleep_until(target).await;
+                assert!(clock.now() >= target, "scale {scale}, step {step}");
+            }
+        }
     }
 }

@@ -28,7 +28,7 @@ mod watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, oneshot};
@@ -89,6 +89,9 @@ struct Shared {
     /// Errors already logged, so a broken file is reported once, not on
     /// every save or call.
     reported: Mutex<HashSet<String>>,
+    /// Wait for replies on a blocking thread, which keeps a paused tokio
+    /// clock from jumping ahead while Lua runs on a worker (tests).
+    hold_clock: AtomicBool,
 }
 
 /// The engine runtime. Cheap to clone.
@@ -149,6 +152,7 @@ impl EngineRuntime {
             dirs,
             spec,
             reported: Mutex::new(HashSet::new()),
+            hold_clock: AtomicBool::new(false),
         });
         let n = if workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -232,9 +236,23 @@ impl EngineRuntime {
             worker.busy.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Stopped);
         }
-        let out = rx.await.unwrap_or(Err(EngineError::Stopped));
+        let out = if self.shared.hold_clock.load(Ordering::Relaxed) {
+            tokio::task::spawn_blocking(move || rx.blocking_recv())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            rx.await.ok()
+        };
         worker.busy.fetch_sub(1, Ordering::Relaxed);
-        out
+        out.unwrap_or(Err(EngineError::Stopped))
+    }
+
+    /// For tests on tokio's paused clock: while an engine call is in flight
+    /// the clock must not auto-advance (a blocking task in progress holds
+    /// it), or simulated hours would pass during one Lua call.
+    pub fn hold_paused_clock(&self, on: bool) {
+        self.shared.hold_clock.store(on, Ordering::Relaxed);
     }
 
     /// Runs a Lua file in the engine sandbox, as `colloquy eval` does.

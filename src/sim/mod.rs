@@ -98,6 +98,13 @@ impl SimTransport {
         self.inner.clock.clone()
     }
 
+    /// See [`EngineRuntime::hold_paused_clock`]; for the persona's calls.
+    pub fn hold_paused_clock(&self, on: bool) {
+        if let Some((rt, _)) = &self.inner.persona {
+            rt.hold_paused_clock(on);
+        }
+    }
+
     /// The wire log's path.
     pub fn wire_path(dir: &Path) -> std::path::PathBuf {
         dir.join("sim").join("wire.jsonl")

@@ -803,10 +803,18 @@ impl Store {
             if let Some(seq) = a.handled {
                 tx.unhandled.remove(&pair(u64_key(dialog), u64_key(seq)))?;
             }
-            if !old.status.is_live() || old.ending.is_some() {
+            if !old.status.is_live() {
                 return Ok((old, Vec::new()));
             }
             let mut new = old.clone();
+            if a.reviewed {
+                new.reviewed_at = Some(a.at);
+            }
+            if old.ending.is_some() {
+                // The dialog is ending: only the review is noted.
+                tx.put_dialog(Some(&old), &new)?;
+                return Ok((new, Vec::new()));
+            }
             if let Some(state) = a.state {
                 new.state = state.clone();
             }
@@ -823,9 +831,6 @@ impl Store {
                 } else {
                     new.ending = Some(ending.clone());
                 }
-            }
-            if a.reviewed {
-                new.reviewed_at = Some(a.at);
             }
             tx.put_dialog(Some(&old), &new)?;
             Ok((new, recorded))

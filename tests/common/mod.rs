@@ -1,0 +1,347 @@
+//! The invariant checker of SPEC section 7, over a run's wire log and store.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use colloquy::config::Config;
+use colloquy::host::OptOut;
+use colloquy::model::{Delivery, DialogStatus, Direction};
+use colloquy::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub at: f64,
+    pub account: String,
+    pub contact: String,
+    pub direction: Option<String>,
+    pub kind: Option<String>,
+    pub key: Option<String>,
+    pub text: String,
+    pub event: Option<String>,
+    pub seconds: Option<f64>,
+}
+
+pub fn read_wire(path: &Path) -> Vec<Line> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| Line {
+            at: v["at"].as_f64().expect("every wire line has at"),
+            account: v["account"].as_str().unwrap_or("").to_string(),
+            contact: v["contact"].as_str().unwrap_or("").to_string(),
+            direction: v["direction"].as_str().map(str::to_string),
+            kind: v["kind"].as_str().map(str::to_string),
+            key: v["key"].as_str().map(str::to_string),
+            text: v["text"].as_str().unwrap_or("").to_string(),
+            event: v["event"].as_str().map(str::to_string),
+            seconds: v["seconds"].as_f64(),
+        })
+        .collect()
+}
+
+/// Counts of what a run did, for assertions that it did something.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub out: usize,
+    pub inbound: usize,
+    pub openings: usize,
+    pub follow_ups: usize,
+    pub faults: HashMap<String, usize>,
+    pub opt_outs: usize,
+}
+
+/// Checks every invariant; panics with the violation.
+pub fn check(config: &Config, store: &Store, wire: &[Line], settled: bool) -> Summary {
+    let mut s = Summary::default();
+    let outs: Vec<&Line> = wire
+        .iter()
+        .filter(|l| l.direction.as_deref() == Some("out"))
+        .collect();
+    s.out = outs.len();
+    s.inbound = wire
+        .iter()
+        .filter(|l| l.direction.as_deref() == Some("in"))
+        .count();
+    for l in wire {
+        if let Some(e) = &l.event {
+            *s.faults.entry(e.clone()).or_default() += 1;
+        }
+    }
+
+    // 1. Limits, pauses, blocks per account.
+    for account in &config.file.accounts {
+        let limits = config.account_safety(&account.name);
+        let mine: Vec<&&Line> = outs.iter().filter(|l| l.account == account.name).collect();
+        for (i, l) in mine.iter().enumerate() {
+            let in_window = |len: f64, openings: bool| {
+                mine[..=i]
+                    .iter()
+                    .filter(|x| {
+                        l.at - x.at < len && (!openings || x.kind.as_deref() == Some("opening"))
+                    })
+                    .count()
+            };
+            assert!(
+                in_window(3600.0, false) <= limits.max_per_hour as usize,
+                "{}: more than max_per_hour in the hour ending {}",
+                account.name,
+                l.at
+            );
+            assert!(
+                in_window(86400.0, false) <= limits.max_per_day as usize,
+                "{}: more than max_per_day in the day ending {}",
+                account.name,
+                l.at
+            );
+            assert!(
+                in_window(86400.0, true) <= limits.max_new_dialogs_per_day as usize,
+                "{}: more than max_new_dialogs_per_day ending {}",
+                account.name,
+                l.at
+            );
+            if i > 0 {
+                let gap = l.at - mine[i - 1].at;
+                assert!(
+                    gap + 1e-6 >= limits.min_interval.0.as_secs_f64(),
+                    "{}: sends {gap}s apart at {}",
+                    account.name,
+                    l.at
+                );
+            }
+        }
+        for f in wire.iter().filter(|f| f.account == account.name) {
+            match f.event.as_deref() {
+                Some("flood_wait") => {
+                    let until = f.at + f.seconds.unwrap();
+                    let bad = mine.iter().find(|l| l.at > f.at && l.at < until);
+                    assert!(
+                        bad.is_none(),
+                        "{}: sent at {} during a flood wait {}..{until}",
+                        account.name,
+                        bad.unwrap().at,
+                        f.at
+                    );
+                }
+                Some("ban") => {
+                    let bad = mine.iter().find(|l| l.at > f.at);
+                    assert!(
+                        bad.is_none(),
+                        "{}: sent at {} after its ban at {}",
+                        account.name,
+                        bad.unwrap().at,
+                        f.at
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    // 2. No contact opened twice.
+    let mut opened = HashSet::new();
+    for l in outs.iter().filter(|l| l.kind.as_deref() == Some("opening")) {
+        s.openings += 1;
+        assert!(
+            opened.insert(l.contact.clone()),
+            "contact {} opened twice",
+            l.contact
+        );
+    }
+
+    // 3. Nothing after an opt-out.
+    let opt_out = OptOut::new(&config.file.compliance.opt_out_patterns);
+    let mut opted: HashMap<&str, f64> = HashMap::new();
+    for l in wire.iter().filter(|l| l.direction.as_deref() == Some("in")) {
+        if opt_out.matches(&l.text) {
+            opted.entry(&l.contact).or_insert(l.at);
+        }
+    }
+    s.opt_outs = opted.len();
+    for l in &outs {
+        if let Some(t) = opted.get(l.contact.as_str()) {
+            assert!(
+                l.at <= *t,
+                "sent to {} at {} after it opted out at {t}",
+                l.contact,
+                l.at
+            );
+        }
+    }
+
+    // 4. Keys unique on the wire.
+    let mut keys = HashSet::new();
+    for l in &outs {
+        let key = l.key.clone().expect("outbound lines carry a key");
+        assert!(keys.insert(key.clone()), "key {key} is on the wire twice");
+    }
+
+    // 5. Every incoming message stored once and handled; 6. follow-ups.
+    let mut stored_in: HashMap<String, usize> = HashMap::new();
+    let mut follow_ups: HashMap<String, usize> = HashMap::new();
+    for d in store.all_dialogs() {
+        let d = d.unwrap();
+        let contact = store
+            .contact(d.contact)
+            .unwrap()
+            .unwrap()
+            .identity
+            .to_string();
+        for m in store.messages(d.id).unwrap() {
+            if m.direction == Direction::In {
+                *stored_in.entry(contact.clone()).or_default() += 1;
+            }
+        }
+        if !d.status.is_live() {
+            let pending = store.pending_of(d.id).unwrap();
+            assert!(
+                pending.is_empty(),
+                "dialog {} is {} but has pending messages",
+                d.id,
+                d.status.label()
+            );
+        }
+        if matches!(
+            d.status,
+            DialogStatus::Finished { .. } | DialogStatus::Dead | DialogStatus::Blocked
+        ) {
+            // A message that went out must have been recorded before the end.
+            for m in store.messages(d.id).unwrap() {
+                assert_ne!(
+                    m.delivery,
+                    Some(Delivery::Pending),
+                    "dialog {} ended with a pending message",
+                    d.id
+                );
+            }
+        }
+    }
+    let mut wire_in: HashMap<String, usize> = HashMap::new();
+    for l in wire.iter().filter(|l| l.direction.as_deref() == Some("in")) {
+        *wire_in.entry(l.contact.clone()).or_default() += 1;
+    }
+    for (contact, n) in &wire_in {
+        // A kill between the host's receipt and the wire line can leave a
+        // stored message off the wire, never the other way round.
+        let stored = stored_in.get(contact).copied().unwrap_or(0);
+        assert!(
+            stored >= *n,
+            "contact {contact}: {n} incoming on the wire, only {stored} stored"
+        );
+    }
+    if settled {
+        assert!(
+            store.unhandled().unwrap().is_empty(),
+            "incoming messages left unhandled: {:?}",
+            store.unhandled().unwrap()
+        );
+    }
+    for l in outs
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("follow_up"))
+    {
+        s.follow_ups += 1;
+        *follow_ups.entry(l.contact.clone()).or_default() += 1;
+    }
+    for (contact, n) in follow_ups {
+        let max = config.file.safety.max_follow_ups as usize;
+        assert!(
+            n <= max,
+            "contact {contact} got {n} follow-ups, more than {max}"
+        );
+    }
+    s
+}
+
+/// A project directory with the shipped engines, scripts, persona and a
+/// generated audience, and a config built from `sections`.
+pub fn project(contacts: usize, sections: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for sub in ["engines", "engines/prompts", "scripts", "personas"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    for f in [
+        "engines/scripted.lua",
+        "engines/echo.lua",
+        "engines/prompts/spring.md",
+        "scripts/template.lua",
+        "scripts/llm.lua",
+    ] {
+        std::fs::copy(root.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        root.join("tests/personas/default.lua"),
+        dir.path().join("personas/default.lua"),
+    )
+    .unwrap();
+    let mut csv = String::from("username,first_name,company\n");
+    for i in 0..contacts {
+        csv.push_str(&format!("contact_{i:04},Name{i},Company {}\n", i % 7));
+    }
+    std::fs::write(dir.path().join("leads.csv"), csv).unwrap();
+    std::fs::write(dir.path().join("config.toml"), sections).unwrap();
+    dir
+}
+
+/// A faulty campaign: every fault type, tight limits, a send window.
+pub fn faulty_config(time_scale: f64, seed: u64) -> String {
+    format!(
+        r#"
+[sim]
+seed = {seed}
+time_scale = {time_scale}
+reply_probability = 0.8
+reply_delay = "1m..40m"
+persona = "personas/default.lua"
+[sim.faults]
+flood_wait = 0.04
+flood_wait_duration = "1m..20m"
+peer_flood = 0.02
+ban = 0.005
+privacy_restricted = 0.04
+transient = 0.05
+timeout_delivered = 0.04
+
+[safety]
+max_per_hour = 8
+max_per_day = 40
+max_new_dialogs_per_day = 12
+min_interval = "20s"
+jitter = "10s"
+stuck_after = "6h"
+max_follow_ups = 2
+reply_delay = "10s..2m"
+peer_flood_cooldown = "6h"
+retry_attempts = 4
+retry_max_delay = "5m"
+
+[compliance]
+opt_out_patterns = ["stop", "unsubscribe"]
+
+[[accounts]]
+name = "alice"
+[[accounts]]
+name = "bob"
+[accounts.safety]
+max_per_hour = 5
+[[accounts]]
+name = "carol"
+
+[[audiences]]
+name = "leads"
+file = "leads.csv"
+
+[[campaigns]]
+name = "spring"
+engine = "scripted"
+prompt_template = "engines/prompts/spring.md"
+audiences = ["leads"]
+accounts = ["alice", "bob", "carol"]
+send_window = {{ start = "08:00", end = "20:00", timezone = "Europe/Berlin" }}
+[campaigns.params]
+product = "Acme CRM"
+"#
+    )
+}

@@ -1,0 +1,67 @@
+//! The whole host on the simulated Telegram, on tokio's paused clock: a
+//! multi-day run with every fault type, then every invariant checked over
+//! the wire log and the store.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use colloquy::config::Config;
+use colloquy::host;
+use colloquy::sim::SimTransport;
+use colloquy::store::Store;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(start_paused = true)]
+async fn a_faulty_multi_day_run_keeps_every_invariant() {
+    let dir = common::project(120, &common::faulty_config(1.0, 7));
+    let config = Config::load(&dir.path().join("config.toml")).unwrap();
+    let config = Arc::new(config);
+    let store = Store::open(&config.data_dir()).unwrap();
+    let rows = colloquy::audience::read(&dir.path().join("leads.csv")).rows;
+    let rng = colloquy::clock::SeededRng::new(1);
+    store
+        .import_audience("leads", &rows, &mut || rng.next_u64())
+        .unwrap();
+    let sim = SimTransport::open(&config).unwrap();
+    sim.hold_paused_clock(true);
+    let clock = sim.clock();
+    let h = host::build(
+        config.clone(),
+        store.clone(),
+        Arc::new(sim),
+        clock,
+        CancellationToken::new(),
+    );
+    h.engines.hold_paused_clock(true);
+    host::start(&h).await.unwrap();
+    // Four simulated days.
+    tokio::time::sleep(Duration::from_secs(4 * 86_400)).await;
+    host::stop(&h).await;
+
+    let wire = common::read_wire(&config.data_dir().join("sim/wire.jsonl"));
+    let s = common::check(&config, &store, &wire, false);
+    println!("{s:?}");
+    assert!(s.openings >= 20, "{s:?}");
+    assert!(s.inbound >= 10, "{s:?}");
+    assert!(s.follow_ups >= 1, "{s:?}");
+    for fault in [
+        "flood_wait",
+        "transient",
+        "privacy_restricted",
+        "timeout_delivered",
+    ] {
+        assert!(
+            s.faults.get(fault).copied().unwrap_or(0) > 0,
+            "no {fault} in {s:?}"
+        );
+    }
+    let counts: std::collections::HashMap<_, _> =
+        store.dialog_counts().unwrap().into_iter().collect();
+    println!("{counts:?}");
+    assert!(
+        counts["finished"] + counts["dead"] + counts["opted_out"] > 0,
+        "{counts:?}"
+    );
+}
