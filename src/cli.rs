@@ -1,7 +1,6 @@
 //! The command line (SPEC section 3): argument parsing and one function per
 //! command. Exit codes: 0 success, 2 bad usage or bad input, 1 anything else.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,8 +12,10 @@ use crate::audience;
 use crate::clock::SystemClock;
 use crate::config::{Config, Problem, Problems};
 use crate::engine::EngineRuntime;
+use crate::host::control;
 use crate::logging::{self, LogFormat};
 use crate::model::DialogId;
+use crate::report;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Parser)]
@@ -227,59 +228,53 @@ fn plural(n: usize, what: &str) -> String {
     }
 }
 
-/// Opens the store read-mostly for the reporting commands, or says why not.
-fn open_store(config: &Config) -> Result<Option<Store>, Failure> {
+/// The reporting commands read the store directly when no host runs, and
+/// ask the running host over its control endpoint when one does (sled
+/// allows one process per store).
+enum Source {
+    Store(Store),
+    Host,
+    Nothing,
+}
+
+fn source(config: &Config) -> Result<Source, Failure> {
     let dir = config.data_dir();
     if !dir.join("store").exists() {
-        return Ok(None);
+        return Ok(Source::Nothing);
     }
     match Store::open(&dir) {
-        Ok(s) => Ok(Some(s)),
-        Err(StoreError::Locked(d)) => Err(Failure::Other(format!(
-            "the store in {d} is held by a running host; stop it to read the store directly"
-        ))),
+        Ok(s) => Ok(Source::Store(s)),
+        Err(StoreError::Locked(_)) => Ok(Source::Host),
         Err(e) => Err(e.into()),
+    }
+}
+
+fn ask_host(config: &Config, request: control::Request) -> Result<(), Failure> {
+    match control::ask(&config.data_dir(), request) {
+        Ok(control::Reply { ok: true, text }) => {
+            print!("{text}");
+            Ok(())
+        }
+        Ok(control::Reply { ok: false, text }) => {
+            Err(Failure::Input(Problems(vec![Problem::new("", text)])))
+        }
+        Err(e) => Err(Failure::Other(e)),
     }
 }
 
 fn status(config_path: &Path) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
-    let store = open_store(&config)?;
-    let mut out = String::new();
-    for c in &config.file.campaigns {
-        let _ = writeln!(
-            out,
-            "campaign {}: {}, engine {}, accounts {}, audiences {}",
-            c.name,
-            c.status.label(),
-            c.engine,
-            c.accounts.join(", "),
-            c.audiences.join(", ")
-        );
-    }
-    for a in &config.file.accounts {
-        let state = match &store {
-            Some(s) => s.account(&a.name)?.status.label(),
-            None => "active",
-        };
-        let _ = writeln!(out, "account {}: {state}", a.name);
-    }
-    match &store {
-        Some(s) => {
-            let counts = s.dialog_counts()?;
-            let parts: Vec<String> = counts.iter().map(|(l, n)| format!("{l} {n}")).collect();
-            let _ = writeln!(out, "dialogs: {}", parts.join(", "));
+    match source(&config)? {
+        Source::Host => ask_host(&config, control::Request::Status),
+        Source::Store(store) => {
+            print!("{}", report::status(&config, Some(&store))?);
+            Ok(())
         }
-        None => {
-            let _ = writeln!(
-                out,
-                "dialogs: none yet (no store in {})",
-                config.data_dir().display()
-            );
+        Source::Nothing => {
+            print!("{}", report::status(&config, None)?);
+            Ok(())
         }
     }
-    print!("{out}");
-    Ok(())
 }
 
 fn dialogs(
@@ -299,38 +294,19 @@ fn dialogs(
             )])));
         }
     }
-    let Some(store) = open_store(&config)? else {
-        return Ok(());
-    };
-    for d in store.all_dialogs() {
-        let d = d?;
-        if campaign.is_some_and(|c| c != d.campaign)
-            || status.is_some_and(|s| s != d.status.label())
-        {
-            continue;
+    match source(&config)? {
+        Source::Host => ask_host(
+            &config,
+            control::Request::Dialogs {
+                campaign: campaign.map(str::to_string),
+                status: status.map(str::to_string),
+            },
+        ),
+        Source::Store(store) => {
+            print!("{}", report::dialogs(&store, campaign, status)?);
+            Ok(())
         }
-        let who = store
-            .contact(d.contact)?
-            .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
-        println!(
-            "{}\t{}\t{}\t{}\t{}\t{}",
-            d.id,
-            d.campaign,
-            d.account,
-            who,
-            status_text(&d.status),
-            d.last_activity().to_rfc3339()
-        );
-    }
-    Ok(())
-}
-
-fn status_text(s: &crate::model::DialogStatus) -> String {
-    use crate::model::DialogStatus::*;
-    match s {
-        Finished { outcome } => format!("finished:{outcome}"),
-        Error { reason } => format!("error:{reason}"),
-        other => other.label().to_string(),
+        Source::Nothing => Ok(()),
     }
 }
 
@@ -342,37 +318,12 @@ fn dialog(config_path: &Path, id: DialogId) -> Result<(), Failure> {
             format!("there is no dialog {id}"),
         )]))
     };
-    let store = open_store(&config)?.ok_or_else(missing)?;
-    let d = store.dialog(id)?.ok_or_else(missing)?;
-    let who = store
-        .contact(d.contact)?
-        .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
-    println!(
-        "dialog {} · campaign {} · account {} · contact {} · {}",
-        d.id,
-        d.campaign,
-        d.account,
-        who,
-        status_text(&d.status)
-    );
-    for m in store.messages(id)? {
-        let arrow = match m.direction {
-            crate::model::Direction::In => "<".to_string(),
-            crate::model::Direction::Out => {
-                format!(
-                    ">{}",
-                    m.kind
-                        .map(|k| format!(" {}", k.label()))
-                        .unwrap_or_default()
-                )
-            }
-        };
-        let pending = match &m.delivery {
-            Some(crate::model::Delivery::Pending) => " (pending)",
-            Some(crate::model::Delivery::Cancelled { .. }) => " (cancelled)",
-            _ => "",
-        };
-        println!("{} {arrow}{pending} {}", m.at.to_rfc3339(), m.text);
+    match source(&config)? {
+        Source::Host => ask_host(&config, control::Request::Dialog { id }),
+        Source::Store(store) => {
+            print!("{}", report::dialog(&store, id)?.ok_or_else(missing)?);
+            Ok(())
+        }
+        Source::Nothing => Err(missing()),
     }
-    Ok(())
 }

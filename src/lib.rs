@@ -27,6 +27,7 @@ pub mod engine;
 pub mod host;
 pub mod logging;
 pub mod model;
+pub mod report;
 pub mod safety;
 pub mod sim;
 pub mod store;

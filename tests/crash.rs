@@ -42,6 +42,28 @@ fn killed_at_random_moments_the_host_keeps_every_invariant() {
     }
     let mut child = start(dir.path());
     std::thread::sleep(Duration::from_secs(2));
+    // The reporting commands reach the running host through its control
+    // endpoint.
+    let status = Command::new(BIN)
+        .arg("status")
+        .arg("--config")
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("dialogs: active"), "{text}");
+    let listed = Command::new(BIN)
+        .arg("dialogs")
+        .arg("--config")
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(listed.status.success() && !listed.stdout.is_empty());
     let stopped = Instant::now();
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();

@@ -12,7 +12,7 @@ use crate::engine::Call;
 use crate::model::{Delivery, DialogId, DialogStatus, Message, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
 use crate::safety::reaction::Reaction;
-use crate::safety::{Failure, GateError};
+use crate::safety::{Decision, Failure};
 use crate::store::{Apply, Outbound, StoreError};
 use crate::transport::OutgoingMessage;
 
@@ -266,21 +266,34 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         if let Some(why) = still_live(host)? {
             return cancel(host, m, why);
         }
-        let acquired = tokio::select! {
-            r = host.safety.acquire(&dialog.account, kind, window.as_ref(), key) => Some(r),
-            _ = host.shutdown.cancelled() => None,
+        // The slot is taken, used and confirmed under the account's lock,
+        // so that the limits see every send at its real time.
+        let account_lock = host.account_lock(&dialog.account);
+        let _account = tokio::select! {
+            g = account_lock.lock() => g,
+            _ = host.shutdown.cancelled() => return Ok(()),
         };
-        match acquired {
-            None => return Ok(()),
-            Some(Err(GateError::Denied(d))) => {
+        match host
+            .safety
+            .reserve_now(&dialog.account, kind, window.as_ref(), key)?
+        {
+            Decision::Allow => {}
+            Decision::NotBefore(t) => {
+                drop(_account);
+                tokio::select! {
+                    _ = host.safety.wait_until(t) => {}
+                    _ = host.shutdown.cancelled() => return Ok(()),
+                }
+                continue;
+            }
+            Decision::Deny(d) => {
+                drop(_account);
                 cancel(host, m, d.to_string())?;
                 return fail(host, m.dialog, DialogStatus::Blocked);
             }
-            Some(Err(GateError::Store(e))) => return Err(e),
-            Some(Ok(())) => {}
         }
-        let account_lock = host.account_lock(&dialog.account);
-        let _account = account_lock.lock().await;
+        // The claim, the message and its slot are durable before it leaves.
+        host.store.flush_async().await?;
         let gate = host.gate(m.dialog).lock().await;
         if let Some(why) = still_live(host)? {
             drop(gate);

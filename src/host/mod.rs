@@ -8,6 +8,7 @@
 //! left after a crash.
 
 mod conductor;
+pub mod control;
 mod optout;
 mod reviver;
 mod runner;
@@ -279,6 +280,7 @@ impl Host {
                 self.store
                     .add_do_not_contact(c.id, crate::model::DoNotContact::OptedOut)?;
             }
+            self.store.flush_async().await?;
             let _ = inbound.stored.send(());
             return Ok(());
         };
@@ -296,6 +298,8 @@ impl Host {
                 "the contact opted out; nothing more will be sent to it"
             );
         }
+        // Durable before the transport hears it was received.
+        self.store.flush_async().await?;
         let _ = inbound.stored.send(());
         drop(gate);
         if stored.is_some() && !opted_out {
@@ -329,6 +333,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Stri
         .map_err(|e| format!("cannot watch the engine files: {e}"))?;
     let _config_watch = watch_config(host.clone(), config.path.clone());
     start(&host).await.map_err(|e| e.to_string())?;
+    if let Err(e) = control::serve(host.clone()).await {
+        tracing::warn!("status commands cannot reach this host: {e}");
+    }
     host.shutdown.cancelled().await;
     stop(&host).await;
     Ok(())

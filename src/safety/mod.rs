@@ -150,6 +150,33 @@ impl AccountSafety {
         })
     }
 
+    /// Takes the slot for a send about to happen now: a slot the message
+    /// already holds (an opening's, taken when its contact was claimed, or one
+    /// kept from an earlier attempt) is given up and taken again at this
+    /// moment, so the limits are checked against the real time of the send.
+    /// Callers hold the account's lock from here until the send is confirmed.
+    pub fn reserve_now(
+        &self,
+        account: &str,
+        kind: MessageKind,
+        window: Option<&SendWindow>,
+        key: IdempotencyKey,
+    ) -> Result<Decision, StoreError> {
+        let limits = self.limits(account);
+        let jitter = self.jitter(&limits);
+        let now = self.now();
+        self.inner.store.update_account(account, &|record| {
+            decide::release(record, key);
+            decide::reserve(
+                record,
+                &limits,
+                SendRequest { kind, now, window },
+                key,
+                jitter,
+            )
+        })
+    }
+
     /// A reservation step for [`Store::open_dialog`], so that claiming the
     /// contact, creating the dialog and taking the opening's slot are one
     /// transaction.

@@ -362,6 +362,15 @@ impl Store {
         Ok(())
     }
 
+    /// Makes everything written so far durable without blocking the
+    /// runtime's thread. Called before anything leaves the host (a send) or
+    /// is acknowledged to the transport (a received message), so a crash
+    /// can never lose a record of something the outside world saw.
+    pub async fn flush_async(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
     /// Runs `f` over the dialog trees in one transaction.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
         let t = &self.t;

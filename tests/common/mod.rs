@@ -299,8 +299,8 @@ persona = "personas/default.lua"
 flood_wait = 0.04
 flood_wait_duration = "1m..20m"
 peer_flood = 0.02
-ban = 0.005
-privacy_restricted = 0.04
+ban = 0.003
+privacy_restricted = 0.08
 transient = 0.05
 timeout_delivered = 0.04
 

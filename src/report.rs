@@ -1,0 +1,143 @@
+//! The text of `colloquy status`, `dialogs` and `dialog ID`, from a config
+//! and a store: the CLI prints it when no host runs, the host's control
+//! endpoint serves it when one does.
+
+use std::fmt::Write as _;
+
+use crate::config::Config;
+use crate::model::{Delivery, DialogId, DialogStatus, Direction};
+use crate::store::{Store, StoreError};
+
+/// Campaigns, accounts and dialog counts by status.
+pub fn status(config: &Config, store: Option<&Store>) -> Result<String, StoreError> {
+    let mut out = String::new();
+    for c in &config.file.campaigns {
+        let left: usize = match store {
+            Some(s) => c.audiences.iter().map(|a| s.uncontacted_count(a)).sum(),
+            None => 0,
+        };
+        let _ = writeln!(
+            out,
+            "campaign {}: {}, engine {}, accounts {}, audiences {} ({left} contacts not yet contacted)",
+            c.name,
+            c.status.label(),
+            c.engine,
+            c.accounts.join(", "),
+            c.audiences.join(", ")
+        );
+    }
+    for a in &config.file.accounts {
+        let (state, sent) = match store {
+            Some(s) => {
+                let r = s.account(&a.name)?;
+                let until = match &r.status {
+                    crate::model::AccountStatus::FloodWait { until }
+                    | crate::model::AccountStatus::SpamLimited { until } => {
+                        format!(" until {}", until.to_rfc3339())
+                    }
+                    _ => String::new(),
+                };
+                (format!("{}{until}", r.status.label()), r.sends.len())
+            }
+            None => ("active".to_string(), 0),
+        };
+        let _ = writeln!(
+            out,
+            "account {}: {state}, {sent} sends in the last day",
+            a.name
+        );
+    }
+    match store {
+        Some(s) => {
+            let parts: Vec<String> = s
+                .dialog_counts()?
+                .iter()
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect();
+            let _ = writeln!(out, "dialogs: {}", parts.join(", "));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "dialogs: none yet (no store in {})",
+                config.data_dir().display()
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn status_text(s: &DialogStatus) -> String {
+    match s {
+        DialogStatus::Finished { outcome } => format!("finished:{outcome}"),
+        DialogStatus::Error { reason } => format!("error:{reason}"),
+        other => other.label().to_string(),
+    }
+}
+
+/// One line per dialog: id, campaign, account, contact, status, last activity.
+pub fn dialogs(
+    store: &Store,
+    campaign: Option<&str>,
+    status: Option<&str>,
+) -> Result<String, StoreError> {
+    let mut out = String::new();
+    for d in store.all_dialogs() {
+        let d = d?;
+        if campaign.is_some_and(|c| c != d.campaign)
+            || status.is_some_and(|s| s != d.status.label())
+        {
+            continue;
+        }
+        let who = store
+            .contact(d.contact)?
+            .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
+        let _ = writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            d.id,
+            d.campaign,
+            d.account,
+            who,
+            status_text(&d.status),
+            d.last_activity().to_rfc3339()
+        );
+    }
+    Ok(out)
+}
+
+/// A dialog's transcript, or `None` if there is no such dialog.
+pub fn dialog(store: &Store, id: DialogId) -> Result<Option<String>, StoreError> {
+    let Some(d) = store.dialog(id)? else {
+        return Ok(None);
+    };
+    let who = store
+        .contact(d.contact)?
+        .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
+    let mut out = format!(
+        "dialog {} · campaign {} · account {} · contact {} · {}\n",
+        d.id,
+        d.campaign,
+        d.account,
+        who,
+        status_text(&d.status)
+    );
+    for m in store.messages(id)? {
+        let arrow = match m.direction {
+            Direction::In => "<".to_string(),
+            Direction::Out => format!(
+                ">{}",
+                m.kind
+                    .map(|k| format!(" {}", k.label()))
+                    .unwrap_or_default()
+            ),
+        };
+        let note = match &m.delivery {
+            Some(Delivery::Pending) => " (pending)".to_string(),
+            Some(Delivery::Cancelled { reason }) => format!(" (cancelled: {reason})"),
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "{} {arrow}{note} {}", m.at.to_rfc3339(), m.text);
+    }
+    Ok(Some(out))
+}
