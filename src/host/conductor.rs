@@ -228,9 +228,10 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         return cancel(host, m, "the contact is gone".into());
     };
     let settle_sent = |host: &Host, d: crate::transport::Delivered| -> Result<(), StoreError> {
-        host.store
-            .settle_outbound(key, Delivery::Sent, Some(d.transport_id))?;
-        host.safety.confirm(&dialog.account, key, d.at)
+        match host.safety.settle_sent(&dialog.account, key, d) {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     };
     if tried.insert(key.0) {
         // Possibly sent before a crash: ask before sending again.
@@ -324,6 +325,9 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
             attempt,
             error: &error,
         })?;
+        // What the failure changed (a pause, a block) is durable before
+        // anything else is tried.
+        host.store.flush_async().await?;
         drop(_account);
         attempt += 1;
         match reaction {

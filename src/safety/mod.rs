@@ -234,16 +234,20 @@ impl AccountSafety {
         }
     }
 
-    /// Records when a send really went out (the transport's time).
-    pub fn confirm(
+    /// Marks a message sent and its slot confirmed at the transport's time,
+    /// in one store transaction.
+    pub fn settle_sent(
         &self,
         account: &str,
         key: IdempotencyKey,
-        at: Timestamp,
+        delivered: crate::transport::Delivered,
     ) -> Result<(), StoreError> {
         self.inner
             .store
-            .update_account(account, &|r| decide::confirm(r, key, at))
+            .settle_sent(key, delivered.transport_id, account, &|r| {
+                decide::confirm(r, key, delivered.at)
+            })
+            .map(|_| ())
     }
 
     /// Gives a slot back: the send surely did not reach Telegram.

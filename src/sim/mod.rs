@@ -158,6 +158,24 @@ impl Inner {
         if world.banned.contains(&msg.account) {
             return Err(SendError::AccountBanned);
         }
+        // Like Telegram, the world refuses an account's sends while it is
+        // told to wait.
+        let now = self.clock.now();
+        if let Some(until) = world
+            .flood_until
+            .get(&msg.account)
+            .copied()
+            .filter(|u| *u > now)
+        {
+            let left = Duration::from_secs(until.since(now).as_secs().max(1));
+            self.fault(
+                &msg.account,
+                &msg.contact,
+                "flood_wait",
+                Some(left.as_secs() as f64),
+            );
+            return Err(SendError::FloodWait(left));
+        }
         if self.rng.chance(f.ban) {
             world.banned.insert(msg.account.clone());
             self.files.journal(&Journal::Ban {
@@ -171,6 +189,12 @@ impl Inner {
                 .rng
                 .duration_between(f.flood_wait_duration.lo, f.flood_wait_duration.hi);
             let d = Duration::from_secs(d.as_secs().max(1));
+            let until = now.saturating_add(d);
+            world.flood_until.insert(msg.account.clone(), until);
+            self.files.journal(&Journal::FloodWait {
+                account: msg.account.clone(),
+                until,
+            });
             self.fault(
                 &msg.account,
                 &msg.contact,

@@ -41,6 +41,10 @@ pub enum Journal {
     Ban {
         account: String,
     },
+    FloodWait {
+        account: String,
+        until: Timestamp,
+    },
     Restricted {
         contact: Identity,
         value: bool,
@@ -58,6 +62,9 @@ pub struct World {
     /// Delivered idempotency keys.
     pub delivered: HashMap<u64, Delivered>,
     pub banned: HashSet<String>,
+    /// Accounts told to wait, until when: Telegram refuses their sends
+    /// meanwhile.
+    pub flood_until: HashMap<String, Timestamp>,
     /// Decided once per contact.
     pub restricted: HashMap<Identity, bool>,
     /// Replies still to deliver, by due time.
@@ -164,6 +171,9 @@ pub fn open(dir: &Path) -> Result<(Files, World), String> {
                 }
                 Journal::Ban { account } => {
                     world.banned.insert(account);
+                }
+                Journal::FloodWait { account, until } => {
+                    world.flood_until.insert(account, until);
                 }
                 Journal::Restricted { contact, value } => {
                     world.restricted.insert(contact, value);

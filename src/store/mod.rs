@@ -996,6 +996,40 @@ impl Store {
         })
     }
 
+    /// Marks a pending message sent and updates its account's record (the
+    /// send's real time) in the same transaction: a crash keeps both or
+    /// neither, so a sent message is never counted at the wrong time.
+    pub fn settle_sent(
+        &self,
+        key: IdempotencyKey,
+        transport_id: i64,
+        account: &str,
+        update: &dyn Fn(&mut AccountRecord),
+    ) -> Result<Message, StoreError> {
+        self.transact(|tx| {
+            let Some(at) = tx.outbox.remove(&u64_key(key.0))? else {
+                return abort(StoreError::NotFound {
+                    what: "pending message with key",
+                    id: key.to_string(),
+                });
+            };
+            let Some(bytes) = tx.messages.get(&at)? else {
+                return abort(StoreError::NotFound {
+                    what: "message with key",
+                    id: key.to_string(),
+                });
+            };
+            let mut msg: Message = tx_decode("message", &bytes)?;
+            msg.delivery = Some(Delivery::Sent);
+            msg.transport_id = Some(transport_id);
+            tx.messages.insert(at.to_vec(), encode(&msg))?;
+            let mut record = tx.account(account)?;
+            update(&mut record);
+            tx.accounts.insert(account.as_bytes(), encode(&record))?;
+            Ok(msg)
+        })
+    }
+
     /// Outbound messages recorded but not yet confirmed, in key order.
     pub fn pending_outbound(&self) -> Result<Vec<Message>, StoreError> {
         let mut out = Vec::new();
