@@ -15,6 +15,12 @@
 //!   status transition tables.
 //! - [`store`]: the sled store; the only module that names sled.
 //! - [`transport`]: the boundary to Telegram and its classified errors.
+//! - [`safety`]: AccountSafety, the only gate to the transport.
+//! - [`engine`]: the Lua engine runtime; the only module that names mlua.
+//! - [`host`]: runners, conductors, reviver, startup and shutdown.
+//! - [`sim`]: the simulated Telegram.
+//! - [`report`], [`chat`]: what `status`/`dialogs`/`dialog` print, and
+//!   `colloquy chat`.
 //! - [`clock`]: the injected clock and seeded random source.
 //! - [`logging`]: tracing output.
 
