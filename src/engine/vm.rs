@@ -5,7 +5,7 @@
 //! [`super::EngineRuntime`]) and runs many calls concurrently as coroutines.
 //! A global count hook (inherited by every coroutine, including those Lua
 //! code creates) charges the instructions to the call being polled, which
-//! [`Metered`] records in the VM's app data around each poll.
+//! `Metered` records in the VM's app data around each poll.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
