@@ -177,15 +177,7 @@ fn sample_contact(config: &Config, audiences: &[String]) -> ContactView {
             .into_iter()
             .next()
         {
-            return ContactView {
-                id: 0,
-                username: row.username,
-                phone: row.phone,
-                user_id: row.user_id,
-                first_name: row.first_name,
-                last_name: row.last_name,
-                fields: row.fields,
-            };
+            return ContactView::from(row);
         }
     }
     ContactView {

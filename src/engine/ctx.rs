@@ -111,3 +111,17 @@ pub struct Reply {
     pub output: Output,
     pub state: serde_json::Value,
 }
+
+impl From<crate::audience::ContactRow> for ContactView {
+    fn from(row: crate::audience::ContactRow) -> ContactView {
+        ContactView {
+            id: 0,
+            username: row.username,
+            phone: row.phone,
+            user_id: row.user_id,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            fields: row.fields,
+        }
+    }
+}

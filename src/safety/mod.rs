@@ -128,7 +128,8 @@ impl AccountSafety {
     }
 
     /// Takes a slot for one send if the limits allow it now, in one store
-    /// transaction: two callers can never both take the last slot.
+    /// transaction: two callers can never both take the last slot. A slot
+    /// the message already holds is kept.
     pub fn try_reserve(
         &self,
         account: &str,
@@ -136,18 +137,16 @@ impl AccountSafety {
         window: Option<&SendWindow>,
         key: IdempotencyKey,
     ) -> Result<Decision, StoreError> {
-        let limits = self.limits(account);
-        let jitter = self.jitter(&limits);
-        let now = self.now();
-        self.inner.store.update_account(account, &|record| {
-            decide::reserve(
-                record,
-                &limits,
-                SendRequest { kind, now, window },
-                key,
-                jitter,
-            )
-        })
+        self.reserve(
+            account,
+            SendRequest {
+                kind,
+                now: self.now(),
+                window,
+            },
+            key,
+            false,
+        )
     }
 
     /// Takes the slot for a send about to happen now: a slot the message
@@ -162,18 +161,32 @@ impl AccountSafety {
         window: Option<&SendWindow>,
         key: IdempotencyKey,
     ) -> Result<Decision, StoreError> {
+        self.reserve(
+            account,
+            SendRequest {
+                kind,
+                now: self.now(),
+                window,
+            },
+            key,
+            true,
+        )
+    }
+
+    fn reserve(
+        &self,
+        account: &str,
+        req: SendRequest<'_>,
+        key: IdempotencyKey,
+        again: bool,
+    ) -> Result<Decision, StoreError> {
         let limits = self.limits(account);
         let jitter = self.jitter(&limits);
-        let now = self.now();
         self.inner.store.update_account(account, &|record| {
-            decide::release(record, key);
-            decide::reserve(
-                record,
-                &limits,
-                SendRequest { kind, now, window },
-                key,
-                jitter,
-            )
+            if again {
+                decide::release(record, key);
+            }
+            decide::reserve(record, &limits, req, key, jitter)
         })
     }
 

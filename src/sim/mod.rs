@@ -66,15 +66,9 @@ impl SimTransport {
         let mut contacts = HashMap::new();
         for a in &config.file.audiences {
             for row in crate::audience::read(&config.resolve(&a.file)).rows {
-                contacts.entry(row.identity.clone()).or_insert(ContactView {
-                    id: 0,
-                    username: row.username,
-                    phone: row.phone,
-                    user_id: row.user_id,
-                    first_name: row.first_name,
-                    last_name: row.last_name,
-                    fields: row.fields,
-                });
+                contacts
+                    .entry(row.identity.clone())
+                    .or_insert_with(|| ContactView::from(row));
             }
         }
         Ok(SimTransport {
