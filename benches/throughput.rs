@@ -1,0 +1,213 @@
+//! Host throughput on an in-memory transport: N live dialogs, M incoming
+//! messages, echo engine, limits lifted and reply delays zero. A message is
+//! handled when it and its reply are durable in the store and the reply has
+//! been handed to the transport. Prints one JSON object, like the Python
+//! peer in shared/bench/python_peer.
+//!
+//!     cargo bench --bench throughput -- --dialogs 10000 --messages 100000
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use colloquy::clock::{BoxFuture, Clock, SeededRng, SystemClock};
+use colloquy::config::Config;
+use colloquy::host;
+use colloquy::model::{IdempotencyKey, Identity};
+use colloquy::store::{NewDialog, Store};
+use colloquy::transport::{
+    Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Records when each reply went out.
+struct MemoryTransport {
+    sink: Mutex<Option<mpsc::Sender<Inbound>>>,
+    sent: AtomicUsize,
+    started: Instant,
+    /// Reply latency in microseconds, by message number.
+    latency: Mutex<Vec<u64>>,
+    arrived: Mutex<HashMap<usize, Instant>>,
+    done: tokio::sync::Notify,
+    expected: usize,
+}
+
+impl Transport for MemoryTransport {
+    fn send(&self, msg: OutgoingMessage) -> BoxFuture<'_, Result<Delivered, SendError>> {
+        let n = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(i) = msg
+            .text
+            .strip_prefix("re: m")
+            .and_then(|t| t.parse::<usize>().ok())
+        {
+            if let Some(t) = self.arrived.lock().unwrap().remove(&i) {
+                self.latency
+                    .lock()
+                    .unwrap()
+                    .push(t.elapsed().as_micros() as u64);
+            }
+        }
+        if n == self.expected {
+            self.done.notify_one();
+        }
+        let at = SystemClock.now();
+        Box::pin(async move {
+            Ok(Delivered {
+                transport_id: n as i64,
+                at,
+            })
+        })
+    }
+
+    fn was_delivered(
+        &self,
+        _: &str,
+        _: &Identity,
+        _: IdempotencyKey,
+    ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>> {
+        *self.sink.lock().unwrap() = Some(sink);
+        let _ = self.started;
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let dialogs = arg("--dialogs", 10_000);
+    let messages = arg("--messages", 100_000);
+    let accounts = (dialogs / 100).max(1);
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(dir.path().join("engines")).unwrap();
+    std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
+    std::fs::copy(
+        root.join("engines/echo.lua"),
+        dir.path().join("engines/echo.lua"),
+    )
+    .unwrap();
+    let mut text = String::from(
+        "[safety]\nmax_per_hour = 1000000\nmax_per_day = 1000000\nmax_new_dialogs_per_day = 1000000\nmin_interval = \"0s\"\njitter = \"0s\"\nreply_delay = \"0s\"\nstuck_after = \"30days\"\n",
+    );
+    let names: Vec<String> = (0..accounts).map(|i| format!("a{i}")).collect();
+    for n in &names {
+        text.push_str(&format!("[[accounts]]\nname = \"{n}\"\n"));
+    }
+    text.push_str("[[audiences]]\nname = \"l\"\nfile = \"l.csv\"\n[[campaigns]]\nname = \"c\"\nstatus = \"paused\"\nengine = \"echo\"\naudiences = [\"l\"]\naccounts = [\"a0\"]\n");
+    std::fs::write(dir.path().join("l.csv"), "user_id\n1\n").unwrap();
+    std::fs::write(dir.path().join("config.toml"), text).unwrap();
+    let config = Arc::new(Config::load(&dir.path().join("config.toml")).unwrap());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let store = Store::open(&config.data_dir()).unwrap();
+        let rows: Vec<_> = (0..dialogs as i64)
+            .map(|i| colloquy::audience::ContactRow {
+                line: 0,
+                identity: Identity::UserId(i + 1),
+                username: None,
+                phone: None,
+                user_id: Some(i + 1),
+                first_name: None,
+                last_name: None,
+                fields: Default::default(),
+            })
+            .collect();
+        let rng = SeededRng::new(1);
+        store.import_audience("l", &rows, &mut || rng.next_u64()).unwrap();
+        let rss_before = rss_kib();
+        for (i, row) in rows.iter().enumerate() {
+            let contact = store.contact_by_identity(&row.identity).unwrap().unwrap();
+            let new = NewDialog { campaign: "c".into(), account: names[i % accounts].clone(), contact: contact.id, at: SystemClock.now() };
+            store.open_dialog(&new, None, &|_| Ok(())).unwrap();
+        }
+        store.flush().unwrap();
+        let transport = Arc::new(MemoryTransport {
+            sink: Mutex::new(None),
+            sent: AtomicUsize::new(0),
+            started: Instant::now(),
+            latency: Mutex::new(Vec::with_capacity(messages)),
+            arrived: Mutex::new(HashMap::new()),
+            done: tokio::sync::Notify::new(),
+            expected: messages,
+        });
+        let h = host::build(config.clone(), store.clone(), transport.clone(), Arc::new(SystemClock), CancellationToken::new());
+        host::start(&h).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rss_idle = rss_kib();
+        let sink = transport.sink.lock().unwrap().clone().unwrap();
+        let started = Instant::now();
+        let feeder = {
+            let transport = transport.clone();
+            tokio::spawn(async move {
+                let rng = SeededRng::new(42);
+                for i in 0..messages {
+                    let d = (rng.next_u64() % dialogs as u64) as i64 + 1;
+                    transport.arrived.lock().unwrap().insert(i, Instant::now());
+                    let (tx, _rx) = tokio::sync::oneshot::channel();
+                    let message = IncomingMessage {
+                        account: names[(d as usize - 1) % accounts].clone(),
+                        contact: Identity::UserId(d),
+                        transport_id: i as i64 + 1,
+                        text: format!("m{i}"),
+                        at: SystemClock.now(),
+                    };
+                    if sink.send(Inbound { message, stored: tx }).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let finished = tokio::time::timeout(Duration::from_secs(300), transport.done.notified()).await.is_ok();
+        let elapsed = started.elapsed().as_secs_f64();
+        feeder.abort();
+        let sent = transport.sent.load(Ordering::SeqCst);
+        let mut lat = transport.latency.lock().unwrap().clone();
+        lat.sort_unstable();
+        let p = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+        println!(
+            "{}",
+            serde_json::json!({
+                "dialogs": dialogs,
+                "messages": messages,
+                "completed": finished,
+                "replies_sent": sent,
+                "msgs_per_s": (sent as f64 / elapsed).round(),
+                "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
+                "p50_ms": p(0.50),
+                "p99_ms": p(0.99),
+                "rss_idle_mib": rss_idle as f64 / 1024.0,
+                "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / dialogs as f64,
+            })
+        );
+        host::stop(&h).await;
+    });
+}
