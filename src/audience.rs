@@ -202,6 +202,13 @@ pub fn normalize_username(raw: &str) -> Result<String, String> {
 /// A phone number in international form to E.164: `+1 (555) 000-0001` →
 /// `+15550000001`. The country code is required: a leading `+` or `00`, or a
 /// bare digit string that starts with its country code.
+///
+/// ```
+/// use colloquy::audience::normalize_phone;
+/// assert_eq!(normalize_phone("+1 (555) 000-0001").unwrap(), "+15550000001");
+/// assert_eq!(normalize_phone("0049 30 1234567").unwrap(), "+49301234567");
+/// assert!(normalize_phone("555-0001").is_err());
+/// ```
 pub fn normalize_phone(raw: &str) -> Result<String, String> {
     let t = raw.trim();
     let body = t

@@ -37,6 +37,13 @@ impl fmt::Display for Dur {
 
 /// A uniform range of durations, `"30s..20m"`; a single duration means a
 /// range of one value.
+///
+/// ```
+/// use colloquy::config::DurRange;
+/// let r: DurRange = "30s..20m".parse().unwrap();
+/// assert_eq!((r.lo.as_secs(), r.hi.as_secs()), (30, 1200));
+/// assert!("20m..30s".parse::<DurRange>().unwrap_err().contains("reversed"));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurRange {
     pub lo: Duration,
