@@ -298,13 +298,22 @@ impl Host {
                 "the contact opted out; nothing more will be sent to it"
             );
         }
-        // Durable before the transport hears it was received.
-        self.store.flush_async().await?;
-        let _ = inbound.stored.send(());
         drop(gate);
         if stored.is_some() && !opted_out {
             self.activate(dialog);
         }
+        // Durable before the transport hears it was received. The wait runs
+        // beside the dispatcher, so receipts share flushes (group commit)
+        // while messages are still stored in arrival order.
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            match store.flush_async().await {
+                Ok(()) => {
+                    let _ = inbound.stored.send(());
+                }
+                Err(e) => tracing::error!("an incoming message could not be made durable: {e}"),
+            }
+        });
         Ok(())
     }
 }

@@ -28,6 +28,7 @@
 mod keys;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -166,6 +167,31 @@ pub struct Outbound {
 pub struct Store {
     db: sled::Db,
     t: Trees,
+    /// Group commit: flush requests that arrive while a flush runs are
+    /// served together by the next one.
+    flusher: Arc<std::sync::OnceLock<FlushQueue>>,
+}
+
+type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+type FlushQueue = tokio::sync::mpsc::UnboundedSender<FlushWaiter>;
+
+/// Serves flush requests in batches: one fsync for everyone who asked
+/// before it started.
+async fn group_flush(db: sled::Db, mut rx: tokio::sync::mpsc::UnboundedReceiver<FlushWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiters.push(more);
+        }
+        let result = db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -353,7 +379,11 @@ impl Store {
             accounts: tree("accounts")?,
             meta: tree("meta")?,
         };
-        Ok(Store { db, t })
+        Ok(Store {
+            db,
+            t,
+            flusher: Arc::new(std::sync::OnceLock::new()),
+        })
     }
 
     /// Makes everything written so far durable.
@@ -367,6 +397,18 @@ impl Store {
     /// is acknowledged to the transport (a received message), so a crash
     /// can never lose a record of something the outside world saw.
     pub async fn flush_async(&self) -> Result<(), StoreError> {
+        let queue = self.flusher.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(group_flush(self.db.clone(), rx));
+            tx
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if queue.send(tx).is_ok() {
+            if let Ok(result) = rx.await {
+                return result.map_err(StoreError::Storage);
+            }
+        }
+        // The flusher's runtime is gone: flush here.
         self.db.flush_async().await?;
         Ok(())
     }
