@@ -74,6 +74,15 @@ fn ctx() -> Ctx {
     }
 }
 
+/// What engine "e" answers to "x".
+async fn say(rt: &EngineRuntime) -> Vec<String> {
+    rt.call("e", respond("x"), ctx())
+        .await
+        .unwrap()
+        .output
+        .messages
+}
+
 fn respond(text: &str) -> Call {
     Call::Response {
         text: text.into(),
@@ -340,14 +349,7 @@ async fn broken_edits_keep_the_previous_version() {
         "",
     );
     let (rt, _) = p.runtime();
-    assert_eq!(
-        rt.call("e", respond("x"), ctx())
-            .await
-            .unwrap()
-            .output
-            .messages,
-        vec!["v1"]
-    );
+    assert_eq!(say(&rt).await, vec!["v1"]);
     std::fs::write(
         p.path("engines/e.lua"),
         "return { get_response = function() return 'v2' end",
@@ -360,14 +362,7 @@ async fn broken_edits_keep_the_previous_version() {
         "{:?}",
         report.problems
     );
-    assert_eq!(
-        rt.call("e", respond("x"), ctx())
-            .await
-            .unwrap()
-            .output
-            .messages,
-        vec!["v1"]
-    );
+    assert_eq!(say(&rt).await, vec!["v1"]);
     std::fs::write(
         p.path("engines/e.lua"),
         "return { get_opening = function() end }",
@@ -379,28 +374,14 @@ async fn broken_edits_keep_the_previous_version() {
         "{:?}",
         report.problems
     );
-    assert_eq!(
-        rt.call("e", respond("x"), ctx())
-            .await
-            .unwrap()
-            .output
-            .messages,
-        vec!["v1"]
-    );
+    assert_eq!(say(&rt).await, vec!["v1"]);
     std::fs::write(
         p.path("engines/e.lua"),
         "return { get_response = function() return 'v3' end }",
     )
     .unwrap();
     assert!(rt.reload().problems.is_empty());
-    assert_eq!(
-        rt.call("e", respond("x"), ctx())
-            .await
-            .unwrap()
-            .output
-            .messages,
-        vec!["v3"]
-    );
+    assert_eq!(say(&rt).await, vec!["v3"]);
 }
 
 #[tokio::test]
@@ -419,14 +400,7 @@ async fn a_broken_module_keeps_its_previous_version() {
     .unwrap();
     let (rt, problems) = p.runtime();
     assert!(problems.is_empty(), "{problems:?}");
-    assert_eq!(
-        rt.call("e", respond("x"), ctx())
-            .await
-            .unwrap()
-            .output
-            .messages,
-        vec!["one"]
-    );
+    assert_eq!(say(&rt).await, vec!["one"]);
     std::fs::write(
         p.path("scripts/util.lua"),
         "return { word = function() return 'two' end",
@@ -441,14 +415,7 @@ async fn a_broken_module_keeps_its_previous_version() {
         "{:?}",
         report.problems
     );
-    assert_eq!(
-        rt.call("e", respond("x"), ctx())
-            .await
-            .unwrap()
-            .output
-            .messages,
-        vec!["one"]
-    );
+    assert_eq!(say(&rt).await, vec!["one"]);
 }
 
 #[tokio::test]

@@ -24,6 +24,25 @@ fn gate(store: &Store, safety: &str) -> AccountSafety {
     )
 }
 
+/// A failed send of message `key` in campaign "c".
+fn failure<'a>(
+    account: &'a str,
+    dialog: Option<DialogId>,
+    contact: Option<ContactId>,
+    key: u64,
+    error: &'a SendError,
+) -> Failure<'a> {
+    Failure {
+        account,
+        campaign: "c",
+        dialog,
+        contact,
+        key: IdempotencyKey(key),
+        attempt: 0,
+        error,
+    }
+}
+
 const TIGHT: &str = "max_per_hour = 2\nmax_per_day = 10\nmax_new_dialogs_per_day = 2\nmin_interval = \"10s\"\njitter = \"0s\"";
 
 #[tokio::test(start_paused = true)]
@@ -74,17 +93,7 @@ async fn flood_wait_pauses_the_account_across_a_restart() {
         .await
         .unwrap();
     let err = SendError::FloodWait(Duration::from_secs(600));
-    let r = g
-        .report(&Failure {
-            account: "a",
-            campaign: "c",
-            dialog: None,
-            contact: None,
-            key: IdempotencyKey(1),
-            attempt: 0,
-            error: &err,
-        })
-        .unwrap();
+    let r = g.report(&failure("a", None, None, 1, &err)).unwrap();
     let until = Timestamp(START.0 + 665_000);
     assert_eq!(r, Reaction::RetryAt(until));
     // The failed send's slot came back; the pause holds for a new gate too.
@@ -107,16 +116,7 @@ async fn peer_flood_stops_openings_but_not_replies() {
     let store = Store::temporary().unwrap();
     let g = gate(&store, TIGHT);
     let err = SendError::PeerFlood;
-    g.report(&Failure {
-        account: "a",
-        campaign: "c",
-        dialog: None,
-        contact: None,
-        key: IdempotencyKey(1),
-        attempt: 0,
-        error: &err,
-    })
-    .unwrap();
+    g.report(&failure("a", None, None, 1, &err)).unwrap();
     assert!(matches!(
         g.check("a", MessageKind::Opening, None).unwrap(),
         Decision::NotBefore(_)
@@ -154,15 +154,7 @@ async fn privacy_restricted_marks_the_contact_unreachable() {
     let (dialog, contact) = dialog_with(&store, "a");
     let err = SendError::PrivacyRestricted;
     let r = g
-        .report(&Failure {
-            account: "a",
-            campaign: "c",
-            dialog: Some(dialog),
-            contact: Some(contact),
-            key: IdempotencyKey(1),
-            attempt: 0,
-            error: &err,
-        })
+        .report(&failure("a", Some(dialog), Some(contact), 1, &err))
         .unwrap();
     assert!(matches!(r, Reaction::Unreachable(_)));
     assert!(matches!(
@@ -179,15 +171,7 @@ async fn a_ban_blocks_the_account_and_its_dialogs() {
     let (dialog, _) = dialog_with(&store, "a");
     let err = SendError::AccountBanned;
     let r = g
-        .report(&Failure {
-            account: "a",
-            campaign: "c",
-            dialog: Some(dialog),
-            contact: None,
-            key: IdempotencyKey(1),
-            attempt: 0,
-            error: &err,
-        })
+        .report(&failure("a", Some(dialog), None, 1, &err))
         .unwrap();
     assert_eq!(r, Reaction::AccountLost);
     assert_eq!(
@@ -200,16 +184,7 @@ async fn a_ban_blocks_the_account_and_its_dialogs() {
     assert!(matches!(denied, Err(GateError::Denied(Denied::Blocked(_)))));
 
     let err = SendError::Unauthorized;
-    g.report(&Failure {
-        account: "b",
-        campaign: "c",
-        dialog: None,
-        contact: None,
-        key: IdempotencyKey(3),
-        attempt: 0,
-        error: &err,
-    })
-    .unwrap();
+    g.report(&failure("b", None, None, 3, &err)).unwrap();
     assert_eq!(
         store.account("b").unwrap().status,
         AccountStatus::Unauthorized
