@@ -101,7 +101,7 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() {
     let dialogs = arg("--dialogs", 10_000);
     let messages = arg("--messages", 100_000);
-    let accounts = (dialogs / 100).max(1);
+    let accounts = arg("--accounts", (dialogs / 100).max(1));
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.path().join("engines")).unwrap();

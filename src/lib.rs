@@ -19,6 +19,8 @@
 //! - [`engine`]: the Lua engine runtime; the only module that names mlua.
 //! - [`host`]: runners, conductors, reviver, startup and shutdown.
 //! - [`sim`]: the simulated Telegram.
+//! - [`telegram`]: the Telegram transport through grammers: sessions,
+//!   login, exactly-once sends, catch-up.
 //! - [`report`], [`chat`]: what `status`/`dialogs`/`dialog` print, and
 //!   `colloquy chat`.
 //! - [`clock`]: the injected clock and seeded random source.
@@ -37,4 +39,5 @@ pub mod report;
 pub mod safety;
 pub mod sim;
 pub mod store;
+pub mod telegram;
 pub mod transport;

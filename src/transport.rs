@@ -51,6 +51,10 @@ pub enum SendError {
     PrivacyRestricted,
     #[error("the contact cannot be reached (invalid or deleted peer)")]
     PeerInvalid,
+    /// The contact cannot be written to; the text says why (no such
+    /// username, paid messages, Premium only).
+    #[error("{0}")]
+    Unreachable(String),
     #[error("the account is banned")]
     AccountBanned,
     #[error("the account is logged out; run `colloquy login` for it")]

@@ -201,11 +201,28 @@ impl SimFaults {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Telegram {
     pub api_id: i64,
     /// Name of the environment variable that holds the api_hash.
     pub api_hash_env: String,
+    /// Show "typing…" before each reply, for a time proportional to it.
+    pub typing: bool,
+    pub typing_chars_per_second: f64,
+    /// Mark incoming messages read once they are stored.
+    pub read_marks: bool,
+}
+
+impl Default for Telegram {
+    fn default() -> Self {
+        Telegram {
+            api_id: 0,
+            api_hash_env: "TELEGRAM_API_HASH".into(),
+            typing: true,
+            typing_chars_per_second: 20.0,
+            read_marks: true,
+        }
+    }
 }
 
 /// Limits of one account: `[safety]`, merged with `[accounts.safety]`.

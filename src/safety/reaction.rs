@@ -98,7 +98,7 @@ pub fn react(error: &SendError, s: Situation<'_>) -> Outcome {
                 true,
             )
         }
-        SendError::PrivacyRestricted | SendError::PeerInvalid => out(
+        SendError::PrivacyRestricted | SendError::PeerInvalid | SendError::Unreachable(_) => out(
             Reaction::Unreachable(error.to_string()),
             AccountEffect::None,
             true,

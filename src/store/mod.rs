@@ -20,6 +20,7 @@
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
 //! | `accounts` | account name | [`AccountRecord`] |
 //! | `meta` | name | value |
+//! | `tg_sessions`, `tg_peers`, `tg_sent`, ... | string key | records of the Telegram transport ([`Records`]) |
 //!
 //! Records are a version byte followed by JSON; [`RECORD_VERSION`] names the
 //! current layout so that a later one can migrate old records on read.
@@ -326,7 +327,65 @@ fn outbound_message(out: &Outbound, at: Timestamp) -> Message {
     }
 }
 
+/// A tree of records under string keys, for data the store keeps but does
+/// not interpret (the Telegram transport's sessions, peers and send
+/// journal).
+#[derive(Clone)]
+pub struct Records {
+    tree: sled::Tree,
+    what: &'static str,
+}
+
+impl Records {
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.tree
+            .get(key.as_bytes())?
+            .map(|b| decode(self.what, &b))
+            .transpose()
+    }
+
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.tree.insert(key.as_bytes(), encode(value))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.tree.remove(key.as_bytes())?;
+        Ok(())
+    }
+
+    /// Removes every record whose key starts with `prefix`.
+    pub fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        for k in self.tree.scan_prefix(prefix.as_bytes()).keys() {
+            self.tree.remove(k?)?;
+        }
+        Ok(())
+    }
+
+    /// Every record whose key starts with `prefix`, in key order.
+    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
+        self.tree
+            .scan_prefix(prefix.as_bytes())
+            .map(|e| {
+                let (k, v) = e?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode(self.what, &v)?,
+                ))
+            })
+            .collect()
+    }
+}
+
 impl Store {
+    /// The records tree `name` (created on first use).
+    pub fn records(&self, name: &'static str) -> Result<Records, StoreError> {
+        Ok(Records {
+            tree: self.db.open_tree(name)?,
+            what: name,
+        })
+    }
+
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
