@@ -63,8 +63,20 @@ pub enum Command {
     },
     /// Print one dialog's transcript.
     Dialog { id: DialogId },
-    /// Log a Telegram user account in.
-    Login { account: String },
+    /// Log a Telegram user account in (code, then 2FA password if asked),
+    /// or import a Telethon/Pyrogram string session.
+    Login {
+        account: String,
+        /// The login code, instead of a prompt.
+        #[arg(long)]
+        code: Option<String>,
+        /// Name of an environment variable holding the 2FA password.
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+        /// A Telethon or Pyrogram string session to store for the account.
+        #[arg(long, value_name = "STRING")]
+        import_session: Option<String>,
+    },
 }
 
 /// How a command failed, and so which exit code it gets.
@@ -91,6 +103,12 @@ impl From<StoreError> for Failure {
 /// Parses the process arguments, runs the command, and maps the outcome to
 /// an exit code.
 pub fn main() -> ExitCode {
+    // The store holds Telegram auth keys: whatever the host writes is
+    // readable by its user only (files 0600, directories 0700).
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match run(cli) {
@@ -118,14 +136,125 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Run => run_host(&cli.config),
         Command::Eval { file, args } => eval(&cli.config, &file, &args),
         Command::Chat { campaign } => crate::chat::run(&cli.config, &campaign),
-        Command::Login { .. } => not_available("the Telegram transport"),
+        Command::Login {
+            account,
+            code,
+            password_env,
+            import_session,
+        } => login(
+            &cli.config,
+            &account,
+            code,
+            password_env.as_deref(),
+            import_session.as_deref(),
+        ),
     }
 }
 
-fn not_available(capability: &str) -> Result<(), Failure> {
-    Err(Failure::Other(format!(
-        "not available yet: needs {capability}"
-    )))
+fn input(location: &str, message: impl Into<String>) -> Failure {
+    Failure::Input(Problems(vec![Problem::new(location, message)]))
+}
+
+/// `colloquy login`: stores a session for the account, from a login with
+/// its phone or from an imported string session.
+fn login(
+    config_path: &Path,
+    account: &str,
+    code: Option<String>,
+    password_env: Option<&str>,
+    import: Option<&str>,
+) -> Result<(), Failure> {
+    use crate::telegram::login::{self as tg_login, GrammersAuth, LoginError, Terminal};
+    use crate::telegram::session::{SessionRecord, StoredSession};
+    use crate::telegram::string_session;
+
+    let config = Config::load(config_path)?;
+    let Some(acc) = config.file.accounts.iter().find(|a| a.name == account) else {
+        return Err(input(
+            "",
+            format!("there is no account named {account} in {}", config.shown()),
+        ));
+    };
+    let store = Store::open(&config.data_dir())?;
+    if let Some(text) = import {
+        let imported = string_session::parse(text).map_err(|e| input("--import-session", e))?;
+        StoredSession::replace(&store, account, &SessionRecord::imported(&imported))?;
+        crate::telegram::logged_in(&store, account)?;
+        let server = imported
+            .server
+            .map_or("its datacenter's address".to_string(), |s| s.to_string());
+        println!(
+            "account {account}: stored the {} session (DC {}, {server})",
+            imported.format, imported.dc_id
+        );
+        return Ok(());
+    }
+    let Some(telegram) = &config.file.telegram else {
+        return Err(input(
+            "telegram",
+            "logging in needs a [telegram] section with api_id and api_hash_env",
+        ));
+    };
+    let Some(phone) = &acc.phone else {
+        return Err(input(
+            &format!("accounts.{account}.phone"),
+            "is required to log in; add the account's phone number (or use --import-session)",
+        ));
+    };
+    let api_hash = std::env::var(&telegram.api_hash_env).map_err(|_| {
+        input(
+            "telegram.api_hash_env",
+            format!(
+                "the environment variable {} is not set; export the api_hash from my.telegram.org in it",
+                telegram.api_hash_env
+            ),
+        )
+    })?;
+    let password = match password_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| {
+            input(
+                "--password-env",
+                format!("the environment variable {var} is not set"),
+            )
+        })?),
+        None => None,
+    };
+    let api_id = i32::try_from(telegram.api_id)
+        .map_err(|_| input("telegram.api_id", "is too large for Telegram"))?;
+    // The login runs on a scratch session: a failed login leaves the
+    // account's current session as it was.
+    let scratch = format!("{account}\u{1}login");
+    StoredSession::replace(&store, &scratch, &SessionRecord::default())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(format!("cannot start the runtime: {e}")))?;
+    let result = rt.block_on(async {
+        let (client, _updates, session) =
+            crate::telegram::grammers_client(&store, &scratch, api_id, acc.proxy.clone())
+                .map_err(|e| LoginError::Other(e.to_string()))?;
+        let mut auth = GrammersAuth::new(client.clone(), api_hash);
+        let mut prompt = Terminal { code, password };
+        let me = tg_login::login(&mut auth, &mut prompt, phone).await;
+        client.disconnect();
+        me.map(|me| (me, session.record()))
+    });
+    let outcome = match result {
+        Ok((me, record)) => {
+            StoredSession::replace(&store, account, &record)?;
+            crate::telegram::logged_in(&store, account)?;
+            println!("account {account} is logged in as {me}");
+            Ok(())
+        }
+        Err(e) if e.is_bad_input() => Err(input("", format!("account {account}: {e}"))),
+        Err(e) => Err(Failure::Other(format!("account {account}: {e}"))),
+    };
+    store.records("tg_sessions")?.remove(&scratch)?;
+    store
+        .records("tg_peers")?
+        .remove_prefix(&format!("{scratch}\0"))?;
+    store.flush()?;
+    outcome
 }
 
 /// `colloquy check`: every problem of the config and its audiences.
@@ -267,11 +396,11 @@ fn status(config_path: &Path) -> Result<(), Failure> {
     match source(&config)? {
         Source::Host => ask_host(&config, control::Request::Status),
         Source::Store(store) => {
-            print!("{}", report::status(&config, Some(&store))?);
+            print!("{}", report::status(&config, Some(&store), &[])?);
             Ok(())
         }
         Source::Nothing => {
-            print!("{}", report::status(&config, None)?);
+            print!("{}", report::status(&config, None, &[])?);
             Ok(())
         }
     }

@@ -9,7 +9,12 @@ use crate::model::{Delivery, DialogId, DialogStatus, Direction};
 use crate::store::{Store, StoreError};
 
 /// Campaigns, accounts and dialog counts by status.
-pub fn status(config: &Config, store: Option<&Store>) -> Result<String, StoreError> {
+/// `links` are the accounts' Telegram connections, when a host runs them.
+pub fn status(
+    config: &Config,
+    store: Option<&Store>,
+    links: &[(String, &'static str)],
+) -> Result<String, StoreError> {
     let mut out = String::new();
     for c in &config.file.campaigns {
         let left: usize = match store {
@@ -41,9 +46,14 @@ pub fn status(config: &Config, store: Option<&Store>) -> Result<String, StoreErr
             }
             None => ("active".to_string(), 0),
         };
+        let link = links
+            .iter()
+            .find(|(n, _)| *n == a.name)
+            .map(|(_, l)| format!(", Telegram connection {l}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "account {}: {state}, {sent} sends in the last day",
+            "account {}: {state}, {sent} sends in the last day{link}",
             a.name
         );
     }

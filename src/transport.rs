@@ -96,4 +96,10 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Starts delivering incoming messages of every account to `sink`.
     fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>>;
+
+    /// Each account's connection, for status (`ready`, `connecting`,
+    /// `unauthorized`); empty when the transport has no connections.
+    fn links(&self) -> Vec<(String, &'static str)> {
+        Vec::new()
+    }
 }

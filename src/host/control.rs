@@ -103,7 +103,7 @@ fn answer(host: &Host, token: &str, line: &str) -> Reply {
     }
     let config = host.config();
     let text = match env.request {
-        Request::Status => report::status(&config, Some(&host.store)),
+        Request::Status => report::status(&config, Some(&host.store), &host.transport.links()),
         Request::Dialogs { campaign, status } => {
             report::dialogs(&host.store, campaign.as_deref(), status.as_deref())
         }

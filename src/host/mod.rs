@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::clock::{Clock, SeededRng, Timestamp};
+use crate::clock::{Clock, SeededRng, SystemClock, Timestamp};
 use crate::config::{Config, SendWindow, TransportKind};
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
 use crate::engine::{Ctx, EngineRuntime};
@@ -325,19 +325,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Stri
     let config = Arc::new(config);
     let store = Store::open(&config.data_dir()).map_err(|e| e.to_string())?;
     import_audiences(&config, &store)?;
-    let (transport, clock): (Arc<dyn Transport>, Arc<dyn Clock>) =
-        match config.file.transport.kind {
-            TransportKind::Sim => {
-                let sim = crate::sim::SimTransport::open(&config)?;
-                let clock = sim.clock();
-                (Arc::new(sim), clock)
-            }
-            TransportKind::Telegram => return Err(
-                "not available yet: needs the Telegram transport; use [transport] kind = \"sim\""
-                    .into(),
-            ),
-        };
+    let mut unauthorized = Vec::new();
+    let (transport, clock): (Arc<dyn Transport>, Arc<dyn Clock>) = match config.file.transport.kind
+    {
+        TransportKind::Sim => {
+            let sim = crate::sim::SimTransport::open(&config)?;
+            let clock = sim.clock();
+            (Arc::new(sim), clock)
+        }
+        TransportKind::Telegram => {
+            let telegram = telegram_transport(&config, &store, &shutdown)?;
+            unauthorized = telegram.unauthorized();
+            (Arc::new(telegram), Arc::new(SystemClock))
+        }
+    };
     let host = build(config.clone(), store, transport, clock, shutdown);
+    for account in unauthorized {
+        tracing::error!(
+            account,
+            "account {account} is not logged in; run `colloquy login {account}`; the other accounts run"
+        );
+        host.safety
+            .mark_unauthorized(&account)
+            .map_err(|e| e.to_string())?;
+    }
     let _watch = crate::engine::watch(&host.engines)
         .map_err(|e| format!("cannot watch the engine files: {e}"))?;
     let _config_watch = watch_config(host.clone(), config.path.clone());
@@ -348,6 +359,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Stri
     host.shutdown.cancelled().await;
     stop(&host).await;
     Ok(())
+}
+
+/// The Telegram transport over the accounts of the config; connects in
+/// the background, so the host starts while Telegram is unreachable.
+fn telegram_transport(
+    config: &Config,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<crate::telegram::TelegramTransport, String> {
+    use crate::telegram::{GrammersConnector, Manners, TelegramTransport};
+    let api_id = config.file.telegram.as_ref().map_or(0, |t| t.api_id);
+    let connector = GrammersConnector {
+        store: store.clone(),
+        api_id: i32::try_from(api_id)
+            .map_err(|_| format!("telegram.api_id {api_id} is too large"))?,
+        proxies: config
+            .file
+            .accounts
+            .iter()
+            .filter_map(|a| Some((a.name.clone(), a.proxy.clone()?)))
+            .collect(),
+    };
+    TelegramTransport::new(
+        config
+            .file
+            .accounts
+            .iter()
+            .map(|a| a.name.clone())
+            .collect(),
+        store,
+        Arc::new(connector),
+        Manners::from_config(config),
+        Arc::new(SystemClock),
+        shutdown.clone(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Assembles a host from its parts; nothing runs yet.

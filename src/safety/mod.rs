@@ -395,6 +395,32 @@ impl AccountSafety {
         Ok(outcome.reaction)
     }
 
+    /// The account's session is missing or revoked: nothing is sent from
+    /// it until `colloquy login` succeeds. Raises an alert.
+    pub fn mark_unauthorized(&self, account: &str) -> Result<(), StoreError> {
+        let changed = self.inner.store.update_account(account, &|r| {
+            let next = r.status.transition(AccountStatus::Unauthorized);
+            match next {
+                Ok(s) if s != r.status => {
+                    r.status = s;
+                    true
+                }
+                _ => false,
+            }
+        })?;
+        if changed {
+            self.inner.alerts.raise(
+                Alert::new(
+                    AlertKind::AccountUnauthorized,
+                    self.now(),
+                    format!("account {account} is not logged in; run `colloquy login {account}`"),
+                )
+                .account(account),
+            );
+        }
+        Ok(())
+    }
+
     /// Whether every one of `accounts` is barred from opening dialogs now:
     /// a campaign with none left pauses itself.
     pub fn none_can_open(&self, accounts: &[String]) -> Result<bool, StoreError> {

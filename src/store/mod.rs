@@ -327,6 +327,22 @@ fn outbound_message(out: &Outbound, at: Timestamp) -> Message {
     }
 }
 
+/// Makes the store readable by its owner only: it holds Telegram auth
+/// keys. Best effort: a store on a filesystem without modes still opens.
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::create_dir_all(path).is_err() {
+        return;
+    }
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            let mode = if e.path().is_dir() { 0o700 } else { 0o600 };
+            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode));
+        }
+    }
+}
+
 /// A tree of records under string keys, for data the store keeps but does
 /// not interpret (the Telegram transport's sessions, peers and send
 /// journal).
@@ -390,6 +406,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        private(&dir.join("store"));
         let db = sled::Config::new()
             .path(dir.join("store"))
             .mode(sled::Mode::HighThroughput)

@@ -39,8 +39,18 @@ use crate::transport::{
     Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
 };
 use api::{Api, Peer};
-pub use grammers::GrammersConnector;
+pub use grammers::{client as grammers_client, GrammersConnector};
 use resolve::Resolver;
+
+/// After a login or import: an account marked unauthorized may send again.
+pub fn logged_in(store: &Store, account: &str) -> Result<(), StoreError> {
+    store.update_account(account, &|r| {
+        if r.status == crate::model::AccountStatus::Unauthorized {
+            r.status = crate::model::AccountStatus::Active;
+        }
+    })?;
+    store.flush()
+}
 
 /// How long a send may take before its outcome counts as unknown.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -172,9 +182,7 @@ impl TelegramTransport {
             .collect()
     }
 
-    /// Each account's link, for status: `ready`, `connecting` or
-    /// `unauthorized`.
-    pub fn links(&self) -> Vec<(String, &'static str)> {
+    fn link_states(&self) -> Vec<(String, &'static str)> {
         let links = self.0.links.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<_> = links
             .iter()
@@ -457,6 +465,10 @@ impl Transport for TelegramTransport {
             tokio::spawn(self.clone().supervise(account.clone(), sink.clone()));
         }
         Box::pin(async { Ok(()) })
+    }
+
+    fn links(&self) -> Vec<(String, &'static str)> {
+        self.link_states()
     }
 }
 

@@ -1,1 +1,379 @@
+//! The transport against a fake of grammers' shape: the same calls, the
+//! same error values Telegram answers with.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::api::{ApiResult, SentMessage};
+use super::errors::rpc;
+use super::*;
+use crate::clock::SystemClock;
+
+#[derive(Default)]
+struct FakeApi {
+    usernames: HashMap<String, Peer>,
+    paid: HashSet<i64>,
+    resolves: AtomicUsize,
+    sent: Mutex<Vec<(i64, String, i64)>>,
+    /// The next send reaches Telegram but its answer is lost.
+    lose_answer: AtomicBool,
+    panic_on_send: AtomicBool,
+    read: Mutex<Vec<i32>>,
+}
+
+impl Api for FakeApi {
+    fn resolve_username(&self, username: &str) -> BoxFuture<'_, ApiResult<Option<Peer>>> {
+        self.resolves.fetch_add(1, Ordering::SeqCst);
+        let found = self.usernames.get(username).copied();
+        Box::pin(async move {
+            match found {
+                Some(p) => Ok(Some(p)),
+                None => Err(rpc(400, "USERNAME_NOT_OCCUPIED")),
+            }
+        })
+    }
+    fn resolve_phone(&self, _: &str) -> BoxFuture<'_, ApiResult<Option<Peer>>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn requirement(&self, peer: Peer) -> BoxFuture<'_, ApiResult<Option<String>>> {
+        let paid = self.paid.contains(&peer.user_id);
+        Box::pin(async move { Ok(paid.then(|| "the contact charges 10 stars per message".into())) })
+    }
+    fn send(&self, peer: Peer, text: &str, random_id: i64) -> BoxFuture<'_, ApiResult<i32>> {
+        if self.panic_on_send.load(Ordering::SeqCst) {
+            panic!("unexpected answer shape");
+        }
+        let mut sent = self.sent.lock().unwrap();
+        let result = if sent.iter().any(|(r, _, _)| *r == random_id) {
+            Err(rpc(500, "RANDOM_ID_DUPLICATE"))
+        } else {
+            sent.push((random_id, text.to_string(), peer.user_id));
+            if self.lose_answer.swap(false, Ordering::SeqCst) {
+                Err(InvocationErrorExt::io())
+            } else {
+                Ok(sent.len() as i32)
+            }
+        };
+        Box::pin(async move { result })
+    }
+    fn typing(&self, _: Peer) -> BoxFuture<'_, ApiResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn read(&self, _: Peer, max_id: i32) -> BoxFuture<'_, ApiResult<()>> {
+        self.read.lock().unwrap().push(max_id);
+        Box::pin(async { Ok(()) })
+    }
+    fn recent_sent(&self, peer: Peer, _: i32) -> BoxFuture<'_, ApiResult<Vec<SentMessage>>> {
+        let now = SystemClock.now().0 / 1000;
+        let list = self
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, u))| *u == peer.user_id)
+            .map(|(i, (_, text, _))| SentMessage {
+                id: i as i32 + 1,
+                text: text.clone(),
+                date: now,
+            })
+            .rev()
+            .collect();
+        Box::pin(async move { Ok(list) })
+    }
+}
+
+struct InvocationErrorExt;
+impl InvocationErrorExt {
+    fn io() -> grammers_client::InvocationError {
+        grammers_client::InvocationError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ))
+    }
+}
+
+struct FakeConnector {
+    api: Arc<FakeApi>,
+    sessions: HashSet<String>,
+    /// Connection attempts that fail before one succeeds.
+    failures: AtomicUsize,
+    attempts: AtomicUsize,
+    feeds: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
+}
+
+impl Connector for FakeConnector {
+    fn connect(&self, account: &str) -> BoxFuture<'_, Result<Connection, SendError>> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        let account = account.to_string();
+        Box::pin(async move {
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(SendError::Transient("network: connection refused".into()));
+            }
+            let (tx, rx) = mpsc::channel(16);
+            self.feeds.lock().unwrap().insert(account, tx);
+            Ok(Connection {
+                api: self.api.clone(),
+                incoming: rx,
+            })
+        })
+    }
+    fn has_session(&self, account: &str) -> bool {
+        self.sessions.contains(account)
+    }
+}
+
+fn peer(id: i64) -> Peer {
+    Peer {
+        user_id: id,
+        access_hash: id * 1000,
+    }
+}
+
+struct World {
+    transport: TelegramTransport,
+    connector: Arc<FakeConnector>,
+    inbound: mpsc::Receiver<Inbound>,
+    _store: Store,
+}
+
+async fn world(failures: usize) -> World {
+    let mut api = FakeApi::default();
+    api.usernames.insert("ann".into(), peer(1));
+    api.usernames.insert("paula".into(), peer(2));
+    api.paid.insert(2);
+    let connector = Arc::new(FakeConnector {
+        api: Arc::new(api),
+        sessions: ["alice".to_string()].into(),
+        failures: AtomicUsize::new(failures),
+        attempts: AtomicUsize::new(0),
+        feeds: Mutex::new(HashMap::new()),
+    });
+    let store = Store::temporary().unwrap();
+    let transport = TelegramTransport::new(
+        vec!["alice".into(), "bob".into()],
+        &store,
+        connector.clone(),
+        Manners {
+            typing: true,
+            typing_chars_per_second: 1000.0,
+            read_marks: true,
+        },
+        Arc::new(SystemClock),
+        CancellationToken::new(),
+    )
+    .unwrap();
+    let (tx, inbound) = mpsc::channel(16);
+    transport.subscribe(tx).await.unwrap();
+    World {
+        transport,
+        connector,
+        inbound,
+        _store: store,
+    }
+}
+
+async fn ready(w: &World, account: &str) {
+    for _ in 0..1000 {
+        if w.transport
+            .link_states()
+            .iter()
+            .any(|(a, s)| a == account && *s != "connecting")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("account {account} never settled");
+}
+
+fn msg(kind: MessageKind, contact: &str, key: u64) -> OutgoingMessage {
+    OutgoingMessage {
+        account: "alice".into(),
+        contact: Identity::Username(contact.into()),
+        text: format!("hello {key}"),
+        kind,
+        key: IdempotencyKey(key),
+    }
+}
+
+#[tokio::test]
+async fn sends_resolve_once_and_use_our_key_as_random_id() {
+    let w = world(0).await;
+    ready(&w, "alice").await;
+    let d = w
+        .transport
+        .send(msg(MessageKind::Opening, "ann", 7))
+        .await
+        .unwrap();
+    assert_eq!(d.transport_id, 1);
+    w.transport
+        .send(msg(MessageKind::Reply, "ann", 8))
+        .await
+        .unwrap();
+    assert_eq!(w.connector.api.resolves.load(Ordering::SeqCst), 1);
+    let sent = w.connector.api.sent.lock().unwrap().clone();
+    assert_eq!(sent[0].0, 7);
+    assert_eq!(sent[1].0, 8);
+    // A retry with the same key is refused by Telegram and reconciles.
+    let again = w.transport.send(msg(MessageKind::Reply, "ann", 8)).await;
+    assert_eq!(again.unwrap_err(), SendError::Duplicate);
+    let d = w
+        .transport
+        .was_delivered(
+            "alice",
+            &Identity::Username("ann".into()),
+            IdempotencyKey(8),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.map(|d| d.transport_id), Some(2));
+}
+
+#[tokio::test]
+async fn unreachable_contacts_are_not_messaged() {
+    let w = world(0).await;
+    ready(&w, "alice").await;
+    let e = w
+        .transport
+        .send(msg(MessageKind::Opening, "paula", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "the contact charges 10 stars per message");
+    let e = w
+        .transport
+        .send(msg(MessageKind::Opening, "nobody", 2))
+        .await
+        .unwrap_err();
+    assert_eq!(e, SendError::PeerInvalid);
+    assert!(w.connector.api.sent.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_reconciled_from_history() {
+    let w = world(0).await;
+    ready(&w, "alice").await;
+    w.connector.api.lose_answer.store(true, Ordering::SeqCst);
+    let e = w
+        .transport
+        .send(msg(MessageKind::Opening, "ann", 5))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SendError::Transient(_)), "{e}");
+    let d = w
+        .transport
+        .was_delivered(
+            "alice",
+            &Identity::Username("ann".into()),
+            IdempotencyKey(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.map(|d| d.transport_id), Some(1));
+    // A key never attempted was not delivered.
+    let none = w
+        .transport
+        .was_delivered(
+            "alice",
+            &Identity::Username("ann".into()),
+            IdempotencyKey(6),
+        )
+        .await
+        .unwrap();
+    assert_eq!(none, None);
+}
+
+#[tokio::test]
+async fn an_account_without_session_is_unauthorized_and_the_others_run() {
+    let w = world(0).await;
+    ready(&w, "alice").await;
+    ready(&w, "bob").await;
+    assert_eq!(
+        w.transport.link_states(),
+        vec![("alice".into(), "ready"), ("bob".into(), "unauthorized")]
+    );
+    assert_eq!(w.transport.unauthorized(), vec!["bob".to_string()]);
+    let mut m = msg(MessageKind::Opening, "ann", 1);
+    m.account = "bob".into();
+    assert_eq!(
+        w.transport.send(m).await.unwrap_err(),
+        SendError::Unauthorized
+    );
+    w.transport
+        .send(msg(MessageKind::Opening, "ann", 2))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_library_panic_is_an_error_of_that_send() {
+    let w = world(0).await;
+    ready(&w, "alice").await;
+    w.connector.api.panic_on_send.store(true, Ordering::SeqCst);
+    let e = w
+        .transport
+        .send(msg(MessageKind::Reply, "ann", 3))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("unexpected answer shape"), "{e}");
+    w.connector.api.panic_on_send.store(false, Ordering::SeqCst);
+    w.transport
+        .send(msg(MessageKind::Reply, "ann", 4))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnects_with_backoff() {
+    let w = world(3).await;
+    ready(&w, "alice").await;
+    assert_eq!(w.connector.attempts.load(Ordering::SeqCst), 4);
+    assert!(w
+        .transport
+        .send(msg(MessageKind::Reply, "ann", 1))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn incoming_messages_are_acknowledged_after_the_host_stores_them() {
+    let mut w = world(0).await;
+    ready(&w, "alice").await;
+    // Ann was resolved by username: her reply is matched to that identity.
+    w.transport
+        .send(msg(MessageKind::Opening, "ann", 1))
+        .await
+        .unwrap();
+    let feed = w.connector.feeds.lock().unwrap()["alice"].clone();
+    let (stored, mut acked) = oneshot::channel();
+    feed.send(Incoming {
+        user_id: 1,
+        access_hash: None,
+        id: 41,
+        text: "hi there".into(),
+        date: 1_700_000_000,
+        stored,
+    })
+    .await
+    .unwrap();
+    let inbound = w.inbound.recv().await.unwrap();
+    assert_eq!(inbound.message.contact, Identity::Username("ann".into()));
+    assert_eq!(inbound.message.transport_id, 41);
+    assert_eq!(inbound.message.at, Timestamp(1_700_000_000_000));
+    // Not acknowledged (update state not saved) until the host has it.
+    tokio::task::yield_now().await;
+    assert!(acked.try_recv().is_err());
+    inbound.stored.send(()).unwrap();
+    acked.await.unwrap();
+    for _ in 0..100 {
+        if !w.connector.api.read.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(*w.connector.api.read.lock().unwrap(), vec![41]);
+}
