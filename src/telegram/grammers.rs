@@ -153,7 +153,6 @@ fn private_message(update: &tl::enums::Update, stored: oneshot::Sender<()>) -> O
     };
     Some(Incoming {
         user_id: user.user_id,
-        access_hash: None,
         id: m.id,
         text: m.message.clone(),
         date: i64::from(m.date),

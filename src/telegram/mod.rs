@@ -38,7 +38,7 @@ use crate::store::{Records, Store, StoreError};
 use crate::transport::{
     Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
 };
-use api::{Api, Peer};
+use api::Api;
 pub use grammers::{client as grammers_client, GrammersConnector};
 use resolve::Resolver;
 
@@ -65,7 +65,6 @@ const HISTORY: i32 = 50;
 #[derive(Debug)]
 pub struct Incoming {
     pub user_id: i64,
-    pub access_hash: Option<i64>,
     pub id: i32,
     pub text: String,
     /// Unix seconds.
@@ -297,24 +296,6 @@ impl TelegramTransport {
             };
             let Some(msg) = msg else { return };
             let contact = self.0.resolver.identity_of(account, msg.user_id);
-            if let (Some(hash), Ok(None)) = (
-                msg.access_hash,
-                self.0
-                    .resolver
-                    .cached(account, &Identity::UserId(msg.user_id)),
-            ) {
-                let peer = Peer {
-                    user_id: msg.user_id,
-                    access_hash: hash,
-                };
-                let _ = self
-                    .0
-                    .resolver
-                    .remember(account, &Identity::UserId(msg.user_id), peer);
-                if contact != Identity::UserId(msg.user_id) {
-                    let _ = self.0.resolver.remember(account, &contact, peer);
-                }
-            }
             let (tx, rx) = oneshot::channel();
             let inbound = Inbound {
                 message: IncomingMessage {

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::api::{ApiResult, SentMessage};
+use super::api::{ApiResult, Peer, SentMessage};
 use super::errors::rpc;
 use super::*;
 use crate::clock::SystemClock;
@@ -49,7 +49,7 @@ impl Api for FakeApi {
         } else {
             sent.push((random_id, text.to_string(), peer.user_id));
             if self.lose_answer.swap(false, Ordering::SeqCst) {
-                Err(InvocationErrorExt::io())
+                Err(io_error())
             } else {
                 Ok(sent.len() as i32)
             }
@@ -83,14 +83,11 @@ impl Api for FakeApi {
     }
 }
 
-struct InvocationErrorExt;
-impl InvocationErrorExt {
-    fn io() -> grammers_client::InvocationError {
-        grammers_client::InvocationError::Io(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "reset",
-        ))
-    }
+fn io_error() -> grammers_client::InvocationError {
+    grammers_client::InvocationError::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "reset",
+    ))
 }
 
 struct FakeConnector {
@@ -352,7 +349,6 @@ async fn incoming_messages_are_acknowledged_after_the_host_stores_them() {
     let (stored, mut acked) = oneshot::channel();
     feed.send(Incoming {
         user_id: 1,
-        access_hash: None,
         id: 41,
         text: "hi there".into(),
         date: 1_700_000_000,
