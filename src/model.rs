@@ -399,9 +399,7 @@ mod tests {
     }
 }
 
-/// One outbound send counted against an account's limits. Stored as a
-/// compact `[at, opening, key]` triple: an account record holds a day of them
-/// and is rewritten on every send.
+/// One outbound send counted against an account's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     into = "(Timestamp, bool, IdempotencyKey)",
@@ -422,7 +420,9 @@ pub struct SendMark {
 pub struct AccountRecord {
     pub name: String,
     pub status: AccountStatus,
-    /// Sends of the last day, oldest first.
+    /// Sends of the last day, oldest first. Stored apart from the record,
+    /// one key per send (see the store's `accounts` tree).
+    #[serde(default)]
     pub sends: Vec<SendMark>,
     /// The account's first send ever; warm-up counts from it.
     pub first_send_at: Option<Timestamp>,

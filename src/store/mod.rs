@@ -18,7 +18,8 @@
 //! | `inbound` | account, 0, transport id | dialog id, seq (dedupe of incoming) |
 //! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
-//! | `accounts` | account name | [`AccountRecord`] |
+//! | `accounts` | account name | [`AccountRecord`] without its sends |
+//! | `accounts` | account name, 0, idempotency key | a send that counts against the limits (`at`, opening) |
 //! | `meta` | name | value |
 //! | `tg_sessions`, `tg_peers`, `tg_sent`, ... | string key | records of the Telegram transport ([`Records`]) |
 //!
@@ -26,6 +27,7 @@
 //! current layout so that a later one can migrate old records on read.
 //! Changes that span records run in one sled transaction.
 
+mod accounts;
 mod keys;
 
 use std::path::Path;
@@ -168,6 +170,7 @@ pub struct Outbound {
 pub struct Store {
     db: sled::Db,
     t: Trees,
+    accounts: Arc<accounts::AccountCache>,
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
     flusher: Arc<std::sync::OnceLock<FlushQueue>>,
@@ -265,13 +268,6 @@ impl Tx<'_> {
         }
         self.dialogs.insert(&u64_key(new.id), encode(new))?;
         Ok(())
-    }
-
-    fn account(&self, name: &str) -> TxResult<AccountRecord> {
-        match self.accounts.get(name.as_bytes())? {
-            Some(bytes) => tx_decode("account", &bytes),
-            None => Ok(AccountRecord::new(name)),
-        }
     }
 
     /// Appends a message to a dialog, updating the dialog's counters.
@@ -458,6 +454,7 @@ impl Store {
         Ok(Store {
             db,
             t,
+            accounts: Arc::default(),
             flusher: Arc::new(std::sync::OnceLock::new()),
         })
     }
@@ -704,7 +701,7 @@ impl Store {
         reserve: &dyn Fn(&mut AccountRecord) -> Result<(), String>,
     ) -> Result<(Dialog, Option<Message>), StoreError> {
         let id = self.db.generate_id()? + 1;
-        self.transact(|tx| {
+        self.transact_with_account(&new.account, |tx, account| {
             let ck = u64_key(new.contact);
             if tx.dialog_of_contact.get(ck)?.is_some() || tx.do_not_contact.get(ck)?.is_some() {
                 return abort(StoreError::Claimed(new.contact));
@@ -716,12 +713,9 @@ impl Store {
                 });
             };
             let contact: Contact = tx_decode("contact", &bytes)?;
-            let mut account = tx.account(&new.account)?;
-            if let Err(why) = reserve(&mut account) {
+            if let Err(why) = reserve(account) {
                 return abort(StoreError::Refused(why));
             }
-            tx.accounts
-                .insert(new.account.as_bytes(), encode(&account))?;
             tx.unlist_contact(&contact)?;
             tx.dialog_of_contact.insert(&ck, &u64_key(id))?;
             let mut dialog = Dialog {
@@ -1124,7 +1118,7 @@ impl Store {
         account: &str,
         update: &dyn Fn(&mut AccountRecord),
     ) -> Result<Message, StoreError> {
-        self.transact(|tx| {
+        self.transact_with_account(account, |tx, record| {
             let Some(at) = tx.outbox.remove(&u64_key(key.0))? else {
                 return abort(StoreError::NotFound {
                     what: "pending message with key",
@@ -1141,9 +1135,7 @@ impl Store {
             msg.delivery = Some(Delivery::Sent);
             msg.transport_id = Some(transport_id);
             tx.messages.insert(at.to_vec(), encode(&msg))?;
-            let mut record = tx.account(account)?;
-            update(&mut record);
-            tx.accounts.insert(account.as_bytes(), encode(&record))?;
+            update(record);
             Ok(msg)
         })
     }
@@ -1171,37 +1163,6 @@ impl Store {
 
     // ----------------------------------------------------------------- accounts
 
-    /// An account's record; a new one if the account never sent.
-    pub fn account(&self, name: &str) -> Result<AccountRecord, StoreError> {
-        match self.t.accounts.get(name.as_bytes())? {
-            Some(b) => decode("account", &b),
-            None => Ok(AccountRecord::new(name)),
-        }
-    }
-
-    /// Reads, changes and writes an account's record in one transaction;
-    /// the record is written only if `f` changed it.
-    pub fn update_account<T>(
-        &self,
-        name: &str,
-        f: &dyn Fn(&mut AccountRecord) -> T,
-    ) -> Result<T, StoreError> {
-        // Only the accounts tree: a transaction over fewer trees is cheaper,
-        // and this runs before every send.
-        Ok(self.t.accounts.transaction(|accounts| {
-            let before: AccountRecord = match accounts.get(name.as_bytes())? {
-                Some(bytes) => tx_decode("account", &bytes)?,
-                None => AccountRecord::new(name),
-            };
-            let mut record = before.clone();
-            let out = f(&mut record);
-            if record != before {
-                accounts.insert(name.as_bytes(), encode(&record))?;
-            }
-            Ok(out)
-        })?)
-    }
-
     /// Blocks every active or handed-off dialog of an account; returns their
     /// ids.
     pub fn block_dialogs_of(&self, account: &str) -> Result<Vec<DialogId>, StoreError> {
@@ -1224,15 +1185,6 @@ impl Store {
             }
         }
         Ok(blocked)
-    }
-
-    /// Every stored account record.
-    pub fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.t
-            .accounts
-            .iter()
-            .map(|e| decode("account", &e?.1))
-            .collect()
     }
 }
 
