@@ -259,6 +259,11 @@ pub struct Dialog {
     /// engine finished or handed off with a last message).
     #[serde(default)]
     pub ending: Option<DialogStatus>,
+    /// The time under which the dialog is listed in the store's
+    /// quiet-dialogs index: its last activity, or an earlier one when the
+    /// answer pipeline left the index behind (the reviver catches it up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indexed_at: Option<Timestamp>,
 }
 
 impl Dialog {

@@ -27,8 +27,23 @@ fn start(dir: &std::path::Path) -> Child {
 
 #[test]
 fn killed_at_random_moments_the_host_keeps_every_invariant() {
-    let dir = common::project(150, &common::faulty_config(8000.0, 11));
-    let rng = SeededRng::new(2024);
+    kill_restart_and_check(&common::faulty_config(8000.0, 11), 2024);
+}
+
+/// The same with replies answered in batches by the answer pipeline.
+#[test]
+fn killed_while_answering_in_batches_the_host_keeps_every_invariant() {
+    let config = common::faulty_config(8000.0, 13)
+        .replace("reply_delay = \"10s..2m\"", "reply_delay = \"0s\"")
+        .replace("min_interval = \"20s\"", "min_interval = \"0s\"")
+        .replace("jitter = \"10s\"", "jitter = \"0s\"");
+    assert!(config.contains("reply_delay = \"0s\""));
+    kill_restart_and_check(&config, 77);
+}
+
+fn kill_restart_and_check(config_text: &str, seed: u64) {
+    let dir = common::project(150, config_text);
+    let rng = SeededRng::new(seed);
     for round in 0..5 {
         let mut child = start(dir.path());
         let life = rng.duration_between(Duration::from_millis(300), Duration::from_millis(1500));

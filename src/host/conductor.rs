@@ -196,7 +196,7 @@ pub fn engine_failed(
     Ok(())
 }
 
-fn cancel(host: &Host, m: &Message, reason: String) -> Result<(), StoreError> {
+pub(super) fn cancel(host: &Host, m: &Message, reason: String) -> Result<(), StoreError> {
     if let Some(key) = m.key {
         match host
             .store
@@ -209,7 +209,7 @@ fn cancel(host: &Host, m: &Message, reason: String) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn fail(host: &Host, dialog: DialogId, status: DialogStatus) -> Result<(), StoreError> {
+pub(super) fn fail(host: &Host, dialog: DialogId, status: DialogStatus) -> Result<(), StoreError> {
     match host.store.set_dialog_status(dialog, status) {
         Ok(_) | Err(StoreError::Transition(_)) => Ok(()),
         Err(e) => Err(e),
@@ -296,6 +296,10 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         // The claim, the message and its slot are durable before it leaves.
         host.store.flush_async().await?;
         let gate = host.gate(m.dialog).lock().await;
+        if !host.store.is_pending(key)? {
+            // The answer pipeline sent it meanwhile.
+            return Ok(());
+        }
         if let Some(why) = still_live(host)? {
             drop(gate);
             host.safety.release(&dialog.account, key)?;

@@ -7,6 +7,7 @@
 //! an ending to take), which is what startup runs for every dialog with work
 //! left after a crash.
 
+mod answer;
 mod conductor;
 pub mod control;
 mod optout;
@@ -27,7 +28,7 @@ use crate::clock::{Clock, SeededRng, SystemClock, Timestamp};
 use crate::config::{Config, SendWindow, TransportKind};
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
 use crate::engine::{Ctx, EngineRuntime};
-use crate::model::{Contact, Dialog, DialogId, Direction, IdempotencyKey};
+use crate::model::{Contact, Delivery, Dialog, DialogId, Direction, IdempotencyKey, Message};
 use crate::safety::alerts::Alerts;
 use crate::safety::AccountSafety;
 use crate::store::{Store, StoreError};
@@ -95,7 +96,12 @@ impl Host {
     }
 
     fn gate(&self, dialog: DialogId) -> &tokio::sync::Mutex<()> {
-        &self.gates[(dialog as usize) % GATES]
+        &self.gates[self.gate_index(dialog)]
+    }
+
+    /// Which of the striped gates guards a dialog.
+    fn gate_index(&self, dialog: DialogId) -> usize {
+        (dialog as usize) % GATES
     }
 
     fn account_lock(&self, account: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -158,31 +164,9 @@ impl Host {
     /// The engine's view of a dialog.
     pub fn ctx(&self, dialog: &Dialog, contact: &Contact) -> Result<Ctx, StoreError> {
         let config = self.config();
-        let history: Vec<HistoryEntry> = self
-            .store
-            .messages(dialog.id)?
-            .into_iter()
-            .filter(|m| {
-                m.direction == Direction::In || m.delivery == Some(crate::model::Delivery::Sent)
-            })
-            .map(|m| HistoryEntry {
-                direction: match m.direction {
-                    Direction::In => "in".into(),
-                    Direction::Out => "out".into(),
-                },
-                text: m.text,
-                at: m.at.as_secs_f64(),
-            })
-            .collect();
+        let history = history_of(self.store.messages(dialog.id)?);
         let mut ctx = self.base_ctx(&config, &dialog.campaign, &dialog.account, contact);
-        ctx.dialog = DialogView {
-            id: dialog.id,
-            status: dialog.status.label().into(),
-            started_at: dialog.started_at.as_secs_f64(),
-            follow_ups_sent: dialog.follow_ups_sent,
-            last_inbound_at: dialog.last_inbound_at.map(Timestamp::as_secs_f64),
-            last_outbound_at: dialog.last_outbound_at.map(Timestamp::as_secs_f64),
-        };
+        ctx.dialog = dialog_view(dialog);
         ctx.history = Arc::new(history);
         ctx.state = dialog.state.clone();
         Ok(ctx)
@@ -196,40 +180,39 @@ impl Host {
         account: &str,
         contact: &Contact,
     ) -> Ctx {
-        let camp = config.campaign(campaign);
-        let template = camp
-            .and_then(|c| c.prompt_template.as_ref())
-            .map(|t| config.resolve(t))
-            .and_then(|p| self.engines.snapshot().templates.get(&p).cloned());
+        let (campaign, prompt_template) = self.campaign_view(config, campaign);
         Ctx {
             dialog: DialogView {
                 status: "active".into(),
                 ..DialogView::default()
             },
-            contact: ContactView {
-                id: contact.id,
-                username: contact.username.clone(),
-                phone: contact.phone.clone(),
-                user_id: contact.user_id,
-                first_name: contact.first_name.clone(),
-                last_name: contact.last_name.clone(),
-                fields: contact.fields.clone(),
-            },
+            contact: contact_view(contact),
             account: AccountView {
                 name: account.to_string(),
             },
-            campaign: CampaignView {
-                name: campaign.to_string(),
-                params: Arc::new(
-                    camp.map(|c| serde_json::to_value(&c.params).unwrap_or_default())
-                        .unwrap_or_default(),
-                ),
-            },
-            prompt_template: template,
+            campaign,
+            prompt_template,
             now: self.clock.now().as_secs_f64(),
             state: serde_json::json!({}),
             history: Arc::new(Vec::new()),
         }
+    }
+
+    /// A campaign as engines see it, with its prompt template.
+    fn campaign_view(&self, config: &Config, campaign: &str) -> (CampaignView, Option<Arc<str>>) {
+        let camp = config.campaign(campaign);
+        let template = camp
+            .and_then(|c| c.prompt_template.as_ref())
+            .map(|t| config.resolve(t))
+            .and_then(|p| self.engines.snapshot().templates.get(&p).cloned());
+        let view = CampaignView {
+            name: campaign.to_string(),
+            params: Arc::new(
+                camp.map(|c| serde_json::to_value(&c.params).unwrap_or_default())
+                    .unwrap_or_default(),
+            ),
+        };
+        (view, template)
     }
 
     /// Sleeps until `at`, or less if the host is shutting down; false then.
@@ -316,6 +299,52 @@ impl Host {
         });
         Ok(())
     }
+}
+
+/// A dialog as engines see it.
+fn dialog_view(dialog: &Dialog) -> DialogView {
+    DialogView {
+        id: dialog.id,
+        status: dialog.status.label().into(),
+        started_at: dialog.started_at.as_secs_f64(),
+        follow_ups_sent: dialog.follow_ups_sent,
+        last_inbound_at: dialog.last_inbound_at.map(Timestamp::as_secs_f64),
+        last_outbound_at: dialog.last_outbound_at.map(Timestamp::as_secs_f64),
+    }
+}
+
+/// A contact as engines see it.
+fn contact_view(contact: &Contact) -> ContactView {
+    ContactView {
+        id: contact.id,
+        username: contact.username.clone(),
+        phone: contact.phone.clone(),
+        user_id: contact.user_id,
+        first_name: contact.first_name.clone(),
+        last_name: contact.last_name.clone(),
+        fields: contact.fields.clone(),
+    }
+}
+
+/// A message as `ctx.history` shows it.
+fn history_entry(m: &Message) -> HistoryEntry {
+    HistoryEntry {
+        direction: match m.direction {
+            Direction::In => "in".into(),
+            Direction::Out => "out".into(),
+        },
+        text: m.text.clone(),
+        at: m.at.as_secs_f64(),
+    }
+}
+
+/// `ctx.history` of a dialog's messages: what came in and what went out.
+fn history_of(messages: Vec<Message>) -> Vec<HistoryEntry> {
+    messages
+        .iter()
+        .filter(|m| m.direction == Direction::In || m.delivery == Some(Delivery::Sent))
+        .map(history_entry)
+        .collect()
 }
 
 /// Builds a host and runs it until `shutdown` is cancelled; returns once
@@ -464,23 +493,11 @@ pub async fn start(host: &Arc<Host>) -> Result<(), StoreError> {
     for id in resume {
         host.activate(id);
     }
-    let (tx, mut rx) = mpsc::channel::<Inbound>(4096);
+    let (tx, rx) = mpsc::channel::<Inbound>(4096);
     if let Err(e) = host.transport.subscribe(tx).await {
         tracing::error!("cannot receive messages: {e}");
     }
-    let h = host.clone();
-    host.tasks.spawn(async move {
-        loop {
-            let inbound = tokio::select! {
-                m = rx.recv() => m,
-                _ = h.shutdown.cancelled() => None,
-            };
-            let Some(inbound) = inbound else { break };
-            if let Err(e) = h.receive(inbound).await {
-                tracing::error!("an incoming message could not be stored: {e}");
-            }
-        }
-    });
+    host.tasks.spawn(answer::dispatch(host.clone(), rx));
     host.start_runners();
     let h = host.clone();
     host.tasks.spawn(async move { reviver::run(h).await });

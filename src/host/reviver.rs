@@ -31,6 +31,16 @@ pub async fn run(host: Arc<Host>) {
             Ok(Some(d)) => d,
             _ => continue,
         };
+        if dialog.status.is_live() && dialog.last_activity() > quiet_since {
+            // The answer pipeline left the index behind: catch it up.
+            if let Err(e) = host.store.reindex(id) {
+                tracing::error!(
+                    dialog = id,
+                    "the quiet-dialogs index cannot be updated: {e}"
+                );
+            }
+            continue;
+        }
         let stuck_after = host.config().account_safety(&dialog.account).stuck_after.0;
         let due = quiet_since.saturating_add(stuck_after);
         if due > host.clock.now() {

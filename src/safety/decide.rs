@@ -365,14 +365,24 @@ pub fn spam_limit(record: &mut AccountRecord, until: Timestamp) {
 }
 
 /// Moves a send's mark to the moment the transport says it went out, and
-/// the pause before the next send with it.
-pub fn confirm(record: &mut AccountRecord, key: IdempotencyKey, at: Timestamp) {
-    if let Some(mark) = record.sends.iter_mut().find(|s| s.key == key) {
+/// the pause before the next send with it: the account's latest send moves
+/// `next_send_at` by as much as it was late, and no send leaves the next
+/// one less than `min_interval` after it (a claim may have taken a slot
+/// while this send was under way).
+pub fn confirm(record: &mut AccountRecord, key: IdempotencyKey, at: Timestamp, limits: &Limits) {
+    let latest = record.sends.len().checked_sub(1);
+    if let Some(i) = record.sends.iter().rposition(|s| s.key == key) {
+        let mark = &mut record.sends[i];
         if at > mark.at {
             let shift = at.since(mark.at);
             mark.at = at;
-            record.next_send_at = record.next_send_at.saturating_add(shift);
+            if Some(i) == latest {
+                record.next_send_at = record.next_send_at.saturating_add(shift);
+            }
         }
+        record.next_send_at = record
+            .next_send_at
+            .max(at.saturating_add(limits.min_interval));
     }
 }
 

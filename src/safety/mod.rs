@@ -183,10 +183,54 @@ impl AccountSafety {
         let limits = self.limits(account);
         let jitter = self.jitter(&limits);
         self.inner.store.update_account(account, &|record| {
-            if again {
-                decide::release(record, key);
+            if !again {
+                return decide::reserve(record, &limits, req, key, jitter);
             }
-            decide::reserve(record, &limits, req, key, jitter)
+            // The slot moves to now only if it is free now; otherwise the
+            // message keeps the one it holds, which still counts.
+            let mut moved = record.clone();
+            decide::release(&mut moved, key);
+            let decision = decide::reserve(&mut moved, &limits, req, key, jitter);
+            if decision == Decision::Allow {
+                *record = moved;
+            }
+            decision
+        })
+    }
+
+    /// A reservation step for [`Store::answer_batch`]: takes a new reply's
+    /// slot now if the limits allow, as [`AccountSafety::reserve_now`] does.
+    /// Callers hold the account's lock until the send is confirmed
+    /// ([`AccountSafety::settle_batch`]).
+    pub fn reply_reserver(
+        &self,
+        accounts: &[&str],
+    ) -> impl Fn(&mut crate::model::AccountRecord, IdempotencyKey) -> bool + '_ {
+        let limits: HashMap<String, Limits> = accounts
+            .iter()
+            .map(|a| (a.to_string(), self.limits(a)))
+            .collect();
+        let now = self.now();
+        move |record, key| {
+            let Some(limits) = limits.get(&record.name) else {
+                return false;
+            };
+            let req = SendRequest {
+                kind: MessageKind::Reply,
+                now,
+                window: None,
+            };
+            decide::reserve(record, limits, req, key, self.jitter(limits)) == Decision::Allow
+        }
+    }
+
+    /// Marks a batch of sends sent and their slots confirmed at the
+    /// transport's times, in one store transaction.
+    pub fn settle_batch(&self, sent: &[crate::store::Settle]) -> Result<(), StoreError> {
+        let config = self.config();
+        self.inner.store.settle_batch(sent, &|r, s| {
+            let limits = Limits::from(&config.account_safety(&s.account));
+            decide::confirm(r, s.key, s.delivered.at, &limits);
         })
     }
 
@@ -255,10 +299,11 @@ impl AccountSafety {
         key: IdempotencyKey,
         delivered: crate::transport::Delivered,
     ) -> Result<(), StoreError> {
+        let limits = self.limits(account);
         self.inner
             .store
             .settle_sent(key, delivered.transport_id, account, &|r| {
-                decide::confirm(r, key, delivered.at)
+                decide::confirm(r, key, delivered.at, &limits)
             })
             .map(|_| ())
     }

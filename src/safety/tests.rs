@@ -259,3 +259,49 @@ async fn the_opening_reservation_is_part_of_the_claim() {
     assert_eq!(opened, 2);
     assert_eq!(store.uncontacted_count("l"), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_waiting_for_a_slot_keeps_the_one_it_holds() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    // Two openings claimed their slots (the hour's two), 10 s apart.
+    g.acquire("a", MessageKind::Opening, None, IdempotencyKey(1))
+        .await
+        .unwrap();
+    g.acquire("a", MessageKind::Opening, None, IdempotencyKey(2))
+        .await
+        .unwrap();
+    // The first comes to be sent before its interval passed: it waits, and
+    // its claim still counts, so no third send fits into the hour.
+    let d = g
+        .reserve_now("a", MessageKind::Opening, None, IdempotencyKey(1))
+        .unwrap();
+    assert!(matches!(d, Decision::NotBefore(_)), "{d:?}");
+    assert_eq!(store.account("a").unwrap().sends.len(), 2);
+    let third = g
+        .try_reserve("a", MessageKind::Reply, None, IdempotencyKey(3))
+        .unwrap();
+    assert!(
+        matches!(third, Decision::NotBefore(t) if t.0 >= START.0 + 3_600_000),
+        "{third:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_send_keeps_min_interval_to_the_next_one() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, "min_interval = \"10s\"\njitter = \"0s\"");
+    g.acquire("a", MessageKind::Reply, None, IdempotencyKey(1))
+        .await
+        .unwrap();
+    // A claim takes a slot while the first send is under way...
+    tokio::time::advance(std::time::Duration::from_secs(10)).await;
+    g.acquire("a", MessageKind::Opening, None, IdempotencyKey(2))
+        .await
+        .unwrap();
+    // ...which the transport reports as gone out a minute after it began.
+    let late = Timestamp(START.0 + 60_000);
+    let mut record = store.account("a").unwrap();
+    decide::confirm(&mut record, IdempotencyKey(1), late, &g.limits("a"));
+    assert_eq!(record.next_send_at, Timestamp(late.0 + 10_000));
+}

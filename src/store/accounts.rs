@@ -216,18 +216,34 @@ impl Store {
         name: &str,
         f: impl Fn(&Tx<'_>, &mut AccountRecord) -> TxResult<T>,
     ) -> Result<T, StoreError> {
+        self.transact_with_accounts(&[name], |tx, records| f(tx, &mut records[0]))
+    }
+
+    /// [`Store::transact_with_account`] over several accounts: `f` gets
+    /// their records in the order of `names`.
+    pub(super) fn transact_with_accounts<T>(
+        &self,
+        names: &[&str],
+        f: impl Fn(&Tx<'_>, &mut [AccountRecord]) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
         let mut cache = self.accounts.lock();
-        let cached = self.cached_account(&mut cache, name)?;
-        let before: &AccountRecord = cached;
+        for name in names {
+            self.cached_account(&mut cache, name)?;
+        }
+        let before: Vec<&AccountRecord> = names.iter().map(|n| &cache[*n]).collect();
         let (out, after) = self.transact(|tx| {
-            let mut record = before.clone();
-            let out = f(tx, &mut record)?;
-            if record != *before {
-                tx.write_account(before, &record)?;
+            let mut records: Vec<AccountRecord> = before.iter().map(|r| (*r).clone()).collect();
+            let out = f(tx, &mut records)?;
+            for (old, new) in before.iter().zip(&records) {
+                if new != *old {
+                    tx.write_account(old, new)?;
+                }
             }
-            Ok((out, record))
+            Ok((out, records))
         })?;
-        *cached = after;
+        for (name, record) in names.iter().zip(after) {
+            cache.insert((*name).to_string(), record);
+        }
         Ok(out)
     }
 

@@ -28,6 +28,7 @@
 //! Changes that span records run in one sled transaction.
 
 mod accounts;
+mod batch;
 mod keys;
 
 use std::path::Path;
@@ -46,6 +47,7 @@ use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
     DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
+pub use batch::{Answer, Answered, Replied, Settle};
 use keys::*;
 
 /// The layout version written in front of every record.
@@ -250,23 +252,50 @@ impl Tx<'_> {
         old: Option<&Dialog>,
         new: &Dialog,
     ) -> Result<(), UnabortableTransactionError> {
-        if let Some(old) = old {
-            if old.status.tag() != new.status.tag() {
+        let mut new = std::borrow::Cow::Borrowed(new);
+        if old.is_none_or(|o| o.status.tag() != new.status.tag()) {
+            if let Some(old) = old {
                 self.by_status
                     .remove(&status_key(old.status.tag(), old.id))?;
             }
-            if old.status.is_live() {
+            self.by_status
+                .insert(&status_key(new.status.tag(), new.id), &[])?;
+        }
+        let listed = old
+            .filter(|o| o.status.is_live())
+            .map(|o| o.indexed_at.unwrap_or_else(|| o.last_activity()));
+        let list = new.status.is_live().then(|| new.last_activity());
+        if listed != list {
+            if let Some(t) = listed {
                 self.by_activity
-                    .remove(&pair(time_key(old.last_activity()), u64_key(old.id)))?;
+                    .remove(&pair(time_key(t), u64_key(new.id)))?;
+            }
+            if let Some(t) = list {
+                self.by_activity
+                    .insert(&pair(time_key(t), u64_key(new.id)), &[])?;
             }
         }
-        self.by_status
-            .insert(&status_key(new.status.tag(), new.id), &[])?;
-        if new.status.is_live() {
-            self.by_activity
-                .insert(&pair(time_key(new.last_activity()), u64_key(new.id)), &[])?;
+        if new.indexed_at != list {
+            new.to_mut().indexed_at = list;
         }
-        self.dialogs.insert(&u64_key(new.id), encode(new))?;
+        self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
+        Ok(())
+    }
+
+    /// Writes a dialog whose status is unchanged, leaving its place in the
+    /// quiet-dialogs index behind (at an earlier time): the answer
+    /// pipeline's write, one key instead of three.
+    fn put_dialog_lazily(
+        &self,
+        old: &Dialog,
+        new: &Dialog,
+    ) -> Result<(), UnabortableTransactionError> {
+        if old.status != new.status || !old.status.is_live() {
+            return self.put_dialog(Some(old), new);
+        }
+        let mut new = new.clone();
+        new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
+        self.dialogs.insert(&u64_key(new.id), encode(&new))?;
         Ok(())
     }
 
@@ -298,6 +327,22 @@ impl Tx<'_> {
         self.messages
             .insert(&pair(u64_key(msg.dialog), u64_key(msg.seq)), encode(&msg))?;
         Ok(msg)
+    }
+
+    /// Cancels the messages with these keys that still wait to be sent.
+    fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
+        for key in keys {
+            if let Some(at) = self.outbox.remove(&u64_key(key.0))? {
+                if let Some(bytes) = self.messages.get(&at)? {
+                    let mut msg: Message = tx_decode("message", &bytes)?;
+                    msg.delivery = Some(Delivery::Cancelled {
+                        reason: reason.to_string(),
+                    });
+                    self.messages.insert(at, encode(&msg))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn unlist_contact(&self, contact: &Contact) -> Result<(), UnabortableTransactionError> {
@@ -732,6 +777,7 @@ impl Store {
                 next_seq: 0,
                 reviewed_at: None,
                 ending: None,
+                indexed_at: None,
             };
             let msg = match opening {
                 Some(out) => Some(tx.append(&mut dialog, outbound_message(out, new.at))?),
@@ -980,12 +1026,7 @@ impl Store {
     /// on the do-not-contact set, and every message still waiting to be sent
     /// in the dialog is cancelled, all at once.
     pub fn opt_out(&self, dialog: DialogId) -> Result<Dialog, StoreError> {
-        let waiting: Vec<IdempotencyKey> = self
-            .messages(dialog)?
-            .into_iter()
-            .filter(|m| m.delivery == Some(Delivery::Pending))
-            .filter_map(|m| m.key)
-            .collect();
+        let waiting = self.pending_keys(dialog)?;
         let unhandled: Vec<sled::IVec> = self
             .t
             .unhandled
@@ -1001,17 +1042,7 @@ impl Store {
             }
             tx.do_not_contact
                 .insert(&u64_key(old.contact), encode(&DoNotContact::OptedOut))?;
-            for key in &waiting {
-                if let Some(at) = tx.outbox.remove(&u64_key(key.0))? {
-                    if let Some(bytes) = tx.messages.get(&at)? {
-                        let mut msg: Message = tx_decode("message", &bytes)?;
-                        msg.delivery = Some(Delivery::Cancelled {
-                            reason: "the contact opted out".into(),
-                        });
-                        tx.messages.insert(at, encode(&msg))?;
-                    }
-                }
-            }
+            tx.cancel(&waiting, "the contact opted out")?;
             for k in &unhandled {
                 tx.unhandled.remove(k)?;
             }
@@ -1169,13 +1200,23 @@ impl Store {
         let mut blocked = Vec::new();
         for label in ["active", "handoff"] {
             for id in self.dialogs_with_status(label)? {
+                if self.dialog(id)?.is_none_or(|d| d.account != account) {
+                    continue;
+                }
+                // Nothing more goes out of the account: what waits is
+                // cancelled with the block. (The caller reports the loss
+                // holding the account's lock, so nothing is in flight.)
+                let waiting = self.pending_keys(id)?;
+                let reason = format!("account {account} is out of service");
                 let done = self.transact(|tx| {
                     let old = tx.dialog(id)?;
-                    if old.account != account || !old.status.can_become(&DialogStatus::Blocked) {
+                    if !old.status.can_become(&DialogStatus::Blocked) {
                         return Ok(false);
                     }
                     let mut new = old.clone();
                     new.status = DialogStatus::Blocked;
+                    new.ending = None;
+                    tx.cancel(&waiting, &reason)?;
                     tx.put_dialog(Some(&old), &new)?;
                     Ok(true)
                 })?;
@@ -1185,6 +1226,15 @@ impl Store {
             }
         }
         Ok(blocked)
+    }
+
+    /// The keys of a dialog's messages waiting to be sent.
+    fn pending_keys(&self, dialog: DialogId) -> Result<Vec<IdempotencyKey>, StoreError> {
+        Ok(self
+            .pending_of(dialog)?
+            .into_iter()
+            .filter_map(|m| m.key)
+            .collect())
     }
 }
 

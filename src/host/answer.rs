@@ -1,0 +1,495 @@
+//! The answer pipeline: the inbound dispatcher answers the messages of
+//! dialogs with nothing else going on in batches. A batch is every message
+//! that arrived while the previous one ran; for it:
+//!
+//! 1. each message is routed: an idle dialog's first message of the batch
+//!    is answered here; the dialog's later ones wait for the next batch (so
+//!    each sees the reply before it in its history); everything else (no
+//!    dialog, an opt-out, a conductor at work, a reply delay to wait, an
+//!    unsent message, an ending) goes the one-at-a-time way, through
+//!    [`Host::receive`] and the dialog's conductor;
+//! 2. the engines answer, concurrently across the engine workers, from a
+//!    ctx kept per recently answered dialog rather than rebuilt from the
+//!    store;
+//! 3. the messages and answers are stored in one transaction, the replies'
+//!    slots taken in one, and one flush makes both durable;
+//! 4. the transport hears that its messages are stored, the replies go
+//!    out (one dialog's in order, dialogs concurrently), and their
+//!    confirmations are written in one transaction.
+//!
+//! Each step writes what the one-at-a-time operations write, so whatever
+//! this path leaves undone (a slot not free yet, a failed send, an ending to
+//! take) is left in the store as pending work, and the dialog's conductor
+//! takes it from there. Sends hold the accounts' locks and the dialogs'
+//! gates as a conductor's do.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedMutexGuard};
+
+use super::conductor::{self, ending_of};
+use super::{contact_view, dialog_view, history_entry, history_of, Host};
+use crate::config::Config;
+use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
+use crate::engine::{Call, Ctx, EngineError, Reply};
+use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, MessageKind};
+use crate::safety::reaction::Reaction;
+use crate::safety::Failure;
+use crate::store::{Answer, Answered, Outbound, Replied, Settle, StoreError};
+use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
+
+/// The most messages in one batch.
+const BATCH: usize = 4096;
+/// The most dialogs whose ctx is kept between batches.
+const RECENT: usize = 16_384;
+
+/// Receives incoming messages until shutdown, in batches.
+pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
+    let mut pipeline = Pipeline::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        batch.append(&mut pipeline.carry);
+        if batch.is_empty() {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, BATCH) => if n == 0 { break },
+                _ = host.shutdown.cancelled() => break,
+            }
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if host.shutdown.is_cancelled() {
+            break;
+        }
+        if let Err(e) = pipeline.handle(&host, std::mem::take(&mut batch)).await {
+            tracing::error!("incoming messages could not be stored: {e}");
+        }
+    }
+}
+
+/// What the pipeline keeps of a dialog it answered, to build the next ctx
+/// without reading the dialog's messages again. Valid while the dialog's
+/// `next_seq` is the one noted: any message added elsewhere moves it on.
+#[derive(Clone)]
+struct Recent {
+    next_seq: u64,
+    identity: Identity,
+    contact: ContactView,
+    history: Arc<Vec<HistoryEntry>>,
+}
+
+#[derive(Default)]
+struct Pipeline {
+    /// Messages held for the next batch, in arrival order.
+    carry: Vec<Inbound>,
+    recent: HashMap<DialogId, Recent>,
+    /// The dialog of each contact that wrote lately.
+    dialogs: HashMap<Identity, DialogId>,
+}
+
+/// A message answered in this batch.
+struct Job {
+    message: IncomingMessage,
+    /// Told once the batch is durable.
+    stored: Option<oneshot::Sender<()>>,
+    dialog: Dialog,
+    recent: Recent,
+}
+
+/// The replies of one dialog to send, and what became of them.
+struct Sending<'a> {
+    job: &'a Job,
+    dialog: Dialog,
+    replies: Vec<Message>,
+    /// Some replies (or an ending) are left to the dialog's conductor.
+    rest: bool,
+}
+
+impl Pipeline {
+    async fn handle(&mut self, host: &Arc<Host>, batch: Vec<Inbound>) -> Result<(), StoreError> {
+        let config = host.config();
+        let mut jobs = self.route(host, &config, batch).await?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let acks: Vec<_> = jobs.iter_mut().filter_map(|j| j.stored.take()).collect();
+        let replies = ask_engines(host, &config, &jobs).await;
+
+        // The accounts' locks and the dialogs' gates, as a conductor holds
+        // them from taking a slot until the send is confirmed. A dialog whose
+        // lock or gate is busy takes no slot: its conductor sends.
+        let mut locks: HashMap<&str, Option<OwnedMutexGuard<()>>> = HashMap::new();
+        let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
+        let mut may_send = Vec::with_capacity(jobs.len());
+        for (job, reply) in jobs.iter().zip(&replies) {
+            let d = &job.dialog;
+            let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
+            let free = wants
+                && locks
+                    .entry(d.account.as_str())
+                    .or_insert_with(|| host.account_lock(&d.account).try_lock_owned().ok())
+                    .is_some()
+                && gates
+                    .entry(host.gate_index(d.id))
+                    .or_insert_with(|| host.gate(d.id).try_lock().ok())
+                    .is_some();
+            may_send.push(free);
+        }
+        let mut accounts: Vec<&str> = locks
+            .iter()
+            .filter(|(_, g)| g.is_some())
+            .map(|(a, _)| *a)
+            .collect();
+        accounts.sort_unstable();
+
+        let now = host.clock.now();
+        let outbound: Vec<Vec<Outbound>> = replies
+            .iter()
+            .map(|r| match r {
+                Ok(r) => r
+                    .output
+                    .messages
+                    .iter()
+                    .map(|text| Outbound {
+                        kind: MessageKind::Reply,
+                        text: text.clone(),
+                        key: host.new_key(),
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            })
+            .collect();
+        let answers: Vec<Answer<'_>> = jobs
+            .iter()
+            .zip(&replies)
+            .zip(&outbound)
+            .zip(&may_send)
+            .map(|(((j, r), out), may)| Answer {
+                dialog: j.dialog.id,
+                seen_seq: j.dialog.next_seq,
+                account: &j.message.account,
+                transport_id: j.message.transport_id,
+                text: &j.message.text,
+                at: j.message.at,
+                now,
+                reply: r.as_ref().ok().map(|r| Replied {
+                    state: &r.state,
+                    outbound: out,
+                    ending: ending_of(&r.output),
+                }),
+                reserve: *may,
+            })
+            .collect();
+        let reserve = host.safety.reply_reserver(&accounts);
+        let answered = host.store.answer_batch(&answers, &accounts, &reserve)?;
+
+        // What to send, and what is left to the conductors.
+        let mut later: Vec<DialogId> = Vec::new();
+        let mut sending: Vec<Sending<'_>> = Vec::new();
+        for ((job, reply), answered) in jobs.iter().zip(&replies).zip(answered) {
+            match answered {
+                Answered::Duplicate => {}
+                Answered::Stale => later.push(job.dialog.id),
+                Answered::Done {
+                    dialog,
+                    incoming,
+                    mut replies,
+                    slots,
+                } => {
+                    if let Err(e) = reply {
+                        conductor::engine_failed(host, &dialog, &e.to_string())?;
+                        continue;
+                    }
+                    let mut recent = job.recent.clone();
+                    Arc::make_mut(&mut recent.history).push(history_entry(&incoming));
+                    recent.next_seq = dialog.next_seq;
+                    let rest = slots < replies.len() || dialog.ending.is_some();
+                    if rest {
+                        self.recent.remove(&dialog.id);
+                    } else {
+                        self.recent.insert(dialog.id, recent);
+                    }
+                    replies.truncate(slots);
+                    if replies.is_empty() {
+                        if rest {
+                            later.push(dialog.id);
+                        }
+                        continue;
+                    }
+                    sending.push(Sending {
+                        job,
+                        rest,
+                        dialog: *dialog,
+                        replies,
+                    });
+                }
+            }
+        }
+
+        // Durable, then acknowledged, then sent.
+        host.store.flush_async().await?;
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        let outcomes = join_all(sending.iter().map(|s| send_in_order(host, s))).await;
+        let mut settled = Vec::new();
+        for (s, (sent, failed)) in sending.iter().zip(outcomes) {
+            settled.extend(sent);
+            if let Some((m, error)) = failed {
+                self.recent.remove(&s.dialog.id);
+                if react(host, &s.dialog, &m, &error)? {
+                    later.push(s.dialog.id);
+                }
+            } else if s.rest {
+                later.push(s.dialog.id);
+            } else if let Some(recent) = self.recent.get_mut(&s.dialog.id) {
+                let history = Arc::make_mut(&mut recent.history);
+                history.extend(s.replies.iter().map(history_entry));
+            }
+        }
+        host.safety.settle_batch(&settled)?;
+        drop(gates);
+        drop(locks);
+        for dialog in later {
+            host.activate(dialog);
+        }
+        if self.recent.len() > RECENT || self.dialogs.len() > RECENT {
+            self.recent.clear();
+            self.dialogs.clear();
+        }
+        Ok(())
+    }
+
+    /// Splits a batch: returns the messages to answer here; hands the rest
+    /// to [`Host::receive`] or keeps them for the next batch.
+    async fn route(
+        &mut self,
+        host: &Arc<Host>,
+        config: &Config,
+        batch: Vec<Inbound>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let opt_out = host.opt_out();
+        // A dialog with an opt-out in the batch goes the one-at-a-time way
+        // whole, so that nothing is answered after it.
+        let mut one_by_one: HashSet<DialogId> = HashSet::new();
+        let mut routed = Vec::with_capacity(batch.len());
+        for inbound in batch {
+            let dialog = self.dialog_of(host, &inbound.message.contact)?;
+            if let Some(d) = dialog {
+                if opt_out.matches(&inbound.message.text) {
+                    one_by_one.insert(d);
+                }
+            }
+            routed.push((inbound, dialog));
+        }
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut answered: HashSet<DialogId> = HashSet::new();
+        for (inbound, dialog) in routed {
+            let Some(d) = dialog else {
+                host.receive(inbound).await?;
+                continue;
+            };
+            if answered.contains(&d) {
+                self.carry.push(inbound);
+                continue;
+            }
+            if !one_by_one.contains(&d) && !host.has_conductor(d) {
+                if let Some((dialog, recent)) = self.idle(host, config, d)? {
+                    answered.insert(d);
+                    jobs.push(Job {
+                        message: inbound.message,
+                        stored: Some(inbound.stored),
+                        dialog,
+                        recent,
+                    });
+                    continue;
+                }
+            }
+            one_by_one.insert(d);
+            host.receive(inbound).await?;
+        }
+        Ok(jobs)
+    }
+
+    /// The dialog a message belongs to. A contact's dialog never changes
+    /// once claimed, so the answer is kept.
+    fn dialog_of(
+        &mut self,
+        host: &Host,
+        contact: &Identity,
+    ) -> Result<Option<DialogId>, StoreError> {
+        if let Some(d) = self.dialogs.get(contact) {
+            return Ok(Some(*d));
+        }
+        let dialog = match host.store.contact_id_of(contact)? {
+            Some(c) => host.store.dialog_of_contact(c)?,
+            None => None,
+        };
+        if let Some(d) = dialog {
+            self.dialogs.insert(contact.clone(), d);
+        }
+        Ok(dialog)
+    }
+
+    /// The dialog and its ctx parts if it can be answered here: live, no
+    /// reply delay, nothing unhandled, nothing waiting to be sent.
+    fn idle(
+        &mut self,
+        host: &Host,
+        config: &Config,
+        id: DialogId,
+    ) -> Result<Option<(Dialog, Recent)>, StoreError> {
+        let Some(dialog) = host.store.dialog(id)? else {
+            return Ok(None);
+        };
+        if !dialog.status.is_live()
+            || dialog.ending.is_some()
+            || config.campaign(&dialog.campaign).is_none()
+            || config.account_safety(&dialog.account).reply_delay.hi > Duration::ZERO
+        {
+            return Ok(None);
+        }
+        // No message was added since this path answered the dialog last, so
+        // nothing is unhandled or unsent.
+        if let Some(r) = self
+            .recent
+            .get(&id)
+            .filter(|r| r.next_seq == dialog.next_seq)
+        {
+            let recent = r.clone();
+            return Ok(Some((dialog, recent)));
+        }
+        if host.store.has_unhandled(id)? {
+            return Ok(None);
+        }
+        let messages = host.store.messages(id)?;
+        if messages
+            .iter()
+            .any(|m| m.delivery == Some(Delivery::Pending))
+        {
+            return Ok(None);
+        }
+        let Some(contact) = host.store.contact(dialog.contact)? else {
+            return Ok(None);
+        };
+        let recent = Recent {
+            next_seq: dialog.next_seq,
+            identity: contact.identity.clone(),
+            contact: contact_view(&contact),
+            history: Arc::new(history_of(messages)),
+        };
+        Ok(Some((dialog, recent)))
+    }
+}
+
+/// Asks every job's engine, concurrently.
+async fn ask_engines(
+    host: &Host,
+    config: &Config,
+    jobs: &[Job],
+) -> Vec<Result<Reply, EngineError>> {
+    let mut campaigns: HashMap<&str, _> = HashMap::new();
+    let now = host.clock.now().as_secs_f64();
+    let calls: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            let d = &j.dialog;
+            let (campaign, template) = campaigns
+                .entry(d.campaign.as_str())
+                .or_insert_with(|| host.campaign_view(config, &d.campaign))
+                .clone();
+            let engine = config
+                .campaign(&d.campaign)
+                .map(|c| c.engine.clone())
+                .unwrap_or_default();
+            let ctx = Ctx {
+                dialog: dialog_view(d),
+                contact: j.recent.contact.clone(),
+                account: AccountView {
+                    name: d.account.clone(),
+                },
+                campaign,
+                prompt_template: template,
+                now,
+                state: d.state.clone(),
+                history: j.recent.history.clone(),
+            };
+            let call = Call::Response {
+                text: j.message.text.clone(),
+                at: j.message.at.as_secs_f64(),
+            };
+            async move { host.engines.call(&engine, call, ctx).await }
+        })
+        .collect();
+    join_all(calls).await
+}
+
+/// Sends a dialog's replies in order; stops at the first failure.
+async fn send_in_order(
+    host: &Host,
+    s: &Sending<'_>,
+) -> (Vec<Settle>, Option<(Message, SendError)>) {
+    let mut sent = Vec::with_capacity(s.replies.len());
+    for m in &s.replies {
+        let Some(key) = m.key else { continue };
+        let result = host
+            .transport
+            .send(OutgoingMessage {
+                account: s.dialog.account.clone(),
+                contact: s.job.recent.identity.clone(),
+                text: m.text.clone(),
+                kind: MessageKind::Reply,
+                key,
+            })
+            .await;
+        match result {
+            Ok(delivered) => sent.push(Settle {
+                account: s.dialog.account.clone(),
+                key,
+                delivered,
+            }),
+            Err(e) => return (sent, Some((m.clone(), e))),
+        }
+    }
+    (sent, None)
+}
+
+/// Reacts to a failed send as a conductor would on its first attempt;
+/// true when the message stays pending for the dialog's conductor.
+fn react(host: &Host, dialog: &Dialog, m: &Message, error: &SendError) -> Result<bool, StoreError> {
+    let Some(key) = m.key else { return Ok(false) };
+    let reaction = host.safety.report(&Failure {
+        account: &dialog.account,
+        campaign: &dialog.campaign,
+        dialog: Some(dialog.id),
+        contact: Some(dialog.contact),
+        key,
+        attempt: 0,
+        error,
+    })?;
+    match reaction {
+        Reaction::FailDialog(why) => {
+            conductor::cancel(host, m, why.clone())?;
+            conductor::fail(host, dialog.id, DialogStatus::Error { reason: why })?;
+            Ok(false)
+        }
+        Reaction::Unreachable(why) => {
+            conductor::cancel(host, m, why.clone())?;
+            conductor::fail(
+                host,
+                dialog.id,
+                DialogStatus::Error {
+                    reason: format!("unreachable: {why}"),
+                },
+            )?;
+            Ok(false)
+        }
+        Reaction::RetryAt(_) | Reaction::Reconcile | Reaction::AccountLost => Ok(true),
+    }
+}
