@@ -5,6 +5,10 @@
 //! peer in shared/bench/python_peer.
 //!
 //!     cargo bench --bench throughput -- --dialogs 10000 --messages 100000
+//!
+//! By default every message is offered at once (throughput at saturation;
+//! latency then is mostly queueing). `--rate N` offers N messages per
+//! second instead, for the reply latency at that load.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -102,6 +106,7 @@ fn main() {
     let dialogs = arg("--dialogs", 10_000);
     let messages = arg("--messages", 100_000);
     let accounts = arg("--accounts", (dialogs / 100).max(1));
+    let rate = arg("--rate", 0);
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.path().join("engines")).unwrap();
@@ -169,7 +174,12 @@ fn main() {
             let transport = transport.clone();
             tokio::spawn(async move {
                 let rng = SeededRng::new(42);
+                let began = tokio::time::Instant::now();
                 for i in 0..messages {
+                    if rate > 0 {
+                        let due = began + Duration::from_secs_f64(i as f64 / rate as f64);
+                        tokio::time::sleep_until(due).await;
+                    }
                     let d = (rng.next_u64() % dialogs as u64) as i64 + 1;
                     transport.arrived.lock().unwrap().insert(i, Instant::now());
                     let (tx, _rx) = tokio::sync::oneshot::channel();
@@ -198,6 +208,7 @@ fn main() {
             serde_json::json!({
                 "dialogs": dialogs,
                 "messages": messages,
+                "offered_per_s": if rate > 0 { serde_json::json!(rate) } else { serde_json::json!("all at once") },
                 "completed": finished,
                 "replies_sent": sent,
                 "msgs_per_s": (sent as f64 / elapsed).round(),
