@@ -373,3 +373,109 @@ async fn incoming_messages_are_acknowledged_after_the_host_stores_them() {
     }
     assert_eq!(*w.connector.api.read.lock().unwrap(), vec![41]);
 }
+
+/// The whole host on the fake client: the campaign opens a dialog through
+/// the Telegram transport, the contact answers, the host replies; what
+/// Telegram saw and what the store holds agree.
+#[tokio::test]
+async fn the_host_runs_a_campaign_on_the_fake_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for sub in ["engines", "scripts"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    std::fs::copy(
+        root.join("engines/echo.lua"),
+        dir.path().join("engines/echo.lua"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("leads.csv"),
+        "username,first_name\nann_lee,Ann\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[transport]\nkind = \"telegram\"\n[telegram]\napi_id = 1\napi_hash_env = \"UNUSED\"\n\
+         [safety]\nmin_interval = \"0s\"\njitter = \"0s\"\nreply_delay = \"0s\"\n\
+         [[accounts]]\nname = \"alice\"\nphone = \"+10000000000\"\n\
+         [[audiences]]\nname = \"leads\"\nfile = \"leads.csv\"\n\
+         [[campaigns]]\nname = \"c\"\nengine = \"echo\"\naudiences = [\"leads\"]\naccounts = [\"alice\"]\n",
+    )
+    .unwrap();
+    let config = Arc::new(crate::config::Config::load(&dir.path().join("config.toml")).unwrap());
+    let store = Store::open(&config.data_dir()).unwrap();
+    let rows = crate::audience::read(&dir.path().join("leads.csv")).rows;
+    assert_eq!(rows.len(), 1);
+    store.import_audience("leads", &rows, &mut || 7).unwrap();
+    let mut api = FakeApi::default();
+    api.usernames.insert("ann_lee".into(), peer(1));
+    let connector = Arc::new(FakeConnector {
+        api: Arc::new(api),
+        sessions: ["alice".to_string()].into(),
+        failures: AtomicUsize::new(0),
+        attempts: AtomicUsize::new(0),
+        feeds: Mutex::new(HashMap::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let transport = TelegramTransport::new(
+        vec!["alice".into()],
+        &store,
+        connector.clone(),
+        Manners::from_config(&config),
+        Arc::new(SystemClock),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let h = crate::host::build(
+        config,
+        store.clone(),
+        Arc::new(transport),
+        Arc::new(SystemClock),
+        shutdown,
+    );
+    crate::host::start(&h).await.unwrap();
+    let api = connector.api.clone();
+    let sent = |n: usize| {
+        let api = api.clone();
+        async move {
+            for _ in 0..500 {
+                if api.sent.lock().unwrap().len() >= n {
+                    return api.sent.lock().unwrap().clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("fewer than {n} messages reached the fake Telegram");
+        }
+    };
+    let opening = sent(1).await;
+    assert_eq!(opening[0].1, "hello Ann");
+    let feed = connector.feeds.lock().unwrap()["alice"].clone();
+    let (stored, acked) = oneshot::channel();
+    feed.send(Incoming {
+        user_id: 1,
+        id: 900,
+        text: "tell me more".into(),
+        date: SystemClock.now().0 / 1000,
+        stored,
+    })
+    .await
+    .unwrap();
+    acked.await.unwrap();
+    let both = sent(2).await;
+    assert_eq!(both[1].1, "re: tell me more");
+    crate::host::stop(&h).await;
+    let dialog = store.all_dialogs().next().unwrap().unwrap();
+    let messages = store.messages(dialog.id).unwrap();
+    let keys: Vec<i64> = both.iter().map(|(r, _, _)| *r).collect();
+    let stored_keys: Vec<i64> = messages
+        .iter()
+        .filter_map(|m| m.key)
+        .map(|k| k.0 as i64)
+        .collect();
+    assert_eq!(stored_keys, keys, "random_id is our idempotency key");
+    assert!(messages
+        .iter()
+        .filter(|m| m.key.is_some())
+        .all(|m| m.delivery == Some(crate::model::Delivery::Sent)));
+}
