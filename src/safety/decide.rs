@@ -365,25 +365,28 @@ pub fn spam_limit(record: &mut AccountRecord, until: Timestamp) {
 }
 
 /// Moves a send's mark to the moment the transport says it went out, and
-/// the pause before the next send with it: the account's latest send moves
-/// `next_send_at` by as much as it was late, and no send leaves the next
-/// one less than `min_interval` after it (a claim may have taken a slot
-/// while this send was under way).
+/// the pause before the next send with it: no send leaves the next one less
+/// than `min_interval` after it, and the account's latest send keeps the
+/// pause it drew (`min_interval` plus its jitter). A batch confirms several
+/// marks, and a claim may have taken a slot while a send was under way, so
+/// the pause is set from each send's own time, never shifted.
 pub fn confirm(record: &mut AccountRecord, key: IdempotencyKey, at: Timestamp, limits: &Limits) {
     let latest = record.sends.len().checked_sub(1);
-    if let Some(i) = record.sends.iter().rposition(|s| s.key == key) {
-        let mark = &mut record.sends[i];
-        if at > mark.at {
-            let shift = at.since(mark.at);
-            mark.at = at;
-            if Some(i) == latest {
-                record.next_send_at = record.next_send_at.saturating_add(shift);
-            }
-        }
-        record.next_send_at = record
-            .next_send_at
-            .max(at.saturating_add(limits.min_interval));
-    }
+    let Some(i) = record.sends.iter().rposition(|s| s.key == key) else {
+        return;
+    };
+    let reserved_at = record.sends[i].at;
+    let at = at.max(reserved_at);
+    record.sends[i].at = at;
+    let pause = if Some(i) == latest {
+        let drawn = Duration::from_millis(
+            record.next_send_at.0.saturating_sub(reserved_at.0).max(0) as u64,
+        );
+        drawn.clamp(limits.min_interval, limits.min_interval + limits.jitter)
+    } else {
+        limits.min_interval
+    };
+    record.next_send_at = record.next_send_at.max(at.saturating_add(pause));
 }
 
 /// Returns the slot of a send that failed before delivery.

@@ -227,10 +227,14 @@ impl AccountSafety {
     /// Marks a batch of sends sent and their slots confirmed at the
     /// transport's times, in one store transaction.
     pub fn settle_batch(&self, sent: &[crate::store::Settle]) -> Result<(), StoreError> {
-        let config = self.config();
+        let mut limits: HashMap<&str, Limits> = HashMap::new();
+        for s in sent {
+            limits
+                .entry(s.account.as_str())
+                .or_insert_with(|| self.limits(&s.account));
+        }
         self.inner.store.settle_batch(sent, &|r, s| {
-            let limits = Limits::from(&config.account_safety(&s.account));
-            decide::confirm(r, s.key, s.delivered.at, &limits);
+            decide::confirm(r, s.key, s.delivered.at, &limits[s.account.as_str()]);
         })
     }
 
