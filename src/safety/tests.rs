@@ -305,3 +305,30 @@ async fn a_late_send_keeps_min_interval_to_the_next_one() {
     decide::confirm(&mut record, IdempotencyKey(1), late, &g.limits("a"));
     assert_eq!(record.next_send_at, Timestamp(late.0 + 10_000));
 }
+
+#[test]
+fn confirming_a_batch_does_not_add_up_the_delays() {
+    let limits =
+        Limits::from(&config("min_interval = \"0s\"\njitter = \"0s\"").account_safety("a"));
+    let mut record = crate::model::AccountRecord::new("a");
+    let req = SendRequest {
+        kind: MessageKind::Reply,
+        now: START,
+        window: None,
+    };
+    for key in 1..=3 {
+        let d = decide::reserve(
+            &mut record,
+            &limits,
+            req,
+            IdempotencyKey(key),
+            Duration::ZERO,
+        );
+        assert_eq!(d, Decision::Allow);
+    }
+    for key in 1..=3 {
+        let at = Timestamp(START.0 + 10 * key as i64);
+        decide::confirm(&mut record, IdempotencyKey(key), at, &limits);
+    }
+    assert_eq!(record.next_send_at, Timestamp(START.0 + 30));
+}
