@@ -152,16 +152,7 @@ impl Pipeline {
         let outbound: Vec<Vec<Outbound>> = replies
             .iter()
             .map(|r| match r {
-                Ok(r) => r
-                    .output
-                    .messages
-                    .iter()
-                    .map(|text| Outbound {
-                        kind: MessageKind::Reply,
-                        text: text.clone(),
-                        key: host.new_key(),
-                    })
-                    .collect(),
+                Ok(r) => host.outbound(MessageKind::Reply, &r.output.messages),
                 Err(_) => Vec::new(),
             })
             .collect();

@@ -13,7 +13,7 @@ use crate::model::{Delivery, DialogId, DialogStatus, Message, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
 use crate::safety::reaction::Reaction;
 use crate::safety::{Decision, Failure};
-use crate::store::{Apply, Outbound, StoreError};
+use crate::store::{Apply, StoreError};
 use crate::transport::OutgoingMessage;
 
 pub async fn run(host: Arc<Host>, dialog: DialogId, dirty: Arc<AtomicBool>) {
@@ -126,16 +126,7 @@ async fn answer(
     };
     match host.engines.call(&engine, call, ctx).await {
         Ok(reply) => {
-            let outbound: Vec<Outbound> = reply
-                .output
-                .messages
-                .iter()
-                .map(|text| Outbound {
-                    kind: MessageKind::Reply,
-                    text: text.clone(),
-                    key: host.new_key(),
-                })
-                .collect();
+            let outbound = host.outbound(MessageKind::Reply, &reply.output.messages);
             let ending = ending_of(&reply.output);
             host.store.apply(
                 dialog.id,

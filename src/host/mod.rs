@@ -28,10 +28,12 @@ use crate::clock::{Clock, SeededRng, SystemClock, Timestamp};
 use crate::config::{Config, SendWindow, TransportKind};
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
 use crate::engine::{Ctx, EngineRuntime};
-use crate::model::{Contact, Delivery, Dialog, DialogId, Direction, IdempotencyKey, Message};
+use crate::model::{
+    Contact, Delivery, Dialog, DialogId, Direction, IdempotencyKey, Message, MessageKind,
+};
 use crate::safety::alerts::Alerts;
 use crate::safety::AccountSafety;
-use crate::store::{Store, StoreError};
+use crate::store::{Outbound, Store, StoreError};
 use crate::transport::{Inbound, Transport};
 pub use optout::OptOut;
 
@@ -115,6 +117,18 @@ impl Host {
 
     pub fn new_key(&self) -> IdempotencyKey {
         IdempotencyKey(self.rng.next_u64())
+    }
+
+    /// Messages an engine asked for, each with a new idempotency key.
+    pub fn outbound(&self, kind: MessageKind, texts: &[String]) -> Vec<Outbound> {
+        texts
+            .iter()
+            .map(|text| Outbound {
+                kind,
+                text: text.clone(),
+                key: self.new_key(),
+            })
+            .collect()
     }
 
     /// The send window of a campaign, if it has one.

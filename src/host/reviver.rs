@@ -7,7 +7,7 @@ use super::conductor::{ending_of, engine_failed};
 use super::Host;
 use crate::engine::Call;
 use crate::model::{Dialog, DialogStatus, MessageKind};
-use crate::store::{Apply, Outbound, StoreError};
+use crate::store::{Apply, StoreError};
 
 pub async fn run(host: Arc<Host>) {
     loop {
@@ -106,17 +106,9 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
                     || reply.output.finish.is_some()
                     || reply.output.handoff =>
             {
-                let outbound: Vec<Outbound> = reply
-                    .output
-                    .messages
-                    .iter()
-                    .take(allowance as usize)
-                    .map(|text| Outbound {
-                        kind: MessageKind::FollowUp,
-                        text: text.clone(),
-                        key: host.new_key(),
-                    })
-                    .collect();
+                let messages = &reply.output.messages;
+                let allowed = &messages[..messages.len().min(allowance as usize)];
+                let outbound = host.outbound(MessageKind::FollowUp, allowed);
                 host.store.apply(
                     dialog.id,
                     &Apply {

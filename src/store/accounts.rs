@@ -176,16 +176,6 @@ impl Store {
         Ok(self.cached_account(&mut cache, name)?.clone())
     }
 
-    /// Reads an account's record without copying it.
-    pub fn with_account<T>(
-        &self,
-        name: &str,
-        f: impl FnOnce(&AccountRecord) -> T,
-    ) -> Result<T, StoreError> {
-        let mut cache = self.accounts.lock();
-        Ok(f(self.cached_account(&mut cache, name)?))
-    }
-
     /// Reads, changes and writes an account's record; written only if `f`
     /// changed it.
     pub fn update_account<T>(

@@ -161,21 +161,13 @@ impl Store {
                     });
                     continue;
                 };
-                new.state = reply.state.clone();
-                let mut replies = Vec::with_capacity(reply.outbound.len());
-                for o in reply.outbound {
-                    replies.push(tx.append(&mut new, outbound_message(o, a.now))?);
-                }
-                if let Some(ending) = &reply.ending {
-                    if replies.is_empty() {
-                        new.status = match new.status.transition(ending.clone()) {
-                            Ok(s) => s,
-                            Err(e) => return abort(e.into()),
-                        };
-                    } else {
-                        new.ending = Some(ending.clone());
-                    }
-                }
+                let replies = tx.record_answer(
+                    &mut new,
+                    Some(reply.state),
+                    reply.outbound,
+                    reply.ending.as_ref(),
+                    a.now,
+                )?;
                 tx.put_dialog_lazily(&old, &new)?;
                 let mut slots = 0;
                 if let (true, Ok(i)) = (a.reserve, accounts.binary_search(&new.account.as_str())) {

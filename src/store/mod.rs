@@ -329,6 +329,37 @@ impl Tx<'_> {
         Ok(msg)
     }
 
+    /// Records what an engine answered in a live dialog: its state, its
+    /// messages as pending, and its ending (taken at once if nothing is to
+    /// be sent, else once the messages are).
+    fn record_answer(
+        &self,
+        dialog: &mut Dialog,
+        state: Option<&serde_json::Value>,
+        outbound: &[Outbound],
+        ending: Option<&DialogStatus>,
+        at: Timestamp,
+    ) -> TxResult<Vec<Message>> {
+        if let Some(state) = state {
+            dialog.state = state.clone();
+        }
+        let mut recorded = Vec::with_capacity(outbound.len());
+        for out in outbound {
+            recorded.push(self.append(dialog, outbound_message(out, at))?);
+        }
+        if let Some(ending) = ending {
+            if recorded.is_empty() {
+                dialog.status = match dialog.status.transition(ending.clone()) {
+                    Ok(s) => s,
+                    Err(e) => return abort(e.into()),
+                };
+            } else {
+                dialog.ending = Some(ending.clone());
+            }
+        }
+        Ok(recorded)
+    }
+
     /// Cancels the messages with these keys that still wait to be sent.
     fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
         for key in keys {
@@ -982,23 +1013,8 @@ impl Store {
                 tx.put_dialog(Some(&old), &new)?;
                 return Ok((new, Vec::new()));
             }
-            if let Some(state) = a.state {
-                new.state = state.clone();
-            }
-            let mut recorded = Vec::with_capacity(a.outbound.len());
-            for out in a.outbound {
-                recorded.push(tx.append(&mut new, outbound_message(out, a.at))?);
-            }
-            if let Some(ending) = &a.ending {
-                if recorded.is_empty() {
-                    new.status = match new.status.transition(ending.clone()) {
-                        Ok(s) => s,
-                        Err(e) => return abort(e.into()),
-                    };
-                } else {
-                    new.ending = Some(ending.clone());
-                }
-            }
+            let recorded =
+                tx.record_answer(&mut new, a.state, a.outbound, a.ending.as_ref(), a.at)?;
             tx.put_dialog(Some(&old), &new)?;
             Ok((new, recorded))
         })
