@@ -11,6 +11,7 @@ use super::Host;
 use crate::engine::Call;
 use crate::model::{Delivery, DialogId, DialogStatus, Message, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
+use crate::safety::decide::window_open_at;
 use crate::safety::reaction::Reaction;
 use crate::safety::{Decision, Failure};
 use crate::store::{Apply, StoreError};
@@ -295,6 +296,18 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
             drop(gate);
             host.safety.release(&dialog.account, key)?;
             return cancel(host, m, why);
+        }
+        // The slot was taken inside the send window, but the flush or the
+        // gate may have taken long enough for it to close: then the slot goes
+        // back and the send waits for the window to open again.
+        if let Some(w) = &window {
+            let now = host.clock.now();
+            if window_open_at(w, now) > now {
+                drop(gate);
+                host.safety.release(&dialog.account, key)?;
+                drop(_account);
+                continue;
+            }
         }
         let result = host
             .transport

@@ -74,6 +74,20 @@ pub fn check(config: &Config, store: &Store, wire: &[Line], settled: bool) -> Su
     for account in &config.file.accounts {
         let limits = config.account_safety(&account.name);
         let mine: Vec<&&Line> = outs.iter().filter(|l| l.account == account.name).collect();
+        // Warm-up counts from the account's first send (its first slot).
+        let first_send = store
+            .account(&account.name)
+            .unwrap()
+            .first_send_at
+            .map(|t| t.0 as f64 / 1000.0);
+        if let (Some(first), Some(l)) = (first_send, mine.first()) {
+            assert!(
+                first <= l.at + 1e-3,
+                "{}: first send at {} but warm-up counts from {first}",
+                account.name,
+                l.at
+            );
+        }
         for (i, l) in mine.iter().enumerate() {
             let in_window = |len: f64, openings: bool| {
                 mine[..=i]
@@ -101,6 +115,20 @@ pub fn check(config: &Config, store: &Store, wire: &[Line], settled: bool) -> Su
                 account.name,
                 l.at
             );
+            let cap = warm_cap(&limits, first_send, limits.max_per_day, l.at);
+            assert!(
+                in_window(86400.0, false) <= cap as usize,
+                "{}: more than the warm-up cap of {cap} sends in the day ending {}",
+                account.name,
+                l.at
+            );
+            let cap = warm_cap(&limits, first_send, limits.max_new_dialogs_per_day, l.at);
+            assert!(
+                in_window(86400.0, true) <= cap as usize,
+                "{}: more than the warm-up cap of {cap} openings in the day ending {}",
+                account.name,
+                l.at
+            );
             if i > 0 {
                 let gap = l.at - mine[i - 1].at;
                 assert!(
@@ -119,6 +147,19 @@ pub fn check(config: &Config, store: &Store, wire: &[Line], settled: bool) -> Su
                     assert!(
                         bad.is_none(),
                         "{}: sent at {} during a flood wait {}..{until}",
+                        account.name,
+                        bad.unwrap().at,
+                        f.at
+                    );
+                }
+                Some("peer_flood") => {
+                    let until = f.at + limits.peer_flood_cooldown.0.as_secs_f64();
+                    let bad = mine.iter().find(|l| {
+                        l.kind.as_deref() == Some("opening") && l.at > f.at && l.at < until
+                    });
+                    assert!(
+                        bad.is_none(),
+                        "{}: opened a dialog at {} within the peer-flood cooldown {}..{until}",
                         account.name,
                         bad.unwrap().at,
                         f.at
@@ -166,6 +207,36 @@ pub fn check(config: &Config, store: &Store, wire: &[Line], settled: bool) -> Su
                 "sent to {} at {} after it opted out at {t}",
                 l.contact,
                 l.at
+            );
+        }
+    }
+
+    // Openings and follow-ups go inside their campaign's send window.
+    let mut campaign_of: HashMap<String, String> = HashMap::new();
+    for d in store.all_dialogs() {
+        let d = d.unwrap();
+        if let Some(c) = store.contact(d.contact).unwrap() {
+            campaign_of.insert(c.identity.to_string(), d.campaign.clone());
+        }
+    }
+    for l in outs.iter().filter(|l| l.kind.as_deref() != Some("reply")) {
+        let window = campaign_of
+            .get(&l.contact)
+            .and_then(|c| config.campaign(c))
+            .and_then(|c| c.send_window.as_ref());
+        if let Some(w) = window {
+            let utc = chrono::DateTime::from_timestamp_millis((l.at * 1000.0) as i64).unwrap();
+            let tod = utc.with_timezone(&w.timezone.0).time();
+            let (start, end) = (w.start.0, w.end.0);
+            let inside = if start < end {
+                tod >= start && tod < end
+            } else {
+                tod >= start || tod < end
+            };
+            assert!(
+                inside,
+                "{:?} to {} at {} ({tod} local) outside the send window",
+                l.kind, l.contact, l.at
             );
         }
     }
@@ -252,6 +323,19 @@ pub fn check(config: &Config, store: &Store, wire: &[Line], settled: bool) -> Su
         );
     }
     s
+}
+
+/// A daily cap at `at` (seconds) during warm-up from `first`, as SPEC
+/// section 4 ramps it: `floor(full * (start + (1 - start) * progress))`, at
+/// least one.
+fn warm_cap(limits: &colloquy::config::Safety, first: Option<f64>, full: u32, at: f64) -> u32 {
+    let warmup = limits.warmup.0.as_secs_f64();
+    let Some(first) = first.filter(|_| warmup > 0.0) else {
+        return full;
+    };
+    let progress = ((at - first) / warmup).clamp(0.0, 1.0);
+    let frac = limits.warmup_start + (1.0 - limits.warmup_start) * progress;
+    ((full as f64 * frac + 1e-9).floor() as u32).clamp(1, full)
 }
 
 /// A project directory with the shipped engines, scripts, persona and a
