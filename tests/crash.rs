@@ -89,7 +89,7 @@ fn sweep() {
         ),
         other => panic!("unknown SWEEP variant {other}"),
     };
-    kill_restart_and_check(&config, seed, 2);
+    kill_restart_and_check(&config, seed, 1);
 }
 
 fn kill_restart_and_check(config_text: &str, seed: u64, min_openings: usize) {
@@ -135,7 +135,10 @@ fn kill_restart_and_check(config_text: &str, seed: u64, min_openings: usize) {
         .arg(dir.path().join("config.toml"))
         .output()
         .unwrap();
-    assert!(listed.status.success() && !listed.stdout.is_empty());
+    assert!(
+        listed.status.success() && !listed.stdout.is_empty(),
+        "colloquy dialogs: {listed:?}"
+    );
     let stopped = Instant::now();
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();

@@ -1,8 +1,11 @@
 //! Account records. The record itself (status, pauses, next send) is one
-//! small key in `accounts`; every send that still counts against a limit is
-//! its own nine-byte key beside it (`name ++ 0x00 ++ idempotency key`), so a
-//! send writes a few bytes instead of rewriting the day's list. Records are
-//! read through a cache whose lock also orders the writers of an account.
+//! small key in `accounts`; the sends that still count against a limit sit
+//! beside it in buckets of ten minutes (`name ++ 0x01 ++ bucket`, a list of
+//! 17-byte marks), so a send rewrites a few small values instead of adding
+//! a key. Records are read through a cache whose lock also orders the
+//! writers of an account. An older layout kept one key per mark
+//! (`name ++ 0x00 ++ idempotency key`); such marks are moved into buckets
+//! on first read.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -33,38 +36,63 @@ struct StoredRecord<'a> {
     next_send_at: Timestamp,
 }
 
-fn mark_prefix(name: &str) -> Vec<u8> {
+/// Milliseconds of sends per bucket.
+const BUCKET_MS: i64 = 10 * 60 * 1000;
+/// Bytes per mark in a bucket: idempotency key, time, opening.
+const MARK: usize = 17;
+
+fn prefix(name: &str, tag: u8) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.len() + 9);
     k.extend_from_slice(name.as_bytes());
-    k.push(0);
+    k.push(tag);
     k
 }
 
-fn mark_key(name: &str, key: IdempotencyKey) -> Vec<u8> {
-    let mut k = mark_prefix(name);
-    k.extend_from_slice(&key.0.to_be_bytes());
+/// The marks of the older layout: one key each.
+const OLD_MARK: u8 = 0;
+const BUCKET: u8 = 1;
+
+fn bucket_of(m: &SendMark) -> u64 {
+    m.at.0.div_euclid(BUCKET_MS).max(0) as u64
+}
+
+fn bucket_key(name: &str, bucket: u64) -> Vec<u8> {
+    let mut k = prefix(name, BUCKET);
+    k.extend_from_slice(&bucket.to_be_bytes());
     k
 }
 
-fn mark_value(m: &SendMark) -> [u8; 9] {
-    let mut v = [0u8; 9];
-    v[..8].copy_from_slice(&m.at.0.to_be_bytes());
-    v[8] = u8::from(m.opening);
-    v
+fn corrupt(len: usize) -> StoreError {
+    StoreError::Corrupt {
+        what: "send marks",
+        reason: format!("{len} bytes"),
+    }
 }
 
-fn read_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        what: "send mark",
-        reason: format!("{} bytes", value.len()),
-    };
+fn read_bucket(value: &[u8]) -> Result<Vec<SendMark>, StoreError> {
+    if value.len() % MARK != 0 {
+        return Err(corrupt(value.len()));
+    }
+    Ok(value
+        .chunks_exact(MARK)
+        .map(|c| SendMark {
+            key: IdempotencyKey(u64::from_be_bytes(c[..8].try_into().expect("8 bytes"))),
+            at: Timestamp(i64::from_be_bytes(c[8..16].try_into().expect("8 bytes"))),
+            opening: c[16] == 1,
+        })
+        .collect())
+}
+
+/// A mark of the older layout: the idempotency key ends the key, the
+/// value is the time and the opening flag.
+fn read_old_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
     let id: [u8; 8] = key[key.len().saturating_sub(8)..]
         .try_into()
-        .map_err(|_| corrupt())?;
+        .map_err(|_| corrupt(value.len()))?;
     let at: [u8; 8] = value
         .get(..8)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(corrupt)?;
+        .ok_or_else(|| corrupt(value.len()))?;
     Ok(SendMark {
         at: Timestamp(i64::from_be_bytes(at)),
         opening: value.get(8) == Some(&1),
@@ -73,44 +101,55 @@ fn read_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
 }
 
 /// Writes what changed from `old` to `new`: the record (a few bytes), and
-/// the marks added, moved or dropped. The account operations
-/// only drop marks, change them in place and append, so one ordered pass
-/// finds the difference.
+/// every bucket in which a mark was added, moved or dropped. The account
+/// operations only drop marks, change them in place and append, so one
+/// ordered pass finds the difference.
 fn write_diff(
     accounts: &TransactionalTree,
     old: &AccountRecord,
     new: &AccountRecord,
 ) -> Result<(), UnabortableTransactionError> {
-    {
-        accounts.insert(
-            new.name.as_bytes(),
-            encode(&StoredRecord {
-                name: &new.name,
-                status: &new.status,
-                first_send_at: new.first_send_at,
-                next_send_at: new.next_send_at,
-            }),
-        )?;
-    }
+    accounts.insert(
+        new.name.as_bytes(),
+        encode(&StoredRecord {
+            name: &new.name,
+            status: &new.status,
+            first_send_at: new.first_send_at,
+            next_send_at: new.next_send_at,
+        }),
+    )?;
+    let mut touched: Vec<u64> = Vec::new();
     let (mut i, mut j) = (0, 0);
     while i < old.sends.len() && j < new.sends.len() {
         let (o, n) = (&old.sends[i], &new.sends[j]);
         if o.key == n.key {
             if o != n {
-                accounts.insert(mark_key(&new.name, n.key), &mark_value(n))?;
+                touched.extend([bucket_of(o), bucket_of(n)]);
             }
             i += 1;
             j += 1;
         } else {
-            accounts.remove(mark_key(&old.name, o.key))?;
+            touched.push(bucket_of(o));
             i += 1;
         }
     }
-    for o in &old.sends[i..] {
-        accounts.remove(mark_key(&old.name, o.key))?;
-    }
-    for n in &new.sends[j..] {
-        accounts.insert(mark_key(&new.name, n.key), &mark_value(n))?;
+    touched.extend(old.sends[i..].iter().map(bucket_of));
+    touched.extend(new.sends[j..].iter().map(bucket_of));
+    touched.sort_unstable();
+    touched.dedup();
+    for bucket in touched {
+        let mut value = Vec::new();
+        for m in new.sends.iter().filter(|m| bucket_of(m) == bucket) {
+            value.extend_from_slice(&m.key.0.to_be_bytes());
+            value.extend_from_slice(&m.at.0.to_be_bytes());
+            value.push(u8::from(m.opening));
+        }
+        let key = bucket_key(&new.name, bucket);
+        if value.is_empty() {
+            accounts.remove(key)?;
+        } else {
+            accounts.insert(key, value)?;
+        }
     }
     Ok(())
 }
@@ -127,15 +166,33 @@ impl Tx<'_> {
 }
 
 impl Store {
-    /// Reads an account from the trees: the record (an older layout kept
-    /// its marks inside it) and its marks, oldest first.
+    /// Reads an account from the trees: the record, its marks oldest
+    /// first. Marks of an older layout (inside the record, or one key
+    /// each) are moved into buckets.
     fn load_account(&self, name: &str) -> Result<AccountRecord, StoreError> {
         let mut record = match self.t.accounts.get(name.as_bytes())? {
             Some(b) => decode::<AccountRecord>("account", &b)?,
             None => AccountRecord::new(name),
         };
-        if !record.sends.is_empty() {
-            // The older layout: move the marks out of the record.
+        let mut old_keys = Vec::new();
+        for e in self.t.accounts.scan_prefix(prefix(name, OLD_MARK)) {
+            let (k, v) = e?;
+            let mark = read_old_mark(&k, &v)?;
+            if !record.sends.iter().any(|s| s.key == mark.key) {
+                record.sends.push(mark);
+            }
+            old_keys.push(k);
+        }
+        let migrate = !record.sends.is_empty();
+        for e in self.t.accounts.scan_prefix(prefix(name, BUCKET)) {
+            for mark in read_bucket(&e?.1)? {
+                if !record.sends.iter().any(|s| s.key == mark.key) {
+                    record.sends.push(mark);
+                }
+            }
+        }
+        record.sends.sort_by_key(|s| s.at);
+        if migrate {
             let stripped = AccountRecord {
                 sends: Vec::new(),
                 ..record.clone()
@@ -143,18 +200,13 @@ impl Store {
             self.t
                 .accounts
                 .transaction(|accounts| {
+                    for k in &old_keys {
+                        accounts.remove(k)?;
+                    }
                     write_diff(accounts, &stripped, &record).map_err(Into::into)
                 })
                 .map_err(StoreError::from)?;
         }
-        for e in self.t.accounts.scan_prefix(mark_prefix(name)) {
-            let (k, v) = e?;
-            let mark = read_mark(&k, &v)?;
-            if !record.sends.iter().any(|s| s.key == mark.key) {
-                record.sends.push(mark);
-            }
-        }
-        record.sends.sort_by_key(|s| s.at);
         Ok(record)
     }
 
@@ -242,7 +294,7 @@ impl Store {
         let mut names = Vec::new();
         for k in self.t.accounts.iter().keys() {
             let k = k?;
-            if !k.contains(&0) {
+            if !k.contains(&OLD_MARK) && !k.contains(&BUCKET) {
                 names.push(String::from_utf8_lossy(&k).into_owned());
             }
         }
@@ -313,5 +365,36 @@ mod tests {
             .unwrap();
         store.accounts.lock().clear();
         assert_eq!(store.account("a").unwrap().sends.len(), 3);
+    }
+
+    #[test]
+    fn marks_of_one_key_each_move_into_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for m in [mark(5, 9), mark(700_000, 2)] {
+                let mut k = prefix("a", OLD_MARK);
+                k.extend_from_slice(&m.key.0.to_be_bytes());
+                let mut v = m.at.0.to_be_bytes().to_vec();
+                v.push(u8::from(m.opening));
+                store.t.accounts.insert(k, v).unwrap();
+            }
+            assert_eq!(
+                store.account("a").unwrap().sends,
+                vec![mark(5, 9), mark(700_000, 2)]
+            );
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let keys: Vec<_> = store.t.accounts.iter().keys().map(|k| k.unwrap()).collect();
+        assert!(
+            keys.iter().all(|k| !k.starts_with(&prefix("a", OLD_MARK))),
+            "{keys:?}"
+        );
+        assert_eq!(keys.len(), 3, "the record and two buckets");
+        assert_eq!(
+            store.account("a").unwrap().sends,
+            vec![mark(5, 9), mark(700_000, 2)]
+        );
     }
 }

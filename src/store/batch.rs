@@ -119,12 +119,11 @@ impl Store {
         self.transact_with_accounts(accounts, |tx, records| {
             let mut out = Vec::with_capacity(answers.len());
             for a in answers {
-                let ikey = inbound_key(a.account, a.transport_id);
-                if tx.inbound.get(&ikey)?.is_some() {
+                let old = tx.dialog(a.dialog)?;
+                if tx.seen_incoming(&old, a.account, a.transport_id)? {
                     out.push(Answered::Duplicate);
                     continue;
                 }
-                let old = tx.dialog(a.dialog)?;
                 let mut new = old.clone();
                 let incoming = tx.append(
                     &mut new,
@@ -140,8 +139,8 @@ impl Store {
                         transport_id: Some(a.transport_id),
                     },
                 )?;
+                tx.note_incoming(&old, a.account, a.transport_id, incoming.seq)?;
                 let at_key = pair(u64_key(a.dialog), u64_key(incoming.seq));
-                tx.inbound.insert(ikey.as_slice(), &at_key)?;
                 let fresh =
                     old.next_seq == a.seen_seq && old.status.is_live() && old.ending.is_none();
                 let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
@@ -203,13 +202,13 @@ impl Store {
                 let Some(at) = tx.outbox.remove(&u64_key(s.key.0))? else {
                     continue;
                 };
-                let Some(bytes) = tx.messages.get(&at)? else {
+                let (dialog, seq) = split_address(&at);
+                let Some(mut msg) = tx.pages().get(dialog, seq)? else {
                     continue;
                 };
-                let mut msg: Message = tx_decode("message", &bytes)?;
                 msg.delivery = Some(Delivery::Sent);
                 msg.transport_id = Some(s.delivered.transport_id);
-                tx.messages.insert(at.to_vec(), encode(&msg))?;
+                tx.pages().put(&msg)?;
                 if let Ok(i) = accounts.binary_search(&s.account.as_str()) {
                     confirm(&mut records[i], s);
                 }

@@ -13,9 +13,9 @@
 //! | `dialogs_by_status` | status tag, dialog id | (empty) |
 //! | `dialogs_by_activity` | last activity, dialog id (active dialogs only) | (empty) |
 //! | `dialog_of_contact` | contact id | dialog id: the claim, at most one per contact |
-//! | `messages` | dialog id, seq | [`Message`] |
+//! | `message_pages` | dialog id, seq / 16 | up to 16 [`Message`]s of the dialog (see `pages.rs`) |
 //! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
-//! | `inbound` | account, 0, transport id | dialog id, seq (dedupe of incoming) |
+//! | `inbound` | account, 0, transport id | dialog id, seq: dedupe of incoming messages sent to another account than their dialog's (the dialog's own are found in its pages) |
 //! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
 //! | `accounts` | account name | [`AccountRecord`] without its sends |
@@ -30,6 +30,7 @@
 mod accounts;
 mod batch;
 mod keys;
+mod pages;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,6 +50,7 @@ use crate::model::{
 };
 pub use batch::{Answer, Answered, Replied, Settle};
 use keys::*;
+use pages::{page_key, split_address, Pages, PAGE};
 
 /// The layout version written in front of every record.
 pub const RECORD_VERSION: u8 = 1;
@@ -236,6 +238,43 @@ struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    fn pages(&self) -> Pages<'_> {
+        Pages(self.messages)
+    }
+
+    /// Whether an incoming message was stored before: among the dialog's
+    /// own messages when it came to the dialog's account, else in the
+    /// `inbound` index.
+    fn seen_incoming(&self, dialog: &Dialog, account: &str, transport_id: i64) -> TxResult<bool> {
+        if account == dialog.account {
+            self.pages()
+                .has_incoming(dialog.id, dialog.next_seq, transport_id)
+        } else {
+            Ok(self
+                .inbound
+                .get(inbound_key(account, transport_id))?
+                .is_some())
+        }
+    }
+
+    /// Notes an incoming message stored at `(dialog, seq)` for
+    /// [`Tx::seen_incoming`].
+    fn note_incoming(
+        &self,
+        dialog: &Dialog,
+        account: &str,
+        transport_id: i64,
+        seq: u64,
+    ) -> Result<(), UnabortableTransactionError> {
+        if account != dialog.account {
+            self.inbound.insert(
+                inbound_key(account, transport_id),
+                &pair(u64_key(dialog.id), u64_key(seq)),
+            )?;
+        }
+        Ok(())
+    }
+
     fn dialog(&self, id: DialogId) -> TxResult<Dialog> {
         match self.dialogs.get(u64_key(id))? {
             Some(bytes) => tx_decode("dialog", &bytes),
@@ -324,8 +363,7 @@ impl Tx<'_> {
                 &pair(u64_key(msg.dialog), u64_key(msg.seq)),
             )?;
         }
-        self.messages
-            .insert(&pair(u64_key(msg.dialog), u64_key(msg.seq)), encode(&msg))?;
+        self.pages().put(&msg)?;
         Ok(msg)
     }
 
@@ -364,12 +402,12 @@ impl Tx<'_> {
     fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
         for key in keys {
             if let Some(at) = self.outbox.remove(&u64_key(key.0))? {
-                if let Some(bytes) = self.messages.get(&at)? {
-                    let mut msg: Message = tx_decode("message", &bytes)?;
+                let (dialog, seq) = split_address(&at);
+                if let Some(mut msg) = self.pages().get(dialog, seq)? {
                     msg.delivery = Some(Delivery::Cancelled {
                         reason: reason.to_string(),
                     });
-                    self.messages.insert(at, encode(&msg))?;
+                    self.pages().put(&msg)?;
                 }
             }
         }
@@ -493,8 +531,30 @@ impl Store {
                 other => other.into(),
             })?;
         let store = Store::from_db(db)?;
+        store.page_messages()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
         Ok(store)
+    }
+
+    /// Moves the messages of the older layout (one key each, in the
+    /// `messages` tree) into pages. The pages are rebuilt whole from the
+    /// old tree, which is dropped last, so an interrupted move is redone.
+    fn page_messages(&self) -> Result<(), StoreError> {
+        if !self.db.tree_names().iter().any(|n| n == b"messages") {
+            return Ok(());
+        }
+        let old = self.db.open_tree("messages")?;
+        let messages = old
+            .iter()
+            .values()
+            .map(|v| decode::<Message>("message", &v?))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (key, page) in pages::paged(messages.into_iter())? {
+            self.t.messages.insert(key, page)?;
+        }
+        self.db.flush()?;
+        self.db.drop_tree("messages")?;
+        Ok(())
     }
 
     /// A store in a temporary directory that disappears on drop, for tests
@@ -519,7 +579,7 @@ impl Store {
             by_status: tree("dialogs_by_status")?,
             by_activity: tree("dialogs_by_activity")?,
             dialog_of_contact: tree("dialog_of_contact")?,
-            messages: tree("messages")?,
+            messages: tree("message_pages")?,
             outbox: tree("outbox")?,
             inbound: tree("inbound")?,
             unhandled: tree("unhandled")?,
@@ -957,12 +1017,11 @@ impl Store {
         text: &str,
         at: Timestamp,
     ) -> Result<Option<Message>, StoreError> {
-        let ikey = inbound_key(account, transport_id);
         self.transact(|tx| {
-            if tx.inbound.get(&ikey)?.is_some() {
+            let old = tx.dialog(dialog)?;
+            if tx.seen_incoming(&old, account, transport_id)? {
                 return Ok(None);
             }
-            let old = tx.dialog(dialog)?;
             let mut new = old.clone();
             let msg = tx.append(
                 &mut new,
@@ -978,9 +1037,9 @@ impl Store {
                     transport_id: Some(transport_id),
                 },
             )?;
-            let at_key = pair(u64_key(dialog), u64_key(msg.seq));
-            tx.inbound.insert(ikey.as_slice(), &at_key)?;
-            tx.unhandled.insert(&at_key, &[])?;
+            tx.note_incoming(&old, account, transport_id, msg.seq)?;
+            tx.unhandled
+                .insert(&pair(u64_key(dialog), u64_key(msg.seq)), &[])?;
             tx.put_dialog(Some(&old), &new)?;
             Ok(Some(msg))
         })
@@ -1104,13 +1163,8 @@ impl Store {
     pub fn next_unhandled(&self, dialog: DialogId) -> Result<Option<Message>, StoreError> {
         match self.t.unhandled.scan_prefix(u64_key(dialog)).keys().next() {
             Some(k) => {
-                let k = k?;
-                Ok(self
-                    .t
-                    .messages
-                    .get(&k)?
-                    .map(|b| decode("message", &b))
-                    .transpose()?)
+                let (dialog, seq) = split_address(&k?);
+                self.message_at(dialog, seq)
             }
             None => Ok(None),
         }
@@ -1140,17 +1194,16 @@ impl Store {
                     id: key.to_string(),
                 });
             };
-            let mkey = at.to_vec();
-            let Some(bytes) = tx.messages.get(&mkey)? else {
+            let (dialog, seq) = split_address(&at);
+            let Some(mut msg) = tx.pages().get(dialog, seq)? else {
                 return abort(StoreError::NotFound {
                     what: "message with key",
                     id: key.to_string(),
                 });
             };
-            let mut msg: Message = tx_decode("message", &bytes)?;
             msg.delivery = Some(delivery.clone());
             msg.transport_id = transport_id.or(msg.transport_id);
-            tx.messages.insert(mkey, encode(&msg))?;
+            tx.pages().put(&msg)?;
             Ok(msg)
         })
     }
@@ -1172,16 +1225,16 @@ impl Store {
                     id: key.to_string(),
                 });
             };
-            let Some(bytes) = tx.messages.get(&at)? else {
+            let (dialog, seq) = split_address(&at);
+            let Some(mut msg) = tx.pages().get(dialog, seq)? else {
                 return abort(StoreError::NotFound {
                     what: "message with key",
                     id: key.to_string(),
                 });
             };
-            let mut msg: Message = tx_decode("message", &bytes)?;
             msg.delivery = Some(Delivery::Sent);
             msg.transport_id = Some(transport_id);
-            tx.messages.insert(at.to_vec(), encode(&msg))?;
+            tx.pages().put(&msg)?;
             update(record);
             Ok(msg)
         })
@@ -1192,8 +1245,9 @@ impl Store {
         let mut out = Vec::new();
         for entry in self.t.outbox.iter() {
             let (_, at) = entry?;
-            if let Some(bytes) = self.t.messages.get(&at)? {
-                out.push(decode("message", &bytes)?);
+            let (dialog, seq) = split_address(&at);
+            if let Some(msg) = self.message_at(dialog, seq)? {
+                out.push(msg);
             }
         }
         Ok(out)
@@ -1201,11 +1255,19 @@ impl Store {
 
     /// A dialog's messages, oldest first.
     pub fn messages(&self, dialog: DialogId) -> Result<Vec<Message>, StoreError> {
-        self.t
-            .messages
-            .scan_prefix(u64_key(dialog))
-            .map(|e| decode("message", &e?.1))
-            .collect()
+        let mut out = Vec::new();
+        for page in self.t.messages.scan_prefix(u64_key(dialog)).values() {
+            out.extend(pages::read_all(&page?)?);
+        }
+        Ok(out)
+    }
+
+    /// The message at `(dialog, seq)`.
+    fn message_at(&self, dialog: DialogId, seq: u64) -> Result<Option<Message>, StoreError> {
+        match self.t.messages.get(page_key(dialog, seq))? {
+            Some(page) => pages::read(&page, (seq % PAGE) as usize),
+            None => Ok(None),
+        }
     }
 
     // ----------------------------------------------------------------- accounts

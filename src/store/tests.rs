@@ -187,6 +187,60 @@ fn messages_outbox_and_inbound_dedupe() {
     let d = store.dialog(d.id).unwrap().unwrap();
     assert_eq!(d.last_inbound_at, Some(Timestamp(2_000)));
     assert_eq!(d.next_seq, 3);
+    // The same transport id sent to another account is another message,
+    // and is deduplicated in its own right.
+    assert!(store
+        .record_inbound(d.id, "b", 900, "hello b", Timestamp(2_500))
+        .unwrap()
+        .is_some());
+    assert!(store
+        .record_inbound(d.id, "b", 900, "hello b", Timestamp(2_500))
+        .unwrap()
+        .is_none());
+    // Dedupe reaches back past the newest page.
+    for tid in 1000..1040 {
+        store
+            .record_inbound(d.id, "a", tid, "more", Timestamp(3_000))
+            .unwrap()
+            .unwrap();
+    }
+    assert!(store
+        .record_inbound(d.id, "a", 900, "hello", Timestamp(2_000))
+        .unwrap()
+        .is_none());
+    assert_eq!(store.messages(d.id).unwrap().len(), 44);
+}
+
+#[test]
+fn messages_of_the_older_layout_are_moved_into_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = |dialog: DialogId, seq: u64| Message {
+        dialog,
+        seq,
+        direction: Direction::In,
+        kind: None,
+        text: format!("{dialog}/{seq}"),
+        at: Timestamp(seq as i64),
+        key: None,
+        delivery: None,
+        transport_id: Some(seq as i64 + 1),
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.db.open_tree("messages").unwrap();
+        for (d, n) in [(1, 3), (2, 20)] {
+            for seq in 0..n {
+                old.insert(pair(u64_key(d), u64_key(seq)), encode(&msg(d, seq)))
+                    .unwrap();
+            }
+        }
+        store.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert!(!store.db.tree_names().iter().any(|n| n == b"messages"));
+    assert_eq!(store.messages(1).unwrap(), (0..3).map(|s| msg(1, s)).collect::<Vec<_>>());
+    assert_eq!(store.messages(2).unwrap(), (0..20).map(|s| msg(2, s)).collect::<Vec<_>>());
+    assert_eq!(store.message_at(2, 17).unwrap(), Some(msg(2, 17)));
 }
 
 #[test]
