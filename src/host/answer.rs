@@ -91,6 +91,9 @@ struct Pipeline {
     recent: HashMap<DialogId, Recent>,
     /// The dialog of each contact that wrote lately.
     dialogs: HashMap<Identity, DialogId>,
+    /// Whether an account's replies wait for a reply delay, for the batch
+    /// being routed (the config may change between batches).
+    delayed: HashMap<String, bool>,
 }
 
 /// A message answered in this batch.
@@ -266,6 +269,7 @@ impl Pipeline {
         batch: Vec<Inbound>,
     ) -> Result<Vec<Job>, StoreError> {
         let opt_out = host.opt_out();
+        self.delayed.clear();
         // A dialog with an opt-out in the batch goes the one-at-a-time way
         // whole, so that nothing is answered after it.
         let mut one_by_one: HashSet<DialogId> = HashSet::new();
@@ -339,10 +343,18 @@ impl Pipeline {
         let Some(dialog) = host.store.dialog(id)? else {
             return Ok(None);
         };
+        let delayed = match self.delayed.get(&dialog.account) {
+            Some(d) => *d,
+            None => {
+                let d = config.account_safety(&dialog.account).reply_delay.hi > Duration::ZERO;
+                self.delayed.insert(dialog.account.clone(), d);
+                d
+            }
+        };
         if !dialog.status.is_live()
             || dialog.ending.is_some()
             || config.campaign(&dialog.campaign).is_none()
-            || config.account_safety(&dialog.account).reply_delay.hi > Duration::ZERO
+            || delayed
         {
             return Ok(None);
         }

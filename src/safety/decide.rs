@@ -168,6 +168,10 @@ fn window_free(
     cap: impl Fn(Timestamp) -> u32,
 ) -> Timestamp {
     let cap = cap(t) as usize;
+    if sends.len() < cap {
+        // Fewer sends in all than the cap: no need to count the window.
+        return t;
+    }
     let mut live: Vec<Timestamp> = sends
         .iter()
         .filter(|s| t.0 - s.at.0 < len)
@@ -192,7 +196,8 @@ fn window_free_with_cap(
     full: u32,
     limits: &Limits,
 ) -> Timestamp {
-    if count_at(sends, t, DAY) < cap(t) as usize {
+    let now_cap = cap(t) as usize;
+    if sends.len() < now_cap || count_at(sends, t, DAY) < now_cap {
         return t;
     }
     let mut candidates: Vec<Timestamp> = sends

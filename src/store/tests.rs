@@ -238,8 +238,14 @@ fn messages_of_the_older_layout_are_moved_into_pages() {
     }
     let store = Store::open(dir.path()).unwrap();
     assert!(!store.db.tree_names().iter().any(|n| n == b"messages"));
-    assert_eq!(store.messages(1).unwrap(), (0..3).map(|s| msg(1, s)).collect::<Vec<_>>());
-    assert_eq!(store.messages(2).unwrap(), (0..20).map(|s| msg(2, s)).collect::<Vec<_>>());
+    assert_eq!(
+        store.messages(1).unwrap(),
+        (0..3).map(|s| msg(1, s)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.messages(2).unwrap(),
+        (0..20).map(|s| msg(2, s)).collect::<Vec<_>>()
+    );
     assert_eq!(store.message_at(2, 17).unwrap(), Some(msg(2, 17)));
 }
 
