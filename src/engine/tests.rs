@@ -651,3 +651,37 @@ async fn llm_errors_carry_status_and_provider_message() {
         .to_string();
     assert!(err.contains("cannot connect"), "{err}");
 }
+
+#[tokio::test]
+async fn many_calls_answer_in_order_each_with_its_own_result() {
+    let p = Project::new(
+        &[(
+            "e",
+            "return { get_response = function(ctx, m)\n  if m.text == 'boom' then error('no') end\n  return 're: ' .. m.text\nend }",
+        )],
+        "",
+    );
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    let texts = ["a", "b", "boom", "c", "d"];
+    let mut calls: Vec<(String, Call, Ctx)> = texts
+        .iter()
+        .map(|t| ("e".to_string(), respond(t), ctx()))
+        .collect();
+    calls.push(("missing".into(), respond("e"), ctx()));
+    let out = rt.call_many(calls).await;
+    assert_eq!(out.len(), 6);
+    for (i, t) in texts.iter().enumerate() {
+        match (t, &out[i]) {
+            (&"boom", Err(e)) => assert!(e.to_string().contains("no"), "{e}"),
+            (t, Ok(r)) => assert_eq!(r.output.messages, vec![format!("re: {t}")]),
+            (t, other) => panic!("{t}: {other:?}"),
+        }
+    }
+    assert!(
+        matches!(out[5], Err(EngineError::Load { .. })),
+        "{:?}",
+        out[5]
+    );
+    assert!(rt.call_many(Vec::new()).await.is_empty());
+}

@@ -427,10 +427,10 @@ async fn ask_engines(
                 text: j.message.text.clone(),
                 at: j.message.at.as_secs_f64(),
             };
-            async move { host.engines.call(&engine, call, ctx).await }
+            (engine, call, ctx)
         })
         .collect();
-    join_all(calls).await
+    host.engines.call_many(calls).await
 }
 
 /// Sends a dialog's replies in order; stops at the first failure.
