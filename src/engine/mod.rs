@@ -481,17 +481,24 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
                     }
                     let Some(vm) = vm.clone() else { continue };
                     match job {
+                        // The ctxs are dropped before the answer goes back,
+                        // so the caller holds the only handle on what they
+                        // shared (a dialog's history) and can extend it in
+                        // place.
                         Job::One(task, reply) => {
                             tokio::task::spawn_local(async move {
-                                let _ =
-                                    reply.send(vm.call(&task.engine, &task.call, &task.ctx).await);
+                                let out = vm.call(&task.engine, &task.call, &task.ctx).await;
+                                drop(task);
+                                let _ = reply.send(out);
                             });
                         }
                         Job::Many(tasks, reply) => {
                             tokio::task::spawn_local(async move {
                                 let calls =
                                     tasks.iter().map(|t| vm.call(&t.engine, &t.call, &t.ctx));
-                                let _ = reply.send(futures_util::future::join_all(calls).await);
+                                let out = futures_util::future::join_all(calls).await;
+                                drop(tasks);
+                                let _ = reply.send(out);
                             });
                         }
                     }

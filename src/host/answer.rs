@@ -106,8 +106,9 @@ struct Job {
 }
 
 /// The replies of one dialog to send, and what became of them.
-struct Sending<'a> {
-    job: &'a Job,
+struct Sending {
+    /// The contact, as the transport knows it.
+    identity: Identity,
     dialog: Dialog,
     replies: Vec<Message>,
     /// Some replies (or an ending) are left to the dialog's conductor.
@@ -127,17 +128,18 @@ impl Pipeline {
         // The accounts' locks and the dialogs' gates, as a conductor holds
         // them from taking a slot until the send is confirmed. A dialog whose
         // lock or gate is busy takes no slot: its conductor sends.
-        let mut locks: HashMap<&str, Option<OwnedMutexGuard<()>>> = HashMap::new();
+        let mut locks: HashMap<String, Option<OwnedMutexGuard<()>>> = HashMap::new();
         let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
         let mut may_send = Vec::with_capacity(jobs.len());
         for (job, reply) in jobs.iter().zip(&replies) {
             let d = &job.dialog;
             let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
+            if wants && !locks.contains_key(d.account.as_str()) {
+                let lock = host.account_lock(&d.account).try_lock_owned().ok();
+                locks.insert(d.account.clone(), lock);
+            }
             let free = wants
-                && locks
-                    .entry(d.account.as_str())
-                    .or_insert_with(|| host.account_lock(&d.account).try_lock_owned().ok())
-                    .is_some()
+                && locks[d.account.as_str()].is_some()
                 && gates
                     .entry(host.gate_index(d.id))
                     .or_insert_with(|| host.gate(d.id).try_lock().ok())
@@ -147,7 +149,7 @@ impl Pipeline {
         let mut accounts: Vec<&str> = locks
             .iter()
             .filter(|(_, g)| g.is_some())
-            .map(|(a, _)| *a)
+            .map(|(a, _)| a.as_str())
             .collect();
         accounts.sort_unstable();
 
@@ -185,8 +187,8 @@ impl Pipeline {
 
         // What to send, and what is left to the conductors.
         let mut later: Vec<DialogId> = Vec::new();
-        let mut sending: Vec<Sending<'_>> = Vec::new();
-        for ((job, reply), answered) in jobs.iter().zip(&replies).zip(answered) {
+        let mut sending: Vec<Sending> = Vec::new();
+        for ((job, reply), answered) in jobs.iter_mut().zip(&replies).zip(answered) {
             match answered {
                 Answered::Duplicate => {}
                 Answered::Stale => later.push(job.dialog.id),
@@ -200,9 +202,15 @@ impl Pipeline {
                         conductor::engine_failed(host, &dialog, &e.to_string())?;
                         continue;
                     }
-                    let mut recent = job.recent.clone();
+                    // The job's ctx parts are done with: they move on to
+                    // the next ctx of the dialog.
+                    let mut recent = Recent {
+                        next_seq: dialog.next_seq,
+                        identity: job.recent.identity.clone(),
+                        contact: std::mem::take(&mut job.recent.contact),
+                        history: std::mem::take(&mut job.recent.history),
+                    };
                     Arc::make_mut(&mut recent.history).push(history_entry(&incoming));
-                    recent.next_seq = dialog.next_seq;
                     let rest = slots < replies.len() || dialog.ending.is_some();
                     if rest {
                         self.recent.remove(&dialog.id);
@@ -217,7 +225,7 @@ impl Pipeline {
                         continue;
                     }
                     sending.push(Sending {
-                        job,
+                        identity: job.recent.identity.clone(),
                         rest,
                         dialog: *dialog,
                         replies,
@@ -360,12 +368,12 @@ impl Pipeline {
         }
         // No message was added since this path answered the dialog last, so
         // nothing is unhandled or unsent.
-        if let Some(r) = self
+        // The job takes the parts; the batch gives them back updated.
+        if let Some(recent) = self
             .recent
-            .get(&id)
+            .remove(&id)
             .filter(|r| r.next_seq == dialog.next_seq)
         {
-            let recent = r.clone();
             return Ok(Some((dialog, recent)));
         }
         if host.store.has_unhandled(id)? {
@@ -434,10 +442,7 @@ async fn ask_engines(
 }
 
 /// Sends a dialog's replies in order; stops at the first failure.
-async fn send_in_order(
-    host: &Host,
-    s: &Sending<'_>,
-) -> (Vec<Settle>, Option<(Message, SendError)>) {
+async fn send_in_order(host: &Host, s: &Sending) -> (Vec<Settle>, Option<(Message, SendError)>) {
     let mut sent = Vec::with_capacity(s.replies.len());
     for m in &s.replies {
         let Some(key) = m.key else { continue };
@@ -445,7 +450,7 @@ async fn send_in_order(
             .transport
             .send(OutgoingMessage {
                 account: s.dialog.account.clone(),
-                contact: s.job.recent.identity.clone(),
+                contact: s.identity.clone(),
                 text: m.text.clone(),
                 kind: MessageKind::Reply,
                 key,

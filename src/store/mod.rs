@@ -517,19 +517,34 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         private(&dir.join("store"));
-        let db = sled::Config::new()
-            .path(dir.join("store"))
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    StoreError::Locked(dir.display().to_string())
+        let open = || {
+            sled::Config::new()
+                .path(dir.join("store"))
+                .mode(sled::Mode::HighThroughput)
+                .open()
+                .map_err(|e| match e {
+                    sled::Error::Io(io)
+                        if io.kind() == std::io::ErrorKind::WouldBlock
+                            || io.to_string().contains("lock") =>
+                    {
+                        StoreError::Locked(dir.display().to_string())
+                    }
+                    other => other.into(),
+                })
+        };
+        // A store this process just closed keeps its file lock until
+        // sled's IO threads let go of it, a few milliseconds later; another
+        // process's lock outlasts the wait.
+        let mut tries = 0;
+        let db = loop {
+            match open() {
+                Err(StoreError::Locked(_)) if tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                other => other.into(),
-            })?;
+                other => break other?,
+            }
+        };
         let store = Store::from_db(db)?;
         store.page_messages()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
