@@ -188,7 +188,9 @@ impl Store {
 
     /// Marks a batch of sent messages sent and confirms their slots at the
     /// transport's time, in one transaction (as [`Store::settle_sent`] does
-    /// for one). A key no longer in the outbox is skipped.
+    /// for one): each leaves the outbox, and reads back as sent without its
+    /// page being rewritten (the transport's id of a reply is not kept). A
+    /// key no longer in the outbox is skipped.
     pub fn settle_batch(
         &self,
         sent: &[Settle],
@@ -199,16 +201,11 @@ impl Store {
         accounts.dedup();
         self.transact_with_accounts(&accounts, |tx, records| {
             for s in sent {
-                let Some(at) = tx.outbox.remove(&u64_key(s.key.0))? else {
+                // Out of the outbox is sent: the page keeps the message
+                // as recorded (see `Store::settled`).
+                if tx.outbox.remove(&u64_key(s.key.0))?.is_none() {
                     continue;
-                };
-                let (dialog, seq) = split_address(&at);
-                let Some(mut msg) = tx.pages().get(dialog, seq)? else {
-                    continue;
-                };
-                msg.delivery = Some(Delivery::Sent);
-                msg.transport_id = Some(s.delivered.transport_id);
-                tx.pages().put(&msg)?;
+                }
                 if let Ok(i) = accounts.binary_search(&s.account.as_str()) {
                     confirm(&mut records[i], s);
                 }

@@ -1272,7 +1272,9 @@ impl Store {
     pub fn messages(&self, dialog: DialogId) -> Result<Vec<Message>, StoreError> {
         let mut out = Vec::new();
         for page in self.t.messages.scan_prefix(u64_key(dialog)).values() {
-            out.extend(pages::read_all(&page?)?);
+            for msg in pages::read_all(&page?)? {
+                out.push(self.settled(msg)?);
+            }
         }
         Ok(out)
     }
@@ -1280,9 +1282,24 @@ impl Store {
     /// The message at `(dialog, seq)`.
     fn message_at(&self, dialog: DialogId, seq: u64) -> Result<Option<Message>, StoreError> {
         match self.t.messages.get(page_key(dialog, seq))? {
-            Some(page) => pages::read(&page, (seq % PAGE) as usize),
+            Some(page) => pages::read(&page, (seq % PAGE) as usize)?
+                .map(|m| self.settled(m))
+                .transpose(),
             None => Ok(None),
         }
+    }
+
+    /// A message as read back: the answer pipeline confirms a reply by
+    /// taking it out of the outbox only (which spares rewriting its page),
+    /// so a message recorded as pending that is no longer in the outbox
+    /// was sent. (A cancelled one is rewritten as cancelled.)
+    fn settled(&self, mut msg: Message) -> Result<Message, StoreError> {
+        if let (Some(Delivery::Pending), Some(key)) = (&msg.delivery, msg.key) {
+            if !self.t.outbox.contains_key(u64_key(key.0))? {
+                msg.delivery = Some(Delivery::Sent);
+            }
+        }
+        Ok(msg)
     }
 
     // ----------------------------------------------------------------- accounts

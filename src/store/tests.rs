@@ -353,3 +353,55 @@ fn unknown_record_versions_are_reported() {
         "a stored dialog record is unreadable (unknown record version 9)"
     );
 }
+
+#[test]
+fn a_reply_confirmed_in_a_batch_reads_back_as_sent() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\n");
+    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+    for key in [7, 8] {
+        let out = Outbound {
+            kind: MessageKind::Reply,
+            text: format!("r{key}"),
+            key: IdempotencyKey(key),
+        };
+        store.record_outbound(d.id, &out, Timestamp(2_000)).unwrap();
+    }
+    let sent = Settle {
+        account: "a".into(),
+        key: IdempotencyKey(7),
+        delivered: crate::transport::Delivered {
+            transport_id: 70,
+            at: Timestamp(2_100),
+        },
+    };
+    store.settle_batch(&[sent], &|_, _| {}).unwrap();
+    let deliveries: Vec<_> = store
+        .messages(d.id)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.delivery)
+        .collect();
+    assert_eq!(deliveries, [Some(Delivery::Sent), Some(Delivery::Pending)]);
+    assert_eq!(store.pending_of(d.id).unwrap().len(), 1);
+    assert_eq!(
+        store.pending_outbound().unwrap()[0].key,
+        Some(IdempotencyKey(8))
+    );
+    // Settling it again is a no-op; the other one is still pending.
+    store
+        .settle_batch(
+            &[Settle {
+                account: "a".into(),
+                key: IdempotencyKey(7),
+                delivered: crate::transport::Delivered {
+                    transport_id: 70,
+                    at: Timestamp(2_100),
+                },
+            }],
+            &|_, _| {},
+        )
+        .unwrap();
+    assert!(store.is_pending(IdempotencyKey(8)).unwrap());
+}
