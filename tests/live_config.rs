@@ -120,6 +120,17 @@ fn edit(dir: &Path, text: &str) {
     std::fs::rename(&tmp, dir.join("config.toml")).unwrap();
 }
 
+fn control_is_up(dir: &Path) -> bool {
+    Command::new(BIN)
+        .arg("status")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 fn status(dir: &Path) -> String {
     let out = Command::new(BIN)
         .arg("status")
@@ -139,9 +150,13 @@ fn status(dir: &Path) -> String {
 fn campaign_edits_apply_while_the_host_runs_and_a_bad_edit_keeps_the_running_config() {
     let dir = common::project(2000, &config("paused", ""));
     let mut host = Host::start(dir.path());
-    host.wait_for_log("audience imported", 1);
-    // Running and answering, but a paused campaign opens nothing.
-    status(dir.path());
+    // Running and answering (once its control endpoint is up), but a
+    // paused campaign opens nothing.
+    let until = Instant::now() + Duration::from_secs(20);
+    while !control_is_up(dir.path()) {
+        assert!(Instant::now() < until, "the host never answered `status`");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(openings(dir.path()), 0, "a paused campaign opened dialogs");
 

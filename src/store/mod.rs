@@ -178,6 +178,31 @@ pub struct Store {
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
     flusher: Arc<std::sync::OnceLock<FlushQueue>>,
+    /// Notes the store's directory as closed by this process when the
+    /// last clone goes (see [`Store::open`]).
+    _open: Option<Arc<OpenHere>>,
+}
+
+/// Directories of stores this process closed. sled's IO threads keep the
+/// file lock a few milliseconds past the close, so reopening one of these
+/// waits for the lock instead of reporting it taken.
+static CLOSED_HERE: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+struct OpenHere(std::path::PathBuf);
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        let mut closed = CLOSED_HERE.lock().unwrap_or_else(|e| e.into_inner());
+        closed.push(self.0.clone());
+    }
+}
+
+fn closed_here(path: &Path) -> bool {
+    CLOSED_HERE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|p| p == path)
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -533,19 +558,25 @@ impl Store {
                 })
         };
         // A store this process just closed keeps its file lock until
-        // sled's IO threads let go of it, a few milliseconds later; another
-        // process's lock outlasts the wait.
+        // sled's IO threads let go of it, a few milliseconds later. Another
+        // process's lock is reported at once.
+        let path = dir.join("store");
         let mut tries = 0;
         let db = loop {
             match open() {
-                Err(StoreError::Locked(_)) if tries < 50 => {
+                Err(StoreError::Locked(_)) if tries < 50 && closed_here(&path) => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 other => break other?,
             }
         };
-        let store = Store::from_db(db)?;
+        CLOSED_HERE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != path);
+        let mut store = Store::from_db(db)?;
+        store._open = Some(Arc::new(OpenHere(path)));
         store.page_messages()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
         Ok(store)
@@ -607,6 +638,7 @@ impl Store {
             t,
             accounts: Arc::default(),
             flusher: Arc::new(std::sync::OnceLock::new()),
+            _open: None,
         })
     }
 
