@@ -50,7 +50,7 @@ use crate::model::{
 };
 pub use batch::{Answer, Answered, Replied, Settle};
 use keys::*;
-use pages::{page_key, split_address, Pages, PAGE};
+use pages::{page_key, split_address, Pages};
 
 /// The layout version written in front of every record.
 pub const RECORD_VERSION: u8 = 1;
@@ -1314,7 +1314,7 @@ impl Store {
     /// The message at `(dialog, seq)`.
     fn message_at(&self, dialog: DialogId, seq: u64) -> Result<Option<Message>, StoreError> {
         match self.t.messages.get(page_key(dialog, seq))? {
-            Some(page) => pages::read(&page, (seq % PAGE) as usize)?
+            Some(page) => pages::read(&page, seq)?
                 .map(|m| self.settled(m))
                 .transpose(),
             None => Ok(None),

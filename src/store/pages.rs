@@ -122,9 +122,9 @@ fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// The message at `index` of a page.
-pub fn read(page: &[u8], index: usize) -> Result<Option<Message>, StoreError> {
-    match entries(page)?.get(index) {
+/// The message with this seq, from its page.
+pub fn read(page: &[u8], seq: u64) -> Result<Option<Message>, StoreError> {
+    match entries(page)?.get((seq % PAGE) as usize) {
         Some(e) => Ok(Some(decode("message", e.record)?)),
         None => Ok(None),
     }
@@ -152,14 +152,9 @@ pub fn paged(messages: impl Iterator<Item = Message>) -> Result<Vec<KeyedPage>, 
     let mut out: Vec<KeyedPage> = Vec::new();
     for msg in messages {
         let key = page_key(msg.dialog, msg.seq);
-        let page = match out.last_mut() {
-            Some((k, page)) if *k == key => Some(std::mem::take(page)),
-            _ => None,
-        };
-        let next = put(page.as_deref(), &msg)?;
         match out.last_mut() {
-            Some((k, page)) if *k == key => *page = next,
-            _ => out.push((key, next)),
+            Some((k, page)) if *k == key => *page = put(Some(page), &msg)?,
+            _ => out.push((key, put(None, &msg)?)),
         }
     }
     Ok(out)
@@ -172,7 +167,7 @@ impl Pages<'_> {
     /// The message at `(dialog, seq)`.
     pub fn get(&self, dialog: DialogId, seq: u64) -> TxResult<Option<Message>> {
         match self.0.get(page_key(dialog, seq))? {
-            Some(page) => read(&page, (seq % PAGE) as usize).map_err(Abort),
+            Some(page) => read(&page, seq).map_err(Abort),
             None => Ok(None),
         }
     }
@@ -244,7 +239,8 @@ mod tests {
         assert_eq!(all[5], sent);
         assert_eq!(all[4], msg(4, true));
         assert_eq!(read(&page, 15).unwrap(), Some(msg(15, false)));
-        assert_eq!(read(&page, 16).unwrap(), None);
+        let short = put(None, &msg(0, true)).unwrap();
+        assert_eq!(read(&short, 1).unwrap(), None);
         let ids: Vec<_> = entries(&page).unwrap().iter().map(|e| e.incoming).collect();
         assert_eq!(ids[0], Some(100));
         assert_eq!(
