@@ -33,6 +33,10 @@ use colloquy::transport::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// The binary's allocator (see src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Records when each reply went out.
 struct MemoryTransport {
     sink: Mutex<Option<mpsc::Sender<Inbound>>>,

@@ -361,7 +361,7 @@ fn plural(n: usize, what: &str) -> String {
 /// ask the running host over its control endpoint when one does (sled
 /// allows one process per store).
 enum Source {
-    Store(Store),
+    Store(Box<Store>),
     Host,
     Nothing,
 }
@@ -372,7 +372,7 @@ fn source(config: &Config) -> Result<Source, Failure> {
         return Ok(Source::Nothing);
     }
     match Store::open(&dir) {
-        Ok(s) => Ok(Source::Store(s)),
+        Ok(s) => Ok(Source::Store(Box::new(s))),
         Err(StoreError::Locked(_)) => Ok(Source::Host),
         Err(e) => Err(e.into()),
     }

@@ -264,6 +264,12 @@ pub struct Dialog {
     /// answer pipeline left the index behind (the reviver catches it up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub indexed_at: Option<Timestamp>,
+    /// The highest transport id among the dialog's incoming messages, so
+    /// that a newer message is known to be new without reading its pages.
+    /// `None` until the first one, and in a dialog stored before this was
+    /// kept (which then always reads its pages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_incoming_id: Option<i64>,
 }
 
 impl Dialog {

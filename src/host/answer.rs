@@ -74,11 +74,13 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
 }
 
 /// What the pipeline keeps of a dialog it answered, to build the next ctx
-/// without reading the dialog's messages again. Valid while the dialog's
-/// `next_seq` is the one noted: any message added elsewhere moves it on.
+/// without reading the dialog or its messages again. Valid while the stored
+/// dialog is the one noted: any change made elsewhere (a message added, the
+/// state or status changed) shows there, and the store then takes the
+/// answer as stale.
 #[derive(Clone)]
 struct Recent {
-    next_seq: u64,
+    dialog: Dialog,
     identity: Identity,
     contact: ContactView,
     history: Arc<Vec<HistoryEntry>>,
@@ -168,7 +170,7 @@ impl Pipeline {
             .zip(&may_send)
             .map(|(((j, r), out), may)| Answer {
                 dialog: j.dialog.id,
-                seen_seq: j.dialog.next_seq,
+                seen: &j.dialog,
                 account: &j.message.account,
                 transport_id: j.message.transport_id,
                 text: &j.message.text,
@@ -183,7 +185,7 @@ impl Pipeline {
             })
             .collect();
         let reserve = host.safety.reply_reserver(&accounts);
-        let answered = host.store.answer_batch(&answers, &accounts, &reserve)?;
+        let (answered, flight) = host.store.answer_batch(&answers, &accounts, &reserve)?;
 
         // What to send, and what is left to the conductors.
         let mut later: Vec<DialogId> = Vec::new();
@@ -205,7 +207,7 @@ impl Pipeline {
                     // The job's ctx parts are done with: they move on to
                     // the next ctx of the dialog.
                     let mut recent = Recent {
-                        next_seq: dialog.next_seq,
+                        dialog: (*dialog).clone(),
                         identity: job.recent.identity.clone(),
                         contact: std::mem::take(&mut job.recent.contact),
                         history: std::mem::take(&mut job.recent.history),
@@ -255,7 +257,7 @@ impl Pipeline {
                 history.extend(s.replies.iter().map(history_entry));
             }
         }
-        host.safety.settle_batch(&settled)?;
+        host.safety.settle_batch(&flight, &settled)?;
         drop(gates);
         drop(locks);
         for dialog in later {
@@ -348,8 +350,14 @@ impl Pipeline {
         config: &Config,
         id: DialogId,
     ) -> Result<Option<(Dialog, Recent)>, StoreError> {
-        let Some(dialog) = host.store.dialog(id)? else {
-            return Ok(None);
+        // The job takes the parts; the batch gives them back updated.
+        let recent = self.recent.remove(&id);
+        let dialog = match &recent {
+            Some(r) => r.dialog.clone(),
+            None => match host.store.dialog(id)? {
+                Some(d) => d,
+                None => return Ok(None),
+            },
         };
         let delayed = match self.delayed.get(&dialog.account) {
             Some(d) => *d,
@@ -366,14 +374,10 @@ impl Pipeline {
         {
             return Ok(None);
         }
-        // No message was added since this path answered the dialog last, so
-        // nothing is unhandled or unsent.
-        // The job takes the parts; the batch gives them back updated.
-        if let Some(recent) = self
-            .recent
-            .remove(&id)
-            .filter(|r| r.next_seq == dialog.next_seq)
-        {
+        // Nothing was added since this path answered the dialog last (else
+        // the store finds the answer stale), so nothing is unhandled or
+        // unsent.
+        if let Some(recent) = recent {
             return Ok(Some((dialog, recent)));
         }
         if host.store.has_unhandled(id)? {
@@ -390,7 +394,7 @@ impl Pipeline {
             return Ok(None);
         };
         let recent = Recent {
-            next_seq: dialog.next_seq,
+            dialog: dialog.clone(),
             identity: contact.identity.clone(),
             contact: contact_view(&contact),
             history: Arc::new(history_of(messages)),

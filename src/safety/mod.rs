@@ -226,14 +226,18 @@ impl AccountSafety {
 
     /// Marks a batch of sends sent and their slots confirmed at the
     /// transport's times, in one store transaction.
-    pub fn settle_batch(&self, sent: &[crate::store::Settle]) -> Result<(), StoreError> {
+    pub fn settle_batch(
+        &self,
+        flight: &crate::store::Flight,
+        sent: &[crate::store::Settle],
+    ) -> Result<(), StoreError> {
         let mut limits: HashMap<&str, Limits> = HashMap::new();
         for s in sent {
             limits
                 .entry(s.account.as_str())
                 .or_insert_with(|| self.limits(&s.account));
         }
-        self.inner.store.settle_batch(sent, &|r, s| {
+        self.inner.store.settle_batch(flight, sent, &|r, s| {
             decide::confirm(r, s.key, s.delivered.at, &limits[s.account.as_str()]);
         })
     }

@@ -3,18 +3,113 @@
 //! of a batch's replies in one, and their confirmations in one. Each writes
 //! exactly the records the one-at-a-time operations write, so a dialog can
 //! move between the pipeline and its conductor at any point.
+//!
+//! Replies in flight: a reply the pipeline sends at once is recorded as
+//! pending in its page like any other, but its key goes in one `flights`
+//! record for the whole batch instead of an outbox entry each, and its
+//! confirmation takes that record out again: two writes a batch rather than
+//! two a reply. While the batch is out the keys are held in memory
+//! ([`InFlight`]), where every question about a pending key looks too; a
+//! reply not sent moves to the outbox when the batch settles, and a store
+//! opened after a crash moves every reply of a flight still recorded there
+//! (see [`Store::land_flights`]), so after a crash an unconfirmed reply is
+//! reconciled as any other.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::keys::*;
 use super::*;
+
+/// A reply in flight: its key and place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flying {
+    pub key: IdempotencyKey,
+    pub dialog: DialogId,
+    pub seq: u64,
+}
+
+/// The replies of one answer batch in flight; see [`Store::answer_batch`]
+/// and [`Store::settle_batch`].
+#[derive(Debug, Default)]
+pub struct Flight {
+    id: u64,
+    pub(super) replies: Vec<Flying>,
+}
+
+/// The keys of the replies in flight, with their places.
+#[derive(Debug, Default)]
+pub(super) struct InFlight {
+    keys: Mutex<HashMap<IdempotencyKey, (DialogId, u64)>>,
+    /// The next flight's id (the `flights` tree is empty when the store
+    /// opens: see [`Store::land_flights`]).
+    next_id: AtomicU64,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IdempotencyKey, (DialogId, u64)>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn holds(&self, key: IdempotencyKey) -> bool {
+        self.lock().contains_key(&key)
+    }
+
+    pub(super) fn address(&self, key: IdempotencyKey) -> Option<(DialogId, u64)> {
+        self.lock().get(&key).copied()
+    }
+
+    fn add(&self, replies: &[Flying]) {
+        let mut map = self.lock();
+        for r in replies {
+            map.insert(r.key, (r.dialog, r.seq));
+        }
+    }
+
+    fn remove(&self, replies: &[Flying]) {
+        let mut map = self.lock();
+        for r in replies {
+            map.remove(&r.key);
+        }
+    }
+}
+
+fn encode_flight(replies: &[Flying]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(replies.len() * 24);
+    for r in replies {
+        out.extend_from_slice(&r.key.0.to_be_bytes());
+        out.extend_from_slice(&r.dialog.to_be_bytes());
+        out.extend_from_slice(&r.seq.to_be_bytes());
+    }
+    out
+}
+
+fn decode_flight(bytes: &[u8]) -> Result<Vec<Flying>, StoreError> {
+    if bytes.len() % 24 != 0 {
+        return Err(StoreError::Corrupt {
+            what: "flight",
+            reason: format!("{} bytes is not a whole number of replies", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(24)
+        .map(|c| Flying {
+            key: IdempotencyKey(read_u64(&c[..8])),
+            dialog: read_u64(&c[8..16]),
+            seq: read_u64(&c[16..]),
+        })
+        .collect())
+}
 
 /// An incoming message of a dialog with the engine's answer to it; see
 /// [`Store::answer_batch`].
 #[derive(Debug)]
 pub struct Answer<'a> {
     pub dialog: DialogId,
-    /// The dialog's `next_seq` when the engine was asked. If it moved on,
-    /// the answer is stale: the message is stored unanswered instead.
-    pub seen_seq: u64,
+    /// The dialog as the engine saw it. If the stored one differs, the
+    /// answer is stale: the message is stored unanswered instead.
+    pub seen: &'a Dialog,
     pub account: &'a str,
     pub transport_id: i64,
     pub text: &'a str,
@@ -86,7 +181,7 @@ impl Store {
 
     /// Whether a message is recorded and not yet sent or cancelled.
     pub fn is_pending(&self, key: IdempotencyKey) -> Result<bool, StoreError> {
-        Ok(self.t.outbox.contains_key(u64_key(key.0))?)
+        Ok(self.in_flight.holds(key) || self.t.outbox.contains_key(u64_key(key.0))?)
     }
 
     /// Whether a dialog has incoming messages stored and not yet handled.
@@ -102,22 +197,26 @@ impl Store {
 
     /// Stores a batch of incoming messages with their answers in one
     /// transaction: each message is stored (once per transport id), marked
-    /// handled, and the engine's state, replies (pending, in the outbox)
-    /// and ending recorded, as [`Store::record_inbound`] followed by
-    /// [`Store::apply`] would. A dialog that is no longer live, or moved on
-    /// since its engine was asked, gets its message stored unhandled.
+    /// handled, and the engine's state, replies (pending) and ending
+    /// recorded, as [`Store::record_inbound`] followed by [`Store::apply`]
+    /// would. A dialog that is no longer live, or moved on since its engine
+    /// was asked, gets its message stored unhandled.
     ///
     /// `reserve` takes a reply's slot on its account's record, or says no;
     /// `accounts` (sorted) names every account it may be asked for. The
-    /// quiet-dialogs index is left behind (see [`Dialog::indexed_at`]).
+    /// replies that got a slot are the batch's flight, to be sent and then
+    /// settled with [`Store::settle_batch`]; the others go in the outbox.
+    /// The quiet-dialogs index is left behind (see [`Dialog::indexed_at`]).
     pub fn answer_batch(
         &self,
         answers: &[Answer<'_>],
         accounts: &[&str],
         reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
-    ) -> Result<Vec<Answered>, StoreError> {
-        self.transact_with_accounts(accounts, |tx, records| {
+    ) -> Result<(Vec<Answered>, Flight), StoreError> {
+        let id = self.in_flight.next_id.fetch_add(1, Ordering::Relaxed);
+        let result = self.transact_with_accounts(accounts, |tx, records| {
             let mut out = Vec::with_capacity(answers.len());
+            let mut flight = Vec::new();
             for a in answers {
                 let old = tx.dialog(a.dialog)?;
                 if tx.seen_incoming(&old, a.account, a.transport_id)? {
@@ -141,13 +240,12 @@ impl Store {
                 )?;
                 tx.note_incoming(&old, a.account, a.transport_id, incoming.seq)?;
                 let at_key = pair(u64_key(a.dialog), u64_key(incoming.seq));
-                let fresh =
-                    old.next_seq == a.seen_seq && old.status.is_live() && old.ending.is_none();
+                let fresh = old == *a.seen && old.status.is_live() && old.ending.is_none();
                 let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
                     if !fresh {
                         tx.unhandled.insert(&at_key, &[])?;
                     }
-                    tx.put_dialog_lazily(&old, &new)?;
+                    tx.put_dialog_lazily(&old, &mut new)?;
                     out.push(if fresh {
                         Answered::Done {
                             dialog: Box::new(new),
@@ -160,21 +258,23 @@ impl Store {
                     });
                     continue;
                 };
+                let mut slots = 0;
+                if let (true, Ok(i)) = (a.reserve, accounts.binary_search(&new.account.as_str())) {
+                    slots = reply
+                        .outbound
+                        .iter()
+                        .take_while(|o| reserve(&mut records[i], o.key))
+                        .count();
+                }
                 let replies = tx.record_answer(
                     &mut new,
                     Some(reply.state),
                     reply.outbound,
                     reply.ending.as_ref(),
                     a.now,
+                    Some((&mut flight, slots)),
                 )?;
-                tx.put_dialog_lazily(&old, &new)?;
-                let mut slots = 0;
-                if let (true, Ok(i)) = (a.reserve, accounts.binary_search(&new.account.as_str())) {
-                    slots = replies
-                        .iter()
-                        .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
-                        .count();
-                }
+                tx.put_dialog_lazily(&old, &mut new)?;
                 out.push(Answered::Done {
                     dialog: Box::new(new),
                     incoming,
@@ -182,28 +282,62 @@ impl Store {
                     slots,
                 });
             }
-            Ok(out)
-        })
+            if !flight.is_empty() {
+                tx.flights.insert(&u64_key(id), encode_flight(&flight))?;
+                // Under the transaction's lock, so no reader sees a reply
+                // of the batch outside both the outbox and the flight.
+                tx.in_flight.add(&flight);
+            }
+            Ok((out, flight))
+        });
+        match result {
+            Ok((out, replies)) => Ok((out, Flight { id, replies })),
+            Err(e) => {
+                // The transaction may have noted its flight before failing:
+                // the batch's keys are its own.
+                let mut map = self.in_flight.lock();
+                for reply in answers.iter().filter_map(|a| a.reply.as_ref()) {
+                    for out in reply.outbound {
+                        map.remove(&out.key);
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Marks a batch of sent messages sent and confirms their slots at the
-    /// transport's time, in one transaction (as [`Store::settle_sent`] does
-    /// for one): each leaves the outbox, and reads back as sent without its
-    /// page being rewritten (the transport's id of a reply is not kept). A
-    /// key no longer in the outbox is skipped.
+    /// Settles a batch's flight: its sent replies read back as sent and
+    /// their slots are confirmed at the transport's times, in one
+    /// transaction (as [`Store::settle_sent`] does for one); a reply of the
+    /// flight not sent (and not cancelled meanwhile) moves to the outbox,
+    /// for its dialog's conductor. A sent message of the outbox (not of the
+    /// flight) leaves the outbox; a key in neither is skipped.
     pub fn settle_batch(
         &self,
+        flight: &Flight,
         sent: &[Settle],
         confirm: &dyn Fn(&mut AccountRecord, &Settle),
     ) -> Result<(), StoreError> {
         let mut accounts: Vec<&str> = sent.iter().map(|s| s.account.as_str()).collect();
         accounts.sort_unstable();
         accounts.dedup();
+        let flying: HashSet<IdempotencyKey> = flight.replies.iter().map(|r| r.key).collect();
+        let done: HashSet<IdempotencyKey> = sent.iter().map(|s| s.key).collect();
         self.transact_with_accounts(&accounts, |tx, records| {
+            if !flight.replies.is_empty() {
+                tx.flights.remove(&u64_key(flight.id))?;
+            }
+            for r in flight.replies.iter().filter(|r| !done.contains(&r.key)) {
+                let still = tx.pages().get(r.dialog, r.seq)?;
+                if still.is_some_and(|m| m.delivery == Some(Delivery::Pending)) {
+                    tx.outbox
+                        .insert(&u64_key(r.key.0), &pair(u64_key(r.dialog), u64_key(r.seq)))?;
+                }
+            }
             for s in sent {
-                // Out of the outbox is sent: the page keeps the message
-                // as recorded (see `Store::settled`).
-                if tx.outbox.remove(&u64_key(s.key.0))?.is_none() {
+                // Out of the outbox (or the flight) is sent: the page keeps
+                // the message as recorded (see `Store::settled`).
+                if !flying.contains(&s.key) && tx.outbox.remove(&u64_key(s.key.0))?.is_none() {
                     continue;
                 }
                 if let Ok(i) = accounts.binary_search(&s.account.as_str()) {
@@ -211,6 +345,37 @@ impl Store {
                 }
             }
             Ok(())
-        })
+        })?;
+        self.in_flight.remove(&flight.replies);
+        Ok(())
+    }
+
+    /// Moves the replies of every flight still recorded (a batch that was
+    /// out when the host stopped) to the outbox, to be reconciled with the
+    /// transport like any unconfirmed message. Run when the store opens.
+    pub(super) fn land_flights(&self) -> Result<(), StoreError> {
+        let mut flights = Vec::new();
+        for entry in self.t.flights.iter() {
+            let (id, bytes) = entry?;
+            flights.push((id, decode_flight(&bytes)?));
+        }
+        if flights.is_empty() {
+            return Ok(());
+        }
+        self.transact(|tx| {
+            for (id, replies) in &flights {
+                tx.flights.remove(id)?;
+                for r in replies {
+                    let still = tx.pages().get(r.dialog, r.seq)?;
+                    if still.is_some_and(|m| m.delivery == Some(Delivery::Pending)) {
+                        tx.outbox
+                            .insert(&u64_key(r.key.0), &pair(u64_key(r.dialog), u64_key(r.seq)))?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.db.flush()?;
+        Ok(())
     }
 }

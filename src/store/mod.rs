@@ -15,6 +15,7 @@
 //! | `dialog_of_contact` | contact id | dialog id: the claim, at most one per contact |
 //! | `message_pages` | dialog id, seq / 16 | up to 16 [`Message`]s of the dialog (see `pages.rs`) |
 //! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
+//! | `flights` | flight id | idempotency key, dialog id, seq of each reply the answer pipeline is sending (see `batch.rs`) |
 //! | `inbound` | account, 0, transport id | dialog id, seq: dedupe of incoming messages sent to another account than their dialog's (the dialog's own are found in its pages) |
 //! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
@@ -48,7 +49,8 @@ use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
     DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
-pub use batch::{Answer, Answered, Replied, Settle};
+pub use batch::{Answer, Answered, Flight, Replied, Settle};
+use batch::{Flying, InFlight};
 use keys::*;
 use pages::{page_key, split_address, Pages};
 
@@ -175,6 +177,8 @@ pub struct Store {
     db: sled::Db,
     t: Trees,
     accounts: Arc<accounts::AccountCache>,
+    /// Replies the answer pipeline is sending, by key (see `batch.rs`).
+    in_flight: Arc<InFlight>,
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
     flusher: Arc<std::sync::OnceLock<FlushQueue>>,
@@ -239,6 +243,7 @@ struct Trees {
     dialog_of_contact: sled::Tree,
     messages: sled::Tree,
     outbox: sled::Tree,
+    flights: sled::Tree,
     inbound: sled::Tree,
     unhandled: sled::Tree,
     orphans: sled::Tree,
@@ -257,6 +262,9 @@ struct Tx<'a> {
     dialog_of_contact: &'a TransactionalTree,
     messages: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
+    flights: &'a TransactionalTree,
+    /// The replies in flight (see [`InFlight`]).
+    in_flight: &'a InFlight,
     inbound: &'a TransactionalTree,
     unhandled: &'a TransactionalTree,
     accounts: &'a TransactionalTree,
@@ -272,6 +280,9 @@ impl Tx<'_> {
     /// `inbound` index.
     fn seen_incoming(&self, dialog: &Dialog, account: &str, transport_id: i64) -> TxResult<bool> {
         if account == dialog.account {
+            if dialog.max_incoming_id.is_some_and(|max| transport_id > max) {
+                return Ok(false);
+            }
             self.pages()
                 .has_incoming(dialog.id, dialog.next_seq, transport_id)
         } else {
@@ -328,7 +339,7 @@ impl Tx<'_> {
         let listed = old
             .filter(|o| o.status.is_live())
             .map(|o| o.indexed_at.unwrap_or_else(|| o.last_activity()));
-        let list = new.status.is_live().then(|| new.last_activity());
+        let list = index_time(&new);
         if listed != list {
             if let Some(t) = listed {
                 self.by_activity
@@ -348,28 +359,51 @@ impl Tx<'_> {
 
     /// Writes a dialog whose status is unchanged, leaving its place in the
     /// quiet-dialogs index behind (at an earlier time): the answer
-    /// pipeline's write, one key instead of three.
+    /// pipeline's write, one key instead of three. `new` becomes what was
+    /// written.
     fn put_dialog_lazily(
         &self,
         old: &Dialog,
-        new: &Dialog,
+        new: &mut Dialog,
     ) -> Result<(), UnabortableTransactionError> {
         if old.status != new.status || !old.status.is_live() {
-            return self.put_dialog(Some(old), new);
+            self.put_dialog(Some(old), new)?;
+            new.indexed_at = index_time(new);
+            return Ok(());
         }
-        let mut new = new.clone();
         new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
-        self.dialogs.insert(&u64_key(new.id), encode(&new))?;
+        self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
         Ok(())
     }
 
     /// Appends a message to a dialog, updating the dialog's counters.
-    fn append(&self, dialog: &mut Dialog, mut msg: Message) -> TxResult<Message> {
+    fn append(&self, dialog: &mut Dialog, msg: Message) -> TxResult<Message> {
+        self.append_to(dialog, msg, None)
+    }
+
+    /// Appends a message; a pending one goes in the outbox, or among the
+    /// replies in flight when `flight` collects them.
+    fn append_to(
+        &self,
+        dialog: &mut Dialog,
+        mut msg: Message,
+        flight: Option<&mut Vec<Flying>>,
+    ) -> TxResult<Message> {
         msg.dialog = dialog.id;
         msg.seq = dialog.next_seq;
         dialog.next_seq += 1;
         match msg.direction {
-            Direction::In => dialog.last_inbound_at = Some(msg.at),
+            Direction::In => {
+                if let Some(id) = msg.transport_id {
+                    dialog.max_incoming_id = match dialog.max_incoming_id {
+                        Some(max) => Some(max.max(id)),
+                        None if dialog.last_inbound_at.is_none() => Some(id),
+                        // Stored before the highest id was kept.
+                        None => None,
+                    };
+                }
+                dialog.last_inbound_at = Some(msg.at);
+            }
             Direction::Out => {
                 dialog.last_outbound_at = Some(msg.at);
                 if msg.kind == Some(MessageKind::FollowUp) {
@@ -378,15 +412,24 @@ impl Tx<'_> {
             }
         }
         if let (Some(key), Some(Delivery::Pending)) = (msg.key, &msg.delivery) {
-            if self.outbox.get(u64_key(key.0))?.is_some() {
+            if self.outbox.get(u64_key(key.0))?.is_some() || self.in_flight.holds(key) {
                 return abort(StoreError::Refused(format!(
                     "idempotency key {key} is already in the outbox"
                 )));
             }
-            self.outbox.insert(
-                &u64_key(key.0),
-                &pair(u64_key(msg.dialog), u64_key(msg.seq)),
-            )?;
+            match flight {
+                Some(flight) => flight.push(Flying {
+                    key,
+                    dialog: msg.dialog,
+                    seq: msg.seq,
+                }),
+                None => {
+                    self.outbox.insert(
+                        &u64_key(key.0),
+                        &pair(u64_key(msg.dialog), u64_key(msg.seq)),
+                    )?;
+                }
+            }
         }
         self.pages().put(&msg)?;
         Ok(msg)
@@ -394,7 +437,8 @@ impl Tx<'_> {
 
     /// Records what an engine answered in a live dialog: its state, its
     /// messages as pending, and its ending (taken at once if nothing is to
-    /// be sent, else once the messages are).
+    /// be sent, else once the messages are). With `flight`, the first
+    /// `n` messages go among the replies in flight rather than the outbox.
     fn record_answer(
         &self,
         dialog: &mut Dialog,
@@ -402,13 +446,18 @@ impl Tx<'_> {
         outbound: &[Outbound],
         ending: Option<&DialogStatus>,
         at: Timestamp,
+        mut flight: Option<(&mut Vec<Flying>, usize)>,
     ) -> TxResult<Vec<Message>> {
         if let Some(state) = state {
             dialog.state = state.clone();
         }
         let mut recorded = Vec::with_capacity(outbound.len());
-        for out in outbound {
-            recorded.push(self.append(dialog, outbound_message(out, at))?);
+        for (i, out) in outbound.iter().enumerate() {
+            let flying = match &mut flight {
+                Some((f, n)) if i < *n => Some(&mut **f),
+                _ => None,
+            };
+            recorded.push(self.append_to(dialog, outbound_message(out, at), flying)?);
         }
         if let Some(ending) = ending {
             if recorded.is_empty() {
@@ -426,8 +475,13 @@ impl Tx<'_> {
     /// Cancels the messages with these keys that still wait to be sent.
     fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
         for key in keys {
-            if let Some(at) = self.outbox.remove(&u64_key(key.0))? {
-                let (dialog, seq) = split_address(&at);
+            let at = match self.outbox.remove(&u64_key(key.0))? {
+                Some(at) => Some(split_address(&at)),
+                // In flight: its send may already be under way; the
+                // pipeline does not retry a cancelled one.
+                None => self.in_flight.address(*key),
+            };
+            if let Some((dialog, seq)) = at {
                 if let Some(mut msg) = self.pages().get(dialog, seq)? {
                     msg.delivery = Some(Delivery::Cancelled {
                         reason: reason.to_string(),
@@ -446,6 +500,12 @@ impl Tx<'_> {
         }
         Ok(())
     }
+}
+
+/// Where a dialog belongs in the quiet-dialogs index: at its last activity
+/// while live, nowhere once it ended.
+fn index_time(dialog: &Dialog) -> Option<Timestamp> {
+    dialog.status.is_live().then(|| dialog.last_activity())
 }
 
 fn outbound_message(out: &Outbound, at: Timestamp) -> Message {
@@ -578,6 +638,7 @@ impl Store {
         let mut store = Store::from_db(db)?;
         store._open = Some(Arc::new(OpenHere(path)));
         store.page_messages()?;
+        store.land_flights()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
         Ok(store)
     }
@@ -627,6 +688,7 @@ impl Store {
             dialog_of_contact: tree("dialog_of_contact")?,
             messages: tree("message_pages")?,
             outbox: tree("outbox")?,
+            flights: tree("flights")?,
             inbound: tree("inbound")?,
             unhandled: tree("unhandled")?,
             orphans: tree("orphans")?,
@@ -637,6 +699,7 @@ impl Store {
             db,
             t,
             accounts: Arc::default(),
+            in_flight: Arc::default(),
             flusher: Arc::new(std::sync::OnceLock::new()),
             _open: None,
         })
@@ -682,12 +745,13 @@ impl Store {
             &t.dialog_of_contact,
             &t.messages,
             &t.outbox,
+            &t.flights,
             &t.inbound,
             &t.unhandled,
             &t.accounts,
         );
         Ok(
-            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, i, un, acc)| {
+            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, fl, i, un, acc)| {
                 f(&Tx {
                     contacts: c,
                     uncontacted: u,
@@ -698,6 +762,8 @@ impl Store {
                     dialog_of_contact: doc,
                     messages: m,
                     outbox: o,
+                    flights: fl,
+                    in_flight: &self.in_flight,
                     inbound: i,
                     unhandled: un,
                     accounts: acc,
@@ -916,6 +982,7 @@ impl Store {
                 reviewed_at: None,
                 ending: None,
                 indexed_at: None,
+                max_incoming_id: None,
             };
             let msg = match opening {
                 Some(out) => Some(tx.append(&mut dialog, outbound_message(out, new.at))?),
@@ -1120,7 +1187,7 @@ impl Store {
                 return Ok((new, Vec::new()));
             }
             let recorded =
-                tx.record_answer(&mut new, a.state, a.outbound, a.ending.as_ref(), a.at)?;
+                tx.record_answer(&mut new, a.state, a.outbound, a.ending.as_ref(), a.at, None)?;
             tx.put_dialog(Some(&old), &new)?;
             Ok((new, recorded))
         })
@@ -1327,7 +1394,7 @@ impl Store {
     /// was sent. (A cancelled one is rewritten as cancelled.)
     fn settled(&self, mut msg: Message) -> Result<Message, StoreError> {
         if let (Some(Delivery::Pending), Some(key)) = (&msg.delivery, msg.key) {
-            if !self.t.outbox.contains_key(u64_key(key.0))? {
+            if !self.in_flight.holds(key) && !self.t.outbox.contains_key(u64_key(key.0))? {
                 msg.delivery = Some(Delivery::Sent);
             }
         }

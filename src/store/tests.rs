@@ -208,7 +208,16 @@ fn messages_outbox_and_inbound_dedupe() {
         .record_inbound(d.id, "a", 900, "hello", Timestamp(2_000))
         .unwrap()
         .is_none());
-    assert_eq!(store.messages(d.id).unwrap().len(), 44);
+    // An id below the highest seen is looked up, not taken as a repeat.
+    assert_eq!(
+        store.dialog(d.id).unwrap().unwrap().max_incoming_id,
+        Some(1039)
+    );
+    assert!(store
+        .record_inbound(d.id, "a", 950, "late", Timestamp(3_100))
+        .unwrap()
+        .is_some());
+    assert_eq!(store.messages(d.id).unwrap().len(), 45);
 }
 
 #[test]
@@ -376,7 +385,9 @@ fn a_reply_confirmed_in_a_batch_reads_back_as_sent() {
             at: Timestamp(2_100),
         },
     };
-    store.settle_batch(&[sent], &|_, _| {}).unwrap();
+    store
+        .settle_batch(&Flight::default(), &[sent], &|_, _| {})
+        .unwrap();
     let deliveries: Vec<_> = store
         .messages(d.id)
         .unwrap()
@@ -392,6 +403,7 @@ fn a_reply_confirmed_in_a_batch_reads_back_as_sent() {
     // Settling it again is a no-op; the other one is still pending.
     store
         .settle_batch(
+            &Flight::default(),
             &[Settle {
                 account: "a".into(),
                 key: IdempotencyKey(7),
@@ -404,4 +416,167 @@ fn a_reply_confirmed_in_a_batch_reads_back_as_sent() {
         )
         .unwrap();
     assert!(store.is_pending(IdempotencyKey(8)).unwrap());
+}
+
+/// An answer to `dialog`'s next message with two replies, keys 1 and 2.
+fn answer<'a>(
+    dialog: &'a Dialog,
+    transport_id: i64,
+    state: &'a serde_json::Value,
+    outbound: &'a [Outbound],
+) -> Answer<'a> {
+    Answer {
+        dialog: dialog.id,
+        seen: dialog,
+        account: "a",
+        transport_id,
+        text: "hello",
+        at: Timestamp(2_000),
+        now: Timestamp(2_000),
+        reply: Some(Replied {
+            state,
+            outbound,
+            ending: None,
+        }),
+        reserve: true,
+    }
+}
+
+fn replies() -> Vec<Outbound> {
+    (1..=2)
+        .map(|k| Outbound {
+            kind: MessageKind::Reply,
+            text: format!("r{k}"),
+            key: IdempotencyKey(k),
+        })
+        .collect()
+}
+
+#[test]
+fn replies_in_flight_are_pending_until_their_batch_settles() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\n");
+    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+    let d = store.dialog(d.id).unwrap().unwrap();
+    let (state, out) = (serde_json::json!({}), replies());
+    // Only the first reply gets a slot: it flies, the second waits in the
+    // outbox.
+    let only_first = |_: &mut AccountRecord, k: IdempotencyKey| k == IdempotencyKey(1);
+    let (answered, flight) = store
+        .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &only_first)
+        .unwrap();
+    assert!(matches!(answered[0], Answered::Done { slots: 1, .. }));
+    assert!(store.is_pending(IdempotencyKey(1)).unwrap());
+    assert!(store.is_pending(IdempotencyKey(2)).unwrap());
+    assert_eq!(store.pending_of(d.id).unwrap().len(), 2);
+    assert_eq!(store.pending_outbound().unwrap().len(), 1);
+    // A key in flight cannot be recorded again.
+    let again = store.record_outbound(
+        d.id,
+        &Outbound {
+            kind: MessageKind::Reply,
+            text: "dup".into(),
+            key: IdempotencyKey(1),
+        },
+        Timestamp(2_001),
+    );
+    assert!(matches!(again, Err(StoreError::Refused(_))), "{again:?}");
+
+    let sent = Settle {
+        account: "a".into(),
+        key: IdempotencyKey(1),
+        delivered: crate::transport::Delivered {
+            transport_id: 70,
+            at: Timestamp(2_100),
+        },
+    };
+    let confirmed = std::cell::Cell::new(0);
+    store
+        .settle_batch(&flight, &[sent], &|_, _| confirmed.set(confirmed.get() + 1))
+        .unwrap();
+    assert_eq!(confirmed.get(), 1);
+    assert!(!store.is_pending(IdempotencyKey(1)).unwrap());
+    let deliveries: Vec<_> = store
+        .messages(d.id)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.delivery)
+        .collect();
+    assert_eq!(
+        deliveries,
+        [None, Some(Delivery::Sent), Some(Delivery::Pending)]
+    );
+}
+
+#[test]
+fn a_reply_of_a_flight_not_sent_moves_to_the_outbox() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username\nalice\n");
+    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+    let d = store.dialog(d.id).unwrap().unwrap();
+    let (state, out) = (serde_json::json!({}), replies());
+    let (_, flight) = store
+        .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
+        .unwrap();
+    assert!(store.pending_outbound().unwrap().is_empty());
+    // The first was sent, the second failed.
+    let sent = Settle {
+        account: "a".into(),
+        key: IdempotencyKey(1),
+        delivered: crate::transport::Delivered {
+            transport_id: 70,
+            at: Timestamp(2_100),
+        },
+    };
+    store.settle_batch(&flight, &[sent], &|_, _| {}).unwrap();
+    let pending: Vec<_> = store
+        .pending_outbound()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(pending, [Some(IdempotencyKey(2))]);
+}
+
+#[test]
+fn a_flight_out_when_the_host_stopped_lands_in_the_outbox_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let did;
+    {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "l", "username\nalice\n");
+        let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+        let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+        let d = store.dialog(d.id).unwrap().unwrap();
+        let d = store.dialog(d.id).unwrap().unwrap();
+        did = d.id;
+        let (state, out) = (serde_json::json!({}), replies());
+        let (_, flight) = store
+            .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
+            .unwrap();
+        assert_eq!(flight.replies.len(), 2);
+        // A cancelled one (an opt-out came in meanwhile) is not landed.
+        store
+            .transact(|tx| tx.cancel(&[IdempotencyKey(2)], "opted out"))
+            .unwrap();
+        store.flush().unwrap();
+        // The host dies here: nothing settles the flight.
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let pending: Vec<_> = store
+        .pending_outbound()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.dialog, m.key))
+        .collect();
+    assert_eq!(pending, [(did, Some(IdempotencyKey(1)))]);
+    assert!(store.is_pending(IdempotencyKey(1)).unwrap());
+    assert_eq!(
+        store.messages(did).unwrap()[2].delivery,
+        Some(Delivery::Cancelled {
+            reason: "opted out".into()
+        })
+    );
 }
