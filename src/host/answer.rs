@@ -46,13 +46,16 @@ const BATCH: usize = 4096;
 /// The most dialogs whose ctx is kept between batches.
 const RECENT: usize = 16_384;
 
-/// Receives incoming messages until shutdown, in batches.
+/// Receives incoming messages until shutdown, in batches, two at a time:
+/// while one batch is stored and sent, the engines answer the next (whose
+/// messages to the first batch's dialogs wait for the one after).
 pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     let mut pipeline = Pipeline::default();
     let mut batch = Vec::with_capacity(BATCH);
+    let mut answered: Option<Prepared> = None;
     loop {
         batch.append(&mut pipeline.carry);
-        if batch.is_empty() {
+        if batch.is_empty() && answered.is_none() {
             tokio::select! {
                 n = rx.recv_many(&mut batch, BATCH) => if n == 0 { break },
                 _ = host.shutdown.cancelled() => break,
@@ -67,7 +70,34 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
         if host.shutdown.is_cancelled() {
             break;
         }
-        if let Err(e) = pipeline.handle(&host, std::mem::take(&mut batch)).await {
+        let busy: HashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
+        let committing = async {
+            match answered.take() {
+                Some(p) => commit(&host, p).await,
+                None => Ok(HashMap::new()),
+            }
+        };
+        let preparing = pipeline.prepare(&host, std::mem::take(&mut batch), &busy);
+        // The next batch first: its engines work while this task stores
+        // and sends the batch before it.
+        let (prepared, committed) = tokio::join!(preparing, committing);
+        match committed {
+            Ok(kept) => pipeline.recent.extend(kept),
+            Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
+        }
+        match prepared {
+            Ok(p) => answered = p,
+            Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
+        }
+        if pipeline.recent.len() > RECENT || pipeline.dialogs.len() > RECENT {
+            pipeline.recent.clear();
+            pipeline.dialogs.clear();
+        }
+    }
+    // Answered, not yet stored: finish it (nothing of it was acknowledged,
+    // so dropping it would be safe too, but it is ready).
+    if let Some(p) = answered {
+        if let Err(e) = commit(&host, p).await {
             tracing::error!("incoming messages could not be stored: {e}");
         }
     }
@@ -117,159 +147,195 @@ struct Sending {
     rest: bool,
 }
 
+/// A batch routed and answered by the engines, to be stored and sent.
+struct Prepared {
+    jobs: Vec<Job>,
+    replies: Vec<Result<Reply, EngineError>>,
+    /// Told once the batch is durable.
+    acks: Vec<oneshot::Sender<()>>,
+}
+
+impl Prepared {
+    fn dialogs(&self) -> impl Iterator<Item = DialogId> + '_ {
+        self.jobs.iter().map(|j| j.dialog.id)
+    }
+}
+
 impl Pipeline {
-    async fn handle(&mut self, host: &Arc<Host>, batch: Vec<Inbound>) -> Result<(), StoreError> {
+    /// Routes a batch and asks the engines; `busy` dialogs (of the batch
+    /// being committed) wait for the next batch.
+    async fn prepare(
+        &mut self,
+        host: &Arc<Host>,
+        batch: Vec<Inbound>,
+        busy: &HashSet<DialogId>,
+    ) -> Result<Option<Prepared>, StoreError> {
         let config = host.config();
-        let mut jobs = self.route(host, &config, batch).await?;
+        let mut jobs = self.route(host, &config, batch, busy).await?;
         if jobs.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let acks: Vec<_> = jobs.iter_mut().filter_map(|j| j.stored.take()).collect();
         let replies = ask_engines(host, &config, &jobs).await;
+        Ok(Some(Prepared {
+            jobs,
+            replies,
+            acks,
+        }))
+    }
+}
 
-        // The accounts' locks and the dialogs' gates, as a conductor holds
-        // them from taking a slot until the send is confirmed. A dialog whose
-        // lock or gate is busy takes no slot: its conductor sends.
-        let mut locks: HashMap<String, Option<OwnedMutexGuard<()>>> = HashMap::new();
-        let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
-        let mut may_send = Vec::with_capacity(jobs.len());
-        for (job, reply) in jobs.iter().zip(&replies) {
-            let d = &job.dialog;
-            let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
-            if wants && !locks.contains_key(d.account.as_str()) {
-                let lock = host.account_lock(&d.account).try_lock_owned().ok();
-                locks.insert(d.account.clone(), lock);
-            }
-            let free = wants
-                && locks[d.account.as_str()].is_some()
-                && gates
-                    .entry(host.gate_index(d.id))
-                    .or_insert_with(|| host.gate(d.id).try_lock().ok())
-                    .is_some();
-            may_send.push(free);
+/// Stores a prepared batch (messages, answers and slots in one
+/// transaction, one flush), acknowledges its messages, sends the replies
+/// and settles them; returns what to keep of each dialog for its next ctx.
+async fn commit(
+    host: &Arc<Host>,
+    prepared: Prepared,
+) -> Result<HashMap<DialogId, Recent>, StoreError> {
+    let Prepared {
+        mut jobs,
+        replies,
+        acks,
+    } = prepared;
+    let mut kept: HashMap<DialogId, Recent> = HashMap::new();
+    // The accounts' locks and the dialogs' gates, as a conductor holds
+    // them from taking a slot until the send is confirmed. A dialog whose
+    // lock or gate is busy takes no slot: its conductor sends.
+    let mut locks: HashMap<String, Option<OwnedMutexGuard<()>>> = HashMap::new();
+    let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
+    let mut may_send = Vec::with_capacity(jobs.len());
+    for (job, reply) in jobs.iter().zip(&replies) {
+        let d = &job.dialog;
+        let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
+        if wants && !locks.contains_key(d.account.as_str()) {
+            let lock = host.account_lock(&d.account).try_lock_owned().ok();
+            locks.insert(d.account.clone(), lock);
         }
-        let mut accounts: Vec<&str> = locks
-            .iter()
-            .filter(|(_, g)| g.is_some())
-            .map(|(a, _)| a.as_str())
-            .collect();
-        accounts.sort_unstable();
+        let free = wants
+            && locks[d.account.as_str()].is_some()
+            && gates
+                .entry(host.gate_index(d.id))
+                .or_insert_with(|| host.gate(d.id).try_lock().ok())
+                .is_some();
+        may_send.push(free);
+    }
+    let mut accounts: Vec<&str> = locks
+        .iter()
+        .filter(|(_, g)| g.is_some())
+        .map(|(a, _)| a.as_str())
+        .collect();
+    accounts.sort_unstable();
 
-        let now = host.clock.now();
-        let outbound: Vec<Vec<Outbound>> = replies
-            .iter()
-            .map(|r| match r {
-                Ok(r) => host.outbound(MessageKind::Reply, &r.output.messages),
-                Err(_) => Vec::new(),
-            })
-            .collect();
-        let answers: Vec<Answer<'_>> = jobs
-            .iter()
-            .zip(&replies)
-            .zip(&outbound)
-            .zip(&may_send)
-            .map(|(((j, r), out), may)| Answer {
-                dialog: j.dialog.id,
-                seen: &j.dialog,
-                account: &j.message.account,
-                transport_id: j.message.transport_id,
-                text: &j.message.text,
-                at: j.message.at,
-                now,
-                reply: r.as_ref().ok().map(|r| Replied {
-                    state: &r.state,
-                    outbound: out,
-                    ending: ending_of(&r.output),
-                }),
-                reserve: *may,
-            })
-            .collect();
-        let reserve = host.safety.reply_reserver(&accounts);
-        let (answered, flight) = host.store.answer_batch(&answers, &accounts, &reserve)?;
+    let now = host.clock.now();
+    let outbound: Vec<Vec<Outbound>> = replies
+        .iter()
+        .map(|r| match r {
+            Ok(r) => host.outbound(MessageKind::Reply, &r.output.messages),
+            Err(_) => Vec::new(),
+        })
+        .collect();
+    let answers: Vec<Answer<'_>> = jobs
+        .iter()
+        .zip(&replies)
+        .zip(&outbound)
+        .zip(&may_send)
+        .map(|(((j, r), out), may)| Answer {
+            dialog: j.dialog.id,
+            seen: &j.dialog,
+            account: &j.message.account,
+            transport_id: j.message.transport_id,
+            text: &j.message.text,
+            at: j.message.at,
+            now,
+            reply: r.as_ref().ok().map(|r| Replied {
+                state: &r.state,
+                outbound: out,
+                ending: ending_of(&r.output),
+            }),
+            reserve: *may,
+        })
+        .collect();
+    let reserve = host.safety.reply_reserver(&accounts);
+    let (answered, flight) = host.store.answer_batch(&answers, &accounts, &reserve)?;
 
-        // What to send, and what is left to the conductors.
-        let mut later: Vec<DialogId> = Vec::new();
-        let mut sending: Vec<Sending> = Vec::new();
-        for ((job, reply), answered) in jobs.iter_mut().zip(&replies).zip(answered) {
-            match answered {
-                Answered::Duplicate => {}
-                Answered::Stale => later.push(job.dialog.id),
-                Answered::Done {
-                    dialog,
-                    incoming,
-                    mut replies,
-                    slots,
-                } => {
-                    if let Err(e) = reply {
-                        conductor::engine_failed(host, &dialog, &e.to_string())?;
-                        continue;
-                    }
-                    // The job's ctx parts are done with: they move on to
-                    // the next ctx of the dialog.
-                    let mut recent = Recent {
-                        dialog: (*dialog).clone(),
-                        identity: job.recent.identity.clone(),
-                        contact: std::mem::take(&mut job.recent.contact),
-                        history: std::mem::take(&mut job.recent.history),
-                    };
-                    Arc::make_mut(&mut recent.history).push(history_entry(&incoming));
-                    let rest = slots < replies.len() || dialog.ending.is_some();
+    // What to send, and what is left to the conductors.
+    let mut later: Vec<DialogId> = Vec::new();
+    let mut sending: Vec<Sending> = Vec::new();
+    for ((job, reply), answered) in jobs.iter_mut().zip(&replies).zip(answered) {
+        match answered {
+            Answered::Duplicate => {}
+            Answered::Stale => later.push(job.dialog.id),
+            Answered::Done {
+                dialog,
+                incoming,
+                mut replies,
+                slots,
+            } => {
+                if let Err(e) = reply {
+                    conductor::engine_failed(host, &dialog, &e.to_string())?;
+                    continue;
+                }
+                // The job's ctx parts are done with: they move on to
+                // the next ctx of the dialog.
+                let mut recent = Recent {
+                    dialog: (*dialog).clone(),
+                    identity: job.recent.identity.clone(),
+                    contact: std::mem::take(&mut job.recent.contact),
+                    history: std::mem::take(&mut job.recent.history),
+                };
+                Arc::make_mut(&mut recent.history).push(history_entry(&incoming));
+                let rest = slots < replies.len() || dialog.ending.is_some();
+                if !rest {
+                    kept.insert(dialog.id, recent);
+                }
+                replies.truncate(slots);
+                if replies.is_empty() {
                     if rest {
-                        self.recent.remove(&dialog.id);
-                    } else {
-                        self.recent.insert(dialog.id, recent);
+                        later.push(dialog.id);
                     }
-                    replies.truncate(slots);
-                    if replies.is_empty() {
-                        if rest {
-                            later.push(dialog.id);
-                        }
-                        continue;
-                    }
-                    sending.push(Sending {
-                        identity: job.recent.identity.clone(),
-                        rest,
-                        dialog: *dialog,
-                        replies,
-                    });
+                    continue;
                 }
+                sending.push(Sending {
+                    identity: job.recent.identity.clone(),
+                    rest,
+                    dialog: *dialog,
+                    replies,
+                });
             }
         }
-
-        // Durable, then acknowledged, then sent.
-        host.store.flush_async().await?;
-        for ack in acks {
-            let _ = ack.send(());
-        }
-        let outcomes = join_all(sending.iter().map(|s| send_in_order(host, s))).await;
-        let mut settled = Vec::new();
-        for (s, (sent, failed)) in sending.iter().zip(outcomes) {
-            settled.extend(sent);
-            if let Some((m, error)) = failed {
-                self.recent.remove(&s.dialog.id);
-                if react(host, &s.dialog, &m, &error)? {
-                    later.push(s.dialog.id);
-                }
-            } else if s.rest {
-                later.push(s.dialog.id);
-            } else if let Some(recent) = self.recent.get_mut(&s.dialog.id) {
-                let history = Arc::make_mut(&mut recent.history);
-                history.extend(s.replies.iter().map(history_entry));
-            }
-        }
-        host.safety.settle_batch(&flight, &settled)?;
-        drop(gates);
-        drop(locks);
-        for dialog in later {
-            host.activate(dialog);
-        }
-        if self.recent.len() > RECENT || self.dialogs.len() > RECENT {
-            self.recent.clear();
-            self.dialogs.clear();
-        }
-        Ok(())
     }
 
+    // Durable, then acknowledged, then sent.
+    host.store.flush_async().await?;
+    for ack in acks {
+        let _ = ack.send(());
+    }
+    let outcomes = join_all(sending.iter().map(|s| send_in_order(host, s))).await;
+    let mut settled = Vec::new();
+    for (s, (sent, failed)) in sending.iter().zip(outcomes) {
+        settled.extend(sent);
+        if let Some((m, error)) = failed {
+            kept.remove(&s.dialog.id);
+            if react(host, &s.dialog, &m, &error)? {
+                later.push(s.dialog.id);
+            }
+        } else if s.rest {
+            later.push(s.dialog.id);
+        } else if let Some(recent) = kept.get_mut(&s.dialog.id) {
+            let history = Arc::make_mut(&mut recent.history);
+            history.extend(s.replies.iter().map(history_entry));
+        }
+    }
+    host.safety.settle_batch(&flight, &settled)?;
+    drop(gates);
+    drop(locks);
+    for dialog in later {
+        host.activate(dialog);
+    }
+    Ok(kept)
+}
+
+impl Pipeline {
     /// Splits a batch: returns the messages to answer here; hands the rest
     /// to [`Host::receive`] or keeps them for the next batch.
     async fn route(
@@ -277,6 +343,7 @@ impl Pipeline {
         host: &Arc<Host>,
         config: &Config,
         batch: Vec<Inbound>,
+        busy: &HashSet<DialogId>,
     ) -> Result<Vec<Job>, StoreError> {
         let opt_out = host.opt_out();
         self.delayed.clear();
@@ -300,7 +367,7 @@ impl Pipeline {
                 host.receive(inbound).await?;
                 continue;
             };
-            if answered.contains(&d) {
+            if answered.contains(&d) || busy.contains(&d) {
                 self.carry.push(inbound);
                 continue;
             }
