@@ -6,9 +6,14 @@
 //!
 //! A page is [`PAGE_FORMAT`] followed by entries, each
 //! `len: u32 LE ++ incoming: u8 ++ transport id: i64 LE ++ record`, where
-//! `record` is the message as every record is stored (see `encode`) and
 //! the transport id is set for incoming messages only. The header lets the
 //! dedupe of incoming messages read a page without decoding its records.
+//! A record is the message in a fixed binary layout (see [`write_record`]):
+//! pages are the store's hottest values, rewritten on every message, and
+//! binary keeps them a third of the JSON size and quick to decode. Pages
+//! of the first format hold the message as every record is stored (see
+//! `encode`); they are read as they are and rewritten in the current
+//! format when a message is put in them.
 //!
 //! Messages are addressed as before by `(dialog id, seq)` (the outbox,
 //! `inbound` and `unhandled` hold such addresses): `seq % PAGE` is the
@@ -18,13 +23,16 @@ use sled::transaction::ConflictableTransactionError::Abort;
 use sled::transaction::TransactionalTree;
 
 use super::keys::{pair, read_u64, u64_key};
-use super::{decode, encode, StoreError, TxResult};
-use crate::model::{DialogId, Direction, Message};
+use super::{decode, StoreError, TxResult};
+use crate::clock::Timestamp;
+use crate::model::{Delivery, DialogId, Direction, IdempotencyKey, Message, MessageKind};
 
 /// Messages per page.
 pub const PAGE: u64 = 16;
-/// The first byte of every page.
-const PAGE_FORMAT: u8 = 1;
+/// The first byte of every page written now: binary records.
+const PAGE_FORMAT: u8 = 2;
+/// The first byte of a page of JSON records.
+const JSON_PAGE: u8 = 1;
 const HEADER: usize = 4 + 1 + 8;
 
 /// The key of the page holding `(dialog, seq)`.
@@ -50,7 +58,7 @@ fn corrupt(reason: &str) -> StoreError {
 
 /// The entries of a page, in seq order.
 fn entries(page: &[u8]) -> Result<Vec<Entry<'_>>, StoreError> {
-    let Some((&PAGE_FORMAT, mut rest)) = page.split_first() else {
+    let Some((&(PAGE_FORMAT | JSON_PAGE), mut rest)) = page.split_first() else {
         return Err(corrupt("unknown page format"));
     };
     let mut out = Vec::with_capacity(PAGE as usize);
@@ -78,8 +86,8 @@ fn entries(page: &[u8]) -> Result<Vec<Entry<'_>>, StoreError> {
 }
 
 fn write_entry(out: &mut Vec<u8>, msg: &Message) {
-    let record = encode(msg);
-    out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
     match (msg.direction, msg.transport_id) {
         (Direction::In, Some(id)) => {
             out.push(1);
@@ -90,7 +98,135 @@ fn write_entry(out: &mut Vec<u8>, msg: &Message) {
             out.extend_from_slice(&[0; 8]);
         }
     }
-    out.extend_from_slice(&record);
+    write_record(out, msg);
+    let len = (out.len() - start - HEADER) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// A message's record: `dialog u64 ++ seq u64 ++ at i64 ++ direction u8
+/// ++ kind u8 ++ key (u8 present ++ u64) ++ transport id (u8 present ++
+/// i64) ++ delivery u8 ++ [reason len u32 ++ reason] ++ text`, integers
+/// little-endian. Kind: 0 none, 1 opening, 2 reply, 3 follow-up; delivery:
+/// 0 none, 1 pending, 2 sent, 3 cancelled (with its reason).
+fn write_record(out: &mut Vec<u8>, msg: &Message) {
+    out.reserve(48 + msg.text.len());
+    out.extend_from_slice(&msg.dialog.to_le_bytes());
+    out.extend_from_slice(&msg.seq.to_le_bytes());
+    out.extend_from_slice(&msg.at.0.to_le_bytes());
+    out.push(match msg.direction {
+        Direction::In => 0,
+        Direction::Out => 1,
+    });
+    out.push(match msg.kind {
+        None => 0,
+        Some(MessageKind::Opening) => 1,
+        Some(MessageKind::Reply) => 2,
+        Some(MessageKind::FollowUp) => 3,
+    });
+    out.push(msg.key.is_some() as u8);
+    out.extend_from_slice(&msg.key.map_or(0, |k| k.0).to_le_bytes());
+    out.push(msg.transport_id.is_some() as u8);
+    out.extend_from_slice(&msg.transport_id.unwrap_or(0).to_le_bytes());
+    match &msg.delivery {
+        None => out.push(0),
+        Some(Delivery::Pending) => out.push(1),
+        Some(Delivery::Sent) => out.push(2),
+        Some(Delivery::Cancelled { reason }) => {
+            out.push(3);
+            out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+            out.extend_from_slice(reason.as_bytes());
+        }
+    }
+    out.extend_from_slice(msg.text.as_bytes());
+}
+
+/// Reads what [`write_record`] wrote.
+fn read_record(record: &[u8]) -> Result<Message, StoreError> {
+    let mut r = Reader(record);
+    let dialog = r.u64()?;
+    let seq = r.u64()?;
+    let at = Timestamp(r.u64()? as i64);
+    let direction = match r.u8()? {
+        0 => Direction::In,
+        1 => Direction::Out,
+        _ => return Err(corrupt("unknown message direction")),
+    };
+    let kind = match r.u8()? {
+        0 => None,
+        1 => Some(MessageKind::Opening),
+        2 => Some(MessageKind::Reply),
+        3 => Some(MessageKind::FollowUp),
+        _ => return Err(corrupt("unknown message kind")),
+    };
+    let key = (r.u8()? == 1, r.u64()?);
+    let transport_id = (r.u8()? == 1, r.u64()? as i64);
+    let delivery = match r.u8()? {
+        0 => None,
+        1 => Some(Delivery::Pending),
+        2 => Some(Delivery::Sent),
+        3 => {
+            let len = r.u32()? as usize;
+            Some(Delivery::Cancelled {
+                reason: r.text(len)?,
+            })
+        }
+        _ => return Err(corrupt("unknown delivery state")),
+    };
+    let text = r.text(r.0.len())?;
+    Ok(Message {
+        dialog,
+        seq,
+        direction,
+        kind,
+        text,
+        at,
+        key: key.0.then_some(IdempotencyKey(key.1)),
+        delivery,
+        transport_id: transport_id.0.then_some(transport_id.1),
+    })
+}
+
+/// Reads a record front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
+        if self.0.len() < n {
+            return Err(corrupt("truncated message record"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn text(&mut self, n: usize) -> Result<String, StoreError> {
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| corrupt("message text is not UTF-8"))
+    }
+}
+
+/// A page's message from its entry.
+fn message(format: u8, e: &Entry<'_>) -> Result<Message, StoreError> {
+    if format == JSON_PAGE {
+        decode("message", e.record)
+    } else {
+        read_record(e.record)
+    }
 }
 
 /// `page` with `msg` put in its place: appended if it is the next seq,
@@ -105,8 +241,16 @@ fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreError> {
         write_entry(&mut out, msg);
         return Ok(out);
     };
+    if page[0] == JSON_PAGE {
+        // Rewritten whole in the current format.
+        let mut out = vec![PAGE_FORMAT];
+        for old in read_all(page)? {
+            write_entry(&mut out, &old);
+        }
+        return put(Some(&out), msg);
+    }
     let list = entries(page)?;
-    let mut out = Vec::with_capacity(page.len() + msg.text.len() + 160);
+    let mut out = Vec::with_capacity(page.len() + msg.text.len() + 64);
     match list.get(index) {
         Some(e) => {
             out.extend_from_slice(&page[..e.span.0]);
@@ -125,17 +269,14 @@ fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreError> {
 /// The message with this seq, from its page.
 pub fn read(page: &[u8], seq: u64) -> Result<Option<Message>, StoreError> {
     match entries(page)?.get((seq % PAGE) as usize) {
-        Some(e) => Ok(Some(decode("message", e.record)?)),
+        Some(e) => Ok(Some(message(page[0], e)?)),
         None => Ok(None),
     }
 }
 
 /// Every message of a page.
 pub fn read_all(page: &[u8]) -> Result<Vec<Message>, StoreError> {
-    entries(page)?
-        .iter()
-        .map(|e| decode("message", e.record))
-        .collect()
+    entries(page)?.iter().map(|e| message(page[0], e)).collect()
 }
 
 /// The `(dialog, seq)` of an address as the outbox and indexes hold it.
@@ -256,6 +397,59 @@ mod tests {
         assert!(put(Some(&page), &msg(2, true)).is_err());
         assert!(read_all(&page[..page.len() - 1]).is_err());
         assert!(read_all(&[9]).is_err());
+    }
+
+    #[test]
+    fn records_keep_every_field() {
+        let mut all = vec![msg(0, true), msg(1, false)];
+        all.push(Message {
+            kind: Some(MessageKind::FollowUp),
+            text: "¿qué tal? 👋".into(),
+            delivery: Some(Delivery::Cancelled {
+                reason: "opted out".into(),
+            }),
+            at: Timestamp(-5),
+            ..msg(2, false)
+        });
+        all.push(Message {
+            kind: Some(MessageKind::Opening),
+            text: String::new(),
+            delivery: Some(Delivery::Sent),
+            transport_id: Some(-1),
+            ..msg(3, false)
+        });
+        let mut page = None;
+        for m in &all {
+            page = Some(put(page.as_deref(), m).unwrap());
+        }
+        assert_eq!(read_all(&page.unwrap()).unwrap(), all);
+    }
+
+    /// A page of the first format: each record the message's JSON.
+    fn json_page(msgs: &[Message]) -> Vec<u8> {
+        let mut out = vec![JSON_PAGE];
+        for m in msgs {
+            let record = super::super::encode(m);
+            out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            out.push(m.transport_id.is_some() as u8);
+            out.extend_from_slice(&m.transport_id.unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(&record);
+        }
+        out
+    }
+
+    #[test]
+    fn a_page_of_json_records_is_read_and_rewritten_in_binary() {
+        let old: Vec<Message> = (0..3).map(|s| msg(s, s == 0)).collect();
+        let page = json_page(&old);
+        assert_eq!(read_all(&page).unwrap(), old);
+        assert_eq!(read(&page, 1).unwrap(), Some(old[1].clone()));
+        assert_eq!(entries(&page).unwrap()[0].incoming, Some(100));
+        let next = put(Some(&page), &msg(3, true)).unwrap();
+        assert_eq!(next[0], PAGE_FORMAT);
+        let mut all = old;
+        all.push(msg(3, true));
+        assert_eq!(read_all(&next).unwrap(), all);
     }
 
     #[test]
