@@ -32,13 +32,14 @@ use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedMutexGuard};
 
 use super::conductor::{self, ending_of};
 use super::{contact_view, dialog_view, history_entry, history_of, Host};
+use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
 use crate::engine::{Call, Ctx, EngineError, Reply};
 use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, MessageKind};
 use crate::safety::reaction::Reaction;
 use crate::safety::Failure;
-use crate::store::{Answer, Answered, Outbound, Replied, Settle, StoreError};
+use crate::store::{self, Answer, Answered, Outbound, Plan, Replied, Settle, StoreError, Written};
 use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
 
 /// The most messages in one batch.
@@ -111,6 +112,8 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
 #[derive(Clone)]
 struct Recent {
     dialog: Dialog,
+    /// The dialog's records as last written, to plan its next answer.
+    written: Option<Box<Written>>,
     identity: Identity,
     contact: ContactView,
     history: Arc<Vec<HistoryEntry>>,
@@ -151,6 +154,12 @@ struct Sending {
 struct Prepared {
     jobs: Vec<Job>,
     replies: Vec<Result<Reply, EngineError>>,
+    /// Each reply's messages with their keys.
+    outbound: Vec<Vec<Outbound>>,
+    /// Each answer worked out ahead, where it could be.
+    plans: Vec<Option<Plan>>,
+    /// When the answers are recorded.
+    now: Timestamp,
     /// Told once the batch is durable.
     acks: Vec<oneshot::Sender<()>>,
 }
@@ -177,12 +186,82 @@ impl Pipeline {
         }
         let acks: Vec<_> = jobs.iter_mut().filter_map(|j| j.stored.take()).collect();
         let replies = ask_engines(host, &config, &jobs).await;
+        let now = host.clock.now();
+        let outbound: Vec<Vec<Outbound>> = replies
+            .iter()
+            .map(|r| match r {
+                Ok(r) => host.outbound(MessageKind::Reply, &r.output.messages),
+                Err(_) => Vec::new(),
+            })
+            .collect();
+        // Planned on a task of its own, so on another thread while this
+        // one stores the batch before.
+        let planning = tokio::spawn(async move {
+            let plans = plan_all(&mut jobs, &replies, &outbound, now);
+            (jobs, replies, outbound, plans)
+        });
+        let (jobs, replies, outbound, plans) = match planning.await {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         Ok(Some(Prepared {
             jobs,
             replies,
+            outbound,
+            plans,
+            now,
             acks,
         }))
     }
+}
+
+/// Works out ahead the answers of the dialogs whose records the pipeline
+/// wrote last (see [`store::plan`](crate::store::plan)).
+fn plan_all(
+    jobs: &mut [Job],
+    replies: &[Result<Reply, EngineError>],
+    outbound: &[Vec<Outbound>],
+    now: Timestamp,
+) -> Vec<Option<Plan>> {
+    let written: Vec<_> = jobs.iter_mut().map(|j| j.recent.written.take()).collect();
+    answers(jobs, replies, outbound, now, &[], &[])
+        .iter()
+        .zip(written)
+        .map(|(a, w)| w.and_then(|w| store::plan(a, *w)))
+        .collect()
+}
+
+/// The store's view of a batch's answers; `may_send` and `plans` by job,
+/// none where short.
+fn answers<'a>(
+    jobs: &'a [Job],
+    replies: &'a [Result<Reply, EngineError>],
+    outbound: &'a [Vec<Outbound>],
+    now: Timestamp,
+    may_send: &[bool],
+    plans: &'a [Option<Plan>],
+) -> Vec<Answer<'a>> {
+    jobs.iter()
+        .zip(replies)
+        .zip(outbound)
+        .enumerate()
+        .map(|(i, ((j, r), out))| Answer {
+            dialog: j.dialog.id,
+            seen: &j.dialog,
+            account: &j.message.account,
+            transport_id: j.message.transport_id,
+            text: &j.message.text,
+            at: j.message.at,
+            now,
+            reply: r.as_ref().ok().map(|r| Replied {
+                state: &r.state,
+                outbound: out,
+                ending: ending_of(&r.output),
+            }),
+            reserve: may_send.get(i).copied().unwrap_or(false),
+            plan: plans.get(i).and_then(Option::as_ref),
+        })
+        .collect()
 }
 
 /// Stores a prepared batch (messages, answers and slots in one
@@ -195,6 +274,9 @@ async fn commit(
     let Prepared {
         mut jobs,
         replies,
+        outbound,
+        plans,
+        now,
         acks,
     } = prepared;
     let mut kept: HashMap<DialogId, Recent> = HashMap::new();
@@ -226,35 +308,7 @@ async fn commit(
         .collect();
     accounts.sort_unstable();
 
-    let now = host.clock.now();
-    let outbound: Vec<Vec<Outbound>> = replies
-        .iter()
-        .map(|r| match r {
-            Ok(r) => host.outbound(MessageKind::Reply, &r.output.messages),
-            Err(_) => Vec::new(),
-        })
-        .collect();
-    let answers: Vec<Answer<'_>> = jobs
-        .iter()
-        .zip(&replies)
-        .zip(&outbound)
-        .zip(&may_send)
-        .map(|(((j, r), out), may)| Answer {
-            dialog: j.dialog.id,
-            seen: &j.dialog,
-            account: &j.message.account,
-            transport_id: j.message.transport_id,
-            text: &j.message.text,
-            at: j.message.at,
-            now,
-            reply: r.as_ref().ok().map(|r| Replied {
-                state: &r.state,
-                outbound: out,
-                ending: ending_of(&r.output),
-            }),
-            reserve: *may,
-        })
-        .collect();
+    let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
     let reserve = host.safety.reply_reserver(&accounts);
     let (answered, flight) = host.store.answer_batch(&answers, &accounts, &reserve)?;
 
@@ -270,6 +324,7 @@ async fn commit(
                 incoming,
                 mut replies,
                 slots,
+                written,
             } => {
                 if let Err(e) = reply {
                     conductor::engine_failed(host, &dialog, &e.to_string())?;
@@ -279,6 +334,7 @@ async fn commit(
                 // the next ctx of the dialog.
                 let mut recent = Recent {
                     dialog: (*dialog).clone(),
+                    written: Some(written),
                     identity: job.recent.identity.clone(),
                     contact: std::mem::take(&mut job.recent.contact),
                     history: std::mem::take(&mut job.recent.history),
@@ -462,6 +518,7 @@ impl Pipeline {
         };
         let recent = Recent {
             dialog: dialog.clone(),
+            written: None,
             identity: contact.identity.clone(),
             contact: contact_view(&contact),
             history: Arc::new(history_of(messages)),

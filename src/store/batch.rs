@@ -122,6 +122,153 @@ pub struct Answer<'a> {
     /// The replies may take their slots now (the caller holds the
     /// account's lock and the dialog's gate).
     pub reserve: bool,
+    /// The answer worked out ahead (see [`plan`]), written as planned if
+    /// the dialog and its last page are still as the plan found them.
+    pub plan: Option<&'a Plan>,
+}
+
+/// Counts the writes to dialogs' records (the dialog and its pages) other
+/// than the answer pipeline's planned ones, by dialog id modulo its size:
+/// a plan made from what the pipeline wrote holds as long as its count did
+/// not move (a write to another dialog of the same slot only sends the
+/// answer the slower way). Counted inside the writing transaction, under
+/// its lock.
+#[derive(Debug)]
+pub(super) struct Touched(Vec<AtomicU64>);
+
+const TOUCHED_SLOTS: usize = 16_384;
+
+impl Touched {
+    pub(super) fn new() -> Touched {
+        Touched((0..TOUCHED_SLOTS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn slot(&self, dialog: DialogId) -> &AtomicU64 {
+        &self.0[(dialog % TOUCHED_SLOTS as u64) as usize]
+    }
+
+    pub(super) fn touch(&self, dialog: DialogId) {
+        self.slot(dialog).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self, dialog: DialogId) -> u64 {
+        self.slot(dialog).load(Ordering::Relaxed)
+    }
+}
+
+/// A dialog's record and its last page as the answer pipeline last wrote
+/// them, kept to work out its next answer without the store.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The dialog's count of writes (see [`Touched`]) just after.
+    touched: u64,
+    dialog: Vec<u8>,
+    /// The key and value of the page holding the dialog's last message.
+    page: Option<([u8; 16], Vec<u8>)>,
+}
+
+/// An answer worked out ahead of its transaction (see [`plan`]): the
+/// records to write, and what they replace.
+#[derive(Debug)]
+pub struct Plan {
+    /// The dialog's count of writes the plan was made at.
+    touched: u64,
+    /// The dialog's record as the plan found it.
+    expect_dialog: Vec<u8>,
+    /// The page the plan adds to, as it found it (none when the answer
+    /// starts a new page).
+    expect_page: Option<([u8; 16], Vec<u8>)>,
+    dialog: Dialog,
+    dialog_bytes: Vec<u8>,
+    /// The pages to write, in order (the last holds the last message).
+    pages: Vec<([u8; 16], Vec<u8>)>,
+    incoming: Message,
+    replies: Vec<Message>,
+}
+
+/// Works out what [`Store::answer_batch`] writes for an answer to a
+/// dialog the pipeline wrote last (`written`, which `a.seen` decodes):
+/// exactly the records the transaction itself would write, computed
+/// without the store, so the transaction only checks that nothing changed
+/// and writes them. `None` when the answer is not the plain case (a
+/// message to another account, a transport id not above the dialog's
+/// highest, no reply, an ending without a message, a dialog not live).
+pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
+    let old = a.seen;
+    let reply = a.reply.as_ref()?;
+    if a.account != old.account
+        || old.max_incoming_id.is_none_or(|max| a.transport_id <= max)
+        || !old.status.is_live()
+        || old.ending.is_some()
+        || (reply.ending.is_some() && reply.outbound.is_empty())
+    {
+        return None;
+    }
+    let mut new = old.clone();
+    let mut incoming = incoming_message(a);
+    place(&mut new, &mut incoming);
+    new.state = reply.state.clone();
+    let replies: Vec<Message> = reply
+        .outbound
+        .iter()
+        .map(|out| {
+            let mut m = outbound_message(out, a.now);
+            place(&mut new, &mut m);
+            m
+        })
+        .collect();
+    if let Some(ending) = &reply.ending {
+        new.ending = Some(ending.clone());
+    }
+    new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
+    let Written {
+        touched,
+        dialog,
+        page,
+    } = written;
+    let mut expect_page = None;
+    let mut pages: Vec<([u8; 16], Vec<u8>)> = Vec::with_capacity(1);
+    for m in std::iter::once(&incoming).chain(&replies) {
+        let key = pages::page_key(m.dialog, m.seq);
+        match pages.last_mut() {
+            Some((k, p)) if *k == key => *p = pages::put(Some(p), m).ok()?,
+            _ => {
+                // The dialog's last page, or a new one.
+                let base = match &page {
+                    Some((k, p)) if *k == key => {
+                        expect_page = Some((*k, p.clone()));
+                        Some(p.as_slice())
+                    }
+                    _ => None,
+                };
+                pages.push((key, pages::put(base, m).ok()?));
+            }
+        }
+    }
+    Some(Plan {
+        touched,
+        expect_dialog: dialog,
+        expect_page,
+        dialog_bytes: encode(&new),
+        dialog: new,
+        pages,
+        incoming,
+        replies,
+    })
+}
+
+fn incoming_message(a: &Answer<'_>) -> Message {
+    Message {
+        dialog: a.dialog,
+        seq: 0,
+        direction: Direction::In,
+        kind: None,
+        text: a.text.to_string(),
+        at: a.at,
+        key: None,
+        delivery: None,
+        transport_id: Some(a.transport_id),
+    }
 }
 
 /// The engine's answer to be recorded.
@@ -142,12 +289,14 @@ pub enum Answered {
     /// unhandled, for the dialog's conductor.
     Stale,
     /// Stored and answered; `replies` are recorded as pending, and the
-    /// first `slots` of them hold a slot of their account.
+    /// first `slots` of them hold a slot of their account. `written` is
+    /// for planning the dialog's next answer.
     Done {
         dialog: Box<Dialog>,
         incoming: Message,
         replies: Vec<Message>,
         slots: usize,
+        written: Box<Written>,
     },
 }
 
@@ -218,26 +367,17 @@ impl Store {
             let mut out = Vec::with_capacity(answers.len());
             let mut flight = Vec::new();
             for a in answers {
+                if let Some(done) = tx.as_planned(a, accounts, records, reserve, &mut flight)? {
+                    out.push(done);
+                    continue;
+                }
                 let old = tx.dialog(a.dialog)?;
                 if tx.seen_incoming(&old, a.account, a.transport_id)? {
                     out.push(Answered::Duplicate);
                     continue;
                 }
                 let mut new = old.clone();
-                let incoming = tx.append(
-                    &mut new,
-                    Message {
-                        dialog: a.dialog,
-                        seq: 0,
-                        direction: Direction::In,
-                        kind: None,
-                        text: a.text.to_string(),
-                        at: a.at,
-                        key: None,
-                        delivery: None,
-                        transport_id: Some(a.transport_id),
-                    },
-                )?;
+                let incoming = tx.append(&mut new, incoming_message(a))?;
                 tx.note_incoming(&old, a.account, a.transport_id, incoming.seq)?;
                 let at_key = pair(u64_key(a.dialog), u64_key(incoming.seq));
                 let fresh = old == *a.seen && old.status.is_live() && old.ending.is_none();
@@ -248,6 +388,7 @@ impl Store {
                     tx.put_dialog_lazily(&old, &mut new)?;
                     out.push(if fresh {
                         Answered::Done {
+                            written: tx.written(&new)?,
                             dialog: Box::new(new),
                             incoming,
                             replies: Vec::new(),
@@ -276,6 +417,7 @@ impl Store {
                 )?;
                 tx.put_dialog_lazily(&old, &mut new)?;
                 out.push(Answered::Done {
+                    written: tx.written(&new)?,
                     dialog: Box::new(new),
                     incoming,
                     replies,
@@ -377,5 +519,94 @@ impl Store {
         })?;
         self.db.flush()?;
         Ok(())
+    }
+}
+
+impl Tx<'_> {
+    /// Writes a planned answer if the dialog and the page it adds to are
+    /// still as the plan found them; `None` (nothing written) otherwise.
+    fn as_planned(
+        &self,
+        a: &Answer<'_>,
+        accounts: &[&str],
+        records: &mut [AccountRecord],
+        reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
+        flight: &mut Vec<Flying>,
+    ) -> TxResult<Option<Answered>> {
+        let Some(plan) = a.plan else { return Ok(None) };
+        let dialog_key = u64_key(a.dialog);
+        if self.touched.count(a.dialog) != plan.touched {
+            return Ok(None);
+        }
+        // Unwritten since, so as the plan found them: checked in tests.
+        if cfg!(debug_assertions) {
+            let dialog = self.dialogs.get(dialog_key)?;
+            assert_eq!(dialog.as_deref(), Some(&plan.expect_dialog[..]));
+            if let Some((key, page)) = &plan.expect_page {
+                assert_eq!(self.messages.get(key)?.as_deref(), Some(&page[..]));
+            }
+        }
+        for m in &plan.replies {
+            let Some(key) = m.key else { continue };
+            if self.in_flight.holds(key) || self.outbox.get(u64_key(key.0))?.is_some() {
+                // Refused as the transaction itself refuses it.
+                return Ok(None);
+            }
+        }
+        let mut slots = 0;
+        if let (true, Ok(i)) = (
+            a.reserve,
+            accounts.binary_search(&plan.dialog.account.as_str()),
+        ) {
+            slots = plan
+                .replies
+                .iter()
+                .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
+                .count();
+        }
+        self.dialogs.insert(&dialog_key, &plan.dialog_bytes[..])?;
+        for (key, page) in &plan.pages {
+            self.messages.insert(key, &page[..])?;
+        }
+        for (i, m) in plan.replies.iter().enumerate() {
+            let Some(key) = m.key else { continue };
+            if i < slots {
+                flight.push(Flying {
+                    key,
+                    dialog: m.dialog,
+                    seq: m.seq,
+                });
+            } else {
+                self.outbox
+                    .insert(&u64_key(key.0), &pair(u64_key(m.dialog), u64_key(m.seq)))?;
+            }
+        }
+        Ok(Some(Answered::Done {
+            dialog: Box::new(plan.dialog.clone()),
+            incoming: plan.incoming.clone(),
+            replies: plan.replies.clone(),
+            slots,
+            written: Box::new(Written {
+                touched: plan.touched,
+                dialog: plan.dialog_bytes.clone(),
+                page: plan.pages.last().cloned(),
+            }),
+        }))
+    }
+
+    /// What was just written of a dialog, for planning its next answer.
+    fn written(&self, dialog: &Dialog) -> TxResult<Box<Written>> {
+        let page = match dialog.next_seq.checked_sub(1) {
+            Some(last) => {
+                let key = pages::page_key(dialog.id, last);
+                self.messages.get(key)?.map(|p| (key, p.to_vec()))
+            }
+            None => None,
+        };
+        Ok(Box::new(Written {
+            touched: self.touched.count(dialog.id),
+            dialog: encode(dialog),
+            page,
+        }))
     }
 }

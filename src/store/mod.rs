@@ -49,8 +49,8 @@ use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
     DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
-pub use batch::{Answer, Answered, Flight, Replied, Settle};
-use batch::{Flying, InFlight};
+pub use batch::{plan, Answer, Answered, Flight, Plan, Replied, Settle, Written};
+use batch::{Flying, InFlight, Touched};
 use keys::*;
 use pages::{page_key, split_address, Pages};
 
@@ -179,6 +179,8 @@ pub struct Store {
     accounts: Arc<accounts::AccountCache>,
     /// Replies the answer pipeline is sending, by key (see `batch.rs`).
     in_flight: Arc<InFlight>,
+    /// Writes to each dialog's records, for the answer pipeline's plans.
+    touched: Arc<Touched>,
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
     flusher: Arc<std::sync::OnceLock<FlushQueue>>,
@@ -265,6 +267,7 @@ struct Tx<'a> {
     flights: &'a TransactionalTree,
     /// The replies in flight (see [`InFlight`]).
     in_flight: &'a InFlight,
+    touched: &'a Touched,
     inbound: &'a TransactionalTree,
     unhandled: &'a TransactionalTree,
     accounts: &'a TransactionalTree,
@@ -272,7 +275,7 @@ struct Tx<'a> {
 
 impl Tx<'_> {
     fn pages(&self) -> Pages<'_> {
-        Pages(self.messages)
+        Pages(self.messages, self.touched)
     }
 
     /// Whether an incoming message was stored before: among the dialog's
@@ -354,6 +357,7 @@ impl Tx<'_> {
             new.to_mut().indexed_at = list;
         }
         self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
+        self.touched.touch(new.id);
         Ok(())
     }
 
@@ -373,6 +377,7 @@ impl Tx<'_> {
         }
         new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
         self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
+        self.touched.touch(new.id);
         Ok(())
     }
 
@@ -389,28 +394,7 @@ impl Tx<'_> {
         mut msg: Message,
         flight: Option<&mut Vec<Flying>>,
     ) -> TxResult<Message> {
-        msg.dialog = dialog.id;
-        msg.seq = dialog.next_seq;
-        dialog.next_seq += 1;
-        match msg.direction {
-            Direction::In => {
-                if let Some(id) = msg.transport_id {
-                    dialog.max_incoming_id = match dialog.max_incoming_id {
-                        Some(max) => Some(max.max(id)),
-                        None if dialog.last_inbound_at.is_none() => Some(id),
-                        // Stored before the highest id was kept.
-                        None => None,
-                    };
-                }
-                dialog.last_inbound_at = Some(msg.at);
-            }
-            Direction::Out => {
-                dialog.last_outbound_at = Some(msg.at);
-                if msg.kind == Some(MessageKind::FollowUp) {
-                    dialog.follow_ups_sent += 1;
-                }
-            }
-        }
+        place(dialog, &mut msg);
         if let (Some(key), Some(Delivery::Pending)) = (msg.key, &msg.delivery) {
             if self.outbox.get(u64_key(key.0))?.is_some() || self.in_flight.holds(key) {
                 return abort(StoreError::Refused(format!(
@@ -499,6 +483,33 @@ impl Tx<'_> {
                 .remove(uncontacted_key(audience, contact.pick_key, contact.id))?;
         }
         Ok(())
+    }
+}
+
+/// Puts a message at the end of a dialog: gives it its place and moves the
+/// dialog's counters on.
+fn place(dialog: &mut Dialog, msg: &mut Message) {
+    msg.dialog = dialog.id;
+    msg.seq = dialog.next_seq;
+    dialog.next_seq += 1;
+    match msg.direction {
+        Direction::In => {
+            if let Some(id) = msg.transport_id {
+                dialog.max_incoming_id = match dialog.max_incoming_id {
+                    Some(max) => Some(max.max(id)),
+                    None if dialog.last_inbound_at.is_none() => Some(id),
+                    // Stored before the highest id was kept.
+                    None => None,
+                };
+            }
+            dialog.last_inbound_at = Some(msg.at);
+        }
+        Direction::Out => {
+            dialog.last_outbound_at = Some(msg.at);
+            if msg.kind == Some(MessageKind::FollowUp) {
+                dialog.follow_ups_sent += 1;
+            }
+        }
     }
 }
 
@@ -700,6 +711,7 @@ impl Store {
             t,
             accounts: Arc::default(),
             in_flight: Arc::default(),
+            touched: Arc::new(Touched::new()),
             flusher: Arc::new(std::sync::OnceLock::new()),
             _open: None,
         })
@@ -764,6 +776,7 @@ impl Store {
                     outbox: o,
                     flights: fl,
                     in_flight: &self.in_flight,
+                    touched: &self.touched,
                     inbound: i,
                     unhandled: un,
                     accounts: acc,

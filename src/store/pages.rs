@@ -231,7 +231,7 @@ fn message(format: u8, e: &Entry<'_>) -> Result<Message, StoreError> {
 
 /// `page` with `msg` put in its place: appended if it is the next seq,
 /// replacing the entry otherwise.
-fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreError> {
+pub(super) fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreError> {
     let index = (msg.seq % PAGE) as usize;
     let Some(page) = page else {
         if index != 0 {
@@ -301,8 +301,8 @@ pub fn paged(messages: impl Iterator<Item = Message>) -> Result<Vec<KeyedPage>, 
     Ok(out)
 }
 
-/// Message pages inside a transaction.
-pub(super) struct Pages<'a>(pub &'a TransactionalTree);
+/// Message pages inside a transaction; a write is noted in `touched`.
+pub(super) struct Pages<'a>(pub &'a TransactionalTree, pub &'a super::Touched);
 
 impl Pages<'_> {
     /// The message at `(dialog, seq)`.
@@ -320,6 +320,7 @@ impl Pages<'_> {
         let page = self.0.get(key)?;
         let next = put(page.as_deref(), msg).map_err(Abort)?;
         self.0.insert(&key, next)?;
+        self.1.touch(msg.dialog);
         Ok(())
     }
 

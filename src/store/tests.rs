@@ -439,6 +439,7 @@ fn answer<'a>(
             ending: None,
         }),
         reserve: true,
+        plan: None,
     }
 }
 
@@ -579,4 +580,85 @@ fn a_flight_out_when_the_host_stopped_lands_in_the_outbox_on_open() {
             reason: "opted out".into()
         })
     );
+}
+
+/// Two stores answer the same messages, one from plans worked out ahead,
+/// one in the transaction: they must hold the same records throughout,
+/// also when a plan is outdated (a reply cancelled under it).
+#[test]
+fn a_planned_answer_writes_what_the_transaction_would() {
+    let stores = [Store::temporary().unwrap(), Store::temporary().unwrap()];
+    let mut ids = Vec::new();
+    for store in &stores {
+        import(store, "l", "username\nalice\n");
+        let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+        ids.push(
+            store
+                .open_dialog(&new_dialog(cid), None, &allow)
+                .unwrap()
+                .0
+                .id,
+        );
+    }
+    assert_eq!(ids[0], ids[1]);
+    let id = ids[0];
+    let mut written: Option<Box<Written>> = None;
+    let mut planned = 0;
+    for round in 0..40u64 {
+        let state = serde_json::json!({ "round": round });
+        let out: Vec<Outbound> = (0..1 + round % 3)
+            .map(|k| Outbound {
+                kind: MessageKind::Reply,
+                text: format!("r{round}.{k}"),
+                key: IdempotencyKey(1000 * (round + 1) + k),
+            })
+            .collect();
+        if round % 7 == 3 {
+            // Something else writes the last page: the plan is outdated.
+            for store in &stores {
+                let last = store.pending_of(id).unwrap().into_iter().next_back();
+                if let Some(key) = last.and_then(|m| m.key) {
+                    store.transact(|tx| tx.cancel(&[key], "test")).unwrap();
+                }
+            }
+        }
+        for (n, store) in stores.iter().enumerate() {
+            let seen = store.dialog(id).unwrap().unwrap();
+            let mut a = answer(&seen, 10 + round as i64, &state, &out);
+            a.reserve = round % 2 == 0;
+            let plan = match n {
+                0 => written.take().and_then(|w| plan(&a, *w)),
+                _ => None,
+            };
+            planned += plan.is_some() as usize;
+            a.plan = plan.as_ref();
+            let (answered, flight) = store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
+            let Answered::Done { written: w, .. } = &answered[0] else {
+                panic!("round {round}: {:?}", answered[0]);
+            };
+            if n == 0 {
+                written = Some(w.clone());
+            }
+            store.settle_batch(&flight, &[], &|_, _| {}).unwrap();
+        }
+        assert_eq!(
+            stores[0].dialog(id).unwrap(),
+            stores[1].dialog(id).unwrap(),
+            "round {round}"
+        );
+        assert_eq!(
+            stores[0].messages(id).unwrap(),
+            stores[1].messages(id).unwrap(),
+            "round {round}"
+        );
+        let pending = |s: &Store| -> Vec<_> {
+            s.pending_outbound()
+                .unwrap()
+                .into_iter()
+                .map(|m| m.key)
+                .collect()
+        };
+        assert_eq!(pending(&stores[0]), pending(&stores[1]), "round {round}");
+    }
+    assert_eq!(planned, 39);
 }
