@@ -377,23 +377,11 @@ fn a_reply_confirmed_in_a_batch_reads_back_as_sent() {
         };
         store.record_outbound(d.id, &out, Timestamp(2_000)).unwrap();
     }
-    let sent = Settle {
-        account: "a".into(),
-        key: IdempotencyKey(7),
-        delivered: crate::transport::Delivered {
-            transport_id: 70,
-            at: Timestamp(2_100),
-        },
-    };
+    let sent = took(7);
     store
         .settle_batch(&Flight::default(), &[sent], &|_, _| {})
         .unwrap();
-    let deliveries: Vec<_> = store
-        .messages(d.id)
-        .unwrap()
-        .into_iter()
-        .map(|m| m.delivery)
-        .collect();
+    let deliveries = deliveries(&store, d.id);
     assert_eq!(deliveries, [Some(Delivery::Sent), Some(Delivery::Pending)]);
     assert_eq!(store.pending_of(d.id).unwrap().len(), 1);
     assert_eq!(
@@ -402,20 +390,39 @@ fn a_reply_confirmed_in_a_batch_reads_back_as_sent() {
     );
     // Settling it again is a no-op; the other one is still pending.
     store
-        .settle_batch(
-            &Flight::default(),
-            &[Settle {
-                account: "a".into(),
-                key: IdempotencyKey(7),
-                delivered: crate::transport::Delivered {
-                    transport_id: 70,
-                    at: Timestamp(2_100),
-                },
-            }],
-            &|_, _| {},
-        )
+        .settle_batch(&Flight::default(), &[took(7)], &|_, _| {})
         .unwrap();
     assert!(store.is_pending(IdempotencyKey(8)).unwrap());
+}
+
+/// A store's one dialog (with alice), as stored.
+fn one_dialog(store: &Store) -> Dialog {
+    import(store, "l", "username\nalice\n");
+    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+    let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+    store.dialog(d.id).unwrap().unwrap()
+}
+
+/// How each message of a dialog stands.
+fn deliveries(store: &Store, dialog: DialogId) -> Vec<Option<Delivery>> {
+    store
+        .messages(dialog)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.delivery)
+        .collect()
+}
+
+/// The transport took the reply with this key.
+fn took(key: u64) -> Settle {
+    Settle {
+        account: "a".into(),
+        key: IdempotencyKey(key),
+        delivered: crate::transport::Delivered {
+            transport_id: 70,
+            at: Timestamp(2_100),
+        },
+    }
 }
 
 /// An answer to `dialog`'s next message with two replies, keys 1 and 2.
@@ -456,10 +463,7 @@ fn replies() -> Vec<Outbound> {
 #[test]
 fn replies_in_flight_are_pending_until_their_batch_settles() {
     let store = Store::temporary().unwrap();
-    import(&store, "l", "username\nalice\n");
-    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-    let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
-    let d = store.dialog(d.id).unwrap().unwrap();
+    let d = one_dialog(&store);
     let (state, out) = (serde_json::json!({}), replies());
     // Only the first reply gets a slot: it flies, the second waits in the
     // outbox.
@@ -484,26 +488,14 @@ fn replies_in_flight_are_pending_until_their_batch_settles() {
     );
     assert!(matches!(again, Err(StoreError::Refused(_))), "{again:?}");
 
-    let sent = Settle {
-        account: "a".into(),
-        key: IdempotencyKey(1),
-        delivered: crate::transport::Delivered {
-            transport_id: 70,
-            at: Timestamp(2_100),
-        },
-    };
+    let sent = took(1);
     let confirmed = std::cell::Cell::new(0);
     store
         .settle_batch(&flight, &[sent], &|_, _| confirmed.set(confirmed.get() + 1))
         .unwrap();
     assert_eq!(confirmed.get(), 1);
     assert!(!store.is_pending(IdempotencyKey(1)).unwrap());
-    let deliveries: Vec<_> = store
-        .messages(d.id)
-        .unwrap()
-        .into_iter()
-        .map(|m| m.delivery)
-        .collect();
+    let deliveries = deliveries(&store, d.id);
     assert_eq!(
         deliveries,
         [None, Some(Delivery::Sent), Some(Delivery::Pending)]
@@ -513,24 +505,14 @@ fn replies_in_flight_are_pending_until_their_batch_settles() {
 #[test]
 fn a_reply_of_a_flight_not_sent_moves_to_the_outbox() {
     let store = Store::temporary().unwrap();
-    import(&store, "l", "username\nalice\n");
-    let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-    let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
-    let d = store.dialog(d.id).unwrap().unwrap();
+    let d = one_dialog(&store);
     let (state, out) = (serde_json::json!({}), replies());
     let (_, flight) = store
         .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
         .unwrap();
     assert!(store.pending_outbound().unwrap().is_empty());
     // The first was sent, the second failed.
-    let sent = Settle {
-        account: "a".into(),
-        key: IdempotencyKey(1),
-        delivered: crate::transport::Delivered {
-            transport_id: 70,
-            at: Timestamp(2_100),
-        },
-    };
+    let sent = took(1);
     store.settle_batch(&flight, &[sent], &|_, _| {}).unwrap();
     let pending: Vec<_> = store
         .pending_outbound()
@@ -547,10 +529,7 @@ fn a_flight_out_when_the_host_stopped_lands_in_the_outbox_on_open() {
     let did;
     {
         let store = Store::open(dir.path()).unwrap();
-        import(&store, "l", "username\nalice\n");
-        let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-        let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
-        let d = store.dialog(d.id).unwrap().unwrap();
+        let d = one_dialog(&store);
         let d = store.dialog(d.id).unwrap().unwrap();
         did = d.id;
         let (state, out) = (serde_json::json!({}), replies());
@@ -590,15 +569,7 @@ fn a_planned_answer_writes_what_the_transaction_would() {
     let stores = [Store::temporary().unwrap(), Store::temporary().unwrap()];
     let mut ids = Vec::new();
     for store in &stores {
-        import(store, "l", "username\nalice\n");
-        let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-        ids.push(
-            store
-                .open_dialog(&new_dialog(cid), None, &allow)
-                .unwrap()
-                .0
-                .id,
-        );
+        ids.push(one_dialog(store).id);
     }
     assert_eq!(ids[0], ids[1]);
     let id = ids[0];
