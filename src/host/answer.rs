@@ -202,7 +202,10 @@ impl Pipeline {
         });
         let (jobs, replies, outbound, plans) = match planning.await {
             Ok(done) => done,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is going away: nothing of the batch was stored or
+            // acknowledged, so the transport offers it again.
+            Err(_) => return Ok(None),
         };
         Ok(Some(Prepared {
             jobs,
