@@ -10,12 +10,18 @@
 //!    [`Host::receive`] and the dialog's conductor;
 //! 2. the engines answer, concurrently across the engine workers, from a
 //!    ctx kept per recently answered dialog rather than rebuilt from the
-//!    store;
-//! 3. the messages and answers are stored in one transaction, the replies'
-//!    slots taken in one, and one flush makes both durable;
+//!    store, and the answers to dialogs this path wrote last are planned
+//!    (their records worked out without the store, see
+//!    [`store::plan`](crate::store::plan)) on a task of their own;
+//! 3. the messages, answers and the replies' slots are stored in one
+//!    transaction (a planned answer as planned, unless its dialog was
+//!    touched since), and one flush makes it durable;
 //! 4. the transport hears that its messages are stored, the replies go
 //!    out (one dialog's in order, dialogs concurrently), and their
 //!    confirmations are written in one transaction.
+//!
+//! Steps 1 and 2 of a batch run while steps 3 and 4 of the batch before it
+//! do (see [`dispatch`]).
 //!
 //! Each step writes what the one-at-a-time operations write, so whatever
 //! this path leaves undone (a slot not free yet, a failed send, an ending to

@@ -26,6 +26,8 @@
 //!
 //! Records are a version byte followed by JSON; [`RECORD_VERSION`] names the
 //! current layout so that a later one can migrate old records on read.
+//! Message pages carry a format byte of their own and binary records (see
+//! `pages.rs`).
 //! Changes that span records run in one sled transaction.
 
 mod accounts;
