@@ -273,6 +273,12 @@ pub struct Dialog {
 }
 
 impl Dialog {
+    /// Whether an incoming message with this transport id (to the dialog's
+    /// account) is certainly not stored yet: it is above the highest seen.
+    pub fn is_newer_incoming(&self, transport_id: i64) -> bool {
+        self.max_incoming_id.is_some_and(|max| transport_id > max)
+    }
+
     /// The later of the last inbound and last outbound message, or the start.
     pub fn last_activity(&self) -> Timestamp {
         self.last_inbound_at

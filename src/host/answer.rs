@@ -142,7 +142,7 @@ struct Job {
     message: IncomingMessage,
     /// Told once the batch is durable.
     stored: Option<oneshot::Sender<()>>,
-    dialog: Dialog,
+    /// The dialog (as the engine sees it) and its ctx parts.
     recent: Recent,
 }
 
@@ -172,7 +172,7 @@ struct Prepared {
 
 impl Prepared {
     fn dialogs(&self) -> impl Iterator<Item = DialogId> + '_ {
-        self.jobs.iter().map(|j| j.dialog.id)
+        self.jobs.iter().map(|j| j.recent.dialog.id)
     }
 }
 
@@ -255,8 +255,8 @@ fn answers<'a>(
         .zip(outbound)
         .enumerate()
         .map(|(i, ((j, r), out))| Answer {
-            dialog: j.dialog.id,
-            seen: &j.dialog,
+            dialog: j.recent.dialog.id,
+            seen: &j.recent.dialog,
             account: &j.message.account,
             transport_id: j.message.transport_id,
             text: &j.message.text,
@@ -296,7 +296,7 @@ async fn commit(
     let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
     let mut may_send = Vec::with_capacity(jobs.len());
     for (job, reply) in jobs.iter().zip(&replies) {
-        let d = &job.dialog;
+        let d = &job.recent.dialog;
         let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
         if wants && !locks.contains_key(d.account.as_str()) {
             let lock = host.account_lock(&d.account).try_lock_owned().ok();
@@ -327,7 +327,7 @@ async fn commit(
     for ((job, reply), answered) in jobs.iter_mut().zip(&replies).zip(answered) {
         match answered {
             Answered::Duplicate => {}
-            Answered::Stale => later.push(job.dialog.id),
+            Answered::Stale => later.push(job.recent.dialog.id),
             Answered::Done {
                 dialog,
                 incoming,
@@ -437,12 +437,11 @@ impl Pipeline {
                 continue;
             }
             if !one_by_one.contains(&d) && !host.has_conductor(d) {
-                if let Some((dialog, recent)) = self.idle(host, config, d)? {
+                if let Some(recent) = self.idle(host, config, d)? {
                     answered.insert(d);
                     jobs.push(Job {
                         message: inbound.message,
                         stored: Some(inbound.stored),
-                        dialog,
                         recent,
                     });
                     continue;
@@ -481,13 +480,17 @@ impl Pipeline {
         host: &Host,
         config: &Config,
         id: DialogId,
-    ) -> Result<Option<(Dialog, Recent)>, StoreError> {
+    ) -> Result<Option<Recent>, StoreError> {
         // The job takes the parts; the batch gives them back updated.
         let recent = self.recent.remove(&id);
+        let stored;
         let dialog = match &recent {
-            Some(r) => r.dialog.clone(),
+            Some(r) => &r.dialog,
             None => match host.store.dialog(id)? {
-                Some(d) => d,
+                Some(d) => {
+                    stored = d;
+                    &stored
+                }
                 None => return Ok(None),
             },
         };
@@ -509,8 +512,8 @@ impl Pipeline {
         // Nothing was added since this path answered the dialog last (else
         // the store finds the answer stale), so nothing is unhandled or
         // unsent.
-        if let Some(recent) = recent {
-            return Ok(Some((dialog, recent)));
+        if recent.is_some() {
+            return Ok(recent);
         }
         if host.store.has_unhandled(id)? {
             return Ok(None);
@@ -525,14 +528,13 @@ impl Pipeline {
         let Some(contact) = host.store.contact(dialog.contact)? else {
             return Ok(None);
         };
-        let recent = Recent {
+        Ok(Some(Recent {
             dialog: dialog.clone(),
             written: None,
             identity: contact.identity.clone(),
             contact: contact_view(&contact),
             history: Arc::new(history_of(messages)),
-        };
-        Ok(Some((dialog, recent)))
+        }))
     }
 }
 
@@ -547,7 +549,7 @@ async fn ask_engines(
     let calls: Vec<_> = jobs
         .iter()
         .map(|j| {
-            let d = &j.dialog;
+            let d = &j.recent.dialog;
             let (campaign, template) = campaigns
                 .entry(d.campaign.as_str())
                 .or_insert_with(|| host.campaign_view(config, &d.campaign))

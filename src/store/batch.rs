@@ -22,7 +22,8 @@ use std::sync::Mutex;
 use super::keys::*;
 use super::*;
 
-/// A reply in flight: its key and place.
+/// A pending reply's key and place: in a flight, or on its way to the
+/// outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flying {
     pub key: IdempotencyKey,
@@ -67,10 +68,10 @@ impl InFlight {
         }
     }
 
-    fn remove(&self, replies: &[Flying]) {
+    fn remove(&self, keys: impl Iterator<Item = IdempotencyKey>) {
         let mut map = self.lock();
-        for r in replies {
-            map.remove(&r.key);
+        for key in keys {
+            map.remove(&key);
         }
     }
 }
@@ -197,7 +198,7 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
     let old = a.seen;
     let reply = a.reply.as_ref()?;
     if a.account != old.account
-        || old.max_incoming_id.is_none_or(|max| a.transport_id <= max)
+        || !old.is_newer_incoming(a.transport_id)
         || !old.status.is_live()
         || old.ending.is_some()
         || (reply.ending.is_some() && reply.outbound.is_empty())
@@ -226,7 +227,7 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
         dialog,
         page,
     } = written;
-    let mut expect_page = None;
+    let mut extends = false;
     let mut pages: Vec<([u8; 16], Vec<u8>)> = Vec::with_capacity(1);
     for m in std::iter::once(&incoming).chain(&replies) {
         let key = pages::page_key(m.dialog, m.seq);
@@ -234,17 +235,14 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
             Some((k, p)) if *k == key => *p = pages::put(Some(p), m).ok()?,
             _ => {
                 // The dialog's last page, or a new one.
-                let base = match &page {
-                    Some((k, p)) if *k == key => {
-                        expect_page = Some((*k, p.clone()));
-                        Some(p.as_slice())
-                    }
-                    _ => None,
-                };
+                let base = page.as_ref().filter(|(k, _)| *k == key);
+                extends |= base.is_some();
+                let base = base.map(|(_, p)| p.as_slice());
                 pages.push((key, pages::put(base, m).ok()?));
             }
         }
     }
+    let expect_page = page.filter(|_| extends);
     Some(Plan {
         touched,
         expect_dialog: dialog,
@@ -437,12 +435,11 @@ impl Store {
             Err(e) => {
                 // The transaction may have noted its flight before failing:
                 // the batch's keys are its own.
-                let mut map = self.in_flight.lock();
-                for reply in answers.iter().filter_map(|a| a.reply.as_ref()) {
-                    for out in reply.outbound {
-                        map.remove(&out.key);
-                    }
-                }
+                let keys = answers
+                    .iter()
+                    .filter_map(|a| a.reply.as_ref())
+                    .flat_map(|r| r.outbound.iter().map(|o| o.key));
+                self.in_flight.remove(keys);
                 Err(e)
             }
         }
@@ -470,11 +467,7 @@ impl Store {
                 tx.flights.remove(&u64_key(flight.id))?;
             }
             for r in flight.replies.iter().filter(|r| !done.contains(&r.key)) {
-                let still = tx.pages().get(r.dialog, r.seq)?;
-                if still.is_some_and(|m| m.delivery == Some(Delivery::Pending)) {
-                    tx.outbox
-                        .insert(&u64_key(r.key.0), &pair(u64_key(r.dialog), u64_key(r.seq)))?;
-                }
+                tx.land(r)?;
             }
             for s in sent {
                 // Out of the outbox (or the flight) is sent: the page keeps
@@ -488,7 +481,7 @@ impl Store {
             }
             Ok(())
         })?;
-        self.in_flight.remove(&flight.replies);
+        self.in_flight.remove(flight.replies.iter().map(|r| r.key));
         Ok(())
     }
 
@@ -508,11 +501,7 @@ impl Store {
             for (id, replies) in &flights {
                 tx.flights.remove(id)?;
                 for r in replies {
-                    let still = tx.pages().get(r.dialog, r.seq)?;
-                    if still.is_some_and(|m| m.delivery == Some(Delivery::Pending)) {
-                        tx.outbox
-                            .insert(&u64_key(r.key.0), &pair(u64_key(r.dialog), u64_key(r.seq)))?;
-                    }
+                    tx.land(r)?;
                 }
             }
             Ok(())
@@ -570,15 +559,15 @@ impl Tx<'_> {
         }
         for (i, m) in plan.replies.iter().enumerate() {
             let Some(key) = m.key else { continue };
+            let reply = Flying {
+                key,
+                dialog: m.dialog,
+                seq: m.seq,
+            };
             if i < slots {
-                flight.push(Flying {
-                    key,
-                    dialog: m.dialog,
-                    seq: m.seq,
-                });
+                flight.push(reply);
             } else {
-                self.outbox
-                    .insert(&u64_key(key.0), &pair(u64_key(m.dialog), u64_key(m.seq)))?;
+                self.enqueue(&reply)?;
             }
         }
         Ok(Some(Answered::Done {
@@ -592,6 +581,23 @@ impl Tx<'_> {
                 page: plan.pages.last().cloned(),
             }),
         }))
+    }
+
+    /// Puts a pending message's key in the outbox.
+    pub(super) fn enqueue(&self, m: &Flying) -> Result<(), UnabortableTransactionError> {
+        self.outbox
+            .insert(&u64_key(m.key.0), &pair(u64_key(m.dialog), u64_key(m.seq)))?;
+        Ok(())
+    }
+
+    /// Moves a reply of a flight to the outbox, unless it is no longer
+    /// pending (cancelled meanwhile).
+    fn land(&self, r: &Flying) -> TxResult<()> {
+        let still = self.pages().get(r.dialog, r.seq)?;
+        if still.is_some_and(|m| m.delivery == Some(Delivery::Pending)) {
+            self.enqueue(r)?;
+        }
+        Ok(())
     }
 
     /// What was just written of a dialog, for planning its next answer.

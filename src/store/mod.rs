@@ -285,7 +285,7 @@ impl Tx<'_> {
     /// `inbound` index.
     fn seen_incoming(&self, dialog: &Dialog, account: &str, transport_id: i64) -> TxResult<bool> {
         if account == dialog.account {
-            if dialog.max_incoming_id.is_some_and(|max| transport_id > max) {
+            if dialog.is_newer_incoming(transport_id) {
                 return Ok(false);
             }
             self.pages()
@@ -403,18 +403,14 @@ impl Tx<'_> {
                     "idempotency key {key} is already in the outbox"
                 )));
             }
+            let reply = Flying {
+                key,
+                dialog: msg.dialog,
+                seq: msg.seq,
+            };
             match flight {
-                Some(flight) => flight.push(Flying {
-                    key,
-                    dialog: msg.dialog,
-                    seq: msg.seq,
-                }),
-                None => {
-                    self.outbox.insert(
-                        &u64_key(key.0),
-                        &pair(u64_key(msg.dialog), u64_key(msg.seq)),
-                    )?;
-                }
+                Some(flight) => flight.push(reply),
+                None => self.enqueue(&reply)?,
             }
         }
         self.pages().put(&msg)?;
