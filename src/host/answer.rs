@@ -23,6 +23,11 @@
 //! Steps 1 and 2 of a batch run while steps 3 and 4 of the batch before it
 //! do (see [`dispatch`]).
 //!
+//! Planned answers are deferred in the store (a journal record per batch;
+//! see `store/deferred.rs`); when no message came for [`QUIET`], and at
+//! shutdown, the dispatcher writes them to their trees, [`WRITE_OUT`] at a
+//! time so that a message arriving meanwhile waits little.
+//!
 //! Each step writes what the one-at-a-time operations write, so whatever
 //! this path leaves undone (a slot not free yet, a failed send, an ending to
 //! take) is left in the store as pending work, and the dialog's conductor
@@ -52,6 +57,11 @@ use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
 const BATCH: usize = 4096;
 /// The most dialogs whose ctx is kept between batches.
 const RECENT: usize = 16_384;
+/// How long the pipeline waits for a message before writing out the
+/// store's deferred records.
+const QUIET: Duration = Duration::from_millis(20);
+/// Deferred dialogs written out per transaction.
+const WRITE_OUT: usize = 256;
 
 /// Receives incoming messages until shutdown, in batches, two at a time:
 /// while one batch is stored and sent, the engines answer the next (whose
@@ -60,14 +70,28 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     let mut pipeline = Pipeline::default();
     let mut batch = Vec::with_capacity(BATCH);
     let mut answered: Option<Prepared> = None;
+    // Writing out deferred records: the pipeline was quiet for `QUIET`.
+    let mut writing_out = false;
     loop {
         batch.append(&mut pipeline.carry);
         if batch.is_empty() && answered.is_none() {
+            let deferred = host.store.deferred() > 0;
+            let quiet = if writing_out { Duration::ZERO } else { QUIET };
             tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH) => if n == 0 { break },
+                biased;
                 _ = host.shutdown.cancelled() => break,
+                n = rx.recv_many(&mut batch, BATCH) => if n == 0 { break },
+                _ = tokio::time::sleep(quiet), if deferred => {
+                    writing_out = true;
+                    if let Err(e) = host.store.write_out_deferred(WRITE_OUT) {
+                        tracing::error!("answered dialogs could not be written out: {e}");
+                    }
+                    tokio::task::yield_now().await;
+                    continue;
+                }
             }
         }
+        writing_out = false;
         while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(m) => batch.push(m),
@@ -106,6 +130,14 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     if let Some(p) = answered {
         if let Err(e) = commit(&host, p).await {
             tracing::error!("incoming messages could not be stored: {e}");
+        }
+    }
+    // Not needed for safety (the journal holds them), but the next start
+    // then has nothing to replay.
+    while host.store.deferred() > 0 {
+        if let Err(e) = host.store.write_out_deferred(4 * WRITE_OUT) {
+            tracing::error!("answered dialogs could not be written out: {e}");
+            break;
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Account records. The record itself (status, pauses, next send) is one
 //! small key in `accounts`; the sends that still count against a limit sit
-//! beside it in buckets of ten minutes (`name ++ 0x01 ++ bucket`, a list of
-//! 17-byte marks), so a send rewrites a few small values instead of adding
-//! a key. Records are read through a cache whose lock also orders the
-//! writers of an account. An older layout kept one key per mark
-//! (`name ++ 0x00 ++ idempotency key`); such marks are moved into buckets
+//! beside it in buckets of a tenth of a second (`name ++ 0x01 ++ bucket`,
+//! a list of 17-byte marks), so a burst of sends rewrites a few small values
+//! instead of adding a key each, and an account sending thousands a second
+//! still rewrites a few dozen marks a batch. Records are read through a
+//! cache whose lock also orders the writers of an account. An older layout
+//! kept one key per mark (`name ++ 0x00 ++ idempotency key`), a later one
+//! buckets of ten minutes; their marks are moved into the current buckets
 //! on first read.
 
 use std::collections::HashMap;
@@ -37,7 +39,7 @@ struct StoredRecord<'a> {
 }
 
 /// Milliseconds of sends per bucket.
-const BUCKET_MS: i64 = 10 * 60 * 1000;
+const BUCKET_MS: i64 = 100;
 /// Bytes per mark in a bucket: idempotency key, time, opening.
 const MARK: usize = 17;
 
@@ -183,9 +185,19 @@ impl Store {
             }
             old_keys.push(k);
         }
-        let migrate = !record.sends.is_empty();
+        let mut migrate = !record.sends.is_empty();
         for e in self.t.accounts.scan_prefix(prefix(name, BUCKET)) {
-            for mark in read_bucket(&e?.1)? {
+            let (k, v) = e?;
+            let marks = read_bucket(&v)?;
+            // A bucket of another length: its marks move to their own.
+            if marks
+                .iter()
+                .any(|m| bucket_key(name, bucket_of(m)) != k[..])
+            {
+                migrate = true;
+                old_keys.push(k);
+            }
+            for mark in marks {
                 if !record.sends.iter().any(|s| s.key == mark.key) {
                     record.sends.push(mark);
                 }
@@ -395,6 +407,44 @@ mod tests {
         assert_eq!(
             store.account("a").unwrap().sends,
             vec![mark(5, 9), mark(700_000, 2)]
+        );
+    }
+
+    #[test]
+    fn marks_of_ten_minute_buckets_move_into_the_current_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // Two marks of one ten-minute bucket, as that layout wrote them.
+            let mut value = Vec::new();
+            for m in [mark(5, 9), mark(7_000, 2)] {
+                value.extend_from_slice(&m.key.0.to_be_bytes());
+                value.extend_from_slice(&m.at.0.to_be_bytes());
+                value.push(u8::from(m.opening));
+            }
+            store.t.accounts.insert(bucket_key("a", 0), value).unwrap();
+            assert_eq!(
+                store.account("a").unwrap().sends,
+                vec![mark(5, 9), mark(7_000, 2)]
+            );
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let buckets: Vec<_> = store
+            .t
+            .accounts
+            .scan_prefix(prefix("a", BUCKET))
+            .map(|e| e.unwrap())
+            .collect();
+        assert_eq!(buckets.len(), 2, "one bucket per tenth of a second");
+        for (k, v) in &buckets {
+            for m in read_bucket(v).unwrap() {
+                assert_eq!(bucket_key("a", bucket_of(&m)), k[..]);
+            }
+        }
+        assert_eq!(
+            store.account("a").unwrap().sends,
+            vec![mark(5, 9), mark(7_000, 2)]
         );
     }
 }

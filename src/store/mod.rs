@@ -16,6 +16,7 @@
 //! | `message_pages` | dialog id, seq / 16 | up to 16 [`Message`]s of the dialog (see `pages.rs`) |
 //! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
 //! | `flights` | flight id | idempotency key, dialog id, seq of each reply the answer pipeline is sending (see `batch.rs`) |
+//! | `journal` | batch id, chunk | dialog records and last pages the answer pipeline deferred (see `deferred.rs`) |
 //! | `inbound` | account, 0, transport id | dialog id, seq: dedupe of incoming messages sent to another account than their dialog's (the dialog's own are found in its pages) |
 //! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
@@ -32,6 +33,7 @@
 
 mod accounts;
 mod batch;
+mod deferred;
 mod keys;
 mod pages;
 
@@ -53,6 +55,7 @@ use crate::model::{
 };
 pub use batch::{plan, Answer, Answered, Flight, Plan, Replied, Settle, Written};
 use batch::{Flying, InFlight, Touched};
+use deferred::Deferred;
 use keys::*;
 use pages::{page_key, split_address, Pages};
 
@@ -181,6 +184,8 @@ pub struct Store {
     accounts: Arc<accounts::AccountCache>,
     /// Replies the answer pipeline is sending, by key (see `batch.rs`).
     in_flight: Arc<InFlight>,
+    /// The answer pipeline's records not yet in their trees.
+    deferred: Arc<Deferred>,
     /// Writes to each dialog's records, for the answer pipeline's plans.
     touched: Arc<Touched>,
     /// Group commit: flush requests that arrive while a flush runs are
@@ -248,6 +253,7 @@ struct Trees {
     messages: sled::Tree,
     outbox: sled::Tree,
     flights: sled::Tree,
+    journal: sled::Tree,
     inbound: sled::Tree,
     unhandled: sled::Tree,
     orphans: sled::Tree,
@@ -267,8 +273,13 @@ struct Tx<'a> {
     messages: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
     flights: &'a TransactionalTree,
+    journal: &'a TransactionalTree,
     /// The replies in flight (see [`InFlight`]).
     in_flight: &'a InFlight,
+    /// The answer pipeline's deferred records (see `deferred.rs`), and
+    /// what this transaction did to them.
+    deferred: &'a Deferred,
+    local: std::cell::RefCell<deferred::Local>,
     touched: &'a Touched,
     inbound: &'a TransactionalTree,
     unhandled: &'a TransactionalTree,
@@ -276,8 +287,8 @@ struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    fn pages(&self) -> Pages<'_> {
-        Pages(self.messages, self.touched)
+    fn pages(&self) -> Pages<'_, '_> {
+        Pages(self)
     }
 
     /// Whether an incoming message was stored before: among the dialog's
@@ -317,6 +328,7 @@ impl Tx<'_> {
     }
 
     fn dialog(&self, id: DialogId) -> TxResult<Dialog> {
+        self.materialize(id)?;
         match self.dialogs.get(u64_key(id))? {
             Some(bytes) => tx_decode("dialog", &bytes),
             None => abort(StoreError::NotFound {
@@ -332,6 +344,7 @@ impl Tx<'_> {
         old: Option<&Dialog>,
         new: &Dialog,
     ) -> Result<(), UnabortableTransactionError> {
+        self.materialize(new.id)?;
         let mut new = std::borrow::Cow::Borrowed(new);
         if old.is_none_or(|o| o.status.tag() != new.status.tag()) {
             if let Some(old) = old {
@@ -378,6 +391,7 @@ impl Tx<'_> {
             return Ok(());
         }
         new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
+        self.materialize(new.id)?;
         self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
         self.touched.touch(new.id);
         Ok(())
@@ -647,6 +661,7 @@ impl Store {
         let mut store = Store::from_db(db)?;
         store._open = Some(Arc::new(OpenHere(path)));
         store.page_messages()?;
+        store.replay_journal()?;
         store.land_flights()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
         Ok(store)
@@ -698,6 +713,7 @@ impl Store {
             messages: tree("message_pages")?,
             outbox: tree("outbox")?,
             flights: tree("flights")?,
+            journal: tree("journal")?,
             inbound: tree("inbound")?,
             unhandled: tree("unhandled")?,
             orphans: tree("orphans")?,
@@ -709,6 +725,7 @@ impl Store {
             t,
             accounts: Arc::default(),
             in_flight: Arc::default(),
+            deferred: Arc::default(),
             touched: Arc::new(Touched::new()),
             flusher: Arc::new(std::sync::OnceLock::new()),
             _open: None,
@@ -756,13 +773,14 @@ impl Store {
             &t.messages,
             &t.outbox,
             &t.flights,
+            &t.journal,
             &t.inbound,
             &t.unhandled,
             &t.accounts,
         );
         Ok(
-            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, fl, i, un, acc)| {
-                f(&Tx {
+            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, fl, j, i, un, acc)| {
+                let tx = Tx {
                     contacts: c,
                     uncontacted: u,
                     do_not_contact: dnc,
@@ -773,12 +791,18 @@ impl Store {
                     messages: m,
                     outbox: o,
                     flights: fl,
+                    journal: j,
                     in_flight: &self.in_flight,
+                    deferred: &self.deferred,
+                    local: Default::default(),
                     touched: &self.touched,
                     inbound: i,
                     unhandled: un,
                     accounts: acc,
-                })
+                };
+                let out = f(&tx)?;
+                tx.finish_deferred()?;
+                Ok(out)
             })?,
         )
     }
@@ -1005,9 +1029,8 @@ impl Store {
     }
 
     pub fn dialog(&self, id: DialogId) -> Result<Option<Dialog>, StoreError> {
-        self.t
-            .dialogs
-            .get(u64_key(id))?
+        let deferred = self.deferred.get(id).map(|e| e.dialog);
+        deferred::newer_dialog(deferred, self.t.dialogs.get(u64_key(id))?)?
             .map(|b| decode("dialog", &b))
             .transpose()
     }
@@ -1078,8 +1101,10 @@ impl Store {
     /// Every dialog, in id order.
     pub fn all_dialogs(&self) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
         self.t.dialogs.iter().map(|e| {
-            e.map_err(StoreError::from)
-                .and_then(|(_, v)| decode("dialog", &v))
+            let (k, v) = e?;
+            let deferred = self.deferred.get(read_u64(&k)).map(|e| e.dialog);
+            let v = deferred::newer_dialog(deferred, Some(v))?.unwrap_or_default();
+            decode("dialog", &v)
         })
     }
 
@@ -1380,18 +1405,39 @@ impl Store {
 
     /// A dialog's messages, oldest first.
     pub fn messages(&self, dialog: DialogId) -> Result<Vec<Message>, StoreError> {
+        let mut deferred = self.deferred.get(dialog).and_then(|e| e.page);
         let mut out = Vec::new();
-        for page in self.t.messages.scan_prefix(u64_key(dialog)).values() {
-            for msg in pages::read_all(&page?)? {
+        let mut read = |page: &[u8]| -> Result<(), StoreError> {
+            for msg in pages::read_all(page)? {
                 out.push(self.settled(msg)?);
             }
+            Ok(())
+        };
+        for entry in self.t.messages.scan_prefix(u64_key(dialog)) {
+            let (key, page) = entry?;
+            let newer = match deferred.take_if(|(k, _)| key == k[..]) {
+                Some((_, d)) => deferred::newer_page(Some(d), Some(page))?.unwrap_or_default(),
+                None => page,
+            };
+            read(&newer)?;
+        }
+        // A page started since the last checkpoint.
+        if let Some((_, page)) = deferred {
+            read(&page)?;
         }
         Ok(out)
     }
 
     /// The message at `(dialog, seq)`.
     fn message_at(&self, dialog: DialogId, seq: u64) -> Result<Option<Message>, StoreError> {
-        match self.t.messages.get(page_key(dialog, seq))? {
+        let key = page_key(dialog, seq);
+        let deferred = self
+            .deferred
+            .get(dialog)
+            .and_then(|e| e.page)
+            .filter(|(k, _)| *k == key);
+        let stored = self.t.messages.get(key)?;
+        match deferred::newer_page(deferred.map(|(_, p)| p), stored)? {
             Some(page) => pages::read(&page, seq)?
                 .map(|m| self.settled(m))
                 .transpose(),

@@ -23,7 +23,7 @@ use sled::transaction::ConflictableTransactionError::Abort;
 use sled::transaction::TransactionalTree;
 
 use super::keys::{pair, read_u64, u64_key};
-use super::{decode, StoreError, TxResult};
+use super::{decode, StoreError, Tx, TxResult};
 use crate::clock::Timestamp;
 use crate::model::{Delivery, DialogId, Direction, IdempotencyKey, Message, MessageKind};
 
@@ -274,6 +274,11 @@ pub fn read(page: &[u8], seq: u64) -> Result<Option<Message>, StoreError> {
     }
 }
 
+/// How many messages a page holds.
+pub fn count(page: &[u8]) -> Result<usize, StoreError> {
+    Ok(entries(page)?.len())
+}
+
 /// Every message of a page.
 pub fn read_all(page: &[u8]) -> Result<Vec<Message>, StoreError> {
     entries(page)?.iter().map(|e| message(page[0], e)).collect()
@@ -301,13 +306,20 @@ pub fn paged(messages: impl Iterator<Item = Message>) -> Result<Vec<KeyedPage>, 
     Ok(out)
 }
 
-/// Message pages inside a transaction; a write is noted in `touched`.
-pub(super) struct Pages<'a>(pub &'a TransactionalTree, pub &'a super::Touched);
+/// Message pages inside a transaction: a dialog's deferred records are
+/// materialized before its pages are read or written, and a write is
+/// noted in `touched`.
+pub(super) struct Pages<'t, 'a>(pub &'t Tx<'a>);
 
-impl Pages<'_> {
+impl Pages<'_, '_> {
+    fn tree(&self, dialog: DialogId) -> TxResult<&TransactionalTree> {
+        self.0.materialize(dialog)?;
+        Ok(self.0.messages)
+    }
+
     /// The message at `(dialog, seq)`.
     pub fn get(&self, dialog: DialogId, seq: u64) -> TxResult<Option<Message>> {
-        match self.0.get(page_key(dialog, seq))? {
+        match self.tree(dialog)?.get(page_key(dialog, seq))? {
             Some(page) => read(&page, seq).map_err(Abort),
             None => Ok(None),
         }
@@ -317,20 +329,22 @@ impl Pages<'_> {
     /// already stored.
     pub fn put(&self, msg: &Message) -> TxResult<()> {
         let key = page_key(msg.dialog, msg.seq);
-        let page = self.0.get(key)?;
+        let tree = self.tree(msg.dialog)?;
+        let page = tree.get(key)?;
         let next = put(page.as_deref(), msg).map_err(Abort)?;
-        self.0.insert(&key, next)?;
-        self.1.touch(msg.dialog);
+        tree.insert(&key, next)?;
+        self.0.touched.touch(msg.dialog);
         Ok(())
     }
 
     /// Whether the first `count` messages of a dialog hold an incoming one
     /// with this transport id; newest pages first, headers only.
     pub fn has_incoming(&self, dialog: DialogId, count: u64, transport_id: i64) -> TxResult<bool> {
+        let tree = self.tree(dialog)?;
         let mut page = count.div_ceil(PAGE);
         while page > 0 {
             page -= 1;
-            if let Some(bytes) = self.0.get(pair(u64_key(dialog), u64_key(page)))? {
+            if let Some(bytes) = tree.get(pair(u64_key(dialog), u64_key(page)))? {
                 let list = entries(&bytes).map_err(Abort)?;
                 if list.iter().any(|e| e.incoming == Some(transport_id)) {
                     return Ok(true);

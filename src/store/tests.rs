@@ -632,4 +632,149 @@ fn a_planned_answer_writes_what_the_transaction_would() {
         assert_eq!(pending(&stores[0]), pending(&stores[1]), "round {round}");
     }
     assert_eq!(planned, 39);
+    // The planned store kept its dialog deferred; written out, it holds
+    // the same records still.
+    assert_eq!(stores[0].deferred(), 1);
+    assert_eq!(stores[0].write_out_deferred(10).unwrap(), 0);
+    assert_eq!(stores[0].dialog(id).unwrap(), stores[1].dialog(id).unwrap());
+    assert_eq!(
+        stores[0].messages(id).unwrap(),
+        stores[1].messages(id).unwrap()
+    );
+}
+
+/// Answers each dialog's next message as planned, in one batch, from what
+/// the last answer wrote; returns what this one wrote.
+fn answer_planned(
+    store: &Store,
+    round: u64,
+    dialogs: &[(DialogId, Option<Box<Written>>)],
+) -> Vec<(DialogId, Option<Box<Written>>)> {
+    let state = serde_json::json!({ "round": round });
+    let seen: Vec<Dialog> = dialogs
+        .iter()
+        .map(|(id, _)| store.dialog(*id).unwrap().unwrap())
+        .collect();
+    let outs: Vec<Vec<Outbound>> = dialogs
+        .iter()
+        .map(|(id, _)| {
+            vec![Outbound {
+                kind: MessageKind::Reply,
+                text: format!("r{round}"),
+                key: IdempotencyKey(1000 * round + id),
+            }]
+        })
+        .collect();
+    let mut plans = Vec::new();
+    let mut answers = Vec::new();
+    for (((_, written), seen), out) in dialogs.iter().zip(&seen).zip(&outs) {
+        let a = answer(seen, 10 + round as i64, &state, out);
+        plans.push(written.clone().and_then(|w| plan(&a, *w)));
+        answers.push(a);
+    }
+    for (a, p) in answers.iter_mut().zip(&plans) {
+        a.plan = p.as_ref();
+    }
+    let (answered, flight) = store.answer_batch(&answers, &["a"], &|_, _| true).unwrap();
+    let sent: Vec<Settle> = flight.replies.iter().map(|r| took(r.key.0)).collect();
+    store.settle_batch(&flight, &sent, &|_, _| {}).unwrap();
+    dialogs
+        .iter()
+        .zip(answered)
+        .map(|((id, _), a)| match a {
+            Answered::Done { written, .. } => (*id, Some(written)),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// What a reader sees of some dialogs: records and messages.
+fn snapshot(store: &Store, ids: &[DialogId]) -> Vec<(Option<Dialog>, Vec<Message>)> {
+    ids.iter()
+        .map(|id| (store.dialog(*id).unwrap(), store.messages(*id).unwrap()))
+        .collect()
+}
+
+/// Deferred answers survive a stop without being written out: the journal
+/// is replayed on open, except where something wrote the dialog after
+/// (its version is further on than the journal's).
+#[test]
+fn deferred_answers_are_replayed_from_the_journal_but_never_over_newer_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ids, before) = {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "l", "username\nalice\nbobby\ncarol\n");
+        let mut dialogs = Vec::new();
+        for _ in 0..3 {
+            let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+            let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+            dialogs.push((d.id, None));
+        }
+        let ids: Vec<DialogId> = dialogs.iter().map(|(id, _)| *id).collect();
+        // Enough rounds to fill a page: a full page is written at once.
+        for round in 1..=12 {
+            dialogs = answer_planned(&store, round, &dialogs);
+        }
+        assert_eq!(store.deferred(), 3);
+        // Another writer takes the first dialog out of the deferred set:
+        // its newer records are in the trees, the journal's are older.
+        let first = ids[0];
+        store
+            .transact(|tx| {
+                let mut d = tx.dialog(first)?;
+                d.state = serde_json::json!({ "edited": true });
+                tx.put_dialog(None, &d)?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.deferred(), 2);
+        let before = snapshot(&store, &ids);
+        assert_eq!(before[0].0.as_ref().unwrap().state["edited"], true);
+        assert_eq!(
+            before[1].1.len(),
+            12 * 2,
+            "in and reply, twelve times: {:?}",
+            before[1]
+                .1
+                .iter()
+                .map(|m| (m.seq, m.text.clone()))
+                .collect::<Vec<_>>()
+        );
+        store.flush().unwrap();
+        (ids, before)
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.deferred(), 0);
+    assert!(store.t.journal.is_empty());
+    assert_eq!(snapshot(&store, &ids), before);
+    // Opening again changes nothing.
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(snapshot(&store, &ids), before);
+}
+
+/// A deferred dialog reads the same through every path, before and after
+/// it is written out, and a write to it builds on its deferred version.
+#[test]
+fn a_deferred_dialog_reads_as_written_and_writes_build_on_it() {
+    let store = Store::temporary().unwrap();
+    let d = one_dialog(&store);
+    let mut dialogs = vec![(d.id, None)];
+    for round in 1..=3 {
+        dialogs = answer_planned(&store, round, &dialogs);
+    }
+    assert_eq!(store.deferred(), 1);
+    let deferred = snapshot(&store, &[d.id]);
+    assert_eq!(deferred[0].1.len(), 6);
+    let all: Vec<Dialog> = store.all_dialogs().map(|d| d.unwrap()).collect();
+    assert_eq!(Some(&all[0]), deferred[0].0.as_ref());
+    // A message stored the one-at-a-time way lands after the deferred ones.
+    store
+        .record_inbound(d.id, "a", 99, "later", Timestamp(3_000))
+        .unwrap();
+    assert_eq!(store.deferred(), 0);
+    let messages = store.messages(d.id).unwrap();
+    assert_eq!(messages.len(), 7);
+    assert_eq!(messages[..6], deferred[0].1[..]);
+    assert_eq!(messages[6].text, "later");
 }
