@@ -434,10 +434,11 @@ impl Store {
         if journal.is_empty() {
             return Ok(());
         }
-        let mut keys = Vec::new();
+        let (mut keys, mut replayed) = (Vec::new(), 0usize);
         for item in journal.iter() {
             let (key, bytes) = item?;
             for e in decode_entries(&bytes)? {
+                replayed += 1;
                 let dialog_key = u64_key(e.dialog);
                 let stored = self.t.dialogs.get(dialog_key)?;
                 if newer_dialog(Some(IVec::from(e.record)), stored.clone())? != stored {
@@ -458,6 +459,7 @@ impl Store {
             journal.remove(key)?;
         }
         self.db.flush()?;
+        tracing::info!("replayed {replayed} answered dialogs from the store's journal");
         Ok(())
     }
 }
