@@ -72,6 +72,11 @@ async fn run_four_days(config_text: &str) -> common::Summary {
     // Four simulated days.
     tokio::time::sleep(Duration::from_secs(4 * 86_400)).await;
     host::stop(&h).await;
+    assert_eq!(
+        store.deferred(),
+        0,
+        "a stopped host leaves nothing deferred"
+    );
 
     let wire = common::read_wire(&config.data_dir().join("sim/wire.jsonl"));
     let s = common::check(&config, &store, &wire, false);
