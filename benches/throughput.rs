@@ -18,77 +18,48 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colloquy::clock::{BoxFuture, Clock, SeededRng, SystemClock};
+use colloquy::clock::{Clock, SeededRng, SystemClock};
 use colloquy::config::Config;
 use colloquy::host;
-use colloquy::model::{IdempotencyKey, Identity};
+use colloquy::model::Identity;
 use colloquy::store::{NewDialog, Store};
-use colloquy::transport::{
-    Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
-};
-use tokio::sync::mpsc;
+use colloquy::transport::{Inbound, IncomingMessage, OutgoingMessage};
 use tokio_util::sync::CancellationToken;
 
 /// The binary's allocator (see src/main.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Records when each reply went out.
-struct MemoryTransport {
-    sink: Mutex<Option<mpsc::Sender<Inbound>>>,
-    sent: AtomicUsize,
-    started: Instant,
-    /// Reply latency in microseconds, by message number.
-    latency: Mutex<Vec<u64>>,
+#[path = "../tests/memory/mod.rs"]
+mod memory;
+use memory::MemoryTransport;
+
+/// When each message arrived, and each reply's latency in microseconds.
+#[derive(Default)]
+struct Timing {
     arrived: Mutex<HashMap<usize, Instant>>,
-    done: tokio::sync::Notify,
-    expected: usize,
+    latency: Mutex<Vec<u64>>,
 }
 
-impl Transport for MemoryTransport {
-    fn send(&self, msg: OutgoingMessage) -> BoxFuture<'_, Result<Delivered, SendError>> {
-        let n = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(i) = msg
+impl Timing {
+    fn replied(&self, msg: &OutgoingMessage) {
+        let Some(i) = msg
             .text
             .strip_prefix("re: m")
             .and_then(|t| t.parse::<usize>().ok())
-        {
-            if let Some(t) = self.arrived.lock().unwrap().remove(&i) {
-                self.latency
-                    .lock()
-                    .unwrap()
-                    .push(t.elapsed().as_micros() as u64);
-            }
+        else {
+            return;
+        };
+        if let Some(t) = self.arrived.lock().unwrap().remove(&i) {
+            self.latency
+                .lock()
+                .unwrap()
+                .push(t.elapsed().as_micros() as u64);
         }
-        if n == self.expected {
-            self.done.notify_one();
-        }
-        let at = SystemClock.now();
-        Box::pin(async move {
-            Ok(Delivered {
-                transport_id: n as i64,
-                at,
-            })
-        })
-    }
-
-    fn was_delivered(
-        &self,
-        _: &str,
-        _: &Identity,
-        _: IdempotencyKey,
-    ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>> {
-        Box::pin(async { Ok(None) })
-    }
-
-    fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>> {
-        *self.sink.lock().unwrap() = Some(sink);
-        let _ = self.started;
-        Box::pin(async { Ok(()) })
     }
 }
 
@@ -168,23 +139,19 @@ fn main() {
         // The host's own state per dialog, as the Python peer measures it:
         // from a store that already holds the dialogs.
         let rss_stored = rss_kib();
-        let transport = Arc::new(MemoryTransport {
-            sink: Mutex::new(None),
-            sent: AtomicUsize::new(0),
-            started: Instant::now(),
-            latency: Mutex::new(Vec::with_capacity(messages)),
-            arrived: Mutex::new(HashMap::new()),
-            done: tokio::sync::Notify::new(),
-            expected: messages,
-        });
+        let timing = Arc::new(Timing::default());
+        let transport = Arc::new(MemoryTransport::new(messages, {
+            let timing = timing.clone();
+            move |msg| timing.replied(msg)
+        }));
         let h = host::build(config.clone(), store.clone(), transport.clone(), Arc::new(SystemClock), CancellationToken::new());
         host::start(&h).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let rss_idle = rss_kib();
-        let sink = transport.sink.lock().unwrap().clone().unwrap();
+        let sink = transport.inbox();
         let started = Instant::now();
         let feeder = {
-            let transport = transport.clone();
+            let timing = timing.clone();
             tokio::spawn(async move {
                 let rng = SeededRng::new(42);
                 let began = tokio::time::Instant::now();
@@ -194,7 +161,7 @@ fn main() {
                         tokio::time::sleep_until(due).await;
                     }
                     let d = (rng.next_u64() % dialogs as u64) as i64 + 1;
-                    transport.arrived.lock().unwrap().insert(i, Instant::now());
+                    timing.arrived.lock().unwrap().insert(i, Instant::now());
                     let (tx, _rx) = tokio::sync::oneshot::channel();
                     let message = IncomingMessage {
                         account: names[(d as usize - 1) % accounts].clone(),
@@ -212,8 +179,8 @@ fn main() {
         let finished = tokio::time::timeout(Duration::from_secs(300), transport.done.notified()).await.is_ok();
         let elapsed = started.elapsed().as_secs_f64();
         feeder.abort();
-        let sent = transport.sent.load(Ordering::SeqCst);
-        let mut lat = transport.latency.lock().unwrap().clone();
+        let sent = transport.sends.load(Ordering::SeqCst);
+        let mut lat = timing.latency.lock().unwrap().clone();
         lat.sort_unstable();
         let p = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
         println!(

@@ -7,70 +7,23 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use colloquy::clock::{BoxFuture, Clock, SeededRng, SystemClock};
+use colloquy::clock::{Clock, SeededRng, SystemClock};
 use colloquy::config::Config;
 use colloquy::host;
 use colloquy::model::{Direction, IdempotencyKey, Identity};
 use colloquy::store::{NewDialog, Store};
-use colloquy::transport::{
-    Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
-};
-use tokio::sync::mpsc;
+use colloquy::transport::{Inbound, IncomingMessage};
 use tokio_util::sync::CancellationToken;
 
 const DIALOGS: usize = 200;
 const MESSAGES: usize = 4_000;
 
-#[derive(Default)]
-struct MemoryTransport {
-    sink: Mutex<Option<mpsc::Sender<Inbound>>>,
-    /// Every send: the text by idempotency key.
-    sent: Mutex<HashMap<IdempotencyKey, String>>,
-    sends: AtomicUsize,
-    done: tokio::sync::Notify,
-}
-
-impl Transport for MemoryTransport {
-    fn send(&self, msg: OutgoingMessage) -> BoxFuture<'_, Result<Delivered, SendError>> {
-        let n = self.sends.fetch_add(1, Ordering::SeqCst) + 1;
-        let again = self.sent.lock().unwrap().insert(msg.key, msg.text.clone());
-        assert!(again.is_none(), "key {:?} sent twice", msg.key);
-        if n == MESSAGES {
-            self.done.notify_one();
-        }
-        let at = SystemClock.now();
-        Box::pin(async move {
-            Ok(Delivered {
-                transport_id: n as i64,
-                at,
-            })
-        })
-    }
-
-    fn was_delivered(
-        &self,
-        _: &str,
-        _: &Identity,
-        key: IdempotencyKey,
-    ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>> {
-        let known = self.sent.lock().unwrap().contains_key(&key);
-        Box::pin(async move {
-            Ok(known.then_some(Delivered {
-                transport_id: 0,
-                at: SystemClock.now(),
-            }))
-        })
-    }
-
-    fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>> {
-        *self.sink.lock().unwrap() = Some(sink);
-        Box::pin(async { Ok(()) })
-    }
-}
+mod memory;
+use memory::MemoryTransport;
 
 fn project(dir: &Path) -> Arc<Config> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -126,7 +79,15 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
         let (d, _) = store.open_dialog(&new, None, &|_| Ok(())).unwrap();
         dialog_of.insert(i, d.id);
     }
-    let transport = Arc::new(MemoryTransport::default());
+    // Every send: the text by idempotency key.
+    let sent: Arc<Mutex<HashMap<IdempotencyKey, String>>> = Arc::default();
+    let transport = Arc::new(MemoryTransport::new(MESSAGES, {
+        let sent = sent.clone();
+        move |msg| {
+            let again = sent.lock().unwrap().insert(msg.key, msg.text.clone());
+            assert!(again.is_none(), "key {:?} sent twice", msg.key);
+        }
+    }));
     let h = host::build(
         config.clone(),
         store.clone(),
@@ -135,7 +96,7 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
         CancellationToken::new(),
     );
     host::start(&h).await.unwrap();
-    let sink = transport.sink.lock().unwrap().clone().unwrap();
+    let sink = transport.inbox();
     // Which dialog each message goes to, and in what order.
     let mut expected: HashMap<usize, Vec<String>> = HashMap::new();
     let pick = SeededRng::new(7);
@@ -177,7 +138,7 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
             let want: Vec<(Direction, &str)> = want.iter().map(|(d, t)| (*d, t.as_str())).collect();
             assert_eq!(got, want, "dialog {}", dialog_of[d]);
             for m in messages.iter().filter(|m| m.direction == Direction::Out) {
-                let sent = transport.sent.lock().unwrap();
+                let sent = sent.lock().unwrap();
                 assert_eq!(sent.get(&m.key.unwrap()), Some(&m.text));
                 replies += 1;
             }
