@@ -107,21 +107,27 @@ pub(super) struct Local {
 }
 
 impl Tx<'_> {
+    /// A dialog's records not in this transaction's trees: planned here, or
+    /// deferred before (and not materialized here).
+    fn unwritten(&self, local: &Local, dialog: DialogId) -> Option<(IVec, Option<LastPage>)> {
+        if local.materialized.contains(&dialog) {
+            return None;
+        }
+        match local.staged.get(&dialog) {
+            Some(staged) => Some(staged.clone()),
+            None => self.deferred.get(dialog).map(|e| (e.dialog, e.page)),
+        }
+    }
+
     /// Writes a dialog's deferred records (planned by this transaction or
     /// before) into this transaction's trees, before anything else reads
     /// or writes them here.
     pub(super) fn materialize(&self, dialog: DialogId) -> Result<(), UnabortableTransactionError> {
         let mut local = self.local.borrow_mut();
-        if local.materialized.contains(&dialog) {
-            return Ok(());
-        }
-        let records = match local.staged.remove(&dialog) {
-            Some(staged) => Some(staged),
-            None => self.deferred.get(dialog).map(|e| (e.dialog, e.page)),
-        };
-        let Some((record, page)) = records else {
+        let Some((record, page)) = self.unwritten(&local, dialog) else {
             return Ok(());
         };
+        local.staged.remove(&dialog);
         self.dialogs.insert(&u64_key(dialog), record)?;
         if let Some((key, page)) = page {
             self.messages.insert(&key, page)?;
@@ -137,15 +143,7 @@ impl Tx<'_> {
         dialog: DialogId,
         key: &[u8; 16],
     ) -> TxResult<(Option<IVec>, Option<IVec>)> {
-        let local = self.local.borrow();
-        let found = if local.materialized.contains(&dialog) {
-            None
-        } else if let Some((record, page)) = local.staged.get(&dialog) {
-            Some((record.clone(), page.clone()))
-        } else {
-            self.deferred.get(dialog).map(|e| (e.dialog, e.page))
-        };
-        drop(local);
+        let found = self.unwritten(&self.local.borrow(), dialog);
         match found {
             Some((record, page)) => {
                 let page = match page {
@@ -175,11 +173,7 @@ impl Tx<'_> {
         let mut local = self.local.borrow_mut();
         // The page deferred before, when this answer starts a new one: it
         // is full, and goes to its tree now.
-        let before = match local.staged.get(&dialog) {
-            _ if local.materialized.contains(&dialog) => None,
-            Some((_, page)) => page.clone(),
-            None => self.deferred.get(dialog).and_then(|e| e.page),
-        };
+        let before = self.unwritten(&local, dialog).and_then(|(_, page)| page);
         if let Some((key, page)) = before {
             if key != *last_key && !full.iter().any(|(k, _)| *k == key) {
                 self.messages.insert(&key, page)?;
@@ -246,10 +240,16 @@ impl Tx<'_> {
                 chunks += 1;
             }
         }
-        // Which records lose their last live dialog.
+        // The records the leaving dialogs held, with how many stay live;
+        // a record none does goes.
+        let leaving: Vec<DialogId> = local
+            .materialized
+            .iter()
+            .chain(local.staged.keys())
+            .copied()
+            .collect();
         let mut left: HashMap<u64, usize> = HashMap::new();
-        let leaving = local.materialized.iter().chain(local.staged.keys());
-        for d in leaving {
+        for d in &leaving {
             if let Some(e) = inner.dialogs.get(d) {
                 let live = left
                     .entry(e.journal)
@@ -265,16 +265,14 @@ impl Tx<'_> {
             }
         }
         // Nothing fails past this point: the set follows the transaction.
-        for d in local.materialized.iter().chain(local.staged.keys()) {
-            if let Some(e) = inner.dialogs.remove(d) {
-                if let Some(j) = inner.journals.get_mut(&e.journal) {
-                    j.live -= 1;
-                }
-            }
+        for d in &leaving {
+            inner.dialogs.remove(d);
         }
         for (journal, live) in left {
             if live == 0 {
                 inner.journals.remove(&journal);
+            } else if let Some(j) = inner.journals.get_mut(&journal) {
+                j.live = live;
             }
         }
         if !local.staged.is_empty() {
