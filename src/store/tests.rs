@@ -636,6 +636,10 @@ fn a_planned_answer_writes_what_the_transaction_would() {
     // the same records still.
     assert_eq!(stores[0].deferred(), 1);
     assert_eq!(stores[0].write_out_deferred(10).unwrap(), 0);
+    assert!(
+        stores[0].t.journal.is_empty(),
+        "no journal record outlives its dialogs"
+    );
     assert_eq!(stores[0].dialog(id).unwrap(), stores[1].dialog(id).unwrap());
     assert_eq!(
         stores[0].messages(id).unwrap(),
