@@ -69,7 +69,13 @@ fn engines(c: &mut Criterion) {
         let ctx = ctx();
         c.bench_function(
             &format!("engine/vm_{engine}_get_response_20_history"),
-            |b| b.iter(|| local.block_on(vm.call(engine, &call, &ctx)).unwrap()),
+            |b| {
+                b.iter_batched(
+                    || ctx.clone(),
+                    |ctx| local.block_on(vm.call(engine, &call, ctx)).unwrap(),
+                    criterion::BatchSize::SmallInput,
+                )
+            },
         );
     }
 

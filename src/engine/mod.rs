@@ -487,17 +487,18 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
                         // place.
                         Job::One(task, reply) => {
                             tokio::task::spawn_local(async move {
-                                let out = vm.call(&task.engine, &task.call, &task.ctx).await;
-                                drop(task);
+                                let Task { engine, call, ctx } = *task;
+                                let out = vm.call(&engine, &call, ctx).await;
                                 let _ = reply.send(out);
                             });
                         }
                         Job::Many(tasks, reply) => {
                             tokio::task::spawn_local(async move {
-                                let calls =
-                                    tasks.iter().map(|t| vm.call(&t.engine, &t.call, &t.ctx));
+                                let calls = tasks.into_iter().map(|t| {
+                                    let vm = &vm;
+                                    async move { vm.call(&t.engine, &t.call, t.ctx).await }
+                                });
                                 let out = futures_util::future::join_all(calls).await;
-                                drop(tasks);
                                 let _ = reply.send(out);
                             });
                         }

@@ -201,6 +201,46 @@ async fn ctx_fields_reach_the_engine() {
 }
 
 #[tokio::test]
+async fn ctx_built_on_read_still_iterates_and_encodes_whole() {
+    let o = shape(
+        "local names = {}; for k in pairs(ctx) do names[#names + 1] = k end; table.sort(names); \
+         local json = require('json'); return table.concat(names, ',') .. ' ' .. json.decode(json.encode(ctx)).contact.first_name",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        o.messages,
+        vec!["account,campaign,contact,dialog,history,now,state Ann"]
+    );
+}
+
+#[tokio::test]
+async fn state_unread_is_kept_and_state_replaced_or_cleared_is_stored() {
+    let state = serde_json::json!({"n": 3, "list": [1, 2]});
+    for (body, expected) in [
+        ("return 'x'", state.clone()),
+        ("local _ = ctx.dialog.id; return 'x'", state.clone()),
+        (
+            "ctx.state = {m = 1}; return 'x'",
+            serde_json::json!({"m": 1}),
+        ),
+        ("ctx.state = nil; return 'x'", serde_json::json!({})),
+        (
+            "ctx.state.n = 4; return 'x'",
+            serde_json::json!({"n": 4, "list": [1, 2]}),
+        ),
+    ] {
+        let src = format!("return {{ get_response = function(ctx, m) {body} end }}");
+        let p = Project::new(&[("e", &src)], "");
+        let (rt, _) = p.runtime();
+        let mut c = ctx();
+        c.state = state.clone();
+        let r = rt.call("e", respond("x"), c).await.unwrap();
+        assert_eq!(r.state, expected, "{body}");
+    }
+}
+
+#[tokio::test]
 async fn default_opening_renders_the_prompt_template() {
     let p = Project::new(&[("e", "return { get_response = function() end }")], "");
     let (rt, _) = p.runtime();

@@ -22,7 +22,7 @@ use mlua::{
     Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, MultiValue, StdLib, Table, Value, VmState,
 };
 
-use super::ctx::{Call, Ctx, HistoryEntry, Output, Reply};
+use super::ctx::{Call, Ctx, Output, Reply};
 use super::library::{Snapshot, Source};
 use super::modules::{self, HostEnv};
 use super::EngineError;
@@ -113,6 +113,66 @@ pub struct Vm {
     budgets: Budgets,
     /// Engine tables loaded so far, by name.
     engines: RefCell<HashMap<String, Table>>,
+}
+
+/// What a call's `ctx` table builds its fields from, until the call ends.
+struct LazyCtx {
+    ctx: RefCell<Option<Ctx>>,
+    /// Lua read or replaced `ctx.state`, so it is read back after the call.
+    state_seen: Cell<bool>,
+}
+
+impl LazyCtx {
+    /// Every field built on first read.
+    const FIELDS: [&'static str; 7] = [
+        "dialog",
+        "contact",
+        "account",
+        "campaign",
+        "prompt_template",
+        "state",
+        "history",
+    ];
+
+    /// Builds field `name` into `t` and returns it; nil for any other name
+    /// and once the call is over.
+    fn field(&self, lua: &Lua, t: &Table, name: &str) -> mlua::Result<Value> {
+        let source = self.ctx.borrow();
+        let Some(ctx) = source.as_ref() else {
+            return Ok(Value::Nil);
+        };
+        let opts = to_lua_options();
+        let value = match name {
+            "dialog" => lua.to_value_with(&ctx.dialog, opts)?,
+            "contact" => lua.to_value_with(&ctx.contact, opts)?,
+            "account" => lua.to_value_with(&ctx.account, opts)?,
+            "campaign" => lua.to_value_with(&ctx.campaign, opts)?,
+            "prompt_template" => lua.to_value_with(&ctx.prompt_template, opts)?,
+            "state" => {
+                self.state_seen.set(true);
+                lua.to_value_with(&ctx.state, opts)?
+            }
+            "history" => {
+                let list = lua.create_table_with_capacity(ctx.history.len(), 0)?;
+                for (i, h) in ctx.history.iter().enumerate() {
+                    let entry = lua.create_table_with_capacity(0, 3)?;
+                    entry.raw_set("direction", h.direction.as_str())?;
+                    entry.raw_set("text", h.text.as_str())?;
+                    entry.raw_set("at", h.at)?;
+                    list.raw_set(i + 1, entry)?;
+                }
+                Value::Table(list)
+            }
+            _ => return Ok(Value::Nil),
+        };
+        t.raw_set(name, &value)?;
+        Ok(value)
+    }
+
+    /// Ends the call: gives back the ctx, less whatever Lua holds now.
+    fn take(&self) -> Option<Ctx> {
+        self.ctx.borrow_mut().take()
+    }
 }
 
 impl Vm {
@@ -301,24 +361,21 @@ impl Vm {
     }
 
     /// Calls one engine function for one dialog.
-    pub async fn call(&self, engine: &str, call: &Call, ctx: &Ctx) -> Result<Reply, EngineError> {
+    pub async fn call(&self, engine: &str, call: &Call, ctx: Ctx) -> Result<Reply, EngineError> {
         let fail = |message: String| EngineError::Call {
             engine: engine.to_string(),
             function: call.function(),
             message,
         };
         let table = self.engine(engine).await?;
-        let ctx_table: Table = match self.lua.to_value_with(ctx, to_lua_options()) {
-            Ok(Value::Table(t)) => t,
-            Ok(_) => return Err(fail("ctx did not become a table".into())),
-            Err(e) => return Err(fail(format!("cannot build ctx: {e}"))),
-        };
-        self.attach_history(&ctx_table, &ctx.history)
-            .map_err(|e| fail(e.to_string()))?;
+        let dialog = ctx.dialog.id;
+        let (ctx_table, lazy) = self
+            .ctx_table(ctx)
+            .map_err(|e| fail(format!("cannot build ctx: {e}")))?;
         let func: Option<Function> = table
             .get(call.function())
             .map_err(|e| fail(e.to_string()))?;
-        let scope = self.scope(engine, Some(ctx.dialog.id));
+        let scope = self.scope(engine, Some(dialog));
         let result: mlua::Result<Value> = match (call, func) {
             (Call::Opening, None) => {
                 self.metered(scope, self.default_opening(ctx_table.clone()))
@@ -336,14 +393,23 @@ impl Vm {
             }
             (_, Some(f)) => self.metered(scope, f.call_async(ctx_table.clone())).await,
         };
+        // The call is over: whatever of ctx Lua did not read goes back now
+        // (a dialog's shared history among it), not when Lua collects it.
+        let unread = lazy.take();
         let value = result.map_err(|e| fail(lua_error_text(&e)))?;
-        let state_value: Value = ctx_table.get("state").map_err(|e| fail(e.to_string()))?;
-        let state: serde_json::Value = match state_value {
-            Value::Nil => serde_json::Value::Object(Default::default()),
-            v => self
-                .lua
-                .from_value_with(v, from_lua_options())
-                .map_err(|e| fail(format!("ctx.state cannot be stored: {e}")))?,
+        let state = match unread {
+            // Neither read nor replaced: the state stays as it was.
+            Some(ctx) if !lazy.state_seen.get() => ctx.state,
+            _ => match ctx_table
+                .raw_get::<Value>("state")
+                .map_err(|e| fail(e.to_string()))?
+            {
+                Value::Nil => serde_json::Value::Object(Default::default()),
+                v => self
+                    .lua
+                    .from_value_with(v, from_lua_options())
+                    .map_err(|e| fail(format!("ctx.state cannot be stored: {e}")))?,
+            },
         };
         let output = match call {
             Call::IsDead => {
@@ -371,35 +437,61 @@ impl Vm {
         Ok(Reply { output, state })
     }
 
-    /// Makes `ctx.history` appear on first read: most engine calls never look
-    /// at it, and building it is most of the cost of a ctx.
-    fn attach_history(&self, ctx: &Table, history: &Arc<Vec<HistoryEntry>>) -> mlua::Result<()> {
-        let history = history.clone();
-        let meta = self.lua.create_table()?;
-        meta.set(
+    /// The `ctx` table of a call. Only `now` is there from the start; every
+    /// other field is built on its first read (most calls read few of them,
+    /// and building them all was most of the cost of a call), and all of
+    /// them at once when Lua iterates ctx (`pairs`) or `json.encode`s it.
+    fn ctx_table(&self, ctx: Ctx) -> mlua::Result<(Table, Rc<LazyCtx>)> {
+        let table = self.lua.create_table_with_capacity(0, 8)?;
+        table.raw_set("now", ctx.now)?;
+        let lazy = Rc::new(LazyCtx {
+            ctx: RefCell::new(Some(ctx)),
+            state_seen: Cell::new(false),
+        });
+        let meta = self.lua.create_table_with_capacity(0, 4)?;
+        let l = lazy.clone();
+        meta.raw_set(
             "__index",
             self.lua
-                .create_function(move |lua, (t, key): (Table, Value)| {
-                    if key
-                        .as_string()
-                        .is_none_or(|k| k.as_bytes() != b"history".as_slice())
-                    {
-                        return Ok(Value::Nil);
-                    }
-                    let list = lua.create_table_with_capacity(history.len(), 0)?;
-                    for (i, h) in history.iter().enumerate() {
-                        let entry = lua.create_table_with_capacity(0, 3)?;
-                        entry.raw_set("direction", h.direction.as_str())?;
-                        entry.raw_set("text", h.text.as_str())?;
-                        entry.raw_set("at", h.at)?;
-                        list.raw_set(i + 1, entry)?;
-                    }
-                    t.raw_set("history", &list)?;
-                    Ok(Value::Table(list))
+                .create_function(move |lua, (t, key): (Table, Value)| match key {
+                    Value::String(k) => l.field(lua, &t, &k.to_str()?),
+                    _ => Ok(Value::Nil),
                 })?,
         )?;
-        ctx.set_metatable(Some(meta))?;
-        Ok(())
+        let l = lazy.clone();
+        meta.raw_set(
+            "__newindex",
+            self.lua
+                .create_function(move |_, (t, key, value): (Table, Value, Value)| {
+                    if key
+                        .as_string()
+                        .is_some_and(|k| k.as_bytes() == b"state".as_slice())
+                    {
+                        l.state_seen.set(true);
+                    }
+                    t.raw_set(key, value)
+                })?,
+        )?;
+        let l = lazy.clone();
+        let materialize = self.lua.create_function(move |lua, t: Table| {
+            for name in LazyCtx::FIELDS {
+                if t.raw_get::<Value>(name)?.is_nil() {
+                    l.field(lua, &t, name)?;
+                }
+            }
+            Ok(())
+        })?;
+        meta.raw_set("__materialize", materialize.clone())?;
+        meta.raw_set(
+            "__pairs",
+            self.lua.create_function(move |lua, t: Table| {
+                materialize.call::<()>(&t)?;
+                let next: Function = lua.globals().raw_get("next")?;
+                Ok((next, t, Value::Nil))
+            })?,
+        )?;
+        table.set_metatable(Some(meta))?;
+        Ok((table, lazy))
     }
 
     /// The prompt template rendered with ctx, without HTML escaping.

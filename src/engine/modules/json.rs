@@ -9,6 +9,14 @@ pub fn register(lua: &Lua) -> Result<Table> {
     m.set(
         "encode",
         lua.create_function(|lua, v: Value| {
+            // A call's ctx builds its fields on first read: all of them now.
+            if let Value::Table(t) = &v {
+                if let Some(meta) = t.metatable() {
+                    if let Ok(Value::Function(f)) = meta.raw_get::<Value>("__materialize") {
+                        f.call::<()>(t)?;
+                    }
+                }
+            }
             let json: serde_json::Value = lua
                 .from_value_with(v, from_lua_options())
                 .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
