@@ -74,6 +74,26 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of the whole process so far (user + system), in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 here.
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -150,6 +170,7 @@ fn main() {
         let rss_idle = rss_kib();
         let sink = transport.inbox();
         let started = Instant::now();
+        let cpu_before = cpu_seconds();
         let feeder = {
             let timing = timing.clone();
             tokio::spawn(async move {
@@ -178,6 +199,7 @@ fn main() {
         };
         let finished = tokio::time::timeout(Duration::from_secs(300), transport.done.notified()).await.is_ok();
         let elapsed = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu_before;
         feeder.abort();
         let sent = transport.sends.load(Ordering::SeqCst);
         let mut lat = timing.latency.lock().unwrap().clone();
@@ -195,6 +217,7 @@ fn main() {
                 "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
                 "p50_ms": p(0.50),
                 "p99_ms": p(0.99),
+                "cpu_us_per_msg": (cpu * 1e6 / sent.max(1) as f64).round(),
                 "rss_idle_mib": rss_idle as f64 / 1024.0,
                 "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / dialogs as f64,
                 "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / dialogs as f64,

@@ -113,6 +113,8 @@ pub struct Vm {
     budgets: Budgets,
     /// Engine tables loaded so far, by name.
     engines: RefCell<HashMap<String, Table>>,
+    /// The metamethods every call's ctx shares (see [`LazyCtx`]).
+    ctx_methods: CtxMethods,
 }
 
 /// What a call's `ctx` table builds its fields from, until the call ends.
@@ -175,6 +177,65 @@ impl LazyCtx {
     }
 }
 
+/// The metatable key of a ctx table's [`LazyCtx`].
+const LAZY: &str = "__lazy";
+
+/// The metamethods of every ctx table, made once per VM: each finds its
+/// table's [`LazyCtx`] in the table's metatable.
+struct CtxMethods {
+    index: Function,
+    newindex: Function,
+    pairs: Function,
+    materialize: Function,
+}
+
+impl CtxMethods {
+    fn new(lua: &Lua) -> mlua::Result<CtxMethods> {
+        fn lazy_of(t: &Table) -> mlua::Result<Rc<LazyCtx>> {
+            let meta = t
+                .metatable()
+                .ok_or_else(|| mlua::Error::runtime("ctx lost its metatable"))?;
+            let data: mlua::AnyUserData = meta.raw_get(LAZY)?;
+            let lazy = data.borrow::<Rc<LazyCtx>>()?.clone();
+            Ok(lazy)
+        }
+        let index = lua.create_function(|lua, (t, key): (Table, Value)| match key {
+            Value::String(k) => lazy_of(&t)?.field(lua, &t, &k.to_str()?),
+            _ => Ok(Value::Nil),
+        })?;
+        let newindex = lua.create_function(|_, (t, key, value): (Table, Value, Value)| {
+            if key
+                .as_string()
+                .is_some_and(|k| k.as_bytes() == b"state".as_slice())
+            {
+                lazy_of(&t)?.state_seen.set(true);
+            }
+            t.raw_set(key, value)
+        })?;
+        let materialize = lua.create_function(|lua, t: Table| {
+            let lazy = lazy_of(&t)?;
+            for name in LazyCtx::FIELDS {
+                if t.raw_get::<Value>(name)?.is_nil() {
+                    lazy.field(lua, &t, name)?;
+                }
+            }
+            Ok(())
+        })?;
+        let m = materialize.clone();
+        let pairs = lua.create_function(move |lua, t: Table| {
+            m.call::<()>(&t)?;
+            let next: Function = lua.globals().raw_get("next")?;
+            Ok((next, t, Value::Nil))
+        })?;
+        Ok(CtxMethods {
+            index,
+            newindex,
+            pairs,
+            materialize,
+        })
+    }
+}
+
 impl Vm {
     pub fn new(
         snapshot: Arc<Snapshot>,
@@ -184,10 +245,13 @@ impl Vm {
     ) -> Result<Vm, String> {
         let lua = sandbox(&snapshot, budgets, host, seed)
             .map_err(|e| format!("cannot build the Lua sandbox: {e}"))?;
+        let ctx_methods =
+            CtxMethods::new(&lua).map_err(|e| format!("cannot build the Lua sandbox: {e}"))?;
         Ok(Vm {
             lua,
             snapshot,
             budgets,
+            ctx_methods,
             engines: RefCell::new(HashMap::new()),
         })
     }
@@ -448,48 +512,13 @@ impl Vm {
             ctx: RefCell::new(Some(ctx)),
             state_seen: Cell::new(false),
         });
-        let meta = self.lua.create_table_with_capacity(0, 4)?;
-        let l = lazy.clone();
-        meta.raw_set(
-            "__index",
-            self.lua
-                .create_function(move |lua, (t, key): (Table, Value)| match key {
-                    Value::String(k) => l.field(lua, &t, &k.to_str()?),
-                    _ => Ok(Value::Nil),
-                })?,
-        )?;
-        let l = lazy.clone();
-        meta.raw_set(
-            "__newindex",
-            self.lua
-                .create_function(move |_, (t, key, value): (Table, Value, Value)| {
-                    if key
-                        .as_string()
-                        .is_some_and(|k| k.as_bytes() == b"state".as_slice())
-                    {
-                        l.state_seen.set(true);
-                    }
-                    t.raw_set(key, value)
-                })?,
-        )?;
-        let l = lazy.clone();
-        let materialize = self.lua.create_function(move |lua, t: Table| {
-            for name in LazyCtx::FIELDS {
-                if t.raw_get::<Value>(name)?.is_nil() {
-                    l.field(lua, &t, name)?;
-                }
-            }
-            Ok(())
-        })?;
-        meta.raw_set("__materialize", materialize.clone())?;
-        meta.raw_set(
-            "__pairs",
-            self.lua.create_function(move |lua, t: Table| {
-                materialize.call::<()>(&t)?;
-                let next: Function = lua.globals().raw_get("next")?;
-                Ok((next, t, Value::Nil))
-            })?,
-        )?;
+        let m = &self.ctx_methods;
+        let meta = self.lua.create_table_with_capacity(0, 5)?;
+        meta.raw_set("__index", &m.index)?;
+        meta.raw_set("__newindex", &m.newindex)?;
+        meta.raw_set("__pairs", &m.pairs)?;
+        meta.raw_set("__materialize", &m.materialize)?;
+        meta.raw_set(LAZY, self.lua.create_any_userdata(lazy.clone())?)?;
         table.set_metatable(Some(meta))?;
         Ok((table, lazy))
     }
