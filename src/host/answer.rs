@@ -50,7 +50,9 @@ use crate::engine::{Call, Ctx, EngineError, Reply};
 use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, MessageKind};
 use crate::safety::reaction::Reaction;
 use crate::safety::Failure;
-use crate::store::{self, Answer, Answered, Outbound, Plan, Replied, Settle, StoreError, Written};
+use crate::store::{
+    self, Answer, Answered, Outbound, PlanCell, Replied, Settle, StoreError, Written,
+};
 use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
 
 /// The most messages in one batch.
@@ -102,9 +104,21 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             break;
         }
         let busy: HashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
-        let committing = async {
-            match answered.take() {
-                Some(p) => commit(&host, p).await,
+        // On a task of its own, so on the other core while this one
+        // routes the next batch: storing is mostly blocking work.
+        let committing = answered.take().map(|p| {
+            let host = host.clone();
+            tokio::spawn(async move { commit(&host, p).await })
+        });
+        let committing = async move {
+            match committing {
+                Some(task) => match task.await {
+                    Ok(kept) => kept,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // The runtime is going away: what the batch stored is
+                    // in the store, and its dialogs' conductors take it.
+                    Err(_) => Ok(HashMap::new()),
+                },
                 None => Ok(HashMap::new()),
             }
         };
@@ -195,7 +209,7 @@ struct Prepared {
     /// Each reply's messages with their keys.
     outbound: Vec<Vec<Outbound>>,
     /// Each answer worked out ahead, where it could be.
-    plans: Vec<Option<Plan>>,
+    plans: Vec<PlanCell>,
     /// When the answers are recorded.
     now: Timestamp,
     /// Told once the batch is durable.
@@ -263,12 +277,12 @@ fn plan_all(
     replies: &[Result<Reply, EngineError>],
     outbound: &[Vec<Outbound>],
     now: Timestamp,
-) -> Vec<Option<Plan>> {
+) -> Vec<PlanCell> {
     let written: Vec<_> = jobs.iter_mut().map(|j| j.recent.written.take()).collect();
     answers(jobs, replies, outbound, now, &[], &[])
         .iter()
         .zip(written)
-        .map(|(a, w)| w.and_then(|w| store::plan(a, *w)))
+        .map(|(a, w)| PlanCell::new(w.and_then(|w| store::plan(a, *w))))
         .collect()
 }
 
@@ -280,7 +294,7 @@ fn answers<'a>(
     outbound: &'a [Vec<Outbound>],
     now: Timestamp,
     may_send: &[bool],
-    plans: &'a [Option<Plan>],
+    plans: &'a [PlanCell],
 ) -> Vec<Answer<'a>> {
     jobs.iter()
         .zip(replies)
@@ -300,7 +314,7 @@ fn answers<'a>(
                 ending: ending_of(&r.output),
             }),
             reserve: may_send.get(i).copied().unwrap_or(false),
-            plan: plans.get(i).and_then(Option::as_ref),
+            plan: plans.get(i).filter(|p| p.borrow().is_some()),
         })
         .collect()
 }
@@ -320,7 +334,7 @@ async fn commit(
         now,
         acks,
     } = prepared;
-    let mut kept: HashMap<DialogId, Recent> = HashMap::new();
+    let mut kept: HashMap<DialogId, Recent> = HashMap::with_capacity(jobs.len());
     // The accounts' locks and the dialogs' gates, as a conductor holds
     // them from taking a slot until the send is confirmed. A dialog whose
     // lock or gate is busy takes no slot: its conductor sends.
@@ -349,9 +363,11 @@ async fn commit(
         .collect();
     accounts.sort_unstable();
 
-    let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
-    let reserve = host.safety.reply_reserver(&accounts);
-    let (answered, flight) = host.store.answer_batch(&answers, &accounts, &reserve)?;
+    let (answered, flight) = {
+        let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
+        let reserve = host.safety.reply_reserver(&accounts);
+        host.store.answer_batch(&answers, &accounts, &reserve)?
+    };
 
     // What to send, and what is left to the conductors.
     let mut later: Vec<DialogId> = Vec::new();
@@ -429,6 +445,8 @@ async fn commit(
     for dialog in later {
         host.activate(dialog);
     }
+    // Freed elsewhere: the next batch waits for this one to end.
+    tokio::task::spawn_blocking(move || drop((jobs, replies, outbound, plans)));
     Ok(kept)
 }
 

@@ -124,8 +124,10 @@ pub struct Answer<'a> {
     /// account's lock and the dialog's gate).
     pub reserve: bool,
     /// The answer worked out ahead (see [`plan`]), written as planned if
-    /// the dialog and its last page are still as the plan found them.
-    pub plan: Option<&'a Plan>,
+    /// the dialog and its last page are still as the plan found them. The
+    /// transaction takes the plan it writes (a rerun of the transaction
+    /// then works the answer out itself).
+    pub plan: Option<&'a PlanCell>,
 }
 
 /// Counts the writes to dialogs' records (the dialog and its pages) other
@@ -186,6 +188,9 @@ pub struct Plan {
     incoming: Message,
     replies: Vec<Message>,
 }
+
+/// A plan for [`Answer::plan`], taken by the transaction that writes it.
+pub type PlanCell = std::cell::RefCell<Option<Plan>>;
 
 /// Works out what [`Store::answer_batch`] writes for an answer to a
 /// dialog the pipeline wrote last (`written`, which `a.seen` decodes):
@@ -528,61 +533,80 @@ impl Tx<'_> {
         reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
         flight: &mut Vec<Flying>,
     ) -> TxResult<Option<Answered>> {
-        let Some(plan) = a.plan else { return Ok(None) };
-        if self.touched.count(a.dialog) != plan.touched {
-            return Ok(None);
-        }
-        // Unwritten since, so as the plan found them: checked in tests.
-        if cfg!(debug_assertions) {
-            let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
-            let key = plan.expect_page.as_ref().map_or(last, |(k, _)| *k);
-            let (dialog, page) = self.peek(a.dialog, &key)?;
-            assert_eq!(dialog.as_deref(), Some(&plan.expect_dialog[..]));
-            if let Some((_, expected)) = &plan.expect_page {
-                assert_eq!(page.as_deref(), Some(&expected[..]));
-            }
-        }
-        for m in &plan.replies {
-            let Some(key) = m.key else { continue };
-            if self.in_flight.holds(key) || self.outbox.get(u64_key(key.0))?.is_some() {
-                // Refused as the transaction itself refuses it.
+        let Some(cell) = a.plan else { return Ok(None) };
+        let slots = {
+            let guard = cell.borrow();
+            let Some(plan) = guard.as_ref() else {
+                return Ok(None);
+            };
+            if self.touched.count(a.dialog) != plan.touched {
                 return Ok(None);
             }
-        }
-        let mut slots = 0;
-        if let (true, Ok(i)) = (
-            a.reserve,
-            accounts.binary_search(&plan.dialog.account.as_str()),
-        ) {
-            slots = plan
-                .replies
-                .iter()
-                .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
-                .count();
-        }
-        self.defer(a.dialog, &plan.dialog_bytes, &plan.pages)?;
-        for (i, m) in plan.replies.iter().enumerate() {
-            let Some(key) = m.key else { continue };
-            let reply = Flying {
-                key,
-                dialog: m.dialog,
-                seq: m.seq,
-            };
-            if i < slots {
-                flight.push(reply);
-            } else {
-                self.enqueue(&reply)?;
+            // Unwritten since, so as the plan found them: checked in tests.
+            if cfg!(debug_assertions) {
+                let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
+                let key = plan.expect_page.as_ref().map_or(last, |(k, _)| *k);
+                let (dialog, page) = self.peek(a.dialog, &key)?;
+                assert_eq!(dialog.as_deref(), Some(&plan.expect_dialog[..]));
+                if let Some((_, expected)) = &plan.expect_page {
+                    assert_eq!(page.as_deref(), Some(&expected[..]));
+                }
             }
-        }
+            for m in &plan.replies {
+                let Some(key) = m.key else { continue };
+                if self.in_flight.holds(key) || self.outbox.get(u64_key(key.0))?.is_some() {
+                    // Refused as the transaction itself refuses it.
+                    return Ok(None);
+                }
+            }
+            let mut slots = 0;
+            if let (true, Ok(i)) = (
+                a.reserve,
+                accounts.binary_search(&plan.dialog.account.as_str()),
+            ) {
+                slots = plan
+                    .replies
+                    .iter()
+                    .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
+                    .count();
+            }
+            self.defer(a.dialog, &plan.dialog_bytes, &plan.pages)?;
+            for (i, m) in plan.replies.iter().enumerate() {
+                let Some(key) = m.key else { continue };
+                let reply = Flying {
+                    key,
+                    dialog: m.dialog,
+                    seq: m.seq,
+                };
+                if i < slots {
+                    flight.push(reply);
+                } else {
+                    self.enqueue(&reply)?;
+                }
+            }
+            slots
+        };
+        let Some(Plan {
+            touched,
+            dialog,
+            dialog_bytes,
+            mut pages,
+            incoming,
+            replies,
+            ..
+        }) = cell.borrow_mut().take()
+        else {
+            return Ok(None);
+        };
         Ok(Some(Answered::Done {
-            dialog: Box::new(plan.dialog.clone()),
-            incoming: plan.incoming.clone(),
-            replies: plan.replies.clone(),
+            dialog: Box::new(dialog),
+            incoming,
+            replies,
             slots,
             written: Box::new(Written {
-                touched: plan.touched,
-                dialog: plan.dialog_bytes.clone(),
-                page: plan.pages.last().cloned(),
+                touched,
+                dialog: dialog_bytes,
+                page: pages.pop(),
             }),
         }))
     }

@@ -91,6 +91,15 @@ impl Deferred {
         self.lock().dialogs.get(&dialog).cloned()
     }
 
+    /// `f` of a deferred dialog's last page, without copying the entry.
+    fn page_if<T>(
+        &self,
+        dialog: DialogId,
+        f: impl FnOnce(&Option<LastPage>) -> Option<T>,
+    ) -> Option<T> {
+        self.lock().dialogs.get(&dialog).and_then(|e| f(&e.page))
+    }
+
     pub(super) fn len(&self) -> usize {
         self.lock().dialogs.len()
     }
@@ -173,11 +182,21 @@ impl Tx<'_> {
         let mut local = self.local.borrow_mut();
         // The page deferred before, when this answer starts a new one: it
         // is full, and goes to its tree now.
-        let before = self.unwritten(&local, dialog).and_then(|(_, page)| page);
-        if let Some((key, page)) = before {
-            if key != *last_key && !full.iter().any(|(k, _)| *k == key) {
-                self.messages.insert(&key, page)?;
+        let starts_page = |page: &Option<LastPage>| {
+            page.as_ref()
+                .filter(|(key, _)| key != last_key && !full.iter().any(|(k, _)| k == key))
+                .cloned()
+        };
+        let before = if local.materialized.contains(&dialog) {
+            None
+        } else {
+            match local.staged.get(&dialog) {
+                Some((_, page)) => starts_page(page),
+                None => self.deferred.page_if(dialog, starts_page),
             }
+        };
+        if let Some((key, page)) = before {
+            self.messages.insert(&key, page)?;
         }
         // Materialized here before: the plan extends what this transaction
         // wrote, and its version is the newest again.

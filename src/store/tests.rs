@@ -602,6 +602,7 @@ fn a_planned_answer_writes_what_the_transaction_would() {
                 _ => None,
             };
             planned += plan.is_some() as usize;
+            let plan = plan.map(|p| PlanCell::new(Some(p)));
             a.plan = plan.as_ref();
             let (answered, flight) = store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
             let Answered::Done { written: w, .. } = &answered[0] else {
@@ -673,11 +674,11 @@ fn answer_planned(
     let mut answers = Vec::new();
     for (((_, written), seen), out) in dialogs.iter().zip(&seen).zip(&outs) {
         let a = answer(seen, 10 + round as i64, &state, out);
-        plans.push(written.clone().and_then(|w| plan(&a, *w)));
+        plans.push(PlanCell::new(written.clone().and_then(|w| plan(&a, *w))));
         answers.push(a);
     }
     for (a, p) in answers.iter_mut().zip(&plans) {
-        a.plan = p.as_ref();
+        a.plan = Some(p);
     }
     let (answered, flight) = store.answer_batch(&answers, &["a"], &|_, _| true).unwrap();
     let sent: Vec<Settle> = flight.replies.iter().map(|r| took(r.key.0)).collect();
