@@ -21,7 +21,7 @@
 //!    confirmations are written in one transaction.
 //!
 //! Steps 1 and 2 of a batch run while steps 3 and 4 of the batch before it
-//! do (see [`dispatch`]).
+//! do, on a task of their own (see [`dispatch`]), so on both cores.
 //!
 //! Planned answers are deferred in the store (a journal record per batch;
 //! see `store/deferred.rs`); when no message came for [`QUIET`], and at

@@ -185,6 +185,8 @@ pub struct Plan {
     dialog_bytes: Vec<u8>,
     /// The pages to write, in order (the last holds the last message).
     pages: Vec<([u8; 16], Vec<u8>)>,
+    /// The answer as the store's journal keeps it (see `deferred.rs`).
+    journal: Vec<u8>,
     incoming: Message,
     replies: Vec<Message>,
 }
@@ -210,23 +212,19 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
     {
         return None;
     }
-    let mut new = old.clone();
     let mut incoming = incoming_message(a);
-    place(&mut new, &mut incoming);
-    new.state = reply.state.clone();
-    let replies: Vec<Message> = reply
+    let mut replies: Vec<Message> = reply
         .outbound
         .iter()
-        .map(|out| {
-            let mut m = outbound_message(out, a.now);
-            place(&mut new, &mut m);
-            m
-        })
+        .map(|out| outbound_message(out, a.now))
         .collect();
-    if let Some(ending) = &reply.ending {
-        new.ending = Some(ending.clone());
-    }
-    new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
+    let new = answered(
+        old,
+        &mut incoming,
+        &mut replies,
+        reply.state,
+        reply.ending.as_ref(),
+    );
     let Written {
         touched,
         dialog,
@@ -248,16 +246,43 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
         }
     }
     let expect_page = page.filter(|_| extends);
+    let journal =
+        deferred::journal_entry(old, &incoming, &replies, reply.state, reply.ending.as_ref());
     Some(Plan {
         touched,
         expect_dialog: dialog,
         expect_page,
+        journal,
         dialog_bytes: encode(&new),
         dialog: new,
         pages,
         incoming,
         replies,
     })
+}
+
+/// A dialog after an answer to `old`: the incoming message and the
+/// replies placed (their seqs given), the engine's state and ending taken,
+/// its place in the quiet-dialogs index left where it was. What [`plan`]
+/// works out, and what replaying the store's journal works out again.
+pub(super) fn answered(
+    old: &Dialog,
+    incoming: &mut Message,
+    replies: &mut [Message],
+    state: &serde_json::Value,
+    ending: Option<&DialogStatus>,
+) -> Dialog {
+    let mut new = old.clone();
+    place(&mut new, incoming);
+    new.state = state.clone();
+    for m in replies {
+        place(&mut new, m);
+    }
+    if let Some(ending) = ending {
+        new.ending = Some(ending.clone());
+    }
+    new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
+    new
 }
 
 fn incoming_message(a: &Answer<'_>) -> Message {
@@ -433,6 +458,7 @@ impl Store {
             if deferred > deferred::MOST {
                 tx.write_out(deferred - deferred::MOST)?;
             }
+            tx.trim_journal()?;
             if !flight.is_empty() {
                 tx.flights.insert(&u64_key(id), encode_flight(&flight))?;
                 // Under the transaction's lock, so no reader sees a reply
@@ -570,7 +596,7 @@ impl Tx<'_> {
                     .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
                     .count();
             }
-            self.defer(a.dialog, &plan.dialog_bytes, &plan.pages)?;
+            self.defer(a.dialog, &plan.dialog_bytes, &plan.pages, &plan.journal)?;
             for (i, m) in plan.replies.iter().enumerate() {
                 let Some(key) = m.key else { continue };
                 let reply = Flying {

@@ -1,15 +1,17 @@
 //! Deferred records: the answer pipeline's planned writes, kept in memory
-//! and in one journal record per batch instead of in the `dialogs` and
+//! and in the store's journal instead of in the `dialogs` and
 //! `message_pages` trees, then written there in bulk (a checkpoint).
 //!
 //! A planned answer (see `batch.rs`) writes a dialog's record and its last
 //! page, two sled inserts each reading the old value first under sled's
 //! global transaction lock. Deferred, the batch's transaction writes one
-//! `journal` record holding every planned dialog and last page of the
-//! batch, and the records themselves wait here: a dialog answered ten
-//! times before the next checkpoint is written to its trees once. The
-//! journal record is in the same transaction as the batch's flight and
-//! account marks, so it is durable before any reply of the batch is sent.
+//! `journal` record holding every planned answer of the batch — the dialog,
+//! the message and the replies, the engine's state and ending: what the
+//! answer adds, not the records it makes — and the records themselves wait
+//! here: a dialog answered ten times before the next checkpoint is written
+//! to its trees once. The journal record is in the same transaction as the
+//! batch's flight and account marks, so it is durable before any reply of
+//! the batch is sent.
 //!
 //! The rules that keep this invisible to every other reader and writer:
 //! - A transaction that touches a deferred dialog any other way (reads it,
@@ -25,10 +27,16 @@
 //!   and a newer last page more entries; anything written over a deferred
 //!   version was built on it (it was materialized first), so it is at
 //!   least as far on. Equal means the same or the tree's is newer.
-//! - A journal record goes once no deferred dialog holds its version
-//!   there; opening the store replays the journal by the same rule
-//!   ([`Store::replay_journal`]), so a record written twice or a replay
-//!   interrupted by a crash changes nothing.
+//! - A deferred dialog's answers since its records were last written are
+//!   its chain of journal records; a record goes once no deferred dialog's
+//!   chain holds it. Opening the store replays the journal in order
+//!   ([`Store::replay_journal`]): an answer that goes on from where the
+//!   stored dialog is is worked out again ([`batch::answered`], the step
+//!   the plan took) and written, one the stored dialog is past is skipped,
+//!   so a record replayed twice, or a replay interrupted by a crash,
+//!   changes nothing.
+//! - The journal stays small: past [`JOURNAL_MOST`] bytes the dialogs of
+//!   the oldest record are written out with the next batch.
 //!
 //! A dialog's full pages never wait: a planned answer that fills its last
 //! page writes that page at once, so the deferred set holds at most a
@@ -39,6 +47,7 @@ use std::sync::Mutex;
 
 use sled::IVec;
 
+use super::batch::answered;
 use super::keys::*;
 use super::*;
 
@@ -46,36 +55,56 @@ use super::*;
 /// next batch.
 pub(super) const MOST: usize = 16_384;
 
-/// Bytes of journal per key: sled keeps a value above a few hundred KiB in
-/// a file of its own.
+/// Journal bytes at most before the dialogs of the oldest record are
+/// written out with the next batch (a few KiB in unit tests, so that they
+/// trim it often).
+pub(super) const JOURNAL_MOST: usize = if cfg!(test) { 8 << 10 } else { 32 << 20 };
+
+/// Bytes of journal per key: sled rewrites a node of sixteen keys whole now
+/// and then, and keeps a value above a few hundred KiB in a file of its own.
 const CHUNK: usize = 7 * 1024;
+
+/// The first byte of a journal chunk of answers. A chunk without it holds
+/// whole dialog records and pages, as an earlier version wrote them.
+const ANSWERS: u8 = 0xFF;
 
 /// A dialog's last page: its key and value.
 pub(super) type LastPage = ([u8; 16], IVec);
 
-/// A deferred dialog: its record and last page as planned, and the journal
-/// record holding this version.
+/// A deferred dialog's records, as planned.
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
-    journal: u64,
     pub(super) dialog: IVec,
     pub(super) page: Option<LastPage>,
+}
+
+/// A deferred dialog: its records and its chain.
+#[derive(Debug)]
+struct Held {
+    /// The journal records holding the dialog's answers since its records
+    /// were last written, oldest first.
+    chain: Vec<u64>,
+    entry: Entry,
 }
 
 #[derive(Debug, Default)]
 struct Journal {
     chunks: u32,
-    /// Dialogs whose newest version this record holds (some may have moved
-    /// on: see `live`).
+    bytes: usize,
+    /// Dialogs with an answer in this record (some may have been written
+    /// out since: see `live`).
     members: Vec<DialogId>,
+    /// Deferred dialogs whose chain holds this record.
     live: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    dialogs: HashMap<DialogId, Entry>,
+    dialogs: HashMap<DialogId, Held>,
     journals: BTreeMap<u64, Journal>,
     next_journal: u64,
+    /// Bytes of every journal record.
+    bytes: usize,
 }
 
 /// The deferred set; see the module documentation.
@@ -88,7 +117,7 @@ impl Deferred {
     }
 
     pub(super) fn get(&self, dialog: DialogId) -> Option<Entry> {
-        self.lock().dialogs.get(&dialog).cloned()
+        self.lock().dialogs.get(&dialog).map(|h| h.entry.clone())
     }
 
     /// `f` of a deferred dialog's last page, without copying the entry.
@@ -97,22 +126,42 @@ impl Deferred {
         dialog: DialogId,
         f: impl FnOnce(&Option<LastPage>) -> Option<T>,
     ) -> Option<T> {
-        self.lock().dialogs.get(&dialog).and_then(|e| f(&e.page))
+        self.lock()
+            .dialogs
+            .get(&dialog)
+            .and_then(|h| f(&h.entry.page))
     }
 
     pub(super) fn len(&self) -> usize {
         self.lock().dialogs.len()
     }
+
+    /// Bytes of journal the deferred dialogs hold.
+    #[cfg(test)]
+    pub(super) fn journal_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+/// An answer planned in one transaction, not yet in the deferred set.
+#[derive(Debug)]
+struct Staged {
+    entry: Entry,
+    /// Its journal entries (see [`journal_entry`]).
+    journal: Vec<u8>,
 }
 
 /// What one transaction did to the deferred set, applied when its closure
 /// succeeds ([`Tx::finish_deferred`]).
 #[derive(Debug, Default)]
 pub(super) struct Local {
-    /// Planned this transaction: dialog record and last page.
-    staged: HashMap<DialogId, (IVec, Option<LastPage>)>,
+    /// Planned this transaction.
+    staged: HashMap<DialogId, Staged>,
     /// Written into this transaction's trees: no longer deferred.
     materialized: HashSet<DialogId>,
+    /// Written into this transaction's trees at some point: their chains
+    /// end here (a dialog planned again after starts a new one).
+    ended: HashSet<DialogId>,
 }
 
 impl Tx<'_> {
@@ -123,7 +172,7 @@ impl Tx<'_> {
             return None;
         }
         match local.staged.get(&dialog) {
-            Some(staged) => Some(staged.clone()),
+            Some(staged) => Some((staged.entry.dialog.clone(), staged.entry.page.clone())),
             None => self.deferred.get(dialog).map(|e| (e.dialog, e.page)),
         }
     }
@@ -142,6 +191,7 @@ impl Tx<'_> {
             self.messages.insert(&key, page)?;
         }
         local.materialized.insert(dialog);
+        local.ended.insert(dialog);
         Ok(())
     }
 
@@ -165,13 +215,14 @@ impl Tx<'_> {
         }
     }
 
-    /// Defers a planned answer's records: the dialog and its last page;
-    /// full pages before it are written now.
+    /// Defers a planned answer's records: the dialog and its last page,
+    /// with its journal entry; full pages before it are written now.
     pub(super) fn defer(
         &self,
         dialog: DialogId,
         record: &[u8],
         pages: &[([u8; 16], Vec<u8>)],
+        journal: &[u8],
     ) -> Result<(), UnabortableTransactionError> {
         let Some(((last_key, last), full)) = pages.split_last() else {
             return Ok(());
@@ -191,7 +242,7 @@ impl Tx<'_> {
             None
         } else {
             match local.staged.get(&dialog) {
-                Some((_, page)) => starts_page(page),
+                Some(staged) => starts_page(&staged.entry.page),
                 None => self.deferred.page_if(dialog, starts_page),
             }
         };
@@ -201,10 +252,25 @@ impl Tx<'_> {
         // Materialized here before: the plan extends what this transaction
         // wrote, and its version is the newest again.
         local.materialized.remove(&dialog);
-        local.staged.insert(
-            dialog,
-            (IVec::from(record), Some((*last_key, IVec::from(&last[..])))),
-        );
+        let entry = Entry {
+            dialog: IVec::from(record),
+            page: Some((*last_key, IVec::from(&last[..]))),
+        };
+        match local.staged.get_mut(&dialog) {
+            Some(staged) => {
+                staged.entry = entry;
+                staged.journal.extend_from_slice(journal);
+            }
+            None => {
+                local.staged.insert(
+                    dialog,
+                    Staged {
+                        entry,
+                        journal: journal.to_vec(),
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
@@ -218,7 +284,10 @@ impl Tx<'_> {
                 .iter()
                 .flat_map(|(id, j)| j.members.iter().map(move |d| (*id, *d)))
                 .filter(|(id, d)| {
-                    inner.dialogs.get(d).is_some_and(|e| e.journal == *id)
+                    inner
+                        .dialogs
+                        .get(d)
+                        .is_some_and(|h| h.chain.first() == Some(id))
                         && !local.staged.contains_key(d)
                         && !local.materialized.contains(d)
                 })
@@ -232,48 +301,74 @@ impl Tx<'_> {
         Ok(oldest.len())
     }
 
+    /// Past [`JOURNAL_MOST`] bytes of journal, writes out every dialog
+    /// whose chain holds the oldest record, so that the record goes.
+    pub(super) fn trim_journal(&self) -> Result<(), UnabortableTransactionError> {
+        let holding: Vec<DialogId> = {
+            let inner = self.deferred.lock();
+            if inner.bytes <= JOURNAL_MOST {
+                return Ok(());
+            }
+            let Some((id, oldest)) = inner.journals.iter().next() else {
+                return Ok(());
+            };
+            oldest
+                .members
+                .iter()
+                .filter(|d| inner.dialogs.get(d).is_some_and(|h| h.chain.contains(id)))
+                .copied()
+                .collect()
+        };
+        for d in holding {
+            self.materialize(d)?;
+        }
+        Ok(())
+    }
+
     /// The end of a transaction's closure that succeeded: journals what it
-    /// planned, drops what it materialized from the deferred set, adds what
-    /// it planned, and removes journal records no longer needed. Runs under
-    /// sled's transaction lock, before the commit.
+    /// planned, ends the chains of what it materialized, adds what it
+    /// planned to the deferred set, and removes journal records no chain
+    /// holds any more. Runs under sled's transaction lock, before the
+    /// commit.
     pub(super) fn finish_deferred(&self) -> Result<(), UnabortableTransactionError> {
         let local = std::mem::take(&mut *self.local.borrow_mut());
-        if local.staged.is_empty() && local.materialized.is_empty() {
+        if local.staged.is_empty() && local.ended.is_empty() {
             return Ok(());
         }
         let mut inner = self.deferred.lock();
         let id = inner.next_journal;
-        let mut chunks = 0u32;
+        let (mut chunks, mut bytes) = (0u32, 0usize);
         if !local.staged.is_empty() {
-            let mut chunk = Vec::with_capacity(CHUNK + 4096);
-            for (dialog, (record, page)) in &local.staged {
-                encode_entry(&mut chunk, *dialog, record, page.as_ref());
+            let fresh = || {
+                let mut chunk = Vec::with_capacity(CHUNK + 1024);
+                chunk.push(ANSWERS);
+                chunk
+            };
+            let mut chunk = fresh();
+            for staged in local.staged.values() {
+                chunk.extend_from_slice(&staged.journal);
                 if chunk.len() >= CHUNK {
-                    self.journal
-                        .insert(&journal_key(id, chunks), std::mem::take(&mut chunk))?;
+                    bytes += chunk.len();
+                    let full = std::mem::replace(&mut chunk, fresh());
+                    self.journal.insert(&journal_key(id, chunks), full)?;
                     chunks += 1;
                 }
             }
-            if !chunk.is_empty() {
+            if chunk.len() > 1 {
+                bytes += chunk.len();
                 self.journal.insert(&journal_key(id, chunks), chunk)?;
                 chunks += 1;
             }
         }
-        // The records the leaving dialogs held, with how many stay live;
-        // a record none does goes.
-        let leaving: Vec<DialogId> = local
-            .materialized
-            .iter()
-            .chain(local.staged.keys())
-            .copied()
-            .collect();
+        // The chains that end here: each record they held loses one; a
+        // record no chain holds goes.
         let mut left: HashMap<u64, usize> = HashMap::new();
-        for d in &leaving {
-            if let Some(e) = inner.dialogs.get(d) {
-                let live = left
-                    .entry(e.journal)
-                    .or_insert(inner.journals[&e.journal].live);
-                *live -= 1;
+        for d in &local.ended {
+            if let Some(held) = inner.dialogs.get(d) {
+                for j in &held.chain {
+                    let live = left.entry(*j).or_insert(inner.journals[j].live);
+                    *live -= 1;
+                }
             }
         }
         for (&journal, &live) in &left {
@@ -284,12 +379,14 @@ impl Tx<'_> {
             }
         }
         // Nothing fails past this point: the set follows the transaction.
-        for d in &leaving {
+        for d in &local.ended {
             inner.dialogs.remove(d);
         }
         for (journal, live) in left {
             if live == 0 {
-                inner.journals.remove(&journal);
+                if let Some(gone) = inner.journals.remove(&journal) {
+                    inner.bytes -= gone.bytes;
+                }
             } else if let Some(j) = inner.journals.get_mut(&journal) {
                 j.live = live;
             }
@@ -297,23 +394,32 @@ impl Tx<'_> {
         if !local.staged.is_empty() {
             inner.next_journal += 1;
             let members: Vec<DialogId> = local.staged.keys().copied().collect();
+            inner.bytes += bytes;
             inner.journals.insert(
                 id,
                 Journal {
                     chunks,
+                    bytes,
                     live: members.len(),
                     members,
                 },
             );
-            for (dialog, (record, page)) in local.staged {
-                inner.dialogs.insert(
-                    dialog,
-                    Entry {
-                        journal: id,
-                        dialog: record,
-                        page,
-                    },
-                );
+            for (dialog, staged) in local.staged {
+                match inner.dialogs.get_mut(&dialog) {
+                    Some(held) => {
+                        held.chain.push(id);
+                        held.entry = staged.entry;
+                    }
+                    None => {
+                        inner.dialogs.insert(
+                            dialog,
+                            Held {
+                                chain: vec![id],
+                                entry: staged.entry,
+                            },
+                        );
+                    }
+                }
             }
         }
         if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
@@ -331,27 +437,111 @@ fn journal_key(id: u64, chunk: u32) -> [u8; 12] {
     key
 }
 
-fn encode_entry(
-    out: &mut Vec<u8>,
-    dialog: DialogId,
-    record: &[u8],
-    page: Option<&([u8; 16], IVec)>,
-) {
-    out.extend_from_slice(&dialog.to_be_bytes());
-    out.extend_from_slice(&(record.len() as u32).to_le_bytes());
-    out.extend_from_slice(record);
-    match page {
-        Some((key, page)) => {
-            out.push(1);
-            out.extend_from_slice(key);
-            out.extend_from_slice(&(page.len() as u32).to_le_bytes());
-            out.extend_from_slice(page);
-        }
-        None => out.push(0),
+/// An answer as the journal keeps it: `dialog u64 ++ next_seq before u64
+/// ++ state (len u32 ++ JSON) ++ ending (len u32 ++ JSON, none when 0) ++
+/// messages u32 ++ each (len u32 ++ message record, see `pages.rs`)`,
+/// integers little-endian. The incoming message comes first, placed.
+pub(super) fn journal_entry(
+    old: &Dialog,
+    incoming: &Message,
+    replies: &[Message],
+    state: &serde_json::Value,
+    ending: Option<&DialogStatus>,
+) -> Vec<u8> {
+    fn with_len(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        write(out);
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
+    let mut out = Vec::with_capacity(96 + incoming.text.len() + 64 * replies.len());
+    out.extend_from_slice(&old.id.to_le_bytes());
+    out.extend_from_slice(&old.next_seq.to_le_bytes());
+    // Serializing plain JSON values and our own types cannot fail.
+    with_len(&mut out, |out| {
+        serde_json::to_writer(out, state).expect("state serializes")
+    });
+    with_len(&mut out, |out| {
+        if let Some(ending) = ending {
+            serde_json::to_writer(out, ending).expect("statuses serialize")
+        }
+    });
+    out.extend_from_slice(&(1 + replies.len() as u32).to_le_bytes());
+    for m in std::iter::once(incoming).chain(replies) {
+        with_len(&mut out, |out| pages::write_record(out, m));
+    }
+    out
 }
 
-/// One entry of a journal record.
+/// One answer of the journal, as [`journal_entry`] wrote it.
+struct JournalAnswer {
+    dialog: DialogId,
+    base: u64,
+    state: serde_json::Value,
+    ending: Option<DialogStatus>,
+    incoming: Message,
+    replies: Vec<Message>,
+}
+
+/// Reads a chunk of answers (after its first byte).
+fn decode_answers(mut bytes: &[u8]) -> Result<Vec<JournalAnswer>, StoreError> {
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        what: "journal",
+        reason: reason.to_string(),
+    };
+    let take = |bytes: &mut &[u8], n: usize| -> Result<Vec<u8>, StoreError> {
+        if bytes.len() < n {
+            return Err(corrupt("a record ends inside an answer"));
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Ok(head.to_vec())
+    };
+    let u32_of = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let u64_of = |b: &[u8]| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        u64::from_le_bytes(a)
+    };
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let dialog = u64_of(&take(&mut bytes, 8)?);
+        let base = u64_of(&take(&mut bytes, 8)?);
+        let n = u32_of(&take(&mut bytes, 4)?);
+        let state = serde_json::from_slice(&take(&mut bytes, n)?)
+            .map_err(|e| corrupt(&format!("an answer's state: {e}")))?;
+        let n = u32_of(&take(&mut bytes, 4)?);
+        let ending = match n {
+            0 => None,
+            n => Some(
+                serde_json::from_slice(&take(&mut bytes, n)?)
+                    .map_err(|e| corrupt(&format!("an answer's ending: {e}")))?,
+            ),
+        };
+        let count = u32_of(&take(&mut bytes, 4)?);
+        let mut messages = Vec::with_capacity(count);
+        for _ in 0..count {
+            let n = u32_of(&take(&mut bytes, 4)?);
+            messages.push(pages::read_record(&take(&mut bytes, n)?)?);
+        }
+        if messages.is_empty() {
+            return Err(corrupt("an answer without its message"));
+        }
+        let incoming = messages.remove(0);
+        out.push(JournalAnswer {
+            dialog,
+            base,
+            state,
+            ending,
+            incoming,
+            replies: messages,
+        });
+    }
+    Ok(out)
+}
+
+/// One entry of a journal chunk of whole records (an earlier layout).
 struct JournalEntry<'a> {
     dialog: DialogId,
     record: &'a [u8],
@@ -445,7 +635,8 @@ impl Store {
     }
 
     /// Applies every journal record left by a host that stopped with
-    /// dialogs deferred, then removes them. Run when the store opens.
+    /// dialogs deferred, oldest first, then removes them. Run when the
+    /// store opens.
     pub(super) fn replay_journal(&self) -> Result<(), StoreError> {
         let journal = &self.t.journal;
         if journal.is_empty() {
@@ -454,19 +645,13 @@ impl Store {
         let (mut keys, mut replayed) = (Vec::new(), 0usize);
         for item in journal.iter() {
             let (key, bytes) = item?;
-            for e in decode_entries(&bytes)? {
-                replayed += 1;
-                let dialog_key = u64_key(e.dialog);
-                let stored = self.t.dialogs.get(dialog_key)?;
-                if newer_dialog(Some(IVec::from(e.record)), stored.clone())? != stored {
-                    self.t.dialogs.insert(dialog_key, e.record)?;
-                }
-                if let Some((page_key, page)) = e.page {
-                    let stored = self.t.messages.get(page_key)?;
-                    if newer_page(Some(IVec::from(page)), stored.clone())? != stored {
-                        self.t.messages.insert(page_key, page)?;
+            match bytes.split_first() {
+                Some((&ANSWERS, answers)) => {
+                    for a in decode_answers(answers)? {
+                        replayed += usize::from(self.replay_answer(a)?);
                     }
                 }
+                _ => replayed += self.replay_records(&bytes)?,
             }
             keys.push(key);
         }
@@ -476,7 +661,83 @@ impl Store {
             journal.remove(key)?;
         }
         self.db.flush()?;
-        tracing::info!("replayed {replayed} answered dialogs from the store's journal");
+        tracing::info!("replayed {replayed} answers from the store's journal");
         Ok(())
+    }
+
+    /// Writes one answer of the journal into the trees, unless the stored
+    /// dialog is past it; true when written.
+    fn replay_answer(&self, a: JournalAnswer) -> Result<bool, StoreError> {
+        let key = u64_key(a.dialog);
+        let Some(stored) = self.t.dialogs.get(key)? else {
+            return Err(StoreError::Corrupt {
+                what: "journal",
+                reason: format!("an answer to dialog {}, which is not stored", a.dialog),
+            });
+        };
+        let old: Dialog = decode("dialog", &stored)?;
+        if a.base < old.next_seq {
+            return Ok(false);
+        }
+        if a.base > old.next_seq {
+            return Err(StoreError::Corrupt {
+                what: "journal",
+                reason: format!(
+                    "dialog {} holds {} messages but its journal goes on from {}",
+                    a.dialog, old.next_seq, a.base
+                ),
+            });
+        }
+        let JournalAnswer {
+            state,
+            ending,
+            mut incoming,
+            mut replies,
+            ..
+        } = a;
+        let seqs: Vec<u64> = std::iter::once(&incoming)
+            .chain(&replies)
+            .map(|m| m.seq)
+            .collect();
+        let new = answered(&old, &mut incoming, &mut replies, &state, ending.as_ref());
+        let placed = std::iter::once(&incoming).chain(&replies).map(|m| m.seq);
+        if !placed.eq(seqs.iter().copied()) {
+            return Err(StoreError::Corrupt {
+                what: "journal",
+                reason: format!("an answer to dialog {} out of its order", a.dialog),
+            });
+        }
+        // Pages first: replayed again after a crash, an answer puts its
+        // messages in the same places.
+        for m in std::iter::once(&incoming).chain(&replies) {
+            let page_key = pages::page_key(m.dialog, m.seq);
+            let page = self.t.messages.get(page_key)?;
+            self.t
+                .messages
+                .insert(page_key, pages::put(page.as_deref(), m)?)?;
+        }
+        self.t.dialogs.insert(key, encode(&new))?;
+        Ok(true)
+    }
+
+    /// Applies a journal chunk of whole records (an earlier layout): each
+    /// dialog record and page unless the stored one is as far on; returns
+    /// how many dialogs it held.
+    fn replay_records(&self, bytes: &[u8]) -> Result<usize, StoreError> {
+        let entries = decode_entries(bytes)?;
+        for e in &entries {
+            let dialog_key = u64_key(e.dialog);
+            let stored = self.t.dialogs.get(dialog_key)?;
+            if newer_dialog(Some(IVec::from(e.record)), stored.clone())? != stored {
+                self.t.dialogs.insert(dialog_key, e.record)?;
+            }
+            if let Some((page_key, page)) = e.page {
+                let stored = self.t.messages.get(page_key)?;
+                if newer_page(Some(IVec::from(page)), stored.clone())? != stored {
+                    self.t.messages.insert(page_key, page)?;
+                }
+            }
+        }
+        Ok(entries.len())
     }
 }

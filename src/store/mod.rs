@@ -16,7 +16,7 @@
 //! | `message_pages` | dialog id, seq / 16 | up to 16 [`Message`]s of the dialog (see `pages.rs`) |
 //! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
 //! | `flights` | flight id | idempotency key, dialog id, seq of each reply the answer pipeline is sending (see `batch.rs`) |
-//! | `journal` | batch id, chunk | dialog records and last pages the answer pipeline deferred (see `deferred.rs`) |
+//! | `journal` | batch id, chunk | the answers whose records the answer pipeline deferred (see `deferred.rs`) |
 //! | `inbound` | account, 0, transport id | dialog id, seq: dedupe of incoming messages sent to another account than their dialog's (the dialog's own are found in its pages) |
 //! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |

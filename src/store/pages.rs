@@ -108,7 +108,7 @@ fn write_entry(out: &mut Vec<u8>, msg: &Message) {
 /// i64) ++ delivery u8 ++ [reason len u32 ++ reason] ++ text`, integers
 /// little-endian. Kind: 0 none, 1 opening, 2 reply, 3 follow-up; delivery:
 /// 0 none, 1 pending, 2 sent, 3 cancelled (with its reason).
-fn write_record(out: &mut Vec<u8>, msg: &Message) {
+pub(super) fn write_record(out: &mut Vec<u8>, msg: &Message) {
     out.reserve(48 + msg.text.len());
     out.extend_from_slice(&msg.dialog.to_le_bytes());
     out.extend_from_slice(&msg.seq.to_le_bytes());
@@ -141,7 +141,7 @@ fn write_record(out: &mut Vec<u8>, msg: &Message) {
 }
 
 /// Reads what [`write_record`] wrote.
-fn read_record(record: &[u8]) -> Result<Message, StoreError> {
+pub(super) fn read_record(record: &[u8]) -> Result<Message, StoreError> {
     let mut r = Reader(record);
     let dialog = r.u64()?;
     let seq = r.u64()?;
