@@ -104,8 +104,15 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             break;
         }
         let busy: HashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
-        // On a task of its own, so on the other core while this one
-        // routes the next batch: storing is mostly blocking work.
+        if let Err(e) = pipeline.warm(&host, &batch, &busy) {
+            tracing::error!("incoming messages could not be routed: {e}");
+        }
+        // The batch before is stored and sent on a task of its own while
+        // another routes this one and asks the engines: spawned second,
+        // that one takes this worker's next turn and leaves the commit to
+        // the other worker, so the two run on both cores. Whatever routing
+        // reads from the store is read first (`warm`): a read waits for
+        // the commit's transaction.
         let committing = answered.take().map(|p| {
             let host = host.clone();
             tokio::spawn(async move { commit(&host, p).await })
@@ -122,10 +129,28 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
                 None => Ok(HashMap::new()),
             }
         };
-        let preparing = pipeline.prepare(&host, std::mem::take(&mut batch), &busy);
-        // The next batch first: its engines work while this task stores
-        // and sends the batch before it.
-        let (prepared, committed) = tokio::join!(preparing, committing);
+        let preparing = {
+            let host = host.clone();
+            // The pipeline goes with the task and comes back with its
+            // answer.
+            let mut taken = std::mem::take(&mut pipeline);
+            let batch = std::mem::take(&mut batch);
+            tokio::spawn(async move {
+                let prepared = taken.prepare(&host, batch, &busy).await;
+                (taken, prepared)
+            })
+        };
+        let (preparing, committed) = tokio::join!(preparing, committing);
+        let prepared = match preparing {
+            Ok((taken, prepared)) => {
+                pipeline = taken;
+                prepared
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is going away: what of the batch was not stored
+            // is not acknowledged, and the transport offers it again.
+            Err(_) => break,
+        };
         match committed {
             Ok(kept) => pipeline.recent.extend(kept),
             Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
@@ -175,9 +200,12 @@ struct Recent {
 struct Pipeline {
     /// Messages held for the next batch, in arrival order.
     carry: Vec<Inbound>,
-    recent: HashMap<DialogId, Recent>,
+    recent: HashMap<DialogId, Box<Recent>>,
     /// The dialog of each contact that wrote lately.
     dialogs: HashMap<Identity, DialogId>,
+    /// Ctx parts of the batch's dialogs not in `recent`, read from the
+    /// store by [`Pipeline::warm`] for this batch only.
+    warmed: HashMap<DialogId, Box<Recent>>,
     /// Whether an account's replies wait for a reply delay, for the batch
     /// being routed (the config may change between batches).
     delayed: HashMap<String, bool>,
@@ -189,7 +217,7 @@ struct Job {
     /// Told once the batch is durable.
     stored: Option<oneshot::Sender<()>>,
     /// The dialog (as the engine sees it) and its ctx parts.
-    recent: Recent,
+    recent: Box<Recent>,
 }
 
 /// The replies of one dialog to send, and what became of them.
@@ -325,7 +353,7 @@ fn answers<'a>(
 async fn commit(
     host: &Arc<Host>,
     prepared: Prepared,
-) -> Result<HashMap<DialogId, Recent>, StoreError> {
+) -> Result<HashMap<DialogId, Box<Recent>>, StoreError> {
     let Prepared {
         mut jobs,
         replies,
@@ -334,7 +362,7 @@ async fn commit(
         now,
         acks,
     } = prepared;
-    let mut kept: HashMap<DialogId, Recent> = HashMap::with_capacity(jobs.len());
+    let mut kept: HashMap<DialogId, Box<Recent>> = HashMap::with_capacity(jobs.len());
     // The accounts' locks and the dialogs' gates, as a conductor holds
     // them from taking a slot until the send is confirmed. A dialog whose
     // lock or gate is busy takes no slot: its conductor sends.
@@ -389,13 +417,13 @@ async fn commit(
                 }
                 // The job's ctx parts are done with: they move on to
                 // the next ctx of the dialog.
-                let mut recent = Recent {
+                let mut recent = Box::new(Recent {
                     dialog: (*dialog).clone(),
                     written: Some(written),
                     identity: job.recent.identity.clone(),
                     contact: std::mem::take(&mut job.recent.contact),
                     history: std::mem::take(&mut job.recent.history),
-                };
+                });
                 Arc::make_mut(&mut recent.history).push(history_entry(&incoming));
                 let rest = slots < replies.len() || dialog.ending.is_some();
                 if !rest {
@@ -475,8 +503,8 @@ impl Pipeline {
             }
             routed.push((inbound, dialog));
         }
-        let mut jobs: Vec<Job> = Vec::new();
-        let mut answered: HashSet<DialogId> = HashSet::new();
+        let mut jobs: Vec<Job> = Vec::with_capacity(routed.len());
+        let mut answered: HashSet<DialogId> = HashSet::with_capacity(routed.len());
         for (inbound, dialog) in routed {
             let Some(d) = dialog else {
                 host.receive(inbound).await?;
@@ -500,6 +528,7 @@ impl Pipeline {
             one_by_one.insert(d);
             host.receive(inbound).await?;
         }
+        self.warmed.clear();
         Ok(jobs)
     }
 
@@ -523,6 +552,31 @@ impl Pipeline {
         Ok(dialog)
     }
 
+    /// Reads from the store what routing `batch` needs and no cache holds:
+    /// the dialogs of contacts not seen lately, and the ctx parts of their
+    /// dialogs (but those of `busy` ones, which wait anyway). Run before
+    /// the batch before is stored, since a read waits for a transaction.
+    fn warm(
+        &mut self,
+        host: &Host,
+        batch: &[Inbound],
+        busy: &HashSet<DialogId>,
+    ) -> Result<(), StoreError> {
+        self.warmed.clear();
+        for inbound in batch {
+            let Some(d) = self.dialog_of(host, &inbound.message.contact)? else {
+                continue;
+            };
+            if busy.contains(&d) || self.recent.contains_key(&d) || self.warmed.contains_key(&d) {
+                continue;
+            }
+            if let Some(r) = Self::load(host, d)? {
+                self.warmed.insert(d, r);
+            }
+        }
+        Ok(())
+    }
+
     /// The dialog and its ctx parts if it can be answered here: live, no
     /// reply delay, nothing unhandled, nothing waiting to be sent.
     fn idle(
@@ -530,20 +584,19 @@ impl Pipeline {
         host: &Host,
         config: &Config,
         id: DialogId,
-    ) -> Result<Option<Recent>, StoreError> {
+    ) -> Result<Option<Box<Recent>>, StoreError> {
         // The job takes the parts; the batch gives them back updated.
-        let recent = self.recent.remove(&id);
-        let stored;
-        let dialog = match &recent {
-            Some(r) => &r.dialog,
-            None => match host.store.dialog(id)? {
-                Some(d) => {
-                    stored = d;
-                    &stored
-                }
-                None => return Ok(None),
+        let recent = match self.recent.remove(&id) {
+            Some(r) => r,
+            None => match self.warmed.remove(&id) {
+                Some(r) => r,
+                None => match Self::load(host, id)? {
+                    Some(r) => r,
+                    None => return Ok(None),
+                },
             },
         };
+        let dialog = &recent.dialog;
         let delayed = match self.delayed.get(&dialog.account) {
             Some(d) => *d,
             None => {
@@ -561,10 +614,16 @@ impl Pipeline {
         }
         // Nothing was added since this path answered the dialog last (else
         // the store finds the answer stale), so nothing is unhandled or
-        // unsent.
-        if recent.is_some() {
-            return Ok(recent);
-        }
+        // unsent; one read from the store was checked by `load`.
+        Ok(Some(recent))
+    }
+
+    /// Reads a dialog's ctx parts from the store, if nothing is unhandled
+    /// or waiting to be sent in it.
+    fn load(host: &Host, id: DialogId) -> Result<Option<Box<Recent>>, StoreError> {
+        let Some(dialog) = host.store.dialog(id)? else {
+            return Ok(None);
+        };
         if host.store.has_unhandled(id)? {
             return Ok(None);
         }
@@ -578,13 +637,13 @@ impl Pipeline {
         let Some(contact) = host.store.contact(dialog.contact)? else {
             return Ok(None);
         };
-        Ok(Some(Recent {
-            dialog: dialog.clone(),
+        Ok(Some(Box::new(Recent {
+            dialog,
             written: None,
             identity: contact.identity.clone(),
             contact: contact_view(&contact),
             history: Arc::new(history_of(messages)),
-        }))
+        })))
     }
 }
 

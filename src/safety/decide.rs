@@ -312,16 +312,22 @@ pub fn reserve(
     jitter: Duration,
 ) -> Decision {
     // A message keeps its slot across retries and restarts: taking it again
-    // is a no-op.
-    if record.sends.iter().any(|s| s.key == key) {
-        return Decision::Allow;
+    // is a no-op. The same pass sees whether any mark is a day old.
+    let now = req.now;
+    let mut expired = false;
+    for s in &record.sends {
+        if s.key == key {
+            return Decision::Allow;
+        }
+        expired |= now.0 - s.at.0 >= DAY;
     }
     let decision = decide(record, limits, req);
     if decision != Decision::Allow {
         return decision;
     }
-    let now = req.now;
-    record.sends.retain(|s| now.0 - s.at.0 < DAY);
+    if expired {
+        record.sends.retain(|s| now.0 - s.at.0 < DAY);
+    }
     record.sends.push(SendMark {
         at: now,
         opening: req.kind == MessageKind::Opening,

@@ -19,6 +19,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use sled::IVec;
+
 use super::keys::*;
 use super::*;
 
@@ -165,9 +167,9 @@ impl Touched {
 pub struct Written {
     /// The dialog's count of writes (see [`Touched`]) just after.
     touched: u64,
-    dialog: Vec<u8>,
+    dialog: IVec,
     /// The key and value of the page holding the dialog's last message.
-    page: Option<([u8; 16], Vec<u8>)>,
+    page: Option<([u8; 16], IVec)>,
 }
 
 /// An answer worked out ahead of its transaction (see [`plan`]): the
@@ -177,14 +179,14 @@ pub struct Plan {
     /// The dialog's count of writes the plan was made at.
     touched: u64,
     /// The dialog's record as the plan found it.
-    expect_dialog: Vec<u8>,
+    expect_dialog: IVec,
     /// The page the plan adds to, as it found it (none when the answer
     /// starts a new page).
-    expect_page: Option<([u8; 16], Vec<u8>)>,
+    expect_page: Option<([u8; 16], IVec)>,
     dialog: Dialog,
-    dialog_bytes: Vec<u8>,
+    dialog_bytes: IVec,
     /// The pages to write, in order (the last holds the last message).
-    pages: Vec<([u8; 16], Vec<u8>)>,
+    pages: Vec<([u8; 16], IVec)>,
     /// The answer as the store's journal keeps it (see `deferred.rs`).
     journal: Vec<u8>,
     incoming: Message,
@@ -240,7 +242,7 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
                 // The dialog's last page, or a new one.
                 let base = page.as_ref().filter(|(k, _)| *k == key);
                 extends |= base.is_some();
-                let base = base.map(|(_, p)| p.as_slice());
+                let base = base.map(|(_, p)| p.as_ref());
                 pages.push((key, pages::put(base, m).ok()?));
             }
         }
@@ -253,9 +255,11 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
         expect_dialog: dialog,
         expect_page,
         journal,
-        dialog_bytes: encode(&new),
+        // Copied into sled's own buffers here, on the planning thread,
+        // rather than under the transaction's lock.
+        dialog_bytes: IVec::from(encode(&new)),
         dialog: new,
-        pages,
+        pages: pages.into_iter().map(|(k, p)| (k, IVec::from(p))).collect(),
         incoming,
         replies,
     })
@@ -596,27 +600,17 @@ impl Tx<'_> {
                     .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
                     .count();
             }
-            self.defer(a.dialog, &plan.dialog_bytes, &plan.pages, &plan.journal)?;
-            for (i, m) in plan.replies.iter().enumerate() {
-                let Some(key) = m.key else { continue };
-                let reply = Flying {
-                    key,
-                    dialog: m.dialog,
-                    seq: m.seq,
-                };
-                if i < slots {
-                    flight.push(reply);
-                } else {
-                    self.enqueue(&reply)?;
-                }
-            }
             slots
         };
+        // Written as planned from here on: the plan's parts move into the
+        // store and the answer.
         let Some(Plan {
             touched,
+            expect_page,
             dialog,
             dialog_bytes,
             mut pages,
+            journal,
             incoming,
             replies,
             ..
@@ -624,6 +618,28 @@ impl Tx<'_> {
         else {
             return Ok(None);
         };
+        let last = pages.pop();
+        self.defer(
+            a.dialog,
+            dialog_bytes.clone(),
+            pages,
+            last.clone(),
+            journal,
+            expect_page.is_some(),
+        )?;
+        for (i, m) in replies.iter().enumerate() {
+            let Some(key) = m.key else { continue };
+            let reply = Flying {
+                key,
+                dialog: m.dialog,
+                seq: m.seq,
+            };
+            if i < slots {
+                flight.push(reply);
+            } else {
+                self.enqueue(&reply)?;
+            }
+        }
         Ok(Some(Answered::Done {
             dialog: Box::new(dialog),
             incoming,
@@ -632,7 +648,7 @@ impl Tx<'_> {
             written: Box::new(Written {
                 touched,
                 dialog: dialog_bytes,
-                page: pages.pop(),
+                page: last,
             }),
         }))
     }
@@ -660,13 +676,13 @@ impl Tx<'_> {
         let page = match dialog.next_seq.checked_sub(1) {
             Some(last) => {
                 let key = pages::page_key(dialog.id, last);
-                self.messages.get(key)?.map(|p| (key, p.to_vec()))
+                self.messages.get(key)?.map(|p| (key, p))
             }
             None => None,
         };
         Ok(Box::new(Written {
             touched: self.touched.count(dialog.id),
-            dialog: encode(dialog),
+            dialog: IVec::from(encode(dialog)),
             page,
         }))
     }

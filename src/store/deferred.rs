@@ -217,58 +217,57 @@ impl Tx<'_> {
 
     /// Defers a planned answer's records: the dialog and its last page,
     /// with its journal entry; full pages before it are written now.
+    /// `extends` says the answer's first message went into the page the
+    /// dialog's last one is in (else that page, full, goes to its tree).
     pub(super) fn defer(
         &self,
         dialog: DialogId,
-        record: &[u8],
-        pages: &[([u8; 16], Vec<u8>)],
-        journal: &[u8],
+        record: IVec,
+        full: Vec<([u8; 16], IVec)>,
+        last: Option<LastPage>,
+        journal: Vec<u8>,
+        extends: bool,
     ) -> Result<(), UnabortableTransactionError> {
-        let Some(((last_key, last), full)) = pages.split_last() else {
+        let Some((last_key, _)) = &last else {
             return Ok(());
         };
-        for (key, page) in full {
-            self.messages.insert(key, &page[..])?;
-        }
         let mut local = self.local.borrow_mut();
-        // The page deferred before, when this answer starts a new one: it
-        // is full, and goes to its tree now.
-        let starts_page = |page: &Option<LastPage>| {
-            page.as_ref()
-                .filter(|(key, _)| key != last_key && !full.iter().any(|(k, _)| k == key))
-                .cloned()
-        };
-        let before = if local.materialized.contains(&dialog) {
-            None
-        } else {
-            match local.staged.get(&dialog) {
-                Some(staged) => starts_page(&staged.entry.page),
-                None => self.deferred.page_if(dialog, starts_page),
+        if !extends {
+            // The page deferred before, full: it goes to its tree now.
+            let starts_page = |page: &Option<LastPage>| {
+                page.as_ref()
+                    .filter(|(key, _)| key != last_key && !full.iter().any(|(k, _)| k == key))
+                    .cloned()
+            };
+            let before = if local.materialized.contains(&dialog) {
+                None
+            } else {
+                match local.staged.get(&dialog) {
+                    Some(staged) => starts_page(&staged.entry.page),
+                    None => self.deferred.page_if(dialog, starts_page),
+                }
+            };
+            if let Some((key, page)) = before {
+                self.messages.insert(&key, page)?;
             }
-        };
-        if let Some((key, page)) = before {
+        }
+        for (key, page) in full {
             self.messages.insert(&key, page)?;
         }
         // Materialized here before: the plan extends what this transaction
         // wrote, and its version is the newest again.
         local.materialized.remove(&dialog);
         let entry = Entry {
-            dialog: IVec::from(record),
-            page: Some((*last_key, IVec::from(&last[..]))),
+            dialog: record,
+            page: last,
         };
         match local.staged.get_mut(&dialog) {
             Some(staged) => {
                 staged.entry = entry;
-                staged.journal.extend_from_slice(journal);
+                staged.journal.extend_from_slice(&journal);
             }
             None => {
-                local.staged.insert(
-                    dialog,
-                    Staged {
-                        entry,
-                        journal: journal.to_vec(),
-                    },
-                );
+                local.staged.insert(dialog, Staged { entry, journal });
             }
         }
         Ok(())
