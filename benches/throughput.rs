@@ -217,7 +217,7 @@ fn main() {
                 "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
                 "p50_ms": p(0.50),
                 "p99_ms": p(0.99),
-                "cpu_us_per_msg": (cpu * 1e6 / sent.max(1) as f64).round(),
+                "cpu_us_per_msg": (cpu * 1e7 / sent.max(1) as f64).round() / 10.0,
                 "rss_idle_mib": rss_idle as f64 / 1024.0,
                 "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / dialogs as f64,
                 "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / dialogs as f64,

@@ -177,43 +177,50 @@ impl LazyCtx {
     }
 }
 
-/// The metatable key of a ctx table's [`LazyCtx`].
-const LAZY: &str = "__lazy";
-
-/// The metamethods of every ctx table, made once per VM: each finds its
-/// table's [`LazyCtx`] in the table's metatable.
+/// The metatable every call's ctx shares, made once per VM, and the
+/// [`LazyCtx`] of each ctx table of a call still running, by the table's
+/// address: its metamethods look there (a table kept past its call finds
+/// nothing and builds nothing).
 struct CtxMethods {
-    index: Function,
-    newindex: Function,
-    pairs: Function,
-    materialize: Function,
+    meta: Table,
+    live: Rc<RefCell<HashMap<usize, Rc<LazyCtx>>>>,
 }
 
 impl CtxMethods {
     fn new(lua: &Lua) -> mlua::Result<CtxMethods> {
-        fn lazy_of(t: &Table) -> mlua::Result<Rc<LazyCtx>> {
-            let meta = t
-                .metatable()
-                .ok_or_else(|| mlua::Error::runtime("ctx lost its metatable"))?;
-            let data: mlua::AnyUserData = meta.raw_get(LAZY)?;
-            let lazy = data.borrow::<Rc<LazyCtx>>()?.clone();
-            Ok(lazy)
-        }
-        let index = lua.create_function(|lua, (t, key): (Table, Value)| match key {
-            Value::String(k) => lazy_of(&t)?.field(lua, &t, &k.to_str()?),
-            _ => Ok(Value::Nil),
-        })?;
-        let newindex = lua.create_function(|_, (t, key, value): (Table, Value, Value)| {
-            if key
-                .as_string()
-                .is_some_and(|k| k.as_bytes() == b"state".as_slice())
-            {
-                lazy_of(&t)?.state_seen.set(true);
-            }
-            t.raw_set(key, value)
-        })?;
-        let materialize = lua.create_function(|lua, t: Table| {
-            let lazy = lazy_of(&t)?;
+        let live: Rc<RefCell<HashMap<usize, Rc<LazyCtx>>>> = Rc::default();
+        let lazy_of = {
+            let live = live.clone();
+            move |t: &Table| live.borrow().get(&(t.to_pointer() as usize)).cloned()
+        };
+        let meta = lua.create_table_with_capacity(0, 4)?;
+        let of = lazy_of.clone();
+        meta.raw_set(
+            "__index",
+            lua.create_function(move |lua, (t, key): (Table, Value)| match (key, of(&t)) {
+                (Value::String(k), Some(lazy)) => lazy.field(lua, &t, &k.to_str()?),
+                _ => Ok(Value::Nil),
+            })?,
+        )?;
+        let of = lazy_of.clone();
+        meta.raw_set(
+            "__newindex",
+            lua.create_function(move |_, (t, key, value): (Table, Value, Value)| {
+                if key
+                    .as_string()
+                    .is_some_and(|k| k.as_bytes() == b"state".as_slice())
+                {
+                    if let Some(lazy) = of(&t) {
+                        lazy.state_seen.set(true);
+                    }
+                }
+                t.raw_set(key, value)
+            })?,
+        )?;
+        let materialize = lua.create_function(move |lua, t: Table| {
+            let Some(lazy) = lazy_of(&t) else {
+                return Ok(());
+            };
             for name in LazyCtx::FIELDS {
                 if t.raw_get::<Value>(name)?.is_nil() {
                     lazy.field(lua, &t, name)?;
@@ -222,17 +229,41 @@ impl CtxMethods {
             Ok(())
         })?;
         let m = materialize.clone();
-        let pairs = lua.create_function(move |lua, t: Table| {
-            m.call::<()>(&t)?;
-            let next: Function = lua.globals().raw_get("next")?;
-            Ok((next, t, Value::Nil))
-        })?;
-        Ok(CtxMethods {
-            index,
-            newindex,
-            pairs,
-            materialize,
-        })
+        meta.raw_set(
+            "__pairs",
+            lua.create_function(move |lua, t: Table| {
+                m.call::<()>(&t)?;
+                let next: Function = lua.globals().raw_get("next")?;
+                Ok((next, t, Value::Nil))
+            })?,
+        )?;
+        meta.raw_set("__materialize", materialize)?;
+        Ok(CtxMethods { meta, live })
+    }
+}
+
+/// A call's ctx table while the call runs; dropped, it lets go of what it
+/// was built from.
+struct CallCtx<'a> {
+    table: Table,
+    lazy: Rc<LazyCtx>,
+    methods: &'a CtxMethods,
+}
+
+impl CallCtx<'_> {
+    /// Ends the call: gives back the ctx, less whatever Lua holds now.
+    fn finish(&self) -> Option<Ctx> {
+        self.methods
+            .live
+            .borrow_mut()
+            .remove(&(self.table.to_pointer() as usize));
+        self.lazy.take()
+    }
+}
+
+impl Drop for CallCtx<'_> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -433,9 +464,10 @@ impl Vm {
         };
         let table = self.engine(engine).await?;
         let dialog = ctx.dialog.id;
-        let (ctx_table, lazy) = self
+        let ctx = self
             .ctx_table(ctx)
             .map_err(|e| fail(format!("cannot build ctx: {e}")))?;
+        let ctx_table = ctx.table.clone();
         let func: Option<Function> = table
             .get(call.function())
             .map_err(|e| fail(e.to_string()))?;
@@ -447,11 +479,16 @@ impl Vm {
             }
             (_, None) => Ok(Value::Nil),
             (Call::Response { text, at }, Some(f)) => {
-                let message = self.lua.create_table().map_err(|e| fail(e.to_string()))?;
-                message
-                    .set("text", text.as_str())
+                let message = self
+                    .lua
+                    .create_table_with_capacity(0, 2)
                     .map_err(|e| fail(e.to_string()))?;
-                message.set("at", *at).map_err(|e| fail(e.to_string()))?;
+                message
+                    .raw_set("text", text.as_str())
+                    .map_err(|e| fail(e.to_string()))?;
+                message
+                    .raw_set("at", *at)
+                    .map_err(|e| fail(e.to_string()))?;
                 self.metered(scope, f.call_async((ctx_table.clone(), message)))
                     .await
             }
@@ -459,11 +496,11 @@ impl Vm {
         };
         // The call is over: whatever of ctx Lua did not read goes back now
         // (a dialog's shared history among it), not when Lua collects it.
-        let unread = lazy.take();
+        let unread = ctx.finish();
         let value = result.map_err(|e| fail(lua_error_text(&e)))?;
         let state = match unread {
             // Neither read nor replaced: the state stays as it was.
-            Some(ctx) if !lazy.state_seen.get() => ctx.state,
+            Some(unread) if !ctx.lazy.state_seen.get() => unread.state,
             _ => match ctx_table
                 .raw_get::<Value>("state")
                 .map_err(|e| fail(e.to_string()))?
@@ -505,22 +542,23 @@ impl Vm {
     /// other field is built on its first read (most calls read few of them,
     /// and building them all was most of the cost of a call), and all of
     /// them at once when Lua iterates ctx (`pairs`) or `json.encode`s it.
-    fn ctx_table(&self, ctx: Ctx) -> mlua::Result<(Table, Rc<LazyCtx>)> {
+    fn ctx_table(&self, ctx: Ctx) -> mlua::Result<CallCtx<'_>> {
         let table = self.lua.create_table_with_capacity(0, 8)?;
         table.raw_set("now", ctx.now)?;
+        table.set_metatable(Some(self.ctx_methods.meta.clone()))?;
         let lazy = Rc::new(LazyCtx {
             ctx: RefCell::new(Some(ctx)),
             state_seen: Cell::new(false),
         });
-        let m = &self.ctx_methods;
-        let meta = self.lua.create_table_with_capacity(0, 5)?;
-        meta.raw_set("__index", &m.index)?;
-        meta.raw_set("__newindex", &m.newindex)?;
-        meta.raw_set("__pairs", &m.pairs)?;
-        meta.raw_set("__materialize", &m.materialize)?;
-        meta.raw_set(LAZY, self.lua.create_any_userdata(lazy.clone())?)?;
-        table.set_metatable(Some(meta))?;
-        Ok((table, lazy))
+        self.ctx_methods
+            .live
+            .borrow_mut()
+            .insert(table.to_pointer() as usize, lazy.clone());
+        Ok(CallCtx {
+            table,
+            lazy,
+            methods: &self.ctx_methods,
+        })
     }
 
     /// The prompt template rendered with ctx, without HTML escaping.

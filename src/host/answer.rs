@@ -399,7 +399,7 @@ async fn commit(
 
     // What to send, and what is left to the conductors.
     let mut later: Vec<DialogId> = Vec::new();
-    let mut sending: Vec<Sending> = Vec::new();
+    let mut sending: Vec<Sending> = Vec::with_capacity(jobs.len());
     for ((job, reply), answered) in jobs.iter_mut().zip(&replies).zip(answered) {
         match answered {
             Answered::Duplicate => {}
@@ -452,7 +452,7 @@ async fn commit(
         let _ = ack.send(());
     }
     let outcomes = join_all(sending.iter().map(|s| send_in_order(host, s))).await;
-    let mut settled = Vec::new();
+    let mut settled = Vec::with_capacity(sending.len());
     for (s, (sent, failed)) in sending.iter().zip(outcomes) {
         settled.extend(sent);
         if let Some((m, error)) = failed {

@@ -312,20 +312,33 @@ pub fn reserve(
     jitter: Duration,
 ) -> Decision {
     // A message keeps its slot across retries and restarts: taking it again
-    // is a no-op. The same pass sees whether any mark is a day old.
-    let now = req.now;
-    let mut expired = false;
-    for s in &record.sends {
-        if s.key == key {
-            return Decision::Allow;
-        }
-        expired |= now.0 - s.at.0 >= DAY;
+    // is a no-op.
+    if record.sends.iter().any(|s| s.key == key) {
+        return Decision::Allow;
     }
+    reserve_new(record, limits, req, key, jitter)
+}
+
+/// [`reserve`] for a key that holds no slot: a message recorded with a
+/// key just drawn (the answer pipeline's replies), which spares a look at
+/// every mark of the account.
+pub fn reserve_new(
+    record: &mut AccountRecord,
+    limits: &Limits,
+    req: SendRequest<'_>,
+    key: IdempotencyKey,
+    jitter: Duration,
+) -> Decision {
+    debug_assert!(!record.sends.iter().any(|s| s.key == key));
     let decision = decide(record, limits, req);
     if decision != Decision::Allow {
         return decision;
     }
-    if expired {
+    let now = req.now;
+    // Marks older than a day count in no window; they go once the oldest
+    // one is (a mark only moves later, to its confirmation, so the first
+    // is at most a little younger than the oldest).
+    if record.sends.first().is_some_and(|s| now.0 - s.at.0 >= DAY) {
         record.sends.retain(|s| now.0 - s.at.0 < DAY);
     }
     record.sends.push(SendMark {

@@ -200,6 +200,7 @@ impl AccountSafety {
 
     /// A reservation step for [`Store::answer_batch`]: takes a new reply's
     /// slot now if the limits allow, as [`AccountSafety::reserve_now`] does.
+    /// The key is one drawn for the reply: it holds no slot yet.
     /// Callers hold the account's lock until the send is confirmed
     /// ([`AccountSafety::settle_batch`]).
     pub fn reply_reserver(
@@ -220,7 +221,8 @@ impl AccountSafety {
                 now,
                 window: None,
             };
-            decide::reserve(record, limits, req, key, self.jitter(limits)) == Decision::Allow
+            // The pipeline's replies carry keys drawn for them.
+            decide::reserve_new(record, limits, req, key, self.jitter(limits)) == Decision::Allow
         }
     }
 

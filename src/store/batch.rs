@@ -172,17 +172,22 @@ pub struct Written {
     page: Option<([u8; 16], IVec)>,
 }
 
+/// A page's key and value.
+type KeyedIVec = ([u8; 16], IVec);
+
 /// An answer worked out ahead of its transaction (see [`plan`]): the
 /// records to write, and what they replace.
 #[derive(Debug)]
 pub struct Plan {
     /// The dialog's count of writes the plan was made at.
     touched: u64,
-    /// The dialog's record as the plan found it.
-    expect_dialog: IVec,
-    /// The page the plan adds to, as it found it (none when the answer
-    /// starts a new page).
-    expect_page: Option<([u8; 16], IVec)>,
+    /// The dialog's record as the plan found it, and the page the plan
+    /// adds to (none when the answer starts a new page): kept in debug
+    /// builds, which check that the transaction finds them so.
+    expect: Option<(IVec, Option<KeyedIVec>)>,
+    /// The answer's first message goes into the page the dialog's last
+    /// one is in.
+    extends: bool,
     dialog: Dialog,
     dialog_bytes: IVec,
     /// The pages to write, in order (the last holds the last message).
@@ -247,13 +252,13 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
             }
         }
     }
-    let expect_page = page.filter(|_| extends);
+    let expect = cfg!(debug_assertions).then(|| (dialog, page.filter(|_| extends)));
     let journal =
         deferred::journal_entry(old, &incoming, &replies, reply.state, reply.ending.as_ref());
     Some(Plan {
         touched,
-        expect_dialog: dialog,
-        expect_page,
+        expect,
+        extends,
         journal,
         // Copied into sled's own buffers here, on the planning thread,
         // rather than under the transaction's lock.
@@ -573,12 +578,12 @@ impl Tx<'_> {
                 return Ok(None);
             }
             // Unwritten since, so as the plan found them: checked in tests.
-            if cfg!(debug_assertions) {
+            if let Some((expect_dialog, expect_page)) = &plan.expect {
                 let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
-                let key = plan.expect_page.as_ref().map_or(last, |(k, _)| *k);
+                let key = expect_page.as_ref().map_or(last, |(k, _)| *k);
                 let (dialog, page) = self.peek(a.dialog, &key)?;
-                assert_eq!(dialog.as_deref(), Some(&plan.expect_dialog[..]));
-                if let Some((_, expected)) = &plan.expect_page {
+                assert_eq!(dialog.as_deref(), Some(&expect_dialog[..]));
+                if let Some((_, expected)) = expect_page {
                     assert_eq!(page.as_deref(), Some(&expected[..]));
                 }
             }
@@ -606,7 +611,7 @@ impl Tx<'_> {
         // store and the answer.
         let Some(Plan {
             touched,
-            expect_page,
+            extends,
             dialog,
             dialog_bytes,
             mut pages,
@@ -625,7 +630,7 @@ impl Tx<'_> {
             pages,
             last.clone(),
             journal,
-            expect_page.is_some(),
+            extends,
         )?;
         for (i, m) in replies.iter().enumerate() {
             let Some(key) = m.key else { continue };
