@@ -85,6 +85,23 @@ fn entries(page: &[u8]) -> Result<Vec<Entry<'_>>, StoreError> {
     Ok(out)
 }
 
+/// How many entries a page holds, without listing them.
+fn entry_count(page: &[u8]) -> Result<usize, StoreError> {
+    let mut rest = &page[1..];
+    let mut n = 0;
+    while !rest.is_empty() {
+        if rest.len() < HEADER {
+            return Err(corrupt("truncated entry header"));
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        rest = rest
+            .get(HEADER + len..)
+            .ok_or_else(|| corrupt("truncated entry"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn write_entry(out: &mut Vec<u8>, msg: &Message) {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
@@ -237,7 +254,8 @@ pub(super) fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreEr
         if index != 0 {
             return Err(corrupt("a message after a missing page"));
         }
-        let mut out = vec![PAGE_FORMAT];
+        let mut out = Vec::with_capacity(1 + HEADER + 64 + msg.text.len());
+        out.push(PAGE_FORMAT);
         write_entry(&mut out, msg);
         return Ok(out);
     };
@@ -248,6 +266,13 @@ pub(super) fn put(page: Option<&[u8]>, msg: &Message) -> Result<Vec<u8>, StoreEr
             write_entry(&mut out, &old);
         }
         return put(Some(&out), msg);
+    }
+    // Appending, the common case: the page is copied once, in one go.
+    if page[0] == PAGE_FORMAT && entry_count(page)? == index {
+        let mut out = Vec::with_capacity(page.len() + HEADER + 64 + msg.text.len());
+        out.extend_from_slice(page);
+        write_entry(&mut out, msg);
+        return Ok(out);
     }
     let list = entries(page)?;
     let mut out = Vec::with_capacity(page.len() + msg.text.len() + 64);
@@ -276,7 +301,10 @@ pub fn read(page: &[u8], seq: u64) -> Result<Option<Message>, StoreError> {
 
 /// How many messages a page holds.
 pub fn count(page: &[u8]) -> Result<usize, StoreError> {
-    Ok(entries(page)?.len())
+    match page.first() {
+        Some(&PAGE_FORMAT) => entry_count(page),
+        _ => Ok(entries(page)?.len()),
+    }
 }
 
 /// Every message of a page.
