@@ -139,9 +139,19 @@ fn write_diff(
     touched.extend(new.sends[j..].iter().map(bucket_of));
     touched.sort_unstable();
     touched.dedup();
-    // Every touched bucket's marks in one pass over the account's marks.
+    // Every touched bucket's marks in one pass over the account's marks;
+    // most marks are older than any touched bucket.
     let mut values: Vec<Vec<u8>> = vec![Vec::new(); touched.len()];
+    let since = match touched.first() {
+        // Bucket 0 holds every mark before 1970 too.
+        Some(0) => i64::MIN,
+        Some(b) => *b as i64 * BUCKET_MS,
+        None => i64::MAX,
+    };
     for m in &new.sends {
+        if m.at.0 < since {
+            continue;
+        }
         if let Ok(i) = touched.binary_search(&bucket_of(m)) {
             let value = &mut values[i];
             value.extend_from_slice(&m.key.0.to_be_bytes());
