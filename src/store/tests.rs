@@ -693,6 +693,18 @@ fn answer_planned(
         .collect()
 }
 
+/// Opens `n` dialogs (at most five) in a new store, none answered yet.
+fn open_dialogs(store: &Store, n: usize) -> Vec<(DialogId, Option<Box<Written>>)> {
+    import(store, "l", "username\nalice\nbobby\ncarol\ndavid\nerika\n");
+    (0..n)
+        .map(|_| {
+            let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+            let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
+            (d.id, None)
+        })
+        .collect()
+}
+
 /// What a reader sees of some dialogs: records and messages.
 fn snapshot(store: &Store, ids: &[DialogId]) -> Vec<(Option<Dialog>, Vec<Message>)> {
     ids.iter()
@@ -708,13 +720,7 @@ fn deferred_answers_are_replayed_from_the_journal_but_never_over_newer_records()
     let dir = tempfile::tempdir().unwrap();
     let (ids, before) = {
         let store = Store::open(dir.path()).unwrap();
-        import(&store, "l", "username\nalice\nbobby\ncarol\n");
-        let mut dialogs = Vec::new();
-        for _ in 0..3 {
-            let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-            let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
-            dialogs.push((d.id, None));
-        }
+        let mut dialogs = open_dialogs(&store, 3);
         let ids: Vec<DialogId> = dialogs.iter().map(|(id, _)| *id).collect();
         // Enough rounds to fill a page: a full page is written at once.
         for round in 1..=12 {
@@ -793,13 +799,7 @@ fn the_journal_stays_small_and_replays_what_it_keeps() {
     let dir = tempfile::tempdir().unwrap();
     let (ids, before) = {
         let store = Store::open(dir.path()).unwrap();
-        import(&store, "l", "username\nalice\nbobby\ncarol\n");
-        let mut dialogs = Vec::new();
-        for _ in 0..3 {
-            let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-            let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
-            dialogs.push((d.id, None));
-        }
+        let mut dialogs = open_dialogs(&store, 3);
         let ids: Vec<DialogId> = dialogs.iter().map(|(id, _)| *id).collect();
         let (mut most, mut trimmed) = (0, 0);
         for round in 1..=40 {
@@ -879,20 +879,7 @@ fn deferred_dialogs_survive_any_order_of_answers_writes_and_crashes() {
         let dir = tempfile::tempdir().unwrap();
         let rng = SeededRng::new(seed);
         let mut store = Store::open(dir.path()).unwrap();
-        import(&store, "l", "username\nalice\nbobby\ncarol\ndavid\nerika\n");
-        let mut dialogs: Vec<(DialogId, Option<Box<Written>>)> = (0..N)
-            .map(|_| {
-                let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-                (
-                    store
-                        .open_dialog(&new_dialog(cid), None, &allow)
-                        .unwrap()
-                        .0
-                        .id,
-                    None,
-                )
-            })
-            .collect();
+        let mut dialogs = open_dialogs(&store, N);
         let ids: Vec<DialogId> = dialogs.iter().map(|(id, _)| *id).collect();
         let (mut crashes, mut answers) = (0, 0);
         for round in 1..=80u64 {
