@@ -61,7 +61,7 @@ pub struct CampaignView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     /// `"in"` or `"out"`.
-    pub direction: String,
+    pub direction: std::borrow::Cow<'static, str>,
     pub text: String,
     pub at: f64,
 }

@@ -158,7 +158,7 @@ impl LazyCtx {
                 let list = lua.create_table_with_capacity(ctx.history.len(), 0)?;
                 for (i, h) in ctx.history.iter().enumerate() {
                     let entry = lua.create_table_with_capacity(0, 3)?;
-                    entry.raw_set("direction", h.direction.as_str())?;
+                    entry.raw_set("direction", h.direction.as_ref())?;
                     entry.raw_set("text", h.text.as_str())?;
                     entry.raw_set("at", h.at)?;
                     list.raw_set(i + 1, entry)?;
