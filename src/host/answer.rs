@@ -64,6 +64,8 @@ const RECENT: usize = 16_384;
 const QUIET: Duration = Duration::from_millis(20);
 /// Deferred dialogs written out per transaction.
 const WRITE_OUT: usize = 256;
+/// Answers in a batch from which its leftovers are freed on another thread.
+const FREE_ELSEWHERE: usize = 256;
 
 /// Receives incoming messages until shutdown, in batches, two at a time:
 /// while one batch is stored and sent, the engines answer the next (whose
@@ -473,8 +475,12 @@ async fn commit(
     for dialog in later {
         host.activate(dialog);
     }
-    // Freed elsewhere: the next batch waits for this one to end.
-    tokio::task::spawn_blocking(move || drop((jobs, replies, outbound, plans)));
+    // A large batch is freed on another thread: the next batch waits for
+    // this one to end. A small one costs less than the hand-over.
+    let leftovers = (jobs, replies, outbound, plans);
+    if leftovers.0.len() >= FREE_ELSEWHERE {
+        tokio::task::spawn_blocking(move || drop(leftovers));
+    }
     Ok(kept)
 }
 
