@@ -14,7 +14,7 @@ use std::time::Duration;
 use colloquy::clock::{Clock, SeededRng, SystemClock};
 use colloquy::config::Config;
 use colloquy::host;
-use colloquy::model::{Direction, IdempotencyKey, Identity};
+use colloquy::model::{DialogId, Direction, IdempotencyKey, Identity};
 use colloquy::store::{NewDialog, Store};
 use colloquy::transport::{Inbound, IncomingMessage};
 use tokio_util::sync::CancellationToken;
@@ -25,33 +25,42 @@ const MESSAGES: usize = 4_000;
 mod memory;
 use memory::MemoryTransport;
 
-fn project(dir: &Path) -> Arc<Config> {
+/// An engine that tells in its reply what history it was given.
+const HISTORY_ENGINE: &str = r#"
+local M = {}
+function M.get_response(ctx, message)
+  local h = ctx.history
+  local last = h[#h]
+  return "re: " .. message.text .. " after " .. #h .. ", last " .. last.direction .. " " .. last.text
+end
+return M
+"#;
+
+fn project(dir: &Path, engine: &str, reply_delay: &str) -> Arc<Config> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.join("engines")).unwrap();
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
     std::fs::copy(root.join("engines/echo.lua"), dir.join("engines/echo.lua")).unwrap();
-    let text = "[safety]\nmax_per_hour = 1000000\nmax_per_day = 1000000\n\
-                max_new_dialogs_per_day = 1000000\nmin_interval = \"0s\"\njitter = \"0s\"\n\
-                reply_delay = \"0s\"\nstuck_after = \"30days\"\n\
-                [[accounts]]\nname = \"a0\"\n[[accounts]]\nname = \"a1\"\n\
-                [[audiences]]\nname = \"l\"\nfile = \"l.csv\"\n\
-                [[campaigns]]\nname = \"c\"\nstatus = \"paused\"\nengine = \"echo\"\n\
-                audiences = [\"l\"]\naccounts = [\"a0\"]\n";
+    std::fs::write(dir.join("engines/history.lua"), HISTORY_ENGINE).unwrap();
+    let text = format!(
+        "[safety]\nmax_per_hour = 1000000\nmax_per_day = 1000000\n\
+         max_new_dialogs_per_day = 1000000\nmin_interval = \"0s\"\njitter = \"0s\"\n\
+         reply_delay = \"{reply_delay}\"\nstuck_after = \"30days\"\n\
+         [[accounts]]\nname = \"a0\"\n[[accounts]]\nname = \"a1\"\n\
+         [[audiences]]\nname = \"l\"\nfile = \"l.csv\"\n\
+         [[campaigns]]\nname = \"c\"\nstatus = \"paused\"\nengine = \"{engine}\"\n\
+         audiences = [\"l\"]\naccounts = [\"a0\"]\n"
+    );
     std::fs::write(dir.join("l.csv"), "user_id\n1\n").unwrap();
     std::fs::write(dir.join("config.toml"), text).unwrap();
     Arc::new(Config::load(&dir.join("config.toml")).unwrap())
 }
 
-fn account(d: usize) -> String {
-    format!("a{}", d % 2)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = project(dir.path());
+/// A store with `dialogs` dialogs, none with a message yet; dialog `i`
+/// (of contact `i + 1`) is on account [`account`]`(i)`.
+fn dialogs(config: &Config, dialogs: usize) -> (Store, Vec<DialogId>) {
     let store = Store::open(&config.data_dir()).unwrap();
-    let rows: Vec<_> = (1..=DIALOGS as i64)
+    let rows: Vec<_> = (1..=dialogs as i64)
         .map(|i| colloquy::audience::ContactRow {
             line: 0,
             identity: Identity::UserId(i),
@@ -67,18 +76,46 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
     store
         .import_audience("l", &rows, &mut || rng.next_u64())
         .unwrap();
-    let mut dialog_of = HashMap::new();
-    for (i, row) in rows.iter().enumerate() {
-        let contact = store.contact_by_identity(&row.identity).unwrap().unwrap();
-        let new = NewDialog {
-            campaign: "c".into(),
-            account: account(i),
-            contact: contact.id,
-            at: SystemClock.now(),
-        };
-        let (d, _) = store.open_dialog(&new, None, &|_| Ok(())).unwrap();
-        dialog_of.insert(i, d.id);
-    }
+    let ids = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let contact = store.contact_by_identity(&row.identity).unwrap().unwrap();
+            let new = NewDialog {
+                campaign: "c".into(),
+                account: account(i),
+                contact: contact.id,
+                at: SystemClock.now(),
+            };
+            store.open_dialog(&new, None, &|_| Ok(())).unwrap().0.id
+        })
+        .collect();
+    (store, ids)
+}
+
+/// An incoming message `text` to dialog `d`.
+fn incoming(d: usize, transport_id: usize, text: String) -> Inbound {
+    let (stored, _) = tokio::sync::oneshot::channel();
+    let message = IncomingMessage {
+        account: account(d),
+        contact: Identity::UserId(d as i64 + 1),
+        transport_id: transport_id as i64,
+        text,
+        at: SystemClock.now(),
+    };
+    Inbound { message, stored }
+}
+
+fn account(d: usize) -> String {
+    format!("a{}", d % 2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "echo", "0s");
+    let (store, ids) = dialogs(&config, DIALOGS);
+    let dialog_of: HashMap<usize, DialogId> = ids.into_iter().enumerate().collect();
     // Every send: the text by idempotency key.
     let sent: Arc<Mutex<HashMap<IdempotencyKey, String>>> = Arc::default();
     let transport = Arc::new(MemoryTransport::new(MESSAGES, {
@@ -103,15 +140,9 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
     for i in 0..MESSAGES {
         let d = (pick.next_u64() % DIALOGS as u64) as usize;
         expected.entry(d).or_default().push(format!("m{i}"));
-        let (stored, _) = tokio::sync::oneshot::channel();
-        let message = IncomingMessage {
-            account: account(d),
-            contact: Identity::UserId(d as i64 + 1),
-            transport_id: i as i64 + 1,
-            text: format!("m{i}"),
-            at: SystemClock.now(),
-        };
-        sink.send(Inbound { message, stored }).await.unwrap();
+        sink.send(incoming(d, i + 1, format!("m{i}")))
+            .await
+            .unwrap();
     }
     tokio::time::timeout(Duration::from_secs(120), transport.done.notified())
         .await
@@ -152,4 +183,61 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
     drop(store);
     let store = Store::open(&config.data_dir()).unwrap();
     check(&store);
+}
+
+/// The engine's `ctx.history` is the dialog so far with the message being
+/// answered last, whether the pipeline answers it (no reply delay) or the
+/// dialog's conductor does (a reply delay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_sees_the_dialog_and_the_message_either_way() {
+    const DIALOGS: usize = 20;
+    const ROUNDS: usize = 6;
+    for reply_delay in ["0s", "1ms"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = project(dir.path(), "history", reply_delay);
+        let (store, ids) = dialogs(&config, DIALOGS);
+        let (replied, mut replies) = tokio::sync::mpsc::unbounded_channel();
+        let transport = Arc::new(MemoryTransport::new(DIALOGS * ROUNDS, move |msg| {
+            let _ = replied.send(msg.text.clone());
+        }));
+        let h = host::build(
+            config.clone(),
+            store.clone(),
+            transport.clone(),
+            Arc::new(SystemClock),
+            CancellationToken::new(),
+        );
+        host::start(&h).await.unwrap();
+        let sink = transport.inbox();
+        // A message to every dialog, then their replies, round by round:
+        // the k-th message of a dialog comes after k messages and k
+        // replies.
+        for round in 0..ROUNDS {
+            let mut want = Vec::new();
+            for d in 0..DIALOGS {
+                let text = format!("m{round}.{d}");
+                let id = round * DIALOGS + d + 1;
+                want.push(format!(
+                    "re: {text} after {}, last in {text}",
+                    2 * round + 1
+                ));
+                sink.send(incoming(d, id, text)).await.unwrap();
+            }
+            let mut got = Vec::new();
+            while got.len() < DIALOGS {
+                let reply = tokio::time::timeout(Duration::from_secs(30), replies.recv())
+                    .await
+                    .expect("every message answered")
+                    .unwrap();
+                got.push(reply);
+            }
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "round {round}, reply delay {reply_delay}");
+        }
+        host::stop(&h).await;
+        for id in ids {
+            assert_eq!(store.messages(id).unwrap().len(), 2 * ROUNDS);
+        }
+    }
 }

@@ -10,7 +10,7 @@
 //!    [`Host::receive`] and the dialog's conductor;
 //! 2. the engines answer, concurrently across the engine workers, from a
 //!    ctx kept per recently answered dialog rather than rebuilt from the
-//!    store, and the answers to dialogs this path wrote last are planned
+//!    store (its history ends with the message, as a conductor's does), and the answers to dialogs this path wrote last are planned
 //!    (their records worked out without the store, see
 //!    [`store::plan`](crate::store::plan)) on a task of their own;
 //! 3. the messages, answers and the replies' slots are stored in one
@@ -18,7 +18,9 @@
 //!    touched since), and one flush makes it durable;
 //! 4. the transport hears that its messages are stored, the replies go
 //!    out (one dialog's in order, dialogs concurrently), and their
-//!    confirmations are written in one transaction.
+//!    confirmations are written with the next batch's transaction (or in
+//!    one of their own when no batch follows), the batch's accounts and
+//!    dialogs held until then.
 //!
 //! Steps 1 and 2 of a batch run while steps 3 and 4 of the batch before it
 //! do, on a task of their own (see [`dispatch`]), so on both cores.
@@ -39,10 +41,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedMutexGuard};
+use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
 
 use super::conductor::{self, ending_of};
-use super::{contact_view, dialog_view, history_entry, history_of, Host};
+use super::{contact_view, dialog_view, history_of, Host};
 use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
@@ -51,7 +53,8 @@ use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, 
 use crate::safety::reaction::Reaction;
 use crate::safety::Failure;
 use crate::store::{
-    self, Answer, Answered, Outbound, PlanCell, Replied, Settle, StoreError, Written,
+    self, Answer, Answered, Flight, Outbound, PlanCell, Replied, Settle, Settling, StoreError,
+    Written,
 };
 use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
 
@@ -74,10 +77,16 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     let mut pipeline = Pipeline::default();
     let mut batch = Vec::with_capacity(BATCH);
     let mut answered: Option<Prepared> = None;
+    // The batch sent last, settled with the next one.
+    let mut unsettled: Option<Unsettled> = None;
     // Writing out deferred records: the pipeline was quiet for `QUIET`.
     let mut writing_out = false;
     loop {
         batch.append(&mut pipeline.carry);
+        if answered.is_none() {
+            // No batch follows right away to settle it with.
+            settle(&host, unsettled.take());
+        }
         if batch.is_empty() && answered.is_none() {
             let deferred = host.store.deferred() > 0;
             let quiet = if writing_out { Duration::ZERO } else { QUIET };
@@ -117,18 +126,20 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
         // the commit's transaction.
         let committing = answered.take().map(|p| {
             let host = host.clone();
-            tokio::spawn(async move { commit(&host, p).await })
+            let before = unsettled.take();
+            tokio::spawn(async move { commit(&host, p, before).await })
         });
         let committing = async move {
             match committing {
                 Some(task) => match task.await {
-                    Ok(kept) => kept,
+                    Ok(done) => done.map(|(kept, sent)| (kept, Some(sent))),
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // The runtime is going away: what the batch stored is
-                    // in the store, and its dialogs' conductors take it.
-                    Err(_) => Ok(HashMap::new()),
+                    // in the store, its flight is settled when the store
+                    // opens, and its dialogs' conductors take the rest.
+                    Err(_) => Ok((HashMap::new(), None)),
                 },
-                None => Ok(HashMap::new()),
+                None => Ok((HashMap::new(), None)),
             }
         };
         let preparing = {
@@ -154,7 +165,10 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             Err(_) => break,
         };
         match committed {
-            Ok(kept) => pipeline.recent.extend(kept),
+            Ok((kept, sent)) => {
+                pipeline.recent.extend(kept);
+                unsettled = sent;
+            }
             Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
         }
         match prepared {
@@ -169,10 +183,12 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     // Answered, not yet stored: finish it (nothing of it was acknowledged,
     // so dropping it would be safe too, but it is ready).
     if let Some(p) = answered {
-        if let Err(e) = commit(&host, p).await {
-            tracing::error!("incoming messages could not be stored: {e}");
+        match commit(&host, p, unsettled.take()).await {
+            Ok((_, sent)) => unsettled = Some(sent),
+            Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
         }
     }
+    settle(&host, unsettled);
     // Not needed for safety (the journal holds them), but the next start
     // then has nothing to replay.
     while host.store.deferred() > 0 {
@@ -180,6 +196,13 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             tracing::error!("answered dialogs could not be written out: {e}");
             break;
         }
+    }
+}
+
+/// Settles a batch sent, if any, in a transaction of its own.
+fn settle(host: &Arc<Host>, unsettled: Option<Unsettled>) {
+    if let Some(Err(e)) = unsettled.map(|u| u.settle(host)) {
+        tracing::error!("sent replies could not be confirmed: {e}");
     }
 }
 
@@ -224,9 +247,9 @@ struct Job {
 
 /// The replies of one dialog to send, and what became of them.
 struct Sending {
-    /// The contact, as the transport knows it.
-    identity: Identity,
-    dialog: Dialog,
+    /// The dialog and its ctx parts, kept for its next ctx if every reply
+    /// goes out.
+    recent: Box<Recent>,
     replies: Vec<Message>,
     /// Some replies (or an ending) are left to the dialog's conductor.
     rest: bool,
@@ -267,6 +290,16 @@ impl Pipeline {
             return Ok(None);
         }
         let acks: Vec<_> = jobs.iter_mut().filter_map(|j| j.stored.take()).collect();
+        // The engine sees the message in the history, as a conductor's
+        // engine does (the message is stored before it is asked).
+        for job in &mut jobs {
+            let m = &job.message;
+            Arc::make_mut(&mut job.recent.history).push(HistoryEntry {
+                direction: "in".into(),
+                text: m.text.clone(),
+                at: m.at.as_secs_f64(),
+            });
+        }
         let replies = ask_engines(host, &config, &jobs).await;
         let now = host.clock.now();
         let outbound: Vec<Vec<Outbound>> = replies
@@ -280,6 +313,7 @@ impl Pipeline {
         // one stores the batch before.
         let planning = tokio::spawn(async move {
             let plans = plan_all(&mut jobs, &replies, &outbound, now);
+            extend_histories(&mut jobs, &replies, &outbound, now);
             (jobs, replies, outbound, plans)
         });
         let (jobs, replies, outbound, plans) = match planning.await {
@@ -316,6 +350,28 @@ fn plan_all(
         .collect()
 }
 
+/// Adds each answer's replies to its dialog's history, ahead: the history
+/// is kept for the dialog's next ctx only if the answer is stored and
+/// every reply of it sent, and then it reads just so.
+fn extend_histories(
+    jobs: &mut [Job],
+    replies: &[Result<Reply, EngineError>],
+    outbound: &[Vec<Outbound>],
+    now: Timestamp,
+) {
+    let now = now.as_secs_f64();
+    for ((job, reply), out) in jobs.iter_mut().zip(replies).zip(outbound) {
+        if reply.is_ok() && !out.is_empty() {
+            let history = Arc::make_mut(&mut job.recent.history);
+            history.extend(out.iter().map(|o| HistoryEntry {
+                direction: "out".into(),
+                text: o.text.clone(),
+                at: now,
+            }));
+        }
+    }
+}
+
 /// The store's view of a batch's answers; `may_send` and `plans` by job,
 /// none where short.
 fn answers<'a>(
@@ -349,13 +405,50 @@ fn answers<'a>(
         .collect()
 }
 
+/// A batch sent, its flight not yet settled: the next batch's transaction
+/// settles it (see [`Store::settle_and_answer_batch`]), or
+/// [`Unsettled::settle`] when no batch follows. Until then it holds its
+/// accounts' locks and its dialogs' gates, as a conductor holds them until
+/// its send is confirmed; the next batch takes over those it needs.
+///
+/// [`Store::settle_and_answer_batch`]: crate::store::Store::settle_and_answer_batch
+#[derive(Default)]
+struct Unsettled {
+    flight: Flight,
+    sent: Vec<Settle>,
+    locks: HashMap<String, Option<OwnedMutexGuard<()>>>,
+    gates: HashMap<usize, Option<OwnedMutexGuard<()>>>,
+    /// Dialogs left to their conductors, woken once settled.
+    later: Vec<DialogId>,
+}
+
+impl Unsettled {
+    /// Settles the flight in a transaction of its own.
+    fn settle(self, host: &Arc<Host>) -> Result<(), StoreError> {
+        let settled = host.safety.settle_batch(&self.flight, &self.sent);
+        self.release(host);
+        settled
+    }
+
+    /// Lets go of the locks and gates, and wakes the conductors.
+    fn release(self, host: &Arc<Host>) {
+        drop(self.gates);
+        drop(self.locks);
+        for dialog in self.later {
+            host.activate(dialog);
+        }
+    }
+}
+
 /// Stores a prepared batch (messages, answers and slots in one
-/// transaction, one flush), acknowledges its messages, sends the replies
-/// and settles them; returns what to keep of each dialog for its next ctx.
+/// transaction, with the settling of the batch before, and one flush),
+/// acknowledges its messages and sends the replies; returns what to keep
+/// of each dialog for its next ctx, and the batch to settle.
 async fn commit(
     host: &Arc<Host>,
     prepared: Prepared,
-) -> Result<HashMap<DialogId, Box<Recent>>, StoreError> {
+    before: Option<Unsettled>,
+) -> Result<(HashMap<DialogId, Box<Recent>>, Unsettled), StoreError> {
     let Prepared {
         mut jobs,
         replies,
@@ -364,39 +457,68 @@ async fn commit(
         now,
         acks,
     } = prepared;
+    let mut before = before.unwrap_or_default();
     let mut kept: HashMap<DialogId, Box<Recent>> = HashMap::with_capacity(jobs.len());
     // The accounts' locks and the dialogs' gates, as a conductor holds
-    // them from taking a slot until the send is confirmed. A dialog whose
-    // lock or gate is busy takes no slot: its conductor sends.
+    // them from taking a slot until the send is confirmed (taken over
+    // from the batch before where it holds them). A dialog whose lock or
+    // gate is busy takes no slot: its conductor sends.
     let mut locks: HashMap<String, Option<OwnedMutexGuard<()>>> = HashMap::new();
-    let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
+    let mut gates: HashMap<usize, Option<OwnedMutexGuard<()>>> = HashMap::new();
     let mut may_send = Vec::with_capacity(jobs.len());
     for (job, reply) in jobs.iter().zip(&replies) {
         let d = &job.recent.dialog;
         let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
         if wants && !locks.contains_key(d.account.as_str()) {
-            let lock = host.account_lock(&d.account).try_lock_owned().ok();
+            let lock = before.locks.remove(d.account.as_str()).flatten();
+            let lock = lock.or_else(|| host.account_lock(&d.account).try_lock_owned().ok());
             locks.insert(d.account.clone(), lock);
         }
         let free = wants
             && locks[d.account.as_str()].is_some()
             && gates
                 .entry(host.gate_index(d.id))
-                .or_insert_with(|| host.gate(d.id).try_lock().ok())
+                .or_insert_with(|| {
+                    let gate = before.gates.remove(&host.gate_index(d.id)).flatten();
+                    gate.or_else(|| host.gate(d.id).clone().try_lock_owned().ok())
+                })
                 .is_some();
         may_send.push(free);
     }
+    // Every account held: this batch's, and the batch before's to settle.
     let mut accounts: Vec<&str> = locks
         .iter()
+        .chain(&before.locks)
         .filter(|(_, g)| g.is_some())
         .map(|(a, _)| a.as_str())
         .collect();
     accounts.sort_unstable();
+    accounts.dedup();
 
-    let (answered, flight) = {
+    let stored = {
         let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
         let reserve = host.safety.reply_reserver(&accounts);
-        host.store.answer_batch(&answers, &accounts, &reserve)?
+        let confirm = host.safety.confirmer(&before.sent);
+        let settling = Settling {
+            flight: &before.flight,
+            sent: &before.sent,
+            confirm: &confirm,
+        };
+        host.store
+            .settle_and_answer_batch(Some(settling), &answers, &accounts, &reserve)
+    };
+    let (answered, flight) = match stored {
+        Ok(stored) => {
+            before.release(host);
+            stored
+        }
+        Err(e) => {
+            // Settled on its own, then: its replies went out.
+            if let Err(e) = before.settle(host) {
+                tracing::error!("sent replies could not be confirmed: {e}");
+            }
+            return Err(e);
+        }
     };
 
     // What to send, and what is left to the conductors.
@@ -408,42 +530,38 @@ async fn commit(
             Answered::Stale => later.push(job.recent.dialog.id),
             Answered::Done {
                 dialog,
-                incoming,
                 mut replies,
                 slots,
                 written,
+                ..
             } => {
                 if let Err(e) = reply {
                     conductor::engine_failed(host, &dialog, &e.to_string())?;
                     continue;
                 }
-                // The job's ctx parts are done with: they move on to
-                // the next ctx of the dialog.
-                let mut recent = Box::new(Recent {
-                    dialog: (*dialog).clone(),
+                let rest = slots < replies.len() || dialog.ending.is_some();
+                // The job's ctx parts (their history holds the answer
+                // already, see `extend_histories`) move on with the dialog
+                // to its next ctx.
+                let recent = Box::new(Recent {
+                    dialog: *dialog,
                     written: Some(written),
                     identity: job.recent.identity.clone(),
                     contact: std::mem::take(&mut job.recent.contact),
                     history: std::mem::take(&mut job.recent.history),
                 });
-                Arc::make_mut(&mut recent.history).push(history_entry(&incoming));
-                let rest = slots < replies.len() || dialog.ending.is_some();
-                if !rest {
-                    kept.insert(dialog.id, recent);
-                }
                 replies.truncate(slots);
-                if replies.is_empty() {
-                    if rest {
-                        later.push(dialog.id);
-                    }
-                    continue;
+                if !replies.is_empty() {
+                    sending.push(Sending {
+                        recent,
+                        replies,
+                        rest,
+                    });
+                } else if rest {
+                    later.push(recent.dialog.id);
+                } else {
+                    kept.insert(recent.dialog.id, recent);
                 }
-                sending.push(Sending {
-                    identity: job.recent.identity.clone(),
-                    rest,
-                    dialog: *dialog,
-                    replies,
-                });
             }
         }
     }
@@ -455,25 +573,18 @@ async fn commit(
     }
     let outcomes = join_all(sending.iter().map(|s| send_in_order(host, s))).await;
     let mut settled = Vec::with_capacity(sending.len());
-    for (s, (sent, failed)) in sending.iter().zip(outcomes) {
+    for (s, (sent, failed)) in sending.into_iter().zip(outcomes) {
         settled.extend(sent);
+        let id = s.recent.dialog.id;
         if let Some((m, error)) = failed {
-            kept.remove(&s.dialog.id);
-            if react(host, &s.dialog, &m, &error)? {
-                later.push(s.dialog.id);
+            if react(host, &s.recent.dialog, &m, &error)? {
+                later.push(id);
             }
         } else if s.rest {
-            later.push(s.dialog.id);
-        } else if let Some(recent) = kept.get_mut(&s.dialog.id) {
-            let history = Arc::make_mut(&mut recent.history);
-            history.extend(s.replies.iter().map(history_entry));
+            later.push(id);
+        } else {
+            kept.insert(id, s.recent);
         }
-    }
-    host.safety.settle_batch(&flight, &settled)?;
-    drop(gates);
-    drop(locks);
-    for dialog in later {
-        host.activate(dialog);
     }
     // A large batch is freed on another thread: the next batch waits for
     // this one to end. A small one costs less than the hand-over.
@@ -481,7 +592,14 @@ async fn commit(
     if leftovers.0.len() >= FREE_ELSEWHERE {
         tokio::task::spawn_blocking(move || drop(leftovers));
     }
-    Ok(kept)
+    let unsettled = Unsettled {
+        flight,
+        sent: settled,
+        locks,
+        gates,
+        later,
+    };
+    Ok((kept, unsettled))
 }
 
 impl Pipeline {
@@ -697,14 +815,17 @@ async fn ask_engines(
 
 /// Sends a dialog's replies in order; stops at the first failure.
 async fn send_in_order(host: &Host, s: &Sending) -> (Vec<Settle>, Option<(Message, SendError)>) {
+    let Recent {
+        dialog, identity, ..
+    } = &*s.recent;
     let mut sent = Vec::with_capacity(s.replies.len());
     for m in &s.replies {
         let Some(key) = m.key else { continue };
         let result = host
             .transport
             .send(OutgoingMessage {
-                account: s.dialog.account.clone(),
-                contact: s.identity.clone(),
+                account: dialog.account.clone(),
+                contact: identity.clone(),
                 text: m.text.clone(),
                 kind: MessageKind::Reply,
                 key,
@@ -712,7 +833,7 @@ async fn send_in_order(host: &Host, s: &Sending) -> (Vec<Settle>, Option<(Messag
             .await;
         match result {
             Ok(delivered) => sent.push(Settle {
-                account: s.dialog.account.clone(),
+                account: dialog.account.clone(),
                 key,
                 delivered,
             }),

@@ -233,15 +233,28 @@ impl AccountSafety {
         flight: &crate::store::Flight,
         sent: &[crate::store::Settle],
     ) -> Result<(), StoreError> {
-        let mut limits: HashMap<&str, Limits> = HashMap::new();
+        self.inner
+            .store
+            .settle_batch(flight, sent, &self.confirmer(sent))
+    }
+
+    /// A confirmation step for [`Store::settle_batch`]: a sent reply's slot
+    /// confirmed at the transport's time.
+    pub fn confirmer(
+        &self,
+        sent: &[crate::store::Settle],
+    ) -> impl Fn(&mut crate::model::AccountRecord, &crate::store::Settle) {
+        let mut limits: HashMap<String, Limits> = HashMap::new();
         for s in sent {
-            limits
-                .entry(s.account.as_str())
-                .or_insert_with(|| self.limits(&s.account));
+            if !limits.contains_key(&s.account) {
+                limits.insert(s.account.clone(), self.limits(&s.account));
+            }
         }
-        self.inner.store.settle_batch(flight, sent, &|r, s| {
-            decide::confirm(r, s.key, s.delivered.at, &limits[s.account.as_str()]);
-        })
+        move |record, s| {
+            if let Some(limits) = limits.get(&s.account) {
+                decide::confirm(record, s.key, s.delivered.at, limits);
+            }
+        }
     }
 
     /// A reservation step for [`Store::open_dialog`], so that claiming the

@@ -53,7 +53,9 @@ use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
     DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
-pub use batch::{plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Written};
+pub use batch::{
+    plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Settling, Written,
+};
 use batch::{Flying, InFlight, Touched};
 use deferred::Deferred;
 use keys::*;

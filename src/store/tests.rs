@@ -524,6 +524,77 @@ fn a_reply_of_a_flight_not_sent_moves_to_the_outbox() {
 }
 
 #[test]
+fn a_flight_settled_with_the_next_batch_ends_as_if_settled_on_its_own() {
+    let store = Store::temporary().unwrap();
+    let d = one_dialog(&store);
+    let (state, out) = (serde_json::json!({}), replies());
+    let (_, flight) = store
+        .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
+        .unwrap();
+    // The first reply was sent, the second failed; the next message's
+    // replies (keys 3 and 4) are answered in the same transaction.
+    let seen = store.dialog(d.id).unwrap().unwrap();
+    let next: Vec<Outbound> = (3..=4)
+        .map(|k| Outbound {
+            kind: MessageKind::Reply,
+            text: format!("r{k}"),
+            key: IdempotencyKey(k),
+        })
+        .collect();
+    let sent = [took(1)];
+    let confirm = |r: &mut AccountRecord, s: &Settle| r.next_send_at = s.delivered.at;
+    let settling = Settling {
+        flight: &flight,
+        sent: &sent,
+        confirm: &confirm,
+    };
+    let reserved = std::cell::RefCell::new(Vec::new());
+    let (answered, next_flight) = store
+        .settle_and_answer_batch(
+            Some(settling),
+            &[answer(&seen, 6, &state, &next)],
+            &["a"],
+            &|r, k| {
+                // The settled confirmation is on the record already.
+                reserved.borrow_mut().push((k, r.next_send_at));
+                true
+            },
+        )
+        .unwrap();
+    assert!(matches!(answered[0], Answered::Done { slots: 2, .. }));
+    assert_eq!(
+        *reserved.borrow(),
+        [
+            (IdempotencyKey(3), Timestamp(2_100)),
+            (IdempotencyKey(4), Timestamp(2_100))
+        ]
+    );
+    assert!(!store.is_pending(IdempotencyKey(1)).unwrap());
+    let pending: Vec<_> = store
+        .pending_outbound()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(pending, [Some(IdempotencyKey(2))], "landed in the outbox");
+    assert!(store.is_pending(IdempotencyKey(3)).unwrap(), "in flight");
+    assert_eq!(store.account("a").unwrap().next_send_at, Timestamp(2_100));
+    assert_eq!(
+        deliveries(&store, d.id),
+        [
+            None,
+            Some(Delivery::Sent),
+            Some(Delivery::Pending),
+            None,
+            Some(Delivery::Pending),
+            Some(Delivery::Pending)
+        ]
+    );
+    store.settle_batch(&next_flight, &[], &|_, _| {}).unwrap();
+    assert_eq!(store.pending_outbound().unwrap().len(), 3);
+}
+
+#[test]
 fn a_flight_out_when_the_host_stopped_lands_in_the_outbox_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let did;
