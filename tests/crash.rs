@@ -46,8 +46,10 @@ fn killed_while_answering_in_batches_the_host_keeps_every_invariant() {
 ///     SWEEP=storm SWEEP_SEED=7 cargo test --release --test crash sweep -- --ignored
 ///
 /// `SWEEP` is one of `tight` (low caps, long pauses, warm-up), `storm` (every
-/// fault often), `fast` (time scale 10,000, no reply delay) and `two` (two
-/// campaigns over one audience and one account).
+/// fault often), `fast` (time scale 10,000, no reply delay), `paced` (no
+/// reply delay, so the answer pipeline, but the minimum interval and
+/// jitter kept) and `two` (two campaigns over one audience and one
+/// account).
 #[test]
 #[ignore]
 fn sweep() {
@@ -82,6 +84,9 @@ fn sweep() {
             .replace("reply_delay = \"10s..2m\"", "reply_delay = \"0s\"")
             .replace("min_interval = \"20s\"", "min_interval = \"0s\"")
             .replace("jitter = \"10s\"", "jitter = \"0s\""),
+        "paced" => base
+            .replace("time_scale = 8000", "time_scale = 10000")
+            .replace("reply_delay = \"10s..2m\"", "reply_delay = \"0s\""),
         "two" => format!(
             "{base}\n[[campaigns]]\nname = \"autumn\"\nengine = \"scripted\"\n\
              prompt_template = \"engines/prompts/spring.md\"\naudiences = [\"leads\"]\n\
