@@ -10,8 +10,9 @@
 //!    [`Host::receive`] and the dialog's conductor;
 //! 2. the engines answer, concurrently across the engine workers, from a
 //!    ctx kept per recently answered dialog rather than rebuilt from the
-//!    store (its history ends with the message, as a conductor's does), and the answers to dialogs this path wrote last are planned
-//!    (their records worked out without the store, see
+//!    store (its history ends with the message, as a conductor's does),
+//!    and the answers to dialogs this path wrote last are planned (their
+//!    records worked out without the store, see
 //!    [`store::plan`](crate::store::plan)) on a task of their own;
 //! 3. the messages, answers and the replies' slots are stored in one
 //!    transaction (a planned answer as planned, unless its dialog was
