@@ -93,6 +93,24 @@ fn dialogs(config: &Config, dialogs: usize) -> (Store, Vec<DialogId>) {
     (store, ids)
 }
 
+/// The host, started on the in-memory transport, and its inbox.
+async fn start(
+    config: &Arc<Config>,
+    store: &Store,
+    transport: &Arc<MemoryTransport>,
+) -> (Arc<host::Host>, tokio::sync::mpsc::Sender<Inbound>) {
+    let h = host::build(
+        config.clone(),
+        store.clone(),
+        transport.clone(),
+        Arc::new(SystemClock),
+        CancellationToken::new(),
+    );
+    host::start(&h).await.unwrap();
+    let sink = transport.inbox();
+    (h, sink)
+}
+
 /// An incoming message `text` to dialog `d`.
 fn incoming(d: usize, transport_id: usize, text: String) -> Inbound {
     let (stored, _) = tokio::sync::oneshot::channel();
@@ -125,15 +143,7 @@ async fn every_message_of_a_burst_is_answered_once_and_stored_in_order() {
             assert!(again.is_none(), "key {:?} sent twice", msg.key);
         }
     }));
-    let h = host::build(
-        config.clone(),
-        store.clone(),
-        transport.clone(),
-        Arc::new(SystemClock),
-        CancellationToken::new(),
-    );
-    host::start(&h).await.unwrap();
-    let sink = transport.inbox();
+    let (h, sink) = start(&config, &store, &transport).await;
     // Which dialog each message goes to, and in what order.
     let mut expected: HashMap<usize, Vec<String>> = HashMap::new();
     let pick = SeededRng::new(7);
@@ -200,15 +210,7 @@ async fn the_engine_sees_the_dialog_and_the_message_either_way() {
         let transport = Arc::new(MemoryTransport::new(DIALOGS * ROUNDS, move |msg| {
             let _ = replied.send(msg.text.clone());
         }));
-        let h = host::build(
-            config.clone(),
-            store.clone(),
-            transport.clone(),
-            Arc::new(SystemClock),
-            CancellationToken::new(),
-        );
-        host::start(&h).await.unwrap();
-        let sink = transport.inbox();
+        let (h, sink) = start(&config, &store, &transport).await;
         // A message to every dialog, then their replies, round by round:
         // the k-th message of a dialog comes after k messages and k
         // replies.

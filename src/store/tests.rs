@@ -413,6 +413,16 @@ fn deliveries(store: &Store, dialog: DialogId) -> Vec<Option<Delivery>> {
         .collect()
 }
 
+/// The keys of the messages waiting in the outbox.
+fn outbox_keys(store: &Store) -> Vec<Option<IdempotencyKey>> {
+    store
+        .pending_outbound()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect()
+}
+
 /// The transport took the reply with this key.
 fn took(key: u64) -> Settle {
     Settle {
@@ -460,6 +470,16 @@ fn replies() -> Vec<Outbound> {
         .collect()
 }
 
+/// A dialog answered with two replies, both flying.
+fn one_flight(store: &Store) -> (Dialog, Flight) {
+    let d = one_dialog(store);
+    let (state, out) = (serde_json::json!({}), replies());
+    let (_, flight) = store
+        .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
+        .unwrap();
+    (d, flight)
+}
+
 #[test]
 fn replies_in_flight_are_pending_until_their_batch_settles() {
     let store = Store::temporary().unwrap();
@@ -505,32 +525,19 @@ fn replies_in_flight_are_pending_until_their_batch_settles() {
 #[test]
 fn a_reply_of_a_flight_not_sent_moves_to_the_outbox() {
     let store = Store::temporary().unwrap();
-    let d = one_dialog(&store);
-    let (state, out) = (serde_json::json!({}), replies());
-    let (_, flight) = store
-        .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
-        .unwrap();
+    let (_, flight) = one_flight(&store);
     assert!(store.pending_outbound().unwrap().is_empty());
     // The first was sent, the second failed.
     let sent = took(1);
     store.settle_batch(&flight, &[sent], &|_, _| {}).unwrap();
-    let pending: Vec<_> = store
-        .pending_outbound()
-        .unwrap()
-        .into_iter()
-        .map(|m| m.key)
-        .collect();
-    assert_eq!(pending, [Some(IdempotencyKey(2))]);
+    assert_eq!(outbox_keys(&store), [Some(IdempotencyKey(2))]);
 }
 
 #[test]
 fn a_flight_settled_with_the_next_batch_ends_as_if_settled_on_its_own() {
     let store = Store::temporary().unwrap();
-    let d = one_dialog(&store);
-    let (state, out) = (serde_json::json!({}), replies());
-    let (_, flight) = store
-        .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &|_, _| true)
-        .unwrap();
+    let (d, flight) = one_flight(&store);
+    let state = serde_json::json!({});
     // The first reply was sent, the second failed; the next message's
     // replies (keys 3 and 4) are answered in the same transaction.
     let seen = store.dialog(d.id).unwrap().unwrap();
@@ -570,13 +577,11 @@ fn a_flight_settled_with_the_next_batch_ends_as_if_settled_on_its_own() {
         ]
     );
     assert!(!store.is_pending(IdempotencyKey(1)).unwrap());
-    let pending: Vec<_> = store
-        .pending_outbound()
-        .unwrap()
-        .into_iter()
-        .map(|m| m.key)
-        .collect();
-    assert_eq!(pending, [Some(IdempotencyKey(2))], "landed in the outbox");
+    assert_eq!(
+        outbox_keys(&store),
+        [Some(IdempotencyKey(2))],
+        "landed in the outbox"
+    );
     assert!(store.is_pending(IdempotencyKey(3)).unwrap(), "in flight");
     assert_eq!(store.account("a").unwrap().next_send_at, Timestamp(2_100));
     assert_eq!(
@@ -694,14 +699,11 @@ fn a_planned_answer_writes_what_the_transaction_would() {
             stores[1].messages(id).unwrap(),
             "round {round}"
         );
-        let pending = |s: &Store| -> Vec<_> {
-            s.pending_outbound()
-                .unwrap()
-                .into_iter()
-                .map(|m| m.key)
-                .collect()
-        };
-        assert_eq!(pending(&stores[0]), pending(&stores[1]), "round {round}");
+        assert_eq!(
+            outbox_keys(&stores[0]),
+            outbox_keys(&stores[1]),
+            "round {round}"
+        );
     }
     assert_eq!(planned, 39);
     // The planned store kept its dialog deferred; written out, it holds
