@@ -101,6 +101,14 @@ impl Host {
     }
 }
 
+impl Drop for Host {
+    /// A failed test leaves no host running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn openings(dir: &Path) -> usize {
     openings_of(dir, None)
 }
@@ -219,6 +227,12 @@ fn campaign_edits_apply_while_the_host_runs_and_a_bad_edit_keeps_the_running_con
         bob,
         "an account taken out of the campaign kept opening"
     );
+    // Reading the file (`status` does, every few milliseconds above) and
+    // saving it unchanged are no edits: one reload per edit, no more.
+    edit(dir.path(), &config_with("active", "", r#"["alice"]"#));
+    std::thread::sleep(Duration::from_millis(1000));
+    let log = host.log.lock().unwrap().clone();
+    assert_eq!(log.matches("config.toml reloaded").count(), 3, "{log}");
 
     Command::new("kill")
         .args(["-TERM", &host.child.id().to_string()])

@@ -555,22 +555,26 @@ fn import_audiences(config: &Config, store: &Store) -> Result<(), String> {
 }
 
 /// Reloads config.toml when it changes; an invalid edit is reported and the
-/// running config kept.
+/// running config kept. Reading the file (as `colloquy status` and the
+/// reload itself do) is not a change, and neither is a save that leaves
+/// the text as it was.
 fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let name = path.file_name().map(|n| n.to_os_string());
     let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
         if let Ok(e) = e {
-            if e.paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+            if !e.kind.is_access()
+                && e.paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
             {
                 let _ = tx.send(());
             }
         }
     })
     .ok()?;
+    let mut loaded = std::fs::read(&path).ok();
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -582,6 +586,11 @@ fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::Rec
     std::thread::spawn(move || {
         while rx.recv().is_ok() {
             while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
+            let text = std::fs::read(&path).ok();
+            if text.is_some() && text == loaded {
+                continue;
+            }
+            loaded = text;
             match Config::load(&path) {
                 Ok(c) => {
                     let h = host.clone();
