@@ -297,8 +297,8 @@ fn run_host(config_path: &Path) -> Result<(), Failure> {
         let signal = shutdown.clone();
         tokio::spawn(async move {
             wait_for_stop_signal().await;
-            tracing::info!("stopping: finishing in-flight work");
             signal.cancel();
+            tracing::info!("stopping: finishing in-flight work");
         });
         crate::host::run(config, shutdown)
             .await
