@@ -15,6 +15,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Problem, Problems};
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
 use crate::engine::{watch, Call, Ctx, EngineRuntime, Output};
+use crate::host::optout::OptOut;
 
 /// Runs a chat until `/quit`, end of input, or the engine ends the dialog.
 pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
@@ -89,6 +90,7 @@ pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
     if !say(&mut ctx, Call::Opening) {
         return Ok(());
     }
+    let opt_out = OptOut::new(&config.file.compliance.opt_out_patterns);
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let line = line.map_err(|e| Failure::Other(format!("cannot read stdin: {e}")))?;
@@ -101,6 +103,13 @@ pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
             t if t.starts_with('/') => {
                 println!("[commands: /followup, /dead, /quit]");
                 true
+            }
+            t if opt_out.matches(t) => {
+                // As the host does: the engine is not asked.
+                println!(
+                    "[opted out: the host would end the dialog here and never write to this contact again]"
+                );
+                false
             }
             t => {
                 let at = clock.now().as_secs_f64();

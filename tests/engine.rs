@@ -69,3 +69,38 @@ fn eval_reports_lua_errors_with_file_and_line() {
     assert_eq!(code, 2);
     assert!(stderr.contains("missing.lua: cannot read"), "{stderr}");
 }
+
+/// `colloquy chat`: the campaign's engine answers what is typed, and an
+/// opt-out ends the dialog as the host would, without asking the engine.
+#[test]
+fn chat_answers_and_an_opt_out_ends_it_as_the_host_would() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut chat = Command::new(BIN)
+        .args(["chat", "--campaign", "spring", "--config"])
+        .arg(root().join("config.toml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all("how much is it?\nplease STOP writing\nhello again\n".as_bytes())
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    // The opening, the answer to the question, then the opt-out, last:
+    // nothing is answered after it.
+    assert!(lines[0].contains("Acme CRM"), "{stdout}");
+    assert!(lines[1].contains("29 EUR"), "{stdout}");
+    assert!(lines.last().unwrap().starts_with("[opted out"), "{stdout}");
+    assert_eq!(stdout.matches("[opted out").count(), 1, "{stdout}");
+}

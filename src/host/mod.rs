@@ -10,7 +10,7 @@
 mod answer;
 mod conductor;
 pub mod control;
-mod optout;
+pub(crate) mod optout;
 mod reviver;
 mod runner;
 
