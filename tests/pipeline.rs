@@ -14,7 +14,7 @@ use std::time::Duration;
 use colloquy::clock::{Clock, SeededRng, SystemClock};
 use colloquy::config::Config;
 use colloquy::host;
-use colloquy::model::{DialogId, Direction, IdempotencyKey, Identity};
+use colloquy::model::{Delivery, DialogId, DialogStatus, Direction, IdempotencyKey, Identity};
 use colloquy::store::{NewDialog, Store};
 use colloquy::transport::{Inbound, IncomingMessage};
 use tokio_util::sync::CancellationToken;
@@ -113,7 +113,16 @@ async fn start(
 
 /// An incoming message `text` to dialog `d`.
 fn incoming(d: usize, transport_id: usize, text: String) -> Inbound {
-    let (stored, _) = tokio::sync::oneshot::channel();
+    incoming_acked(d, transport_id, text).0
+}
+
+/// [`incoming`], and what hears that the host stored it.
+fn incoming_acked(
+    d: usize,
+    transport_id: usize,
+    text: String,
+) -> (Inbound, tokio::sync::oneshot::Receiver<()>) {
+    let (stored, acked) = tokio::sync::oneshot::channel();
     let message = IncomingMessage {
         account: account(d),
         contact: Identity::UserId(d as i64 + 1),
@@ -121,7 +130,7 @@ fn incoming(d: usize, transport_id: usize, text: String) -> Inbound {
         text,
         at: SystemClock.now(),
     };
-    Inbound { message, stored }
+    (Inbound { message, stored }, acked)
 }
 
 fn account(d: usize) -> String {
@@ -241,5 +250,57 @@ async fn the_engine_sees_the_dialog_and_the_message_either_way() {
         for id in ids {
             assert_eq!(store.messages(id).unwrap().len(), 2 * ROUNDS);
         }
+    }
+}
+
+/// Opt-outs amid a burst to more dialogs than the host has gates (so
+/// dialogs share them): every message is stored and acknowledged, each
+/// dialog that opted out ends so, and nothing is sent in it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opt_outs_amid_a_burst_end_their_dialogs_and_the_rest_goes_on() {
+    const DIALOGS: usize = 3_000;
+    const MESSAGES: usize = 9_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "echo", "0s");
+    let (store, ids) = dialogs(&config, DIALOGS);
+    let transport = Arc::new(MemoryTransport::new(usize::MAX, |_| {}));
+    let (h, sink) = start(&config, &store, &transport).await;
+    let pick = SeededRng::new(11);
+    let mut acks = Vec::with_capacity(MESSAGES);
+    let mut opted = std::collections::HashSet::new();
+    for i in 0..MESSAGES {
+        let d = (pick.next_u64() % DIALOGS as u64) as usize;
+        let text = if i % 50 == 7 {
+            opted.insert(d);
+            "please stop writing".to_string()
+        } else {
+            format!("m{i}")
+        };
+        let (message, acked) = incoming_acked(d, i + 1, text);
+        acks.push(acked);
+        sink.send(message).await.unwrap();
+    }
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(acks),
+    )
+    .await
+    .expect("every message stored and acknowledged");
+    host::stop(&h).await;
+    for d in opted {
+        let id = ids[d];
+        let dialog = store.dialog(id).unwrap().unwrap();
+        assert_eq!(dialog.status, DialogStatus::OptedOut, "dialog {id}");
+        let messages = store.messages(id).unwrap();
+        let stop = messages
+            .iter()
+            .position(|m| m.text == "please stop writing")
+            .expect("the opt-out is stored");
+        assert!(
+            messages[stop..]
+                .iter()
+                .all(|m| m.direction == Direction::In || m.delivery != Some(Delivery::Sent)),
+            "dialog {id} sent after the opt-out: {messages:?}"
+        );
     }
 }

@@ -19,9 +19,7 @@
 //!    touched since), and one flush makes it durable;
 //! 4. the transport hears that its messages are stored, the replies go
 //!    out (one dialog's in order, dialogs concurrently), and their
-//!    confirmations are written with the next batch's transaction (or in
-//!    one of their own when no batch follows), the batch's accounts and
-//!    dialogs held until then.
+//!    confirmations are written in one transaction.
 //!
 //! Steps 1 and 2 of a batch run while steps 3 and 4 of the batch before it
 //! do, on a task of their own (see [`dispatch`]), so on both cores.
@@ -42,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
+use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedMutexGuard};
 
 use super::conductor::{self, ending_of};
 use super::{contact_view, dialog_view, history_of, Host};
@@ -54,8 +52,7 @@ use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, 
 use crate::safety::reaction::Reaction;
 use crate::safety::Failure;
 use crate::store::{
-    self, Answer, Answered, Flight, Outbound, PlanCell, Replied, Settle, Settling, StoreError,
-    Written,
+    self, Answer, Answered, Outbound, PlanCell, Replied, Settle, StoreError, Written,
 };
 use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
 
@@ -78,16 +75,10 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     let mut pipeline = Pipeline::default();
     let mut batch = Vec::with_capacity(BATCH);
     let mut answered: Option<Prepared> = None;
-    // The batch sent last, settled with the next one.
-    let mut unsettled: Option<Unsettled> = None;
     // Writing out deferred records: the pipeline was quiet for `QUIET`.
     let mut writing_out = false;
     loop {
         batch.append(&mut pipeline.carry);
-        if answered.is_none() {
-            // No batch follows right away to settle it with.
-            settle(&host, unsettled.take());
-        }
         if batch.is_empty() && answered.is_none() {
             let deferred = host.store.deferred() > 0;
             let quiet = if writing_out { Duration::ZERO } else { QUIET };
@@ -127,20 +118,18 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
         // the commit's transaction.
         let committing = answered.take().map(|p| {
             let host = host.clone();
-            let before = unsettled.take();
-            tokio::spawn(async move { commit(&host, p, before).await })
+            tokio::spawn(async move { commit(&host, p).await })
         });
         let committing = async move {
             match committing {
                 Some(task) => match task.await {
-                    Ok(done) => done.map(|(kept, sent)| (kept, Some(sent))),
+                    Ok(kept) => kept,
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // The runtime is going away: what the batch stored is
-                    // in the store, its flight is settled when the store
-                    // opens, and its dialogs' conductors take the rest.
-                    Err(_) => Ok((HashMap::new(), None)),
+                    // in the store, and its dialogs' conductors take it.
+                    Err(_) => Ok(HashMap::new()),
                 },
-                None => Ok((HashMap::new(), None)),
+                None => Ok(HashMap::new()),
             }
         };
         let preparing = {
@@ -166,10 +155,7 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             Err(_) => break,
         };
         match committed {
-            Ok((kept, sent)) => {
-                pipeline.recent.extend(kept);
-                unsettled = sent;
-            }
+            Ok(kept) => pipeline.recent.extend(kept),
             Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
         }
         match prepared {
@@ -184,12 +170,10 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     // Answered, not yet stored: finish it (nothing of it was acknowledged,
     // so dropping it would be safe too, but it is ready).
     if let Some(p) = answered {
-        match commit(&host, p, unsettled.take()).await {
-            Ok((_, sent)) => unsettled = Some(sent),
-            Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
+        if let Err(e) = commit(&host, p).await {
+            tracing::error!("incoming messages could not be stored: {e}");
         }
     }
-    settle(&host, unsettled);
     // Not needed for safety (the journal holds them), but the next start
     // then has nothing to replay.
     while host.store.deferred() > 0 {
@@ -197,13 +181,6 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             tracing::error!("answered dialogs could not be written out: {e}");
             break;
         }
-    }
-}
-
-/// Settles a batch sent, if any, in a transaction of its own.
-fn settle(host: &Arc<Host>, unsettled: Option<Unsettled>) {
-    if let Some(Err(e)) = unsettled.map(|u| u.settle(host)) {
-        tracing::error!("sent replies could not be confirmed: {e}");
     }
 }
 
@@ -406,50 +383,13 @@ fn answers<'a>(
         .collect()
 }
 
-/// A batch sent, its flight not yet settled: the next batch's transaction
-/// settles it (see [`Store::settle_and_answer_batch`]), or
-/// [`Unsettled::settle`] when no batch follows. Until then it holds its
-/// accounts' locks and its dialogs' gates, as a conductor holds them until
-/// its send is confirmed; the next batch takes over those it needs.
-///
-/// [`Store::settle_and_answer_batch`]: crate::store::Store::settle_and_answer_batch
-#[derive(Default)]
-struct Unsettled {
-    flight: Flight,
-    sent: Vec<Settle>,
-    locks: HashMap<String, Option<OwnedMutexGuard<()>>>,
-    gates: HashMap<usize, Option<OwnedMutexGuard<()>>>,
-    /// Dialogs left to their conductors, woken once settled.
-    later: Vec<DialogId>,
-}
-
-impl Unsettled {
-    /// Settles the flight in a transaction of its own.
-    fn settle(self, host: &Arc<Host>) -> Result<(), StoreError> {
-        let settled = host.safety.settle_batch(&self.flight, &self.sent);
-        self.release(host);
-        settled
-    }
-
-    /// Lets go of the locks and gates, and wakes the conductors.
-    fn release(self, host: &Arc<Host>) {
-        drop(self.gates);
-        drop(self.locks);
-        for dialog in self.later {
-            host.activate(dialog);
-        }
-    }
-}
-
 /// Stores a prepared batch (messages, answers and slots in one
-/// transaction, with the settling of the batch before, and one flush),
-/// acknowledges its messages and sends the replies; returns what to keep
-/// of each dialog for its next ctx, and the batch to settle.
+/// transaction, one flush), acknowledges its messages, sends the replies
+/// and settles them; returns what to keep of each dialog for its next ctx.
 async fn commit(
     host: &Arc<Host>,
     prepared: Prepared,
-    before: Option<Unsettled>,
-) -> Result<(HashMap<DialogId, Box<Recent>>, Unsettled), StoreError> {
+) -> Result<HashMap<DialogId, Box<Recent>>, StoreError> {
     let Prepared {
         mut jobs,
         replies,
@@ -458,68 +398,39 @@ async fn commit(
         now,
         acks,
     } = prepared;
-    let mut before = before.unwrap_or_default();
     let mut kept: HashMap<DialogId, Box<Recent>> = HashMap::with_capacity(jobs.len());
     // The accounts' locks and the dialogs' gates, as a conductor holds
-    // them from taking a slot until the send is confirmed (taken over
-    // from the batch before where it holds them). A dialog whose lock or
-    // gate is busy takes no slot: its conductor sends.
+    // them from taking a slot until the send is confirmed. A dialog whose
+    // lock or gate is busy takes no slot: its conductor sends.
     let mut locks: HashMap<String, Option<OwnedMutexGuard<()>>> = HashMap::new();
-    let mut gates: HashMap<usize, Option<OwnedMutexGuard<()>>> = HashMap::new();
+    let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
     let mut may_send = Vec::with_capacity(jobs.len());
     for (job, reply) in jobs.iter().zip(&replies) {
         let d = &job.recent.dialog;
         let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
         if wants && !locks.contains_key(d.account.as_str()) {
-            let lock = before.locks.remove(d.account.as_str()).flatten();
-            let lock = lock.or_else(|| host.account_lock(&d.account).try_lock_owned().ok());
+            let lock = host.account_lock(&d.account).try_lock_owned().ok();
             locks.insert(d.account.clone(), lock);
         }
         let free = wants
             && locks[d.account.as_str()].is_some()
             && gates
                 .entry(host.gate_index(d.id))
-                .or_insert_with(|| {
-                    let gate = before.gates.remove(&host.gate_index(d.id)).flatten();
-                    gate.or_else(|| host.gate(d.id).clone().try_lock_owned().ok())
-                })
+                .or_insert_with(|| host.gate(d.id).try_lock().ok())
                 .is_some();
         may_send.push(free);
     }
-    // Every account held: this batch's, and the batch before's to settle.
     let mut accounts: Vec<&str> = locks
         .iter()
-        .chain(&before.locks)
         .filter(|(_, g)| g.is_some())
         .map(|(a, _)| a.as_str())
         .collect();
     accounts.sort_unstable();
-    accounts.dedup();
 
-    let stored = {
+    let (answered, flight) = {
         let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
         let reserve = host.safety.reply_reserver(&accounts);
-        let confirm = host.safety.confirmer(&before.sent);
-        let settling = Settling {
-            flight: &before.flight,
-            sent: &before.sent,
-            confirm: &confirm,
-        };
-        host.store
-            .settle_and_answer_batch(Some(settling), &answers, &accounts, &reserve)
-    };
-    let (answered, flight) = match stored {
-        Ok(stored) => {
-            before.release(host);
-            stored
-        }
-        Err(e) => {
-            // Settled on its own, then: its replies went out.
-            if let Err(e) = before.settle(host) {
-                tracing::error!("sent replies could not be confirmed: {e}");
-            }
-            return Err(e);
-        }
+        host.store.answer_batch(&answers, &accounts, &reserve)?
     };
 
     // What to send, and what is left to the conductors.
@@ -587,20 +498,19 @@ async fn commit(
             kept.insert(id, s.recent);
         }
     }
+    host.safety.settle_batch(&flight, &settled)?;
+    drop(gates);
+    drop(locks);
+    for dialog in later {
+        host.activate(dialog);
+    }
     // A large batch is freed on another thread: the next batch waits for
     // this one to end. A small one costs less than the hand-over.
     let leftovers = (jobs, replies, outbound, plans);
     if leftovers.0.len() >= FREE_ELSEWHERE {
         tokio::task::spawn_blocking(move || drop(leftovers));
     }
-    let unsettled = Unsettled {
-        flight,
-        sent: settled,
-        locks,
-        gates,
-        later,
-    };
-    Ok((kept, unsettled))
+    Ok(kept)
 }
 
 impl Pipeline {

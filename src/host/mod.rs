@@ -58,7 +58,7 @@ pub struct Host {
     /// Per-dialog gates (striped): a send and the handling of an incoming
     /// message of one dialog never overlap, so an opt-out is either seen
     /// before a send or arrives after it.
-    gates: Vec<Arc<tokio::sync::Mutex<()>>>,
+    gates: Vec<tokio::sync::Mutex<()>>,
     /// Per-account locks: a slot is taken, used and confirmed in one go.
     account_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The config changed: runners and the reviver look again.
@@ -97,7 +97,7 @@ impl Host {
         self.changed.notify_waiters();
     }
 
-    fn gate(&self, dialog: DialogId) -> &Arc<tokio::sync::Mutex<()>> {
+    fn gate(&self, dialog: DialogId) -> &tokio::sync::Mutex<()> {
         &self.gates[self.gate_index(dialog)]
     }
 
@@ -471,7 +471,7 @@ pub fn build(
         ))),
         config: RwLock::new(config),
         conductors: Mutex::new(HashMap::new()),
-        gates: (0..GATES).map(|_| Arc::default()).collect(),
+        gates: (0..GATES).map(|_| tokio::sync::Mutex::new(())).collect(),
         account_locks: Mutex::new(HashMap::new()),
         changed: Notify::new(),
         activity: Notify::new(),

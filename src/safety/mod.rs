@@ -233,28 +233,15 @@ impl AccountSafety {
         flight: &crate::store::Flight,
         sent: &[crate::store::Settle],
     ) -> Result<(), StoreError> {
-        self.inner
-            .store
-            .settle_batch(flight, sent, &self.confirmer(sent))
-    }
-
-    /// A confirmation step for [`Store::settle_batch`]: a sent reply's slot
-    /// confirmed at the transport's time.
-    pub fn confirmer(
-        &self,
-        sent: &[crate::store::Settle],
-    ) -> impl Fn(&mut crate::model::AccountRecord, &crate::store::Settle) {
-        let mut limits: HashMap<String, Limits> = HashMap::new();
+        let mut limits: HashMap<&str, Limits> = HashMap::new();
         for s in sent {
-            if !limits.contains_key(&s.account) {
-                limits.insert(s.account.clone(), self.limits(&s.account));
-            }
+            limits
+                .entry(s.account.as_str())
+                .or_insert_with(|| self.limits(&s.account));
         }
-        move |record, s| {
-            if let Some(limits) = limits.get(&s.account) {
-                decide::confirm(record, s.key, s.delivered.at, limits);
-            }
-        }
+        self.inner.store.settle_batch(flight, sent, &|r, s| {
+            decide::confirm(r, s.key, s.delivered.at, &limits[s.account.as_str()]);
+        })
     }
 
     /// A reservation step for [`Store::open_dialog`], so that claiming the

@@ -345,32 +345,6 @@ pub struct Settle {
     pub delivered: crate::transport::Delivered,
 }
 
-/// A batch's flight and what of it the transport took, to settle; see
-/// [`Store::settle_batch`].
-pub struct Settling<'a> {
-    pub flight: &'a Flight,
-    pub sent: &'a [Settle],
-    /// Confirms a sent reply's slot on its account's record.
-    pub confirm: &'a dyn Fn(&mut AccountRecord, &Settle),
-}
-
-impl Settling<'_> {
-    /// The accounts of the sent replies, sorted.
-    pub fn accounts(&self) -> Vec<&str> {
-        let mut accounts: Vec<&str> = self.sent.iter().map(|s| s.account.as_str()).collect();
-        accounts.sort_unstable();
-        accounts.dedup();
-        accounts
-    }
-
-    /// The keys of the flight, and of the sent replies.
-    fn sets(&self) -> (HashSet<IdempotencyKey>, HashSet<IdempotencyKey>) {
-        let flying = self.flight.replies.iter().map(|r| r.key).collect();
-        let done = self.sent.iter().map(|s| s.key).collect();
-        (flying, done)
-    }
-}
-
 impl Store {
     /// The contact id of an identity, without reading the contact.
     pub fn contact_id_of(&self, identity: &Identity) -> Result<Option<ContactId>, StoreError> {
@@ -425,26 +399,8 @@ impl Store {
         accounts: &[&str],
         reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
     ) -> Result<(Vec<Answered>, Flight), StoreError> {
-        self.settle_and_answer_batch(None, answers, accounts, reserve)
-    }
-
-    /// [`Store::answer_batch`] that first settles an earlier batch's
-    /// flight, as [`Store::settle_batch`] would, in the same transaction:
-    /// one transaction, and one write of each account, instead of two.
-    /// `accounts` then names the settled batch's accounts too.
-    pub fn settle_and_answer_batch(
-        &self,
-        settle: Option<Settling<'_>>,
-        answers: &[Answer<'_>],
-        accounts: &[&str],
-        reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
-    ) -> Result<(Vec<Answered>, Flight), StoreError> {
         let id = self.in_flight.next_id.fetch_add(1, Ordering::Relaxed);
-        let settling = settle.as_ref().map(Settling::sets);
         let result = self.transact_with_accounts(accounts, |tx, records| {
-            if let (Some(s), Some((flying, done))) = (&settle, &settling) {
-                tx.settle(s, flying, done, accounts, records)?;
-            }
             let mut out = Vec::with_capacity(answers.len());
             let mut flight = Vec::new();
             for a in answers {
@@ -521,13 +477,7 @@ impl Store {
             Ok((out, flight))
         });
         match result {
-            Ok((out, replies)) => {
-                if let Some(s) = &settle {
-                    self.in_flight
-                        .remove(s.flight.replies.iter().map(|r| r.key));
-                }
-                Ok((out, Flight { id, replies }))
-            }
+            Ok((out, replies)) => Ok((out, Flight { id, replies })),
             Err(e) => {
                 // The transaction may have noted its flight before failing:
                 // the batch's keys are its own.
@@ -553,15 +503,29 @@ impl Store {
         sent: &[Settle],
         confirm: &dyn Fn(&mut AccountRecord, &Settle),
     ) -> Result<(), StoreError> {
-        let settle = Settling {
-            flight,
-            sent,
-            confirm,
-        };
-        let accounts = settle.accounts();
-        let (flying, done) = settle.sets();
+        let mut accounts: Vec<&str> = sent.iter().map(|s| s.account.as_str()).collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let flying: HashSet<IdempotencyKey> = flight.replies.iter().map(|r| r.key).collect();
+        let done: HashSet<IdempotencyKey> = sent.iter().map(|s| s.key).collect();
         self.transact_with_accounts(&accounts, |tx, records| {
-            tx.settle(&settle, &flying, &done, &accounts, records)
+            if !flight.replies.is_empty() {
+                tx.flights.remove(&u64_key(flight.id))?;
+            }
+            for r in flight.replies.iter().filter(|r| !done.contains(&r.key)) {
+                tx.land(r)?;
+            }
+            for s in sent {
+                // Out of the outbox (or the flight) is sent: the page keeps
+                // the message as recorded (see `Store::settled`).
+                if !flying.contains(&s.key) && tx.outbox.remove(&u64_key(s.key.0))?.is_none() {
+                    continue;
+                }
+                if let Ok(i) = accounts.binary_search(&s.account.as_str()) {
+                    confirm(&mut records[i], s);
+                }
+            }
+            Ok(())
         })?;
         self.in_flight.remove(flight.replies.iter().map(|r| r.key));
         Ok(())
@@ -594,36 +558,6 @@ impl Store {
 }
 
 impl Tx<'_> {
-    /// Settles a flight (see [`Store::settle_batch`]); `accounts` (sorted)
-    /// holds every account of the sent replies, `records` their records.
-    fn settle(
-        &self,
-        settle: &Settling<'_>,
-        flying: &HashSet<IdempotencyKey>,
-        done: &HashSet<IdempotencyKey>,
-        accounts: &[&str],
-        records: &mut [AccountRecord],
-    ) -> TxResult<()> {
-        let flight = settle.flight;
-        if !flight.replies.is_empty() {
-            self.flights.remove(&u64_key(flight.id))?;
-        }
-        for r in flight.replies.iter().filter(|r| !done.contains(&r.key)) {
-            self.land(r)?;
-        }
-        for s in settle.sent {
-            // Out of the outbox (or the flight) is sent: the page keeps
-            // the message as recorded (see `Store::settled`).
-            if !flying.contains(&s.key) && self.outbox.remove(&u64_key(s.key.0))?.is_none() {
-                continue;
-            }
-            if let Ok(i) = accounts.binary_search(&s.account.as_str()) {
-                (settle.confirm)(&mut records[i], s);
-            }
-        }
-        Ok(())
-    }
-
     /// Writes a planned answer if the dialog and the page it adds to are
     /// still as the plan found them; `None` (nothing written) otherwise.
     fn as_planned(

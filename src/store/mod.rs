@@ -53,9 +53,7 @@ use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
     DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
-pub use batch::{
-    plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Settling, Written,
-};
+pub use batch::{plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Written};
 use batch::{Flying, InFlight, Touched};
 use deferred::Deferred;
 use keys::*;
