@@ -9,41 +9,8 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
 
-const CONFIG: &str = r#"
-[sim]
-seed = 3
-time_scale = 600
-reply_probability = 0.9
-reply_delay = "10s..1m"
-persona = "personas/default.lua"
-
-[safety]
-max_per_hour = 1000
-max_per_day = 1000
-max_new_dialogs_per_day = 1000
-min_interval = "5s"
-jitter = "0s"
-reply_delay = "0s"
-
-[[accounts]]
-name = "alice"
-
-[[audiences]]
-name = "leads"
-file = "leads.csv"
-
-[[campaigns]]
-name = "spring"
-engine = "scripted"
-prompt_template = "engines/prompts/spring.md"
-audiences = ["leads"]
-accounts = ["alice"]
-[campaigns.params]
-product = "Acme CRM"
-"#;
-
 fn stops_within_five_seconds(signal: &str) {
-    let dir = common::project(500, CONFIG);
+    let dir = common::project(500, &common::faulty_config(600.0, 3));
     let config = dir.path().join("config.toml");
     let mut host = Command::new(BIN)
         .arg("run")
