@@ -412,6 +412,21 @@ fn dialogs(
     status: Option<&str>,
 ) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
+    if let Some(c) = campaign.filter(|c| config.campaign(c).is_none()) {
+        let names: Vec<&str> = config
+            .file
+            .campaigns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        return Err(Failure::Input(Problems(vec![Problem::new(
+            "--campaign",
+            format!(
+                "no campaign named \"{c}\" is declared (campaigns: {}); `colloquy dialogs` lists every dialog",
+                names.join(", ")
+            ),
+        )])));
+    }
     if let Some(s) = status {
         if crate::model::DialogStatus::tag_of(s).is_none() {
             return Err(Failure::Input(Problems(vec![Problem::new(

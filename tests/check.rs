@@ -321,3 +321,36 @@ fn audience_file_with_bad_rows() {
         ],
     );
 }
+
+/// The reporting commands take bad arguments as `check` takes bad input:
+/// one sentence naming the argument, exit code 2.
+#[test]
+fn reporting_commands_refuse_an_unknown_campaign_status_or_dialog() {
+    let p = Project::new(GOOD);
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(p.path("config.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&["dialogs", "--campaign", "sprign"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--campaign") && stderr.contains("campaigns: spring"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["dialogs", "--status", "closed"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--status"), "{stderr}");
+    let (code, stderr) = run(&["dialog", "77"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no dialog 77"), "{stderr}");
+    let (code, stderr) = run(&["dialogs", "--campaign", "spring"]);
+    assert_eq!(code, 0, "{stderr}");
+}
