@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::audience;
-use crate::cli::Failure;
+use crate::cli::{no_such_campaign, Failure};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Problem, Problems};
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
@@ -21,19 +21,7 @@ use crate::host::optout::OptOut;
 pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     let Some(camp) = config.campaign(campaign).cloned() else {
-        let names: Vec<&str> = config
-            .file
-            .campaigns
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        return Err(Failure::Input(Problems(vec![Problem::new(
-            "--campaign",
-            format!(
-                "no campaign named \"{campaign}\" is declared (campaigns: {})",
-                names.join(", ")
-            ),
-        )])));
+        return Err(no_such_campaign(&config, campaign));
     };
     let clock = Arc::new(SystemClock);
     let (engines, problems) = EngineRuntime::start(&config, clock.clone(), 1);

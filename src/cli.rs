@@ -413,19 +413,7 @@ fn dialogs(
 ) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     if let Some(c) = campaign.filter(|c| config.campaign(c).is_none()) {
-        let names: Vec<&str> = config
-            .file
-            .campaigns
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        return Err(Failure::Input(Problems(vec![Problem::new(
-            "--campaign",
-            format!(
-                "no campaign named \"{c}\" is declared (campaigns: {}); `colloquy dialogs` lists every dialog",
-                names.join(", ")
-            ),
-        )])));
+        return Err(no_such_campaign(&config, c));
     }
     if let Some(s) = status {
         if crate::model::DialogStatus::tag_of(s).is_none() {
@@ -452,6 +440,23 @@ fn dialogs(
         }
         Source::Nothing => Ok(()),
     }
+}
+
+/// `--campaign` names no campaign of the config: the ones it declares.
+pub(crate) fn no_such_campaign(config: &Config, name: &str) -> Failure {
+    let names: Vec<&str> = config
+        .file
+        .campaigns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    Failure::Input(Problems(vec![Problem::new(
+        "--campaign",
+        format!(
+            "no campaign named \"{name}\" is declared (campaigns: {})",
+            names.join(", ")
+        ),
+    )]))
 }
 
 fn dialog(config_path: &Path, id: DialogId) -> Result<(), Failure> {
