@@ -35,11 +35,12 @@
 //! takes it from there. Sends hold the accounts' locks and the dialogs'
 //! gates as a conductor's do.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedMutexGuard};
 
 use super::conductor::{self, ending_of};
@@ -106,7 +107,7 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
         if host.shutdown.is_cancelled() {
             break;
         }
-        let busy: HashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
+        let busy: FxHashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
         if let Err(e) = pipeline.warm(&host, &batch, &busy) {
             tracing::error!("incoming messages could not be routed: {e}");
         }
@@ -127,9 +128,9 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // The runtime is going away: what the batch stored is
                     // in the store, and its dialogs' conductors take it.
-                    Err(_) => Ok(HashMap::new()),
+                    Err(_) => Ok(FxHashMap::default()),
                 },
-                None => Ok(HashMap::new()),
+                None => Ok(FxHashMap::default()),
             }
         };
         let preparing = {
@@ -203,12 +204,12 @@ struct Recent {
 struct Pipeline {
     /// Messages held for the next batch, in arrival order.
     carry: Vec<Inbound>,
-    recent: HashMap<DialogId, Box<Recent>>,
+    recent: FxHashMap<DialogId, Box<Recent>>,
     /// The dialog of each contact that wrote lately.
-    dialogs: HashMap<Identity, DialogId>,
+    dialogs: FxHashMap<Identity, DialogId>,
     /// Ctx parts of the batch's dialogs not in `recent`, read from the
     /// store by [`Pipeline::warm`] for this batch only.
-    warmed: HashMap<DialogId, Box<Recent>>,
+    warmed: FxHashMap<DialogId, Box<Recent>>,
     /// Whether an account's replies wait for a reply delay, for the batch
     /// being routed (the config may change between batches).
     delayed: HashMap<String, bool>,
@@ -260,7 +261,7 @@ impl Pipeline {
         &mut self,
         host: &Arc<Host>,
         batch: Vec<Inbound>,
-        busy: &HashSet<DialogId>,
+        busy: &FxHashSet<DialogId>,
     ) -> Result<Option<Prepared>, StoreError> {
         let config = host.config();
         let mut jobs = self.route(host, &config, batch, busy).await?;
@@ -389,7 +390,7 @@ fn answers<'a>(
 async fn commit(
     host: &Arc<Host>,
     prepared: Prepared,
-) -> Result<HashMap<DialogId, Box<Recent>>, StoreError> {
+) -> Result<FxHashMap<DialogId, Box<Recent>>, StoreError> {
     let Prepared {
         mut jobs,
         replies,
@@ -398,7 +399,8 @@ async fn commit(
         now,
         acks,
     } = prepared;
-    let mut kept: HashMap<DialogId, Box<Recent>> = HashMap::with_capacity(jobs.len());
+    let mut kept: FxHashMap<DialogId, Box<Recent>> =
+        FxHashMap::with_capacity_and_hasher(jobs.len(), Default::default());
     // The accounts' locks and the dialogs' gates, as a conductor holds
     // them from taking a slot until the send is confirmed. A dialog whose
     // lock or gate is busy takes no slot: its conductor sends.
@@ -521,13 +523,13 @@ impl Pipeline {
         host: &Arc<Host>,
         config: &Config,
         batch: Vec<Inbound>,
-        busy: &HashSet<DialogId>,
+        busy: &FxHashSet<DialogId>,
     ) -> Result<Vec<Job>, StoreError> {
         let opt_out = host.opt_out();
         self.delayed.clear();
         // A dialog with an opt-out in the batch goes the one-at-a-time way
         // whole, so that nothing is answered after it.
-        let mut one_by_one: HashSet<DialogId> = HashSet::new();
+        let mut one_by_one: FxHashSet<DialogId> = FxHashSet::default();
         let mut routed = Vec::with_capacity(batch.len());
         for inbound in batch {
             let dialog = self.dialog_of(host, &inbound.message.contact)?;
@@ -539,7 +541,8 @@ impl Pipeline {
             routed.push((inbound, dialog));
         }
         let mut jobs: Vec<Job> = Vec::with_capacity(routed.len());
-        let mut answered: HashSet<DialogId> = HashSet::with_capacity(routed.len());
+        let mut answered: FxHashSet<DialogId> =
+            FxHashSet::with_capacity_and_hasher(routed.len(), Default::default());
         for (inbound, dialog) in routed {
             let Some(d) = dialog else {
                 host.receive(inbound).await?;
@@ -595,7 +598,7 @@ impl Pipeline {
         &mut self,
         host: &Host,
         batch: &[Inbound],
-        busy: &HashSet<DialogId>,
+        busy: &FxHashSet<DialogId>,
     ) -> Result<(), StoreError> {
         self.warmed.clear();
         for inbound in batch {

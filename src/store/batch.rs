@@ -15,7 +15,7 @@
 //! (see [`Store::land_flights`]), so after a crash an unconfirmed reply is
 //! reconciled as any other.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -44,14 +44,14 @@ pub struct Flight {
 /// The keys of the replies in flight, with their places.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
-    keys: Mutex<HashMap<IdempotencyKey, (DialogId, u64)>>,
+    keys: Mutex<FxHashMap<IdempotencyKey, (DialogId, u64)>>,
     /// The next flight's id (the `flights` tree is empty when the store
     /// opens: see [`Store::land_flights`]).
     next_id: AtomicU64,
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IdempotencyKey, (DialogId, u64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<IdempotencyKey, (DialogId, u64)>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -506,8 +506,8 @@ impl Store {
         let mut accounts: Vec<&str> = sent.iter().map(|s| s.account.as_str()).collect();
         accounts.sort_unstable();
         accounts.dedup();
-        let flying: HashSet<IdempotencyKey> = flight.replies.iter().map(|r| r.key).collect();
-        let done: HashSet<IdempotencyKey> = sent.iter().map(|s| s.key).collect();
+        let flying: FxHashSet<IdempotencyKey> = flight.replies.iter().map(|r| r.key).collect();
+        let done: FxHashSet<IdempotencyKey> = sent.iter().map(|s| s.key).collect();
         self.transact_with_accounts(&accounts, |tx, records| {
             if !flight.replies.is_empty() {
                 tx.flights.remove(&u64_key(flight.id))?;

@@ -42,7 +42,9 @@
 //! page writes that page at once, so the deferred set holds at most a
 //! dialog record and one page per dialog.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Mutex;
 
 use sled::IVec;
@@ -100,7 +102,7 @@ struct Journal {
 
 #[derive(Debug, Default)]
 struct Inner {
-    dialogs: HashMap<DialogId, Held>,
+    dialogs: FxHashMap<DialogId, Held>,
     journals: BTreeMap<u64, Journal>,
     next_journal: u64,
     /// Bytes of every journal record.
@@ -156,12 +158,12 @@ struct Staged {
 #[derive(Debug, Default)]
 pub(super) struct Local {
     /// Planned this transaction.
-    staged: HashMap<DialogId, Staged>,
+    staged: FxHashMap<DialogId, Staged>,
     /// Written into this transaction's trees: no longer deferred.
-    materialized: HashSet<DialogId>,
+    materialized: FxHashSet<DialogId>,
     /// Written into this transaction's trees at some point: their chains
     /// end here (a dialog planned again after starts a new one).
-    ended: HashSet<DialogId>,
+    ended: FxHashSet<DialogId>,
 }
 
 impl Tx<'_> {
@@ -423,7 +425,7 @@ impl Tx<'_> {
         }
         if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
             // Idle again: give the memory back.
-            inner.dialogs = HashMap::new();
+            inner.dialogs = FxHashMap::default();
         }
         Ok(())
     }
