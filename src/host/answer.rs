@@ -212,7 +212,7 @@ struct Pipeline {
     warmed: FxHashMap<DialogId, Box<Recent>>,
     /// Whether an account's replies wait for a reply delay, for the batch
     /// being routed (the config may change between batches).
-    delayed: HashMap<String, bool>,
+    delayed: FxHashMap<String, bool>,
 }
 
 /// A message answered in this batch.
@@ -404,8 +404,8 @@ async fn commit(
     // The accounts' locks and the dialogs' gates, as a conductor holds
     // them from taking a slot until the send is confirmed. A dialog whose
     // lock or gate is busy takes no slot: its conductor sends.
-    let mut locks: HashMap<String, Option<OwnedMutexGuard<()>>> = HashMap::new();
-    let mut gates: HashMap<usize, Option<MutexGuard<'_, ()>>> = HashMap::new();
+    let mut locks: FxHashMap<String, Option<OwnedMutexGuard<()>>> = FxHashMap::default();
+    let mut gates: FxHashMap<usize, Option<MutexGuard<'_, ()>>> = FxHashMap::default();
     let mut may_send = Vec::with_capacity(jobs.len());
     for (job, reply) in jobs.iter().zip(&replies) {
         let d = &job.recent.dialog;

@@ -54,7 +54,7 @@ pub struct Host {
     config: RwLock<Arc<Config>>,
     opt_out: RwLock<Arc<OptOut>>,
     /// Live conductors and their "more work arrived" flags.
-    conductors: Mutex<HashMap<DialogId, Arc<AtomicBool>>>,
+    conductors: Mutex<rustc_hash::FxHashMap<DialogId, Arc<AtomicBool>>>,
     /// Per-dialog gates (striped): a send and the handling of an incoming
     /// message of one dialog never overlap, so an opt-out is either seen
     /// before a send or arrives after it.
@@ -470,7 +470,7 @@ pub fn build(
             &config.file.compliance.opt_out_patterns,
         ))),
         config: RwLock::new(config),
-        conductors: Mutex::new(HashMap::new()),
+        conductors: Mutex::default(),
         gates: (0..GATES).map(|_| tokio::sync::Mutex::new(())).collect(),
         account_locks: Mutex::new(HashMap::new()),
         changed: Notify::new(),
