@@ -419,7 +419,12 @@ impl Config {
                 format!("cannot read the config file: {}", io_reason(&e)),
             )])
         })?;
-        let config = Config::parse(path, &text)?;
+        Config::from_text(path, &text)
+    }
+
+    /// Parses and checks config text read from `path`.
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, Problems> {
+        let config = Config::parse(path, text)?;
         let problems = validate::validate(&config);
         if problems.is_empty() {
             Ok(config)

@@ -574,7 +574,7 @@ fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::Rec
         }
     })
     .ok()?;
-    let mut loaded = std::fs::read(&path).ok();
+    let mut loaded = std::fs::read_to_string(&path).ok();
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -586,12 +586,20 @@ fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::Rec
     std::thread::spawn(move || {
         while rx.recv().is_ok() {
             while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
-            let text = std::fs::read(&path).ok();
-            if text.is_some() && text == loaded {
-                continue;
-            }
-            loaded = text;
-            match Config::load(&path) {
+            let config = match std::fs::read_to_string(&path) {
+                Ok(text) if loaded.as_ref() == Some(&text) => continue,
+                Ok(text) => {
+                    let config = Config::from_text(&path, &text);
+                    loaded = Some(text);
+                    config
+                }
+                // Reported as a load reports it.
+                Err(_) => {
+                    loaded = None;
+                    Config::load(&path)
+                }
+            };
+            match config {
                 Ok(c) => {
                     let h = host.clone();
                     rt.spawn(async move { h.set_config(Arc::new(c)) });

@@ -15,10 +15,10 @@
 //! (see [`Store::land_flights`]), so after a crash an unconfirmed reply is
 //! reconciled as any other.
 
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use sled::IVec;
 
 use super::keys::*;

@@ -43,10 +43,9 @@
 //! dialog record and one page per dialog.
 
 use std::collections::{BTreeMap, HashMap};
-
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Mutex;
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use sled::IVec;
 
 use super::batch::answered;
