@@ -8,7 +8,6 @@
 //! `Metered` records in the VM's app data around each poll.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -21,6 +20,7 @@ use mlua::serde::{DeserializeOptions, SerializeOptions};
 use mlua::{
     Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, MultiValue, StdLib, Table, Value, VmState,
 };
+use rustc_hash::FxHashMap;
 
 use super::ctx::{Call, Ctx, Output, Reply};
 use super::library::{Snapshot, Source};
@@ -112,7 +112,7 @@ pub struct Vm {
     snapshot: Arc<Snapshot>,
     budgets: Budgets,
     /// Engine tables loaded so far, by name.
-    engines: RefCell<HashMap<String, Table>>,
+    engines: RefCell<FxHashMap<String, Table>>,
     /// The metamethods every call's ctx shares (see [`LazyCtx`]).
     ctx_methods: CtxMethods,
 }
@@ -122,6 +122,33 @@ struct LazyCtx {
     ctx: RefCell<Option<Ctx>>,
     /// Lua read or replaced `ctx.state`, so it is read back after the call.
     state_seen: Cell<bool>,
+}
+
+/// Lifts a VM's memory limit while the host builds values for a call (its
+/// ctx, its message): they are the host's, not the engine's, so they are
+/// not charged to its budget, and with no limit to hit, mlua builds them
+/// without a protected call per table and string (most of what building
+/// them cost). Nothing else runs on the VM meanwhile: it is single-threaded
+/// and Lua code runs only when the host calls it. The limit is back when
+/// this is dropped.
+struct HostValues<'a> {
+    lua: &'a Lua,
+    limit: usize,
+}
+
+impl<'a> HostValues<'a> {
+    fn new(lua: &'a Lua) -> HostValues<'a> {
+        // Fails only where memory is not under mlua's control; then there
+        // is no limit to lift either.
+        let limit = lua.set_memory_limit(0).unwrap_or(0);
+        HostValues { lua, limit }
+    }
+}
+
+impl Drop for HostValues<'_> {
+    fn drop(&mut self) {
+        let _ = self.lua.set_memory_limit(self.limit);
+    }
 }
 
 impl LazyCtx {
@@ -143,6 +170,7 @@ impl LazyCtx {
         let Some(ctx) = source.as_ref() else {
             return Ok(Value::Nil);
         };
+        let _host = HostValues::new(lua);
         let opts = to_lua_options();
         let value = match name {
             "dialog" => lua.to_value_with(&ctx.dialog, opts)?,
@@ -183,12 +211,12 @@ impl LazyCtx {
 /// nothing and builds nothing).
 struct CtxMethods {
     meta: Table,
-    live: Rc<RefCell<HashMap<usize, Rc<LazyCtx>>>>,
+    live: Rc<RefCell<FxHashMap<usize, Rc<LazyCtx>>>>,
 }
 
 impl CtxMethods {
     fn new(lua: &Lua) -> mlua::Result<CtxMethods> {
-        let live: Rc<RefCell<HashMap<usize, Rc<LazyCtx>>>> = Rc::default();
+        let live: Rc<RefCell<FxHashMap<usize, Rc<LazyCtx>>>> = Rc::default();
         let lazy_of = {
             let live = live.clone();
             move |t: &Table| live.borrow().get(&(t.to_pointer() as usize)).cloned()
@@ -283,7 +311,7 @@ impl Vm {
             snapshot,
             budgets,
             ctx_methods,
-            engines: RefCell::new(HashMap::new()),
+            engines: RefCell::default(),
         })
     }
 
@@ -480,14 +508,7 @@ impl Vm {
             (_, None) => Ok(Value::Nil),
             (Call::Response { text, at }, Some(f)) => {
                 let message = self
-                    .lua
-                    .create_table_with_capacity(0, 2)
-                    .map_err(|e| fail(e.to_string()))?;
-                message
-                    .raw_set("text", text.as_str())
-                    .map_err(|e| fail(e.to_string()))?;
-                message
-                    .raw_set("at", *at)
+                    .message_table(text, *at)
                     .map_err(|e| fail(e.to_string()))?;
                 self.metered(scope, f.call_async((ctx_table.clone(), message)))
                     .await
@@ -543,6 +564,7 @@ impl Vm {
     /// and building them all was most of the cost of a call), and all of
     /// them at once when Lua iterates ctx (`pairs`) or `json.encode`s it.
     fn ctx_table(&self, ctx: Ctx) -> mlua::Result<CallCtx<'_>> {
+        let _host = HostValues::new(&self.lua);
         let table = self.lua.create_table_with_capacity(0, 8)?;
         table.raw_set("now", ctx.now)?;
         table.set_metatable(Some(self.ctx_methods.meta.clone()))?;
@@ -559,6 +581,15 @@ impl Vm {
             lazy,
             methods: &self.ctx_methods,
         })
+    }
+
+    /// The `message` argument of `get_response`.
+    fn message_table(&self, text: &str, at: f64) -> mlua::Result<Table> {
+        let _host = HostValues::new(&self.lua);
+        let message = self.lua.create_table_with_capacity(0, 2)?;
+        message.raw_set("text", text)?;
+        message.raw_set("at", at)?;
+        Ok(message)
     }
 
     /// The prompt template rendered with ctx, without HTML escaping.

@@ -138,7 +138,7 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             // The pipeline goes with the task and comes back with its
             // answer.
             let mut taken = std::mem::take(&mut pipeline);
-            let batch = std::mem::take(&mut batch);
+            let batch = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
             tokio::spawn(async move {
                 let prepared = taken.prepare(&host, batch, &busy).await;
                 (taken, prepared)

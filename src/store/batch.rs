@@ -167,7 +167,6 @@ impl Touched {
 pub struct Written {
     /// The dialog's count of writes (see [`Touched`]) just after.
     touched: u64,
-    dialog: IVec,
     /// The key and value of the page holding the dialog's last message.
     page: Option<([u8; 16], IVec)>,
 }
@@ -181,15 +180,16 @@ type KeyedIVec = ([u8; 16], IVec);
 pub struct Plan {
     /// The dialog's count of writes the plan was made at.
     touched: u64,
-    /// The dialog's record as the plan found it, and the page the plan
-    /// adds to (none when the answer starts a new page): kept in debug
-    /// builds, which check that the transaction finds them so.
-    expect: Option<(IVec, Option<KeyedIVec>)>,
+    /// The page the plan adds to (none when the answer starts a new
+    /// page): kept in debug builds, which check that the transaction finds
+    /// it so, and the dialog as the answer saw it.
+    expect: Option<Option<KeyedIVec>>,
     /// The answer's first message goes into the page the dialog's last
     /// one is in.
     extends: bool,
     dialog: Dialog,
-    dialog_bytes: IVec,
+    /// The same, for the store's deferred set.
+    deferred: Arc<Dialog>,
     /// The pages to write, in order (the last holds the last message).
     pages: Vec<([u8; 16], IVec)>,
     /// The answer as the store's journal keeps it (see `deferred.rs`).
@@ -232,11 +232,7 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
         reply.state,
         reply.ending.as_ref(),
     );
-    let Written {
-        touched,
-        dialog,
-        page,
-    } = written;
+    let Written { touched, page } = written;
     let mut extends = false;
     let mut pages: Vec<([u8; 16], Vec<u8>)> = Vec::with_capacity(1);
     for m in std::iter::once(&incoming).chain(&replies) {
@@ -252,7 +248,7 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
             }
         }
     }
-    let expect = cfg!(debug_assertions).then(|| (dialog, page.filter(|_| extends)));
+    let expect = cfg!(debug_assertions).then(|| page.filter(|_| extends));
     let journal =
         deferred::journal_entry(old, &incoming, &replies, reply.state, reply.ending.as_ref());
     Some(Plan {
@@ -260,9 +256,9 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
         expect,
         extends,
         journal,
-        // Copied into sled's own buffers here, on the planning thread,
-        // rather than under the transaction's lock.
-        dialog_bytes: IVec::from(encode(&new)),
+        // Copied here, on the planning thread, rather than under the
+        // transaction's lock.
+        deferred: Arc::new(new.clone()),
         dialog: new,
         pages: pages.into_iter().map(|(k, p)| (k, IVec::from(p))).collect(),
         incoming,
@@ -578,11 +574,11 @@ impl Tx<'_> {
                 return Ok(None);
             }
             // Unwritten since, so as the plan found them: checked in tests.
-            if let Some((expect_dialog, expect_page)) = &plan.expect {
+            if let Some(expect_page) = &plan.expect {
                 let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
                 let key = expect_page.as_ref().map_or(last, |(k, _)| *k);
                 let (dialog, page) = self.peek(a.dialog, &key)?;
-                assert_eq!(dialog.as_deref(), Some(&expect_dialog[..]));
+                assert_eq!(dialog.as_ref(), Some(a.seen));
                 if let Some((_, expected)) = expect_page {
                     assert_eq!(page.as_deref(), Some(&expected[..]));
                 }
@@ -613,7 +609,7 @@ impl Tx<'_> {
             touched,
             extends,
             dialog,
-            dialog_bytes,
+            deferred,
             mut pages,
             journal,
             incoming,
@@ -624,14 +620,7 @@ impl Tx<'_> {
             return Ok(None);
         };
         let last = pages.pop();
-        self.defer(
-            a.dialog,
-            dialog_bytes.clone(),
-            pages,
-            last.clone(),
-            journal,
-            extends,
-        )?;
+        self.defer(a.dialog, deferred, pages, last.clone(), journal, extends)?;
         for (i, m) in replies.iter().enumerate() {
             let Some(key) = m.key else { continue };
             let reply = Flying {
@@ -652,7 +641,6 @@ impl Tx<'_> {
             slots,
             written: Box::new(Written {
                 touched,
-                dialog: dialog_bytes,
                 page: last,
             }),
         }))
@@ -687,7 +675,6 @@ impl Tx<'_> {
         };
         Ok(Box::new(Written {
             touched: self.touched.count(dialog.id),
-            dialog: IVec::from(encode(dialog)),
             page,
         }))
     }

@@ -72,10 +72,12 @@ const ANSWERS: u8 = 0xFF;
 /// A dialog's last page: its key and value.
 pub(super) type LastPage = ([u8; 16], IVec);
 
-/// A deferred dialog's records, as planned.
+/// A deferred dialog's records, as planned. The dialog is kept as it is
+/// and encoded only when written out: a dialog answered ten times before
+/// then is encoded once, and a read of it decodes nothing.
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
-    pub(super) dialog: IVec,
+    pub(super) dialog: Arc<Dialog>,
     pub(super) page: Option<LastPage>,
 }
 
@@ -168,7 +170,11 @@ pub(super) struct Local {
 impl Tx<'_> {
     /// A dialog's records not in this transaction's trees: planned here, or
     /// deferred before (and not materialized here).
-    fn unwritten(&self, local: &Local, dialog: DialogId) -> Option<(IVec, Option<LastPage>)> {
+    fn unwritten(
+        &self,
+        local: &Local,
+        dialog: DialogId,
+    ) -> Option<(Arc<Dialog>, Option<LastPage>)> {
         if local.materialized.contains(&dialog) {
             return None;
         }
@@ -176,6 +182,13 @@ impl Tx<'_> {
             Some(staged) => Some((staged.entry.dialog.clone(), staged.entry.page.clone())),
             None => self.deferred.get(dialog).map(|e| (e.dialog, e.page)),
         }
+    }
+
+    /// A dialog's record not in this transaction's trees (see
+    /// [`Tx::unwritten`]).
+    pub(super) fn unwritten_dialog(&self, dialog: DialogId) -> Option<Dialog> {
+        let local = self.local.borrow();
+        self.unwritten(&local, dialog).map(|(d, _)| (*d).clone())
     }
 
     /// Writes a dialog's deferred records (planned by this transaction or
@@ -187,7 +200,7 @@ impl Tx<'_> {
             return Ok(());
         };
         local.staged.remove(&dialog);
-        self.dialogs.insert(&u64_key(dialog), record)?;
+        self.dialogs.insert(&u64_key(dialog), encode(&*record))?;
         if let Some((key, page)) = page {
             self.messages.insert(&key, page)?;
         }
@@ -202,7 +215,7 @@ impl Tx<'_> {
         &self,
         dialog: DialogId,
         key: &[u8; 16],
-    ) -> TxResult<(Option<IVec>, Option<IVec>)> {
+    ) -> TxResult<(Option<Dialog>, Option<IVec>)> {
         let found = self.unwritten(&self.local.borrow(), dialog);
         match found {
             Some((record, page)) => {
@@ -210,9 +223,15 @@ impl Tx<'_> {
                     Some((k, p)) if k == *key => Some(p),
                     _ => self.messages.get(key)?,
                 };
-                Ok((Some(record), page))
+                Ok((Some((*record).clone()), page))
             }
-            None => Ok((self.dialogs.get(u64_key(dialog))?, self.messages.get(key)?)),
+            None => {
+                let record = match self.dialogs.get(u64_key(dialog))? {
+                    Some(bytes) => Some(tx_decode("dialog", &bytes)?),
+                    None => None,
+                };
+                Ok((record, self.messages.get(key)?))
+            }
         }
     }
 
@@ -223,7 +242,7 @@ impl Tx<'_> {
     pub(super) fn defer(
         &self,
         dialog: DialogId,
-        record: IVec,
+        record: Arc<Dialog>,
         full: Vec<([u8; 16], IVec)>,
         last: Option<LastPage>,
         journal: Vec<u8>,
@@ -586,23 +605,27 @@ fn decode_entries(mut bytes: &[u8]) -> Result<Vec<JournalEntry<'_>>, StoreError>
     Ok(out)
 }
 
-/// Whether dialog record `a` is further on than `b` (see the module
-/// documentation).
-fn dialog_ahead(a: &[u8], b: &[u8]) -> Result<bool, StoreError> {
-    let a: Dialog = decode("dialog", a)?;
-    let b: Dialog = decode("dialog", b)?;
-    Ok(a.next_seq > b.next_seq)
+/// The newer of a dialog's deferred record and its stored one (see the
+/// module documentation).
+pub(super) fn newer_dialog(
+    deferred: Option<&Dialog>,
+    stored: Option<&[u8]>,
+) -> Result<Option<Dialog>, StoreError> {
+    match stored {
+        Some(s) => newer_than_stored(deferred, s).map(Some),
+        None => Ok(deferred.cloned()),
+    }
 }
 
-/// The newer of a dialog's deferred record and its stored one.
-pub(super) fn newer_dialog(
-    deferred: Option<IVec>,
-    stored: Option<IVec>,
-) -> Result<Option<IVec>, StoreError> {
-    Ok(match (deferred, stored) {
-        (Some(d), Some(s)) if !dialog_ahead(&d, &s)? => Some(s),
-        (Some(d), _) => Some(d),
-        (None, s) => s,
+/// [`newer_dialog`] of a dialog that is stored.
+pub(super) fn newer_than_stored(
+    deferred: Option<&Dialog>,
+    stored: &[u8],
+) -> Result<Dialog, StoreError> {
+    let stored: Dialog = decode("dialog", stored)?;
+    Ok(match deferred {
+        Some(d) if d.next_seq > stored.next_seq => d.clone(),
+        _ => stored,
     })
 }
 
@@ -728,7 +751,12 @@ impl Store {
         for e in &entries {
             let dialog_key = u64_key(e.dialog);
             let stored = self.t.dialogs.get(dialog_key)?;
-            if newer_dialog(Some(IVec::from(e.record)), stored.clone())? != stored {
+            let record: Dialog = decode("dialog", e.record)?;
+            let stored_ahead = match &stored {
+                Some(s) => decode::<Dialog>("dialog", s)?.next_seq >= record.next_seq,
+                None => false,
+            };
+            if !stored_ahead {
                 self.t.dialogs.insert(dialog_key, e.record)?;
             }
             if let Some((page_key, page)) = e.page {

@@ -328,7 +328,11 @@ impl Tx<'_> {
     }
 
     fn dialog(&self, id: DialogId) -> TxResult<Dialog> {
+        let deferred = self.unwritten_dialog(id);
         self.materialize(id)?;
+        if let Some(d) = deferred {
+            return Ok(d);
+        }
         match self.dialogs.get(u64_key(id))? {
             Some(bytes) => tx_decode("dialog", &bytes),
             None => abort(StoreError::NotFound {
@@ -1030,9 +1034,8 @@ impl Store {
 
     pub fn dialog(&self, id: DialogId) -> Result<Option<Dialog>, StoreError> {
         let deferred = self.deferred.get(id).map(|e| e.dialog);
-        deferred::newer_dialog(deferred, self.t.dialogs.get(u64_key(id))?)?
-            .map(|b| decode("dialog", &b))
-            .transpose()
+        let stored = self.t.dialogs.get(u64_key(id))?;
+        deferred::newer_dialog(deferred.as_deref(), stored.as_deref())
     }
 
     /// The dialog that claimed a contact, if any.
@@ -1103,8 +1106,7 @@ impl Store {
         self.t.dialogs.iter().map(|e| {
             let (k, v) = e?;
             let deferred = self.deferred.get(read_u64(&k)).map(|e| e.dialog);
-            let v = deferred::newer_dialog(deferred, Some(v))?.unwrap_or_default();
-            decode("dialog", &v)
+            deferred::newer_than_stored(deferred.as_deref(), &v)
         })
     }
 
