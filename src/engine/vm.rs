@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::serde::{DeserializeOptions, SerializeOptions};
+use mlua::state::{GcGenParams, GcMode};
 use mlua::{
     Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, MultiValue, StdLib, Table, Value, VmState,
 };
@@ -115,7 +116,16 @@ pub struct Vm {
     engines: RefCell<FxHashMap<String, Table>>,
     /// The metamethods every call's ctx shares (see [`LazyCtx`]).
     ctx_methods: CtxMethods,
+    /// Calls `get_response` with its message table built in Lua (see
+    /// [`RESPOND`]).
+    respond: Function,
 }
+
+/// `get_response(ctx, {text = text, at = at})`, as a tail call, so that
+/// the engine's function runs as if the host called it: building the
+/// message table in Lua costs a small part of building it through the C
+/// API, field by field.
+const RESPOND: &str = "local f, ctx, text, at = ...\nreturn f(ctx, { text = text, at = at })";
 
 /// What a call's `ctx` table builds its fields from, until the call ends.
 struct LazyCtx {
@@ -153,7 +163,8 @@ impl Drop for HostValues<'_> {
 
 impl LazyCtx {
     /// Every field built on first read.
-    const FIELDS: [&'static str; 7] = [
+    const FIELDS: [&'static str; 8] = [
+        "now",
         "dialog",
         "contact",
         "account",
@@ -173,6 +184,7 @@ impl LazyCtx {
         let _host = HostValues::new(lua);
         let opts = to_lua_options();
         let value = match name {
+            "now" => Value::Number(ctx.now),
             "dialog" => lua.to_value_with(&ctx.dialog, opts)?,
             "contact" => lua.to_value_with(&ctx.contact, opts)?,
             "account" => lua.to_value_with(&ctx.account, opts)?,
@@ -306,11 +318,18 @@ impl Vm {
             .map_err(|e| format!("cannot build the Lua sandbox: {e}"))?;
         let ctx_methods =
             CtxMethods::new(&lua).map_err(|e| format!("cannot build the Lua sandbox: {e}"))?;
+        let respond = lua
+            .load(RESPOND)
+            .set_name("=respond")
+            .set_mode(ChunkMode::Text)
+            .into_function()
+            .map_err(|e| format!("cannot build the Lua sandbox: {e}"))?;
         Ok(Vm {
             lua,
             snapshot,
             budgets,
             ctx_methods,
+            respond,
             engines: RefCell::default(),
         })
     }
@@ -496,9 +515,13 @@ impl Vm {
             .ctx_table(ctx)
             .map_err(|e| fail(format!("cannot build ctx: {e}")))?;
         let ctx_table = ctx.table.clone();
-        let func: Option<Function> = table
-            .get(call.function())
-            .map_err(|e| fail(e.to_string()))?;
+        let func: Option<Function> = if table.has_metatable() {
+            table.get(call.function())
+        } else {
+            let _host = HostValues::new(&self.lua);
+            table.raw_get(call.function())
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let scope = self.scope(engine, Some(dialog));
         let result: mlua::Result<Value> = match (call, func) {
             (Call::Opening, None) => {
@@ -507,11 +530,13 @@ impl Vm {
             }
             (_, None) => Ok(Value::Nil),
             (Call::Response { text, at }, Some(f)) => {
-                let message = self
-                    .message_table(text, *at)
-                    .map_err(|e| fail(e.to_string()))?;
-                self.metered(scope, f.call_async((ctx_table.clone(), message)))
-                    .await
+                let args = (f, ctx_table.clone(), text.as_str(), *at);
+                let call = {
+                    // The arguments are pushed here, the text among them.
+                    let _host = HostValues::new(&self.lua);
+                    self.respond.call_async(args)
+                };
+                self.metered(scope, call).await
             }
             (_, Some(f)) => self.metered(scope, f.call_async(ctx_table.clone())).await,
         };
@@ -559,14 +584,13 @@ impl Vm {
         Ok(Reply { output, state })
     }
 
-    /// The `ctx` table of a call. Only `now` is there from the start; every
-    /// other field is built on its first read (most calls read few of them,
-    /// and building them all was most of the cost of a call), and all of
-    /// them at once when Lua iterates ctx (`pairs`) or `json.encode`s it.
+    /// The `ctx` table of a call. Every field is built on its first read
+    /// (most calls read few of them, and building them all was most of the
+    /// cost of a call), and all of them at once when Lua iterates ctx
+    /// (`pairs`) or `json.encode`s it.
     fn ctx_table(&self, ctx: Ctx) -> mlua::Result<CallCtx<'_>> {
         let _host = HostValues::new(&self.lua);
         let table = self.lua.create_table_with_capacity(0, 8)?;
-        table.raw_set("now", ctx.now)?;
         table.set_metatable(Some(self.ctx_methods.meta.clone()))?;
         let lazy = Rc::new(LazyCtx {
             ctx: RefCell::new(Some(ctx)),
@@ -581,15 +605,6 @@ impl Vm {
             lazy,
             methods: &self.ctx_methods,
         })
-    }
-
-    /// The `message` argument of `get_response`.
-    fn message_table(&self, text: &str, at: f64) -> mlua::Result<Table> {
-        let _host = HostValues::new(&self.lua);
-        let message = self.lua.create_table_with_capacity(0, 2)?;
-        message.raw_set("text", text)?;
-        message.raw_set("at", at)?;
-        Ok(message)
     }
 
     /// The prompt template rendered with ctx, without HTML escaping.
@@ -732,6 +747,9 @@ fn sandbox(
         | StdLib::OS;
     let lua = Lua::new_with(libs, LuaOptions::new())?;
     lua.set_memory_limit(budgets.memory)?;
+    // A call leaves its ctx, message and strings behind: short-lived
+    // garbage, which the generational collector takes for much less work.
+    lua.gc_set_mode(GcMode::Generational(GcGenParams::default()));
     lua.set_app_data(Current::default());
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
