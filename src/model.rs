@@ -438,13 +438,137 @@ pub struct AccountRecord {
     pub name: String,
     pub status: AccountStatus,
     /// Sends of the last day, oldest first. Stored apart from the record,
-    /// one key per send (see the store's `accounts` tree).
+    /// in buckets of time (see the store's `accounts` tree).
     #[serde(default)]
-    pub sends: Vec<SendMark>,
+    pub sends: SendMarks,
     /// The account's first send ever; warm-up counts from it.
     pub first_send_at: Option<Timestamp>,
     /// No send before this: the last send plus `min_interval` and jitter.
     pub next_send_at: Timestamp,
+}
+
+impl AccountRecord {
+    /// Whether this record differs from `base`, which it was cloned from
+    /// (then [`SendMarks::rebase`]d) and changed since: without comparing
+    /// every mark.
+    pub fn differs_from(&self, base: &AccountRecord) -> bool {
+        self.sends.changed()
+            || self.status != base.status
+            || self.first_send_at != base.first_send_at
+            || self.next_send_at != base.next_send_at
+            || self.name != base.name
+    }
+}
+
+/// An account's send marks, in the order they were taken (oldest first),
+/// which also know where they changed since a base version (the one last
+/// stored): marks are only appended, moved in place or dropped, so the
+/// marks before [`SendMarks::changed_from`] are the base's, and writing
+/// the record back looks at the changed tail only. Read as a slice;
+/// changed only through these methods, which keep that account.
+#[derive(Debug, Clone)]
+pub struct SendMarks {
+    marks: Vec<SendMark>,
+    /// Marks before this position are as in the base.
+    same_up_to: usize,
+    /// How many marks the base had; `None` for marks made from scratch,
+    /// which count as changed whatever the base (they may replace one).
+    base_len: Option<usize>,
+}
+
+impl Default for SendMarks {
+    fn default() -> SendMarks {
+        SendMarks::from(Vec::new())
+    }
+}
+
+impl SendMarks {
+    /// Takes the marks as they are now as the base.
+    pub fn rebase(&mut self) {
+        self.same_up_to = self.marks.len();
+        self.base_len = Some(self.marks.len());
+    }
+
+    /// Where the marks may differ from the base: before this position they
+    /// are the base's.
+    pub fn changed_from(&self) -> usize {
+        self.same_up_to
+    }
+
+    /// Whether anything changed since the base.
+    pub fn changed(&self) -> bool {
+        self.same_up_to != self.marks.len() || Some(self.marks.len()) != self.base_len
+    }
+
+    pub fn push(&mut self, mark: SendMark) {
+        self.same_up_to = self.same_up_to.min(self.marks.len());
+        self.marks.push(mark);
+    }
+
+    /// Keeps the marks `keep` says to keep, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&SendMark) -> bool) {
+        let Some(first) = self.marks.iter().position(|m| !keep(m)) else {
+            return;
+        };
+        self.same_up_to = self.same_up_to.min(first);
+        let mut i = 0;
+        self.marks.retain(|m| {
+            i += 1;
+            i <= first || keep(m)
+        });
+    }
+
+    /// Moves mark `i` to `at`.
+    pub fn set_at(&mut self, i: usize, at: Timestamp) {
+        self.same_up_to = self.same_up_to.min(i);
+        self.marks[i].at = at;
+    }
+
+    /// Puts the marks in time order (as read from the store).
+    pub fn sort_by_time(&mut self) {
+        self.same_up_to = 0;
+        self.marks.sort_by_key(|s| s.at);
+    }
+}
+
+impl std::ops::Deref for SendMarks {
+    type Target = [SendMark];
+
+    fn deref(&self) -> &[SendMark] {
+        &self.marks
+    }
+}
+
+/// Equal marks, whatever their bases.
+impl PartialEq for SendMarks {
+    fn eq(&self, other: &SendMarks) -> bool {
+        self.marks == other.marks
+    }
+}
+
+impl Eq for SendMarks {}
+
+/// Marks built from a list are all changed.
+impl From<Vec<SendMark>> for SendMarks {
+    fn from(marks: Vec<SendMark>) -> SendMarks {
+        SendMarks {
+            marks,
+            same_up_to: 0,
+            base_len: None,
+        }
+    }
+}
+
+impl Serialize for SendMarks {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.marks.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SendMarks {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SendMarks, D::Error> {
+        Vec::<SendMark>::deserialize(d).map(SendMarks::from)
+    }
 }
 
 impl From<SendMark> for (Timestamp, bool, IdempotencyKey) {
@@ -464,7 +588,7 @@ impl AccountRecord {
         AccountRecord {
             name: name.to_string(),
             status: AccountStatus::Active,
-            sends: Vec::new(),
+            sends: SendMarks::default(),
             first_send_at: None,
             next_send_at: Timestamp::EPOCH,
         }

@@ -401,7 +401,7 @@ pub fn confirm(record: &mut AccountRecord, key: IdempotencyKey, at: Timestamp, l
     };
     let reserved_at = record.sends[i].at;
     let at = at.max(reserved_at);
-    record.sends[i].at = at;
+    record.sends.set_at(i, at);
     let pause = if Some(i) == latest {
         let drawn = Duration::from_millis(
             record.next_send_at.0.saturating_sub(reserved_at.0).max(0) as u64,

@@ -17,7 +17,7 @@ use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
 use super::{decode, encode, Store, StoreError, Tx, TxResult};
 use crate::clock::Timestamp;
-use crate::model::{AccountRecord, AccountStatus, IdempotencyKey, SendMark};
+use crate::model::{AccountRecord, AccountStatus, IdempotencyKey, SendMark, SendMarks};
 
 /// The cached account records, complete with their send marks.
 #[derive(Default)]
@@ -103,9 +103,11 @@ fn read_old_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
 }
 
 /// Writes what changed from `old` to `new`: the record (a few bytes), and
-/// every bucket in which a mark was added, moved or dropped. The account
-/// operations only drop marks, change them in place and append, so one
-/// ordered pass finds the difference.
+/// every bucket in which a mark was added, moved or dropped. `new` is `old`
+/// changed through [`SendMarks`]' methods since its base was `old`'s marks,
+/// so the marks before `new.sends.changed_from()` are `old`'s; from there,
+/// the account operations only drop marks, change them in place and
+/// append, so one ordered pass over the rest finds the difference.
 fn write_diff(
     accounts: &TransactionalTree,
     old: &AccountRecord,
@@ -120,8 +122,10 @@ fn write_diff(
             next_send_at: new.next_send_at,
         }),
     )?;
+    let same = new.sends.changed_from();
+    debug_assert!(old.sends.len() >= same && old.sends[..same] == new.sends[..same]);
     let mut touched: Vec<u64> = Vec::new();
-    let (mut i, mut j) = (0, 0);
+    let (mut i, mut j) = (same, same);
     while i < old.sends.len() && j < new.sends.len() {
         let (o, n) = (&old.sends[i], &new.sends[j]);
         if o.key == n.key {
@@ -148,7 +152,7 @@ fn write_diff(
         Some(b) => *b as i64 * BUCKET_MS,
         None => i64::MAX,
     };
-    for m in &new.sends {
+    for m in new.sends.iter() {
         if m.at.0 < since {
             continue;
         }
@@ -217,10 +221,10 @@ impl Store {
                 }
             }
         }
-        record.sends.sort_by_key(|s| s.at);
+        record.sends.sort_by_time();
         if migrate {
             let stripped = AccountRecord {
-                sends: Vec::new(),
+                sends: SendMarks::default(),
                 ..record.clone()
             };
             self.t
@@ -233,6 +237,7 @@ impl Store {
                 })
                 .map_err(StoreError::from)?;
         }
+        record.sends.rebase();
         Ok(record)
     }
 
@@ -264,8 +269,9 @@ impl Store {
         let mut cache = self.accounts.lock();
         let cached = self.cached_account(&mut cache, name)?;
         let mut record = cached.clone();
+        record.sends.rebase();
         let out = f(&mut record);
-        if record != *cached {
+        if record.differs_from(cached) {
             let before: &AccountRecord = cached;
             self.t
                 .accounts
@@ -300,10 +306,17 @@ impl Store {
         }
         let before: Vec<&AccountRecord> = names.iter().map(|n| &cache[*n]).collect();
         let (out, after) = self.transact(|tx| {
-            let mut records: Vec<AccountRecord> = before.iter().map(|r| (*r).clone()).collect();
+            let mut records: Vec<AccountRecord> = before
+                .iter()
+                .map(|r| {
+                    let mut r = (*r).clone();
+                    r.sends.rebase();
+                    r
+                })
+                .collect();
             let out = f(tx, &mut records)?;
             for (old, new) in before.iter().zip(&records) {
-                if new != *old {
+                if new.differs_from(old) {
                     tx.write_account(old, new)?;
                 }
             }
@@ -348,15 +361,15 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store
                 .update_account("a", &|r| {
-                    r.sends = vec![mark(5, 9), mark(7, 2), mark(9, 4)];
+                    r.sends = vec![mark(5, 9), mark(7, 2), mark(9, 4)].into();
                     r.next_send_at = Timestamp(10);
                 })
                 .unwrap();
             // Drop one, move one, add one.
             store
                 .update_account("a", &|r| {
-                    r.sends.remove(0);
-                    r.sends[0].at = Timestamp(8);
+                    r.sends.retain(|m| m.key != IdempotencyKey(9));
+                    r.sends.set_at(0, Timestamp(8));
                     r.sends.push(mark(11, 1));
                 })
                 .unwrap();
@@ -367,7 +380,7 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         let a = store.account("a").unwrap();
-        assert_eq!(a.sends, vec![mark(8, 2), mark(9, 4), mark(11, 1)]);
+        assert_eq!(a.sends[..], [mark(8, 2), mark(9, 4), mark(11, 1)]);
         assert_eq!(a.next_send_at, Timestamp(10));
         let names: Vec<String> = store
             .accounts()
@@ -378,11 +391,96 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Take { at: i64 },
+        Drop(usize),
+        Move(usize, i64),
+        Reload,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0i64..2_000).prop_map(|at| Op::Take { at }),
+            1 => any::<usize>().prop_map(Op::Drop),
+            2 => (any::<usize>(), 0i64..2_000).prop_map(|(i, at)| Op::Move(i, at)),
+            1 => Just(Op::Reload),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the account operations do to the marks, writing only
+        /// the changed tail stores them all: read back from the trees they
+        /// are the marks the operations left.
+        #[test]
+        fn the_marks_read_back_are_the_marks_written(ops in proptest::collection::vec(op(), 1..40)) {
+            let store = Store::temporary().unwrap();
+            let mut model: Vec<SendMark> = Vec::new();
+            let mut next_key = 0u64;
+            for op in ops {
+                match op {
+                    Op::Take { at } => {
+                        next_key += 1;
+                        let m = mark(at, next_key);
+                        model.push(m);
+                        store.update_account("a", &|r| r.sends.push(m)).unwrap();
+                    }
+                    Op::Drop(i) if !model.is_empty() => {
+                        let key = model.remove(i % model.len()).key;
+                        store.update_account("a", &|r| r.sends.retain(|m| m.key != key)).unwrap();
+                    }
+                    Op::Move(i, at) if !model.is_empty() => {
+                        let i = i % model.len();
+                        model[i].at = Timestamp(at);
+                        let key = model[i].key;
+                        store
+                            .update_account("a", &|r| {
+                                let j = r.sends.iter().position(|m| m.key == key).unwrap();
+                                r.sends.set_at(j, Timestamp(at));
+                            })
+                            .unwrap();
+                    }
+                    Op::Reload => store.accounts.lock().clear(),
+                    _ => {}
+                }
+            }
+            store.accounts.lock().clear();
+            let mut read: Vec<SendMark> = store.account("a").unwrap().sends.to_vec();
+            read.sort_by_key(|m| m.key);
+            model.sort_by_key(|m| m.key);
+            proptest::prop_assert_eq!(read, model);
+        }
+    }
+
+    #[test]
+    fn tracked_marks_know_where_they_changed() {
+        let mut marks = SendMarks::from(vec![mark(1, 1), mark(2, 2), mark(3, 3)]);
+        marks.rebase();
+        assert!(!marks.changed());
+        marks.set_at(1, Timestamp(5));
+        assert_eq!(marks.changed_from(), 1);
+        marks.rebase();
+        marks.retain(|m| m.key != IdempotencyKey(3));
+        assert!(marks.changed(), "the last mark dropped");
+        assert_eq!(marks.changed_from(), 2);
+        marks.rebase();
+        marks.push(mark(9, 9));
+        assert_eq!(marks.changed_from(), 2);
+        marks.retain(|_| true);
+        assert_eq!(marks.changed_from(), 2);
+        // Made from scratch, they replace whatever was there.
+        let mut fresh = SendMarks::default();
+        assert!(fresh.changed());
+        fresh.rebase();
+        assert!(!fresh.changed());
+    }
+
     #[test]
     fn a_record_of_the_older_layout_keeps_its_marks() {
         let store = Store::temporary().unwrap();
         let mut old = AccountRecord::new("a");
-        old.sends = vec![mark(1, 1), mark(2, 2)];
+        old.sends = vec![mark(1, 1), mark(2, 2)].into();
         store.t.accounts.insert("a", encode(&old)).unwrap();
         assert_eq!(store.account("a").unwrap().sends, old.sends);
         // The next change moves them out of the record.
@@ -406,8 +504,8 @@ mod tests {
                 store.t.accounts.insert(k, v).unwrap();
             }
             assert_eq!(
-                store.account("a").unwrap().sends,
-                vec![mark(5, 9), mark(700_000, 2)]
+                store.account("a").unwrap().sends[..],
+                [mark(5, 9), mark(700_000, 2)]
             );
             store.flush().unwrap();
         }
@@ -419,8 +517,8 @@ mod tests {
         );
         assert_eq!(keys.len(), 3, "the record and two buckets");
         assert_eq!(
-            store.account("a").unwrap().sends,
-            vec![mark(5, 9), mark(700_000, 2)]
+            store.account("a").unwrap().sends[..],
+            [mark(5, 9), mark(700_000, 2)]
         );
     }
 
@@ -438,8 +536,8 @@ mod tests {
             }
             store.t.accounts.insert(bucket_key("a", 0), value).unwrap();
             assert_eq!(
-                store.account("a").unwrap().sends,
-                vec![mark(5, 9), mark(7_000, 2)]
+                store.account("a").unwrap().sends[..],
+                [mark(5, 9), mark(7_000, 2)]
             );
             store.flush().unwrap();
         }
@@ -457,8 +555,8 @@ mod tests {
             }
         }
         assert_eq!(
-            store.account("a").unwrap().sends,
-            vec![mark(5, 9), mark(7_000, 2)]
+            store.account("a").unwrap().sends[..],
+            [mark(5, 9), mark(7_000, 2)]
         );
     }
 }
