@@ -494,9 +494,8 @@ async fn saved_changes_are_live_within_a_second() {
     }
 }
 
-#[tokio::test]
-async fn many_dialogs_await_http_at_once() {
-    // A local server that answers after 200 ms; 200 calls must overlap.
+/// A local HTTP server that answers "ok" after 200 ms.
+async fn slow_server() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -517,6 +516,13 @@ async fn many_dialogs_await_http_at_once() {
             });
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn many_dialogs_await_http_at_once() {
+    // 200 calls to a server that answers after 200 ms must overlap.
+    let addr = slow_server().await;
     let src = format!(
         "local http = require('http') return {{ get_response = function(ctx, m) local r = http.request{{ url = 'http://{addr}/' }} return r.body .. ' ' .. r.status end }}"
     );
@@ -535,6 +541,47 @@ async fn many_dialogs_await_http_at_once() {
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "calls did not overlap: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_of_calls_some_waiting_on_http_answers_in_order() {
+    // Calls that finish at once and calls that wait, interleaved in one
+    // batch: each result in its call's place, the waits overlapping.
+    let addr = slow_server().await;
+    let src = format!(
+        "local http = require('http') return {{ get_response = function(ctx, m)\n  if m.text:sub(1, 4) == 'wait' then return http.request{{ url = 'http://{addr}/' }}.body .. ' ' .. m.text end\n  return 're: ' .. m.text\nend }}"
+    );
+    let p = Project::new(&[("e", &src)], "");
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    let texts: Vec<String> = (0..120)
+        .map(|i| {
+            if i % 3 == 0 {
+                format!("wait{i}")
+            } else {
+                format!("now{i}")
+            }
+        })
+        .collect();
+    let calls = texts
+        .iter()
+        .map(|t| ("e".to_string(), respond(t), ctx()))
+        .collect();
+    let started = std::time::Instant::now();
+    let out = rt.call_many(calls).await;
+    for (t, r) in texts.iter().zip(&out) {
+        let expected = if t.starts_with("wait") {
+            format!("ok {t}")
+        } else {
+            format!("re: {t}")
+        };
+        assert_eq!(r.as_ref().unwrap().output.messages, vec![expected]);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waiting calls did not overlap: {:?}",
         started.elapsed()
     );
 }
