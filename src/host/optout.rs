@@ -8,11 +8,13 @@ pub struct OptOut {
     patterns: Vec<Vec<String>>,
 }
 
-fn words(text: &str) -> Vec<String> {
+fn words(text: &str) -> impl Iterator<Item = &str> {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
+}
+
+fn lower(word: &str) -> impl Iterator<Item = char> + '_ {
+    word.chars().flat_map(char::to_lowercase)
 }
 
 impl OptOut {
@@ -20,7 +22,7 @@ impl OptOut {
         OptOut {
             patterns: patterns
                 .iter()
-                .map(|p| words(p))
+                .map(|p| words(p).map(|w| lower(w).collect()).collect::<Vec<_>>())
                 .filter(|w| !w.is_empty())
                 .collect(),
         }
@@ -28,10 +30,19 @@ impl OptOut {
 
     /// Whether the message asks to stop.
     pub fn matches(&self, text: &str) -> bool {
-        let w = words(text);
-        self.patterns
-            .iter()
-            .any(|p| w.windows(p.len()).any(|window| window == p.as_slice()))
+        if self.patterns.is_empty() {
+            return false;
+        }
+        // Compared as they are, lower-cased char by char: no word copied.
+        let w: Vec<&str> = words(text).collect();
+        self.patterns.iter().any(|p| {
+            w.windows(p.len()).any(|window| {
+                window
+                    .iter()
+                    .zip(p)
+                    .all(|(word, pattern)| lower(word).eq(pattern.chars()))
+            })
+        })
     }
 }
 
