@@ -24,12 +24,15 @@
 //! - [`report`], [`chat`]: what `status`/`dialogs`/`dialog` print, and
 //!   `colloquy chat`.
 //! - [`clock`]: the injected clock and seeded random source.
+//! - [`concurrent`]: `run_all`, the pipeline's way to run a batch of
+//!   futures.
 //! - [`logging`]: tracing output.
 
 pub mod audience;
 pub mod chat;
 pub mod cli;
 pub mod clock;
+pub mod concurrent;
 pub mod config;
 pub mod engine;
 pub mod host;

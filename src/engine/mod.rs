@@ -498,7 +498,7 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
                                     let vm = &vm;
                                     async move { vm.call(&t.engine, &t.call, t.ctx).await }
                                 });
-                                let out = run_all(calls).await;
+                                let out = crate::concurrent::run_all(calls).await;
                                 let _ = reply.send(out);
                             });
                         }
@@ -510,34 +510,6 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
         tracing::error!("cannot start engine worker {index}: {e}");
     }
     Worker { jobs: tx, busy }
-}
-
-/// Runs calls concurrently and returns their results in order. Each is
-/// polled once as it comes: most engine calls finish without waiting on
-/// anything (no HTTP), and those are done without the bookkeeping of a set
-/// of futures; the rest wait together.
-async fn run_all<F: std::future::Future>(calls: impl Iterator<Item = F>) -> Vec<F::Output> {
-    use futures_util::{FutureExt, StreamExt};
-    let mut out: Vec<Option<F::Output>> = Vec::new();
-    let mut waiting = futures_util::stream::FuturesUnordered::new();
-    for (i, call) in calls.enumerate() {
-        let mut call = Box::pin(call);
-        // Polled with a no-op waker: a call that must wait is polled again,
-        // with the real one, once it joins the others.
-        match (&mut call).now_or_never() {
-            Some(done) => out.push(Some(done)),
-            None => {
-                out.push(None);
-                waiting.push(async move { (i, call.await) });
-            }
-        }
-    }
-    while let Some((i, done)) = waiting.next().await {
-        out[i] = Some(done);
-    }
-    out.into_iter()
-        .map(|o| o.expect("every call ran to its end"))
-        .collect()
 }
 
 #[cfg(test)]

@@ -39,13 +39,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedMutexGuard};
 
 use super::conductor::{self, ending_of};
 use super::{contact_view, dialog_view, history_of, Host};
 use crate::clock::Timestamp;
+use crate::concurrent::run_all;
 use crate::config::Config;
 use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
 use crate::engine::{Call, Ctx, EngineError, Reply};
@@ -485,7 +485,7 @@ async fn commit(
     for ack in acks {
         let _ = ack.send(());
     }
-    let outcomes = join_all(sending.iter().map(|s| send_in_order(host, s))).await;
+    let outcomes = run_all(sending.iter().map(|s| send_in_order(host, s))).await;
     let mut settled = Vec::with_capacity(sending.len());
     for (s, (sent, failed)) in sending.into_iter().zip(outcomes) {
         settled.extend(sent);
