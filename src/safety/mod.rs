@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, SeededRng, Timestamp};
@@ -203,17 +204,16 @@ impl AccountSafety {
     /// The key is one drawn for the reply: it holds no slot yet.
     /// Callers hold the account's lock until the send is confirmed
     /// ([`AccountSafety::settle_batch`]).
-    pub fn reply_reserver(
-        &self,
-        accounts: &[&str],
-    ) -> impl Fn(&mut crate::model::AccountRecord, IdempotencyKey) -> bool + '_ {
-        let limits: HashMap<String, Limits> = accounts
-            .iter()
-            .map(|a| (a.to_string(), self.limits(a)))
-            .collect();
+    pub fn reply_reserver<'a>(
+        &'a self,
+        accounts: &[&'a str],
+    ) -> impl Fn(&mut crate::model::AccountRecord, IdempotencyKey) -> bool + 'a {
+        // Looked up once per reply: the batch's own accounts, hashed fast.
+        let limits: FxHashMap<&str, Limits> =
+            accounts.iter().map(|a| (*a, self.limits(a))).collect();
         let now = self.now();
         move |record, key| {
-            let Some(limits) = limits.get(&record.name) else {
+            let Some(limits) = limits.get(record.name.as_str()) else {
                 return false;
             };
             let req = SendRequest {
@@ -233,7 +233,7 @@ impl AccountSafety {
         flight: &crate::store::Flight,
         sent: &[crate::store::Settle],
     ) -> Result<(), StoreError> {
-        let mut limits: HashMap<&str, Limits> = HashMap::new();
+        let mut limits: FxHashMap<&str, Limits> = FxHashMap::default();
         for s in sent {
             limits
                 .entry(s.account.as_str())
