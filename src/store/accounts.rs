@@ -185,6 +185,14 @@ impl Tx<'_> {
     }
 }
 
+/// A record as the trees now hold it, for the cache: its marks' base is
+/// what was stored, so a change made to a copy of it writes back only what
+/// it changed (see [`write_diff`]).
+fn stored(mut record: AccountRecord) -> AccountRecord {
+    record.sends.rebase();
+    record
+}
+
 impl Store {
     /// Reads an account from the trees: the record, its marks oldest
     /// first. Marks of an older layout (inside the record, or one key
@@ -237,8 +245,7 @@ impl Store {
                 })
                 .map_err(StoreError::from)?;
         }
-        record.sends.rebase();
-        Ok(record)
+        Ok(stored(record))
     }
 
     fn cached_account<'a>(
@@ -269,7 +276,6 @@ impl Store {
         let mut cache = self.accounts.lock();
         let cached = self.cached_account(&mut cache, name)?;
         let mut record = cached.clone();
-        record.sends.rebase();
         let out = f(&mut record);
         if record.differs_from(cached) {
             let before: &AccountRecord = cached;
@@ -277,7 +283,7 @@ impl Store {
                 .accounts
                 .transaction(|accounts| write_diff(accounts, before, &record).map_err(Into::into))
                 .map_err(StoreError::from)?;
-            *cached = record;
+            *cached = stored(record);
         }
         Ok(out)
     }
@@ -306,14 +312,7 @@ impl Store {
         }
         let before: Vec<&AccountRecord> = names.iter().map(|n| &cache[*n]).collect();
         let (out, after) = self.transact(|tx| {
-            let mut records: Vec<AccountRecord> = before
-                .iter()
-                .map(|r| {
-                    let mut r = (*r).clone();
-                    r.sends.rebase();
-                    r
-                })
-                .collect();
+            let mut records: Vec<AccountRecord> = before.iter().map(|r| (*r).clone()).collect();
             let out = f(tx, &mut records)?;
             for (old, new) in before.iter().zip(&records) {
                 if new.differs_from(old) {
@@ -323,7 +322,7 @@ impl Store {
             Ok((out, records))
         })?;
         for (name, record) in names.iter().zip(after) {
-            cache.insert((*name).to_string(), record);
+            cache.insert((*name).to_string(), stored(record));
         }
         Ok(out)
     }

@@ -624,9 +624,16 @@ pub(super) fn newer_than_stored(
 ) -> Result<Dialog, StoreError> {
     let stored: Dialog = decode("dialog", stored)?;
     Ok(match deferred {
-        Some(d) if d.next_seq > stored.next_seq => d.clone(),
+        Some(d) if further_on(d, &stored) => d.clone(),
         _ => stored,
     })
+}
+
+/// Whether version `a` of a dialog is further on than version `b`: each
+/// planned version adds messages, and a version written over another was
+/// built on it, so equal means the same or `b` newer.
+fn further_on(a: &Dialog, b: &Dialog) -> bool {
+    a.next_seq > b.next_seq
 }
 
 /// The newer of a deferred page and the stored one.
@@ -752,11 +759,11 @@ impl Store {
             let dialog_key = u64_key(e.dialog);
             let stored = self.t.dialogs.get(dialog_key)?;
             let record: Dialog = decode("dialog", e.record)?;
-            let stored_ahead = match &stored {
-                Some(s) => decode::<Dialog>("dialog", s)?.next_seq >= record.next_seq,
-                None => false,
+            let ahead = match &stored {
+                Some(s) => further_on(&record, &decode("dialog", s)?),
+                None => true,
             };
-            if !stored_ahead {
+            if ahead {
                 self.t.dialogs.insert(dialog_key, e.record)?;
             }
             if let Some((page_key, page)) = e.page {
