@@ -4,12 +4,24 @@
 //! a list of 17-byte marks), so a burst of sends rewrites a few small values
 //! instead of adding a key each, and an account sending thousands a second
 //! still rewrites a few dozen marks a batch. Records are read through a
-//! cache whose lock also orders the writers of an account. An older layout
+//! cache whose lock also orders the writers of an account.
+//!
+//! A transaction does not write an account's keys itself: it writes one
+//! record of the account log (`0xFF ++ sequence`, every key it changed with
+//! its new value), and the log's values wait in memory until
+//! [`LOG_MOST`] records are logged, when the next writer writes each key's
+//! newest value to the key and drops the log, in its own transaction. A
+//! batch that sends from a hundred accounts then adds one key instead of
+//! two hundred, and a key written in a hundred batches is written to its
+//! place once. Opening the store writes out the log left behind (in one
+//! transaction, so a crash then changes nothing), and so does a read of an
+//! account not cached yet, so the trees are complete whenever they are
+//! read. An older layout
 //! kept one key per mark (`name ++ 0x00 ++ idempotency key`), a later one
 //! buckets of ten minutes; their marks are moved into the current buckets
 //! on first read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -19,13 +31,160 @@ use super::{decode, encode, Store, StoreError, Tx, TxResult};
 use crate::clock::Timestamp;
 use crate::model::{AccountRecord, AccountStatus, IdempotencyKey, SendMark, SendMarks};
 
-/// The cached account records, complete with their send marks.
+/// The cached account records, complete with their send marks, and the
+/// account log.
 #[derive(Default)]
-pub(super) struct AccountCache(Mutex<HashMap<String, AccountRecord>>);
+pub(super) struct AccountCache(Mutex<Accounts>);
 
 impl AccountCache {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, AccountRecord>> {
+    fn lock(&self) -> MutexGuard<'_, Accounts> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Accounts {
+    records: HashMap<String, AccountRecord>,
+    log: AccountLog,
+}
+
+/// Writes to the `accounts` tree: each key with its new value, `None` to
+/// remove it.
+type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// The first byte of a key of the account log: no account's name starts
+/// with it (UTF-8 never holds 0xFF).
+const LOG: u8 = 0xFF;
+/// Log records at most before the log is written to its keys (a few in
+/// unit tests, so that they write it out often).
+const LOG_MOST: u64 = if cfg!(test) { 4 } else { 128 };
+/// Bytes of logged values at most before the log is written to its keys.
+const LOG_BYTES_MOST: usize = 4 << 20;
+
+/// The account log as this process wrote it: the newest logged value of
+/// each key, and the log records' sequence numbers.
+#[derive(Default)]
+struct AccountLog {
+    values: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    bytes: usize,
+    /// The sequence numbers of the log records in the tree.
+    first: u64,
+    next: u64,
+}
+
+fn log_key(seq: u64) -> [u8; 9] {
+    let mut k = [LOG; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn encode_writes(writes: &Writes) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in writes {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        match v {
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+fn decode_writes(mut bytes: &[u8]) -> Result<Writes, StoreError> {
+    let broken = || StoreError::Corrupt {
+        what: "account log",
+        reason: "a write is cut short".into(),
+    };
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (bytes.get(..n)?, bytes.get(n..)?);
+        *bytes = rest;
+        Some(head)
+    }
+    fn len(bytes: &mut &[u8]) -> Option<usize> {
+        Some(u32::from_be_bytes(take(bytes, 4)?.try_into().ok()?) as usize)
+    }
+    let mut writes = Writes::new();
+    while !bytes.is_empty() {
+        let n = len(&mut bytes).ok_or_else(broken)?;
+        let key = take(&mut bytes, n).ok_or_else(broken)?.to_vec();
+        let value = match take(&mut bytes, 1).ok_or_else(broken)? {
+            [1] => {
+                let n = len(&mut bytes).ok_or_else(broken)?;
+                Some(take(&mut bytes, n).ok_or_else(broken)?.to_vec())
+            }
+            [0] => None,
+            _ => return Err(broken()),
+        };
+        writes.push((key, value));
+    }
+    Ok(writes)
+}
+
+fn apply(
+    tree: &TransactionalTree,
+    key: &[u8],
+    value: &Option<Vec<u8>>,
+) -> Result<(), UnabortableTransactionError> {
+    match value {
+        Some(v) => tree.insert(key, &v[..])?,
+        None => tree.remove(key)?,
+    };
+    Ok(())
+}
+
+impl AccountLog {
+    fn full(&self) -> bool {
+        self.next - self.first >= LOG_MOST || self.bytes >= LOG_BYTES_MOST
+    }
+
+    /// Writes `writes` in a transaction: as one log record, or, with the
+    /// log full, every logged value and then `writes` to their keys, the
+    /// log's records dropped. Returns whether it wrote the log out; tell
+    /// [`AccountLog::committed`] once the transaction committed.
+    fn write(
+        &self,
+        tree: &TransactionalTree,
+        writes: &Writes,
+    ) -> Result<bool, UnabortableTransactionError> {
+        if !self.full() {
+            tree.insert(&log_key(self.next), encode_writes(writes))?;
+            return Ok(false);
+        }
+        self.write_out(tree)?;
+        for (k, v) in writes {
+            apply(tree, k, v)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes every logged value to its key and drops the log's records.
+    fn write_out(&self, tree: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
+        for (k, v) in &self.values {
+            apply(tree, k, v)?;
+        }
+        for seq in self.first..self.next {
+            tree.remove(&log_key(seq))?;
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, writes: Writes, wrote_out: bool) {
+        if wrote_out {
+            self.values.clear();
+            self.bytes = 0;
+            self.first = self.next;
+            return;
+        }
+        self.next += 1;
+        for (k, v) in writes {
+            self.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
+            self.values.insert(k, v);
+        }
     }
 }
 
@@ -102,26 +261,22 @@ fn read_old_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
     })
 }
 
-/// Writes what changed from `old` to `new`: the record (a few bytes), and
-/// every bucket in which a mark was added, moved or dropped. `new` is `old`
+/// What changed from `old` to `new`, as writes: the record (a few bytes),
+/// and every bucket in which a mark was added, moved or dropped. `new` is `old`
 /// changed through [`SendMarks`]' methods since its base was `old`'s marks,
 /// so the marks before `new.sends.changed_from()` are `old`'s; from there,
 /// the account operations only drop marks, change them in place and
 /// append, so one ordered pass over the rest finds the difference.
-fn write_diff(
-    accounts: &TransactionalTree,
-    old: &AccountRecord,
-    new: &AccountRecord,
-) -> Result<(), UnabortableTransactionError> {
-    accounts.insert(
-        new.name.as_bytes(),
-        encode(&StoredRecord {
+fn write_diff(writes: &mut Writes, old: &AccountRecord, new: &AccountRecord) {
+    writes.push((
+        new.name.as_bytes().to_vec(),
+        Some(encode(&StoredRecord {
             name: &new.name,
             status: &new.status,
             first_send_at: new.first_send_at,
             next_send_at: new.next_send_at,
-        }),
-    )?;
+        })),
+    ));
     let same = new.sends.changed_from();
     debug_assert!(old.sends.len() >= same && old.sends[..same] == new.sends[..same]);
     let mut touched: Vec<u64> = Vec::new();
@@ -165,23 +320,7 @@ fn write_diff(
     }
     for (bucket, value) in touched.into_iter().zip(values) {
         let key = bucket_key(&new.name, bucket);
-        if value.is_empty() {
-            accounts.remove(key)?;
-        } else {
-            accounts.insert(key, value)?;
-        }
-    }
-    Ok(())
-}
-
-impl Tx<'_> {
-    /// Writes an account record changed inside this transaction.
-    pub(super) fn write_account(
-        &self,
-        old: &AccountRecord,
-        new: &AccountRecord,
-    ) -> Result<(), UnabortableTransactionError> {
-        write_diff(self.accounts, old, new)
+        writes.push((key, (!value.is_empty()).then_some(value)));
     }
 }
 
@@ -235,35 +374,75 @@ impl Store {
                 sends: SendMarks::default(),
                 ..record.clone()
             };
+            let mut writes: Writes = old_keys.into_iter().map(|k| (k.to_vec(), None)).collect();
+            write_diff(&mut writes, &stripped, &record);
             self.t
                 .accounts
                 .transaction(|accounts| {
-                    for k in &old_keys {
-                        accounts.remove(k)?;
+                    for (k, v) in &writes {
+                        apply(accounts, k, v)?;
                     }
-                    write_diff(accounts, &stripped, &record).map_err(Into::into)
+                    Ok(())
                 })
                 .map_err(StoreError::from)?;
         }
         Ok(stored(record))
     }
 
+    /// The cached record of an account, read from the trees if not cached
+    /// yet (the account log written out first, so that they are complete).
     fn cached_account<'a>(
         &self,
-        cache: &'a mut HashMap<String, AccountRecord>,
+        accounts: &'a mut Accounts,
         name: &str,
     ) -> Result<&'a mut AccountRecord, StoreError> {
-        if !cache.contains_key(name) {
+        if !accounts.records.contains_key(name) {
+            if accounts.log.first != accounts.log.next {
+                let log = &accounts.log;
+                self.t
+                    .accounts
+                    .transaction(|tree| log.write_out(tree).map_err(Into::into))
+                    .map_err(StoreError::from)?;
+                accounts.log.committed(Writes::new(), true);
+            }
             let record = self.load_account(name)?;
-            cache.insert(name.to_string(), record);
+            accounts.records.insert(name.to_string(), record);
         }
-        Ok(cache.get_mut(name).expect("just inserted"))
+        Ok(accounts.records.get_mut(name).expect("just inserted"))
+    }
+
+    /// Writes the account log a stopped host left to its keys, in one
+    /// transaction. Run when the store opens, before any account is read.
+    pub(super) fn replay_account_log(&self) -> Result<(), StoreError> {
+        let mut keys = Vec::new();
+        let mut values: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for e in self.t.accounts.scan_prefix([LOG]) {
+            let (k, v) = e?;
+            values.extend(decode_writes(&v)?);
+            keys.push(k);
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.t
+            .accounts
+            .transaction(|tree| {
+                for (k, v) in &values {
+                    apply(tree, k, v)?;
+                }
+                for k in &keys {
+                    tree.remove(k)?;
+                }
+                Ok(())
+            })
+            .map_err(StoreError::from)?;
+        Ok(())
     }
 
     /// An account's record; a new one if the account never sent.
     pub fn account(&self, name: &str) -> Result<AccountRecord, StoreError> {
-        let mut cache = self.accounts.lock();
-        Ok(self.cached_account(&mut cache, name)?.clone())
+        let mut accounts = self.accounts.lock();
+        Ok(self.cached_account(&mut accounts, name)?.clone())
     }
 
     /// Reads, changes and writes an account's record; written only if `f`
@@ -273,17 +452,22 @@ impl Store {
         name: &str,
         f: &dyn Fn(&mut AccountRecord) -> T,
     ) -> Result<T, StoreError> {
-        let mut cache = self.accounts.lock();
-        let cached = self.cached_account(&mut cache, name)?;
+        let mut guard = self.accounts.lock();
+        let accounts = &mut *guard;
+        let cached = self.cached_account(accounts, name)?;
         let mut record = cached.clone();
         let out = f(&mut record);
         if record.differs_from(cached) {
-            let before: &AccountRecord = cached;
-            self.t
+            let mut writes = Writes::new();
+            write_diff(&mut writes, cached, &record);
+            let log = &accounts.log;
+            let wrote_out = self
+                .t
                 .accounts
-                .transaction(|accounts| write_diff(accounts, before, &record).map_err(Into::into))
+                .transaction(|tree| log.write(tree, &writes).map_err(Into::into))
                 .map_err(StoreError::from)?;
-            *cached = stored(record);
+            accounts.log.committed(writes, wrote_out);
+            accounts.records.insert(name.to_string(), stored(record));
         }
         Ok(out)
     }
@@ -306,36 +490,51 @@ impl Store {
         names: &[&str],
         f: impl Fn(&Tx<'_>, &mut [AccountRecord]) -> TxResult<T>,
     ) -> Result<T, StoreError> {
-        let mut cache = self.accounts.lock();
+        let mut guard = self.accounts.lock();
+        let accounts = &mut *guard;
         for name in names {
-            self.cached_account(&mut cache, name)?;
+            self.cached_account(accounts, name)?;
         }
-        let before: Vec<&AccountRecord> = names.iter().map(|n| &cache[*n]).collect();
-        let (out, after) = self.transact(|tx| {
+        let before: Vec<&AccountRecord> = names.iter().map(|n| &accounts.records[*n]).collect();
+        let log = &accounts.log;
+        let (out, after, writes, wrote_out) = self.transact(|tx| {
             let mut records: Vec<AccountRecord> = before.iter().map(|r| (*r).clone()).collect();
             let out = f(tx, &mut records)?;
+            let mut writes = Writes::new();
             for (old, new) in before.iter().zip(&records) {
                 if new.differs_from(old) {
-                    tx.write_account(old, new)?;
+                    write_diff(&mut writes, old, new);
                 }
             }
-            Ok((out, records))
+            let wrote_out = !writes.is_empty() && log.write(tx.accounts, &writes)?;
+            Ok((out, records, writes, wrote_out))
         })?;
+        if !writes.is_empty() {
+            accounts.log.committed(writes, wrote_out);
+        }
         for (name, record) in names.iter().zip(after) {
-            cache.insert((*name).to_string(), stored(record));
+            accounts.records.insert((*name).to_string(), stored(record));
         }
         Ok(out)
     }
 
     /// Every stored account record.
     pub fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        let mut names = Vec::new();
+        let is_record =
+            |k: &[u8]| k.first() != Some(&LOG) && !k.contains(&OLD_MARK) && !k.contains(&BUCKET);
+        // A record may be in the log only.
+        let mut names: Vec<String> = (self.accounts.lock().log.values.keys())
+            .filter(|k| is_record(k))
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
         for k in self.t.accounts.iter().keys() {
             let k = k?;
-            if !k.contains(&OLD_MARK) && !k.contains(&BUCKET) {
+            if is_record(&k) {
                 names.push(String::from_utf8_lossy(&k).into_owned());
             }
         }
+        names.sort_unstable();
+        names.dedup();
         names.into_iter().map(|n| self.account(&n)).collect()
     }
 }
@@ -392,10 +591,15 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Take { at: i64 },
+        Take {
+            at: i64,
+        },
         Drop(usize),
         Move(usize, i64),
+        /// The cache forgotten: read again from the trees.
         Reload,
+        /// The store closed without a flush of the cache and opened again.
+        Reopen,
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -405,6 +609,7 @@ mod tests {
             1 => any::<usize>().prop_map(Op::Drop),
             2 => (any::<usize>(), 0i64..2_000).prop_map(|(i, at)| Op::Move(i, at)),
             1 => Just(Op::Reload),
+            1 => Just(Op::Reopen),
         ]
     }
 
@@ -414,7 +619,8 @@ mod tests {
         /// are the marks the operations left.
         #[test]
         fn the_marks_read_back_are_the_marks_written(ops in proptest::collection::vec(op(), 1..40)) {
-            let store = Store::temporary().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Store::open(dir.path()).unwrap();
             let mut model: Vec<SendMark> = Vec::new();
             let mut next_key = 0u64;
             for op in ops {
@@ -440,11 +646,18 @@ mod tests {
                             })
                             .unwrap();
                     }
-                    Op::Reload => store.accounts.lock().clear(),
+                    Op::Reload => store.accounts.lock().records.clear(),
+                    Op::Reopen => {
+                        store.flush().unwrap();
+                        drop(store);
+                        store = Store::open(dir.path()).unwrap();
+                        let log = store.t.accounts.scan_prefix([LOG]).count();
+                        proptest::prop_assert_eq!(log, 0, "the log is written out on open");
+                    }
                     _ => {}
                 }
             }
-            store.accounts.lock().clear();
+            store.accounts.lock().records.clear();
             let mut read: Vec<SendMark> = store.account("a").unwrap().sends.to_vec();
             read.sort_by_key(|m| m.key);
             model.sort_by_key(|m| m.key);
@@ -486,7 +699,7 @@ mod tests {
         store
             .update_account("a", &|r| r.sends.push(mark(3, 3)))
             .unwrap();
-        store.accounts.lock().clear();
+        store.accounts.lock().records.clear();
         assert_eq!(store.account("a").unwrap().sends.len(), 3);
     }
 

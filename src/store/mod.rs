@@ -21,7 +21,8 @@
 //! | `unhandled` | dialog id, seq | (empty): incoming messages stored, not yet answered |
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
 //! | `accounts` | account name | [`AccountRecord`] without its sends |
-//! | `accounts` | account name, 0, idempotency key | a send that counts against the limits (`at`, opening) |
+//! | `accounts` | account name, 1, tenth of a second | the sends of that tenth that count against the limits (key, `at`, opening; see `accounts.rs`) |
+//! | `accounts` | 0xFF, sequence | the account log: keys of this tree with their new values, not yet written to them |
 //! | `meta` | name | value |
 //! | `tg_sessions`, `tg_peers`, `tg_sent`, ... | string key | records of the Telegram transport ([`Records`]) |
 //!
@@ -664,6 +665,7 @@ impl Store {
             .retain(|p| *p != path);
         let mut store = Store::from_db(db)?;
         store._open = Some(Arc::new(OpenHere(path)));
+        store.replay_account_log()?;
         store.page_messages()?;
         store.replay_journal()?;
         store.land_flights()?;
