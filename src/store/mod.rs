@@ -191,7 +191,7 @@ pub struct Store {
     touched: Arc<Touched>,
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
-    flusher: Arc<std::sync::OnceLock<FlushQueue>>,
+    flusher: Arc<std::sync::OnceLock<Option<FlushQueue>>>,
     /// Notes the store's directory as closed by this process when the
     /// last clone goes (see [`Store::open`]).
     _open: Option<Arc<OpenHere>>,
@@ -220,25 +220,28 @@ fn closed_here(path: &Path) -> bool {
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
-type FlushQueue = tokio::sync::mpsc::UnboundedSender<FlushWaiter>;
+type FlushQueue = std::sync::mpsc::Sender<FlushWaiter>;
 
-/// Serves flush requests in batches: one fsync for everyone who asked
-/// before it started.
-async fn group_flush(db: sled::Db, mut rx: tokio::sync::mpsc::UnboundedReceiver<FlushWaiter>) {
-    while let Some(first) = rx.recv().await {
-        let mut waiters = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            waiters.push(more);
-        }
-        let result = db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        for w in waiters {
-            let _ = w.send(result.clone());
-        }
-    }
+/// Starts the store's flusher: a thread of its own that serves flush
+/// requests in batches, one fsync for everyone who asked before it started
+/// (group commit). A thread rather than sled's `flush_async`, which hands
+/// each flush to its thread pool and back. It ends when the store's last
+/// clone goes.
+fn group_flush(db: sled::Db) -> std::io::Result<FlushQueue> {
+    let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
+    std::thread::Builder::new()
+        .name("store-flush".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut waiters = vec![first];
+                waiters.extend(rx.try_iter());
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 #[derive(Clone)]
@@ -749,18 +752,19 @@ impl Store {
     /// is acknowledged to the transport (a received message), so a crash
     /// can never lose a record of something the outside world saw.
     pub async fn flush_async(&self) -> Result<(), StoreError> {
-        let queue = self.flusher.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(group_flush(self.db.clone(), rx));
-            tx
-        });
+        let queue = self
+            .flusher
+            .get_or_init(|| group_flush(self.db.clone()).ok());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if queue.send(tx).is_ok() {
-            if let Ok(result) = rx.await {
-                return result.map_err(StoreError::Storage);
+        if let Some(queue) = queue {
+            if queue.send(tx).is_ok() {
+                if let Ok(result) = rx.await {
+                    return result.map_err(StoreError::Storage);
+                }
             }
         }
-        // The flusher's runtime is gone: flush here.
+        // No flusher (no thread could be started, or it is gone): flush
+        // here.
         self.db.flush_async().await?;
         Ok(())
     }
