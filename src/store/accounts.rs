@@ -125,15 +125,17 @@ fn decode_writes(mut bytes: &[u8]) -> Result<Writes, StoreError> {
     Ok(writes)
 }
 
-fn apply(
+/// Writes each key's value (removes it for `None`).
+fn apply<'a>(
     tree: &TransactionalTree,
-    key: &[u8],
-    value: &Option<Vec<u8>>,
+    writes: impl IntoIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
 ) -> Result<(), UnabortableTransactionError> {
-    match value {
-        Some(v) => tree.insert(key, &v[..])?,
-        None => tree.remove(key)?,
-    };
+    for (key, value) in writes {
+        match value {
+            Some(v) => tree.insert(&key[..], &v[..])?,
+            None => tree.remove(&key[..])?,
+        };
+    }
     Ok(())
 }
 
@@ -156,17 +158,13 @@ impl AccountLog {
             return Ok(false);
         }
         self.write_out(tree)?;
-        for (k, v) in writes {
-            apply(tree, k, v)?;
-        }
+        apply(tree, writes.iter().map(|(k, v)| (k, v)))?;
         Ok(true)
     }
 
     /// Writes every logged value to its key and drops the log's records.
     fn write_out(&self, tree: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
-        for (k, v) in &self.values {
-            apply(tree, k, v)?;
-        }
+        apply(tree, &self.values)?;
         for seq in self.first..self.next {
             tree.remove(&log_key(seq))?;
         }
@@ -175,12 +173,20 @@ impl AccountLog {
 
     fn committed(&mut self, writes: Writes, wrote_out: bool) {
         if wrote_out {
-            self.values.clear();
-            self.bytes = 0;
-            self.first = self.next;
+            self.written_out();
             return;
         }
         self.next += 1;
+        self.add(writes);
+    }
+
+    fn written_out(&mut self) {
+        self.values.clear();
+        self.bytes = 0;
+        self.first = self.next;
+    }
+
+    fn add(&mut self, writes: Writes) {
         for (k, v) in writes {
             self.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
             self.values.insert(k, v);
@@ -378,11 +384,8 @@ impl Store {
             write_diff(&mut writes, &stripped, &record);
             self.t
                 .accounts
-                .transaction(|accounts| {
-                    for (k, v) in &writes {
-                        apply(accounts, k, v)?;
-                    }
-                    Ok(())
+                .transaction(|tree| {
+                    apply(tree, writes.iter().map(|(k, v)| (k, v))).map_err(Into::into)
                 })
                 .map_err(StoreError::from)?;
         }
@@ -397,46 +400,51 @@ impl Store {
         name: &str,
     ) -> Result<&'a mut AccountRecord, StoreError> {
         if !accounts.records.contains_key(name) {
-            if accounts.log.first != accounts.log.next {
-                let log = &accounts.log;
-                self.t
-                    .accounts
-                    .transaction(|tree| log.write_out(tree).map_err(Into::into))
-                    .map_err(StoreError::from)?;
-                accounts.log.committed(Writes::new(), true);
-            }
+            self.write_out_log(&mut accounts.log)?;
             let record = self.load_account(name)?;
             accounts.records.insert(name.to_string(), record);
         }
         Ok(accounts.records.get_mut(name).expect("just inserted"))
     }
 
-    /// Writes the account log a stopped host left to its keys, in one
-    /// transaction. Run when the store opens, before any account is read.
-    pub(super) fn replay_account_log(&self) -> Result<(), StoreError> {
-        let mut keys = Vec::new();
-        let mut values: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for e in self.t.accounts.scan_prefix([LOG]) {
-            let (k, v) = e?;
-            values.extend(decode_writes(&v)?);
-            keys.push(k);
-        }
-        if keys.is_empty() {
+    /// Writes every logged value to its key and drops the log's records,
+    /// in one transaction.
+    fn write_out_log(&self, log: &mut AccountLog) -> Result<(), StoreError> {
+        if log.first == log.next {
             return Ok(());
         }
+        let written = &*log;
         self.t
             .accounts
-            .transaction(|tree| {
-                for (k, v) in &values {
-                    apply(tree, k, v)?;
-                }
-                for k in &keys {
-                    tree.remove(k)?;
-                }
-                Ok(())
-            })
+            .transaction(|tree| written.write_out(tree).map_err(Into::into))
             .map_err(StoreError::from)?;
+        log.written_out();
         Ok(())
+    }
+
+    /// Writes the account log a stopped host left to its keys (one
+    /// transaction, so a crash meanwhile changes nothing). Run when the
+    /// store opens, before any account is read.
+    pub(super) fn replay_account_log(&self) -> Result<(), StoreError> {
+        let mut guard = self.accounts.lock();
+        let log = &mut guard.log;
+        for (i, e) in self.t.accounts.scan_prefix([LOG]).enumerate() {
+            let (k, v) = e?;
+            let seq = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            let seq = seq.ok_or_else(|| StoreError::Corrupt {
+                what: "account log",
+                reason: "a key is not a sequence number".into(),
+            })?;
+            if i == 0 {
+                log.first = seq;
+            }
+            log.next = seq + 1;
+            log.add(decode_writes(&v)?);
+        }
+        self.write_out_log(log)
     }
 
     /// An account's record; a new one if the account never sent.
