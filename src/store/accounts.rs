@@ -8,20 +8,21 @@
 //!
 //! A transaction does not write an account's keys itself: it writes one
 //! record of the account log (`0xFF ++ sequence`, every key it changed with
-//! its new value), and the log's values wait in memory until
-//! [`LOG_MOST`] records are logged, when the next writer writes each key's
-//! newest value to the key and drops the log, in its own transaction. A
-//! batch that sends from a hundred accounts then adds one key instead of
-//! two hundred, and a key written in a hundred batches is written to its
-//! place once. Opening the store writes out the log left behind (in one
-//! transaction, so a crash then changes nothing), and so does a read of an
-//! account not cached yet, so the trees are complete whenever they are
-//! read. An older layout
+//! its new value), and the log's newest values wait in memory. Past
+//! [`LOG_MOST`] records the writer also retires the oldest: the keys whose
+//! newest value it holds get that value in place, and it goes, in the
+//! writer's own transaction (see [`AccountLog::write`]). A batch that sends
+//! from a hundred accounts then adds one key instead of two hundred, a key
+//! written in a hundred batches is written to its place about once, and no
+//! transaction writes the whole log at once. Opening the store writes out
+//! the log left behind (in one transaction, so a crash then changes
+//! nothing), and so does a read of an account not cached yet, so the trees
+//! are complete whenever they are read. An older layout
 //! kept one key per mark (`name ++ 0x00 ++ idempotency key`), a later one
 //! buckets of ten minutes; their marks are moved into the current buckets
 //! on first read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -55,21 +56,36 @@ type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 /// The first byte of a key of the account log: no account's name starts
 /// with it (UTF-8 never holds 0xFF).
 const LOG: u8 = 0xFF;
-/// Log records at most before the log is written to its keys (a few in
-/// unit tests, so that they write it out often).
-const LOG_MOST: u64 = if cfg!(test) { 4 } else { 128 };
-/// Bytes of logged values at most before the log is written to its keys.
+/// Log records at most: past it the oldest are retired (a few in unit
+/// tests, so that they retire records often).
+const LOG_MOST: usize = if cfg!(test) { 4 } else { 128 };
+/// Bytes of logged writes at most: past it the oldest records are retired.
 const LOG_BYTES_MOST: usize = 4 << 20;
 
 /// The account log as this process wrote it: the newest logged value of
-/// each key, and the log records' sequence numbers.
+/// each key, and the log's records.
 #[derive(Default)]
 struct AccountLog {
-    values: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    values: BTreeMap<Vec<u8>, LoggedValue>,
+    /// The log's records in the tree, oldest first.
+    records: VecDeque<LogRecord>,
+    /// Bytes of the records' writes.
     bytes: usize,
-    /// The sequence numbers of the log records in the tree.
-    first: u64,
+    /// The next record's sequence number.
     next: u64,
+}
+
+/// A key's newest logged value (`None`: removed) and the record holding it.
+struct LoggedValue {
+    value: Option<Vec<u8>>,
+    seq: u64,
+}
+
+/// A record of the account log: the keys it wrote.
+struct LogRecord {
+    seq: u64,
+    keys: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 fn log_key(seq: u64) -> [u8; 9] {
@@ -140,58 +156,102 @@ fn apply<'a>(
 }
 
 impl AccountLog {
-    fn full(&self) -> bool {
-        self.next - self.first >= LOG_MOST || self.bytes >= LOG_BYTES_MOST
+    /// How many of the oldest records a transaction logging `writes` retires,
+    /// so that the log stays within [`LOG_MOST`] records and
+    /// [`LOG_BYTES_MOST`] bytes.
+    fn to_retire(&self, writes: &Writes) -> usize {
+        let mut records = self.records.len() + 1;
+        let mut bytes = self.bytes + writes_bytes(writes);
+        let mut n = 0;
+        for r in &self.records {
+            if records <= LOG_MOST && bytes <= LOG_BYTES_MOST {
+                break;
+            }
+            records -= 1;
+            bytes -= r.bytes;
+            n += 1;
+        }
+        n
     }
 
-    /// Writes `writes` in a transaction: as one log record, or, with the
-    /// log full, every logged value and then `writes` to their keys, the
-    /// log's records dropped. Returns whether it wrote the log out; tell
-    /// [`AccountLog::committed`] once the transaction committed.
+    /// Writes `writes` in a transaction as the log's next record, and
+    /// retires the oldest records the log has no room for: each key whose
+    /// newest value one of them holds gets that value in place, and the
+    /// records go. A key a newer record holds needs nothing: replaying the
+    /// log ends at its newest value all the same. So every transaction
+    /// writes a few keys in place, never the whole log at once. Returns how
+    /// many records it retired; tell [`AccountLog::committed`] once the
+    /// transaction committed.
     fn write(
         &self,
         tree: &TransactionalTree,
         writes: &Writes,
-    ) -> Result<bool, UnabortableTransactionError> {
-        if !self.full() {
-            tree.insert(&log_key(self.next), encode_writes(writes))?;
-            return Ok(false);
+    ) -> Result<usize, UnabortableTransactionError> {
+        tree.insert(&log_key(self.next), encode_writes(writes))?;
+        let retire = self.to_retire(writes);
+        for r in self.records.iter().take(retire) {
+            for key in &r.keys {
+                let newest = &self.values[key];
+                if newest.seq == r.seq {
+                    apply(tree, [(key, &newest.value)])?;
+                }
+            }
+            tree.remove(&log_key(r.seq))?;
         }
-        self.write_out(tree)?;
-        apply(tree, writes.iter().map(|(k, v)| (k, v)))?;
-        Ok(true)
+        Ok(retire)
     }
 
     /// Writes every logged value to its key and drops the log's records.
     fn write_out(&self, tree: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
-        apply(tree, &self.values)?;
-        for seq in self.first..self.next {
-            tree.remove(&log_key(seq))?;
+        apply(tree, self.values.iter().map(|(k, v)| (k, &v.value)))?;
+        for r in &self.records {
+            tree.remove(&log_key(r.seq))?;
         }
         Ok(())
     }
 
-    fn committed(&mut self, writes: Writes, wrote_out: bool) {
-        if wrote_out {
-            self.written_out();
-            return;
+    /// What [`AccountLog::write`] wrote, now committed.
+    fn committed(&mut self, writes: Writes, retired: usize) {
+        for _ in 0..retired {
+            let Some(r) = self.records.pop_front() else {
+                break;
+            };
+            self.bytes -= r.bytes;
+            for key in r.keys {
+                if self.values.get(&key).is_some_and(|v| v.seq == r.seq) {
+                    self.values.remove(&key);
+                }
+            }
         }
+        let seq = self.next;
         self.next += 1;
-        self.add(writes);
+        self.add(seq, writes);
     }
 
     fn written_out(&mut self) {
         self.values.clear();
+        self.records.clear();
         self.bytes = 0;
-        self.first = self.next;
     }
 
-    fn add(&mut self, writes: Writes) {
-        for (k, v) in writes {
-            self.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
-            self.values.insert(k, v);
+    /// Notes a record of the log.
+    fn add(&mut self, seq: u64, writes: Writes) {
+        let bytes = writes_bytes(&writes);
+        let mut keys = Vec::with_capacity(writes.len());
+        for (k, value) in writes {
+            keys.push(k.clone());
+            self.values.insert(k, LoggedValue { value, seq });
         }
+        self.bytes += bytes;
+        self.records.push_back(LogRecord { seq, keys, bytes });
     }
+}
+
+fn writes_bytes(writes: &Writes) -> usize {
+    writes
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum()
 }
 
 /// The record as stored: everything but the send marks.
@@ -410,7 +470,7 @@ impl Store {
     /// Writes every logged value to its key and drops the log's records,
     /// in one transaction.
     fn write_out_log(&self, log: &mut AccountLog) -> Result<(), StoreError> {
-        if log.first == log.next {
+        if log.records.is_empty() {
             return Ok(());
         }
         let written = &*log;
@@ -428,7 +488,7 @@ impl Store {
     pub(super) fn replay_account_log(&self) -> Result<(), StoreError> {
         let mut guard = self.accounts.lock();
         let log = &mut guard.log;
-        for (i, e) in self.t.accounts.scan_prefix([LOG]).enumerate() {
+        for e in self.t.accounts.scan_prefix([LOG]) {
             let (k, v) = e?;
             let seq = k
                 .get(1..9)
@@ -438,11 +498,8 @@ impl Store {
                 what: "account log",
                 reason: "a key is not a sequence number".into(),
             })?;
-            if i == 0 {
-                log.first = seq;
-            }
             log.next = seq + 1;
-            log.add(decode_writes(&v)?);
+            log.add(seq, decode_writes(&v)?);
         }
         self.write_out_log(log)
     }
@@ -469,12 +526,12 @@ impl Store {
             let mut writes = Writes::new();
             write_diff(&mut writes, cached, &record);
             let log = &accounts.log;
-            let wrote_out = self
+            let retired = self
                 .t
                 .accounts
                 .transaction(|tree| log.write(tree, &writes).map_err(Into::into))
                 .map_err(StoreError::from)?;
-            accounts.log.committed(writes, wrote_out);
+            accounts.log.committed(writes, retired);
             accounts.records.insert(name.to_string(), stored(record));
         }
         Ok(out)
@@ -505,7 +562,7 @@ impl Store {
         }
         let before: Vec<&AccountRecord> = names.iter().map(|n| &accounts.records[*n]).collect();
         let log = &accounts.log;
-        let (out, after, writes, wrote_out) = self.transact(|tx| {
+        let (out, after, writes, retired) = self.transact(|tx| {
             let mut records: Vec<AccountRecord> = before.iter().map(|r| (*r).clone()).collect();
             let out = f(tx, &mut records)?;
             let mut writes = Writes::new();
@@ -514,11 +571,15 @@ impl Store {
                     write_diff(&mut writes, old, new);
                 }
             }
-            let wrote_out = !writes.is_empty() && log.write(tx.accounts, &writes)?;
-            Ok((out, records, writes, wrote_out))
+            let retired = if writes.is_empty() {
+                None
+            } else {
+                Some(log.write(tx.accounts, &writes)?)
+            };
+            Ok((out, records, writes, retired))
         })?;
-        if !writes.is_empty() {
-            accounts.log.committed(writes, wrote_out);
+        if let Some(retired) = retired {
+            accounts.log.committed(writes, retired);
         }
         for (name, record) in names.iter().zip(after) {
             accounts.records.insert((*name).to_string(), stored(record));
