@@ -1,6 +1,8 @@
 //! Log output: tracing to stderr, filtered by `RUST_LOG` (default `info`),
 //! as human-readable lines or JSON objects.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines look.
@@ -22,7 +24,11 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
     let _ = match format {
-        LogFormat::Pretty => builder.with_target(false).try_init(),
+        // Colours for a terminal only: a file or a journal gets plain text.
+        LogFormat::Pretty => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
