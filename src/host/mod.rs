@@ -548,6 +548,7 @@ fn import_audiences(config: &Config, store: &Store) -> Result<(), String> {
             audience = a.name,
             added = stats.added,
             updated = stats.updated,
+            unchanged = stats.unchanged,
             "audience imported"
         );
     }

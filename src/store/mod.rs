@@ -143,7 +143,10 @@ const IMPORT_CHUNK: usize = 1024;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ImportStats {
     pub added: usize,
+    /// Known contacts whose row changed something (a field, a new audience).
     pub updated: usize,
+    /// Known contacts whose row changed nothing: not written again.
+    pub unchanged: usize,
 }
 
 /// A dialog to create for a claimed contact.
@@ -834,6 +837,7 @@ impl Store {
             let s = self.import_chunk(audience, chunk, pick_keys)?;
             stats.added += s.added;
             stats.updated += s.updated;
+            stats.unchanged += s.unchanged;
         }
         Ok(stats)
     }
@@ -859,24 +863,23 @@ impl Store {
                     .get(ikey.as_bytes())?
                     .map(|v| read_u64(&v)),
             };
-            let mut contact = match existing {
+            let (mut contact, stored) = match existing {
                 Some(id) if !fresh.contains_key(&ikey) => {
-                    stats.updated += 1;
-                    self.contact(id)?.ok_or(StoreError::NotFound {
+                    let stored = self.contact(id)?.ok_or(StoreError::NotFound {
                         what: "contact",
                         id: id.to_string(),
-                    })?
+                    })?;
+                    (stored.clone(), Some(stored))
                 }
                 Some(_) => {
                     // The same identity twice in one chunk: the first row wins.
                     continue;
                 }
                 None => {
-                    stats.added += 1;
                     let id = self.db.generate_id()? + 1;
                     fresh.insert(ikey.clone(), id);
                     identities.insert(ikey.as_bytes(), &u64_key(id));
-                    Contact {
+                    let contact = Contact {
                         id,
                         identity: row.identity.clone(),
                         username: None,
@@ -887,7 +890,8 @@ impl Store {
                         fields: Default::default(),
                         audiences: Vec::new(),
                         pick_key: pick_keys(),
-                    }
+                    };
+                    (contact, None)
                 }
             };
             contact.username = row.username.clone();
@@ -902,6 +906,14 @@ impl Store {
                     uncontacted
                         .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[]);
                 }
+            }
+            match stored {
+                None => stats.added += 1,
+                Some(stored) if stored == contact => {
+                    stats.unchanged += 1;
+                    continue;
+                }
+                Some(_) => stats.updated += 1,
             }
             contacts.insert(&u64_key(contact.id), encode(&contact));
         }

@@ -44,18 +44,27 @@ fn import_is_idempotent_and_updates_fields() {
         import(&store, "l", csv),
         ImportStats {
             added: 2,
-            updated: 0
+            updated: 0,
+            unchanged: 0
         }
     );
     assert_eq!(
         import(&store, "l", csv),
         ImportStats {
             added: 0,
-            updated: 2
+            updated: 0,
+            unchanged: 2
         }
     );
     assert_eq!(store.uncontacted_count("l"), 2);
-    import(&store, "l", "username,first_name\nalice,Alicia\n");
+    assert_eq!(
+        import(&store, "l", "username,first_name\nalice,Alicia\n"),
+        ImportStats {
+            added: 0,
+            updated: 1,
+            unchanged: 0
+        }
+    );
     let c = store
         .contact_by_identity(&Identity::Username("alice".into()))
         .unwrap()
