@@ -59,6 +59,7 @@ async fn run_four_days(config_text: &str) -> common::Summary {
         .unwrap();
     let sim = SimTransport::open(&config).unwrap();
     sim.hold_paused_clock(true);
+    store.hold_paused_clock(true);
     let clock = sim.clock();
     let h = host::build(
         config.clone(),

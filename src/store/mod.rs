@@ -39,6 +39,7 @@ mod keys;
 mod pages;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -195,6 +196,9 @@ pub struct Store {
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
     flusher: Arc<std::sync::OnceLock<Option<FlushQueue>>>,
+    /// Waits for a flush from a blocking task (see
+    /// [`Store::hold_paused_clock`]).
+    hold_clock: Arc<AtomicBool>,
     /// Notes the store's directory as closed by this process when the
     /// last clone goes (see [`Store::open`]).
     _open: Option<Arc<OpenHere>>,
@@ -740,6 +744,7 @@ impl Store {
             deferred: Arc::default(),
             touched: Arc::new(Touched::new()),
             flusher: Arc::new(std::sync::OnceLock::new()),
+            hold_clock: Arc::new(AtomicBool::new(false)),
             _open: None,
         })
     }
@@ -748,6 +753,14 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// For tests on tokio's paused clock: while a flush is in progress (on
+    /// the store's own thread) the clock must not auto-advance, or a
+    /// shutdown's grace period would pass during one flush. A blocking
+    /// task waiting for it holds the clock, as the engines' calls do.
+    pub fn hold_paused_clock(&self, on: bool) {
+        self.hold_clock.store(on, Ordering::Relaxed);
     }
 
     /// Makes everything written so far durable without blocking the
@@ -761,7 +774,15 @@ impl Store {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if let Some(queue) = queue {
             if queue.send(tx).is_ok() {
-                if let Ok(result) = rx.await {
+                let flushed = if self.hold_clock.load(Ordering::Relaxed) {
+                    tokio::task::spawn_blocking(move || rx.blocking_recv())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                } else {
+                    rx.await.ok()
+                };
+                if let Some(result) = flushed {
                     return result.map_err(StoreError::Storage);
                 }
             }
