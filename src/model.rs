@@ -274,9 +274,14 @@ pub struct Dialog {
 
 impl Dialog {
     /// Whether an incoming message with this transport id (to the dialog's
-    /// account) is certainly not stored yet: it is above the highest seen.
+    /// account) is certainly not stored yet: it is above the highest seen,
+    /// or none came yet.
     pub fn is_newer_incoming(&self, transport_id: i64) -> bool {
-        self.max_incoming_id.is_some_and(|max| transport_id > max)
+        match self.max_incoming_id {
+            Some(max) => transport_id > max,
+            // Every incoming message sets the time of the last one.
+            None => self.last_inbound_at.is_none(),
+        }
     }
 
     /// The later of the last inbound and last outbound message, or the start.

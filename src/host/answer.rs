@@ -11,9 +11,11 @@
 //! 2. the engines answer, concurrently across the engine workers, from a
 //!    ctx kept per recently answered dialog rather than rebuilt from the
 //!    store (its history ends with the message, as a conductor's does),
-//!    and the answers to dialogs this path wrote last are planned (their
-//!    records worked out without the store, see
-//!    [`store::plan`](crate::store::plan)) on a task of their own;
+//!    and the answers are planned (their records worked out without the
+//!    store, see [`store::plan`](crate::store::plan)) on a task of their
+//!    own, from the records this path wrote last or, for a dialog it did
+//!    not, read with its ctx parts in one transaction
+//!    ([`Store::dialogs_as_written`](crate::store::Store::dialogs_as_written));
 //! 3. the messages, answers and the replies' slots are stored in one
 //!    transaction (a planned answer as planned, unless its dialog was
 //!    touched since), and one flush makes it durable;
@@ -313,8 +315,8 @@ impl Pipeline {
     }
 }
 
-/// Works out ahead the answers of the dialogs whose records the pipeline
-/// wrote last (see [`store::plan`](crate::store::plan)).
+/// Works out ahead the answers of the dialogs whose records are known (see
+/// [`store::plan`](crate::store::plan)).
 fn plan_all(
     jobs: &mut [Job],
     replies: &[Result<Reply, EngineError>],
@@ -601,15 +603,19 @@ impl Pipeline {
         busy: &FxHashSet<DialogId>,
     ) -> Result<(), StoreError> {
         self.warmed.clear();
+        let mut ids = Vec::new();
+        let mut seen = FxHashSet::default();
         for inbound in batch {
             let Some(d) = self.dialog_of(host, &inbound.message.contact)? else {
                 continue;
             };
-            if busy.contains(&d) || self.recent.contains_key(&d) || self.warmed.contains_key(&d) {
-                continue;
+            if !busy.contains(&d) && !self.recent.contains_key(&d) && seen.insert(d) {
+                ids.push(d);
             }
-            if let Some(r) = Self::load(host, d)? {
-                self.warmed.insert(d, r);
+        }
+        for (id, recent) in ids.iter().zip(Self::load(host, &ids)?) {
+            if let Some(r) = recent {
+                self.warmed.insert(*id, r);
             }
         }
         Ok(())
@@ -628,7 +634,7 @@ impl Pipeline {
             Some(r) => r,
             None => match self.warmed.remove(&id) {
                 Some(r) => r,
-                None => match Self::load(host, id)? {
+                None => match Self::load(host, &[id])?.pop().flatten() {
                     Some(r) => r,
                     None => return Ok(None),
                 },
@@ -656,16 +662,32 @@ impl Pipeline {
         Ok(Some(recent))
     }
 
-    /// Reads a dialog's ctx parts from the store, if nothing is unhandled
-    /// or waiting to be sent in it.
-    fn load(host: &Host, id: DialogId) -> Result<Option<Box<Recent>>, StoreError> {
-        let Some(dialog) = host.store.dialog(id)? else {
-            return Ok(None);
-        };
-        if host.store.has_unhandled(id)? {
+    /// Reads dialogs' ctx parts from the store, each with its records as
+    /// they stand (to plan its answer from), if nothing is unhandled or
+    /// waiting to be sent in it.
+    fn load(host: &Host, ids: &[DialogId]) -> Result<Vec<Option<Box<Recent>>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut loaded = Vec::with_capacity(ids.len());
+        for found in host.store.dialogs_as_written(ids)? {
+            loaded.push(match found {
+                Some((dialog, written)) => Self::ctx_parts(host, dialog, written)?,
+                None => None,
+            });
+        }
+        Ok(loaded)
+    }
+
+    fn ctx_parts(
+        host: &Host,
+        dialog: Dialog,
+        written: Box<Written>,
+    ) -> Result<Option<Box<Recent>>, StoreError> {
+        if host.store.has_unhandled(dialog.id)? {
             return Ok(None);
         }
-        let messages = host.store.messages(id)?;
+        let messages = host.store.messages(dialog.id)?;
         if messages
             .iter()
             .any(|m| m.delivery == Some(Delivery::Pending))
@@ -677,7 +699,7 @@ impl Pipeline {
         };
         Ok(Some(Box::new(Recent {
             dialog,
-            written: None,
+            written: Some(written),
             identity: contact.identity.clone(),
             contact: contact_view(&contact),
             history: Arc::new(history_of(messages)),

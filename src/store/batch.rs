@@ -174,6 +174,9 @@ pub struct Written {
 /// A page's key and value.
 type KeyedIVec = ([u8; 16], IVec);
 
+/// A dialog as it stands and its records to plan its next answer from.
+pub type AsWritten = (Dialog, Box<Written>);
+
 /// An answer worked out ahead of its transaction (see [`plan`]): the
 /// records to write, and what they replace.
 #[derive(Debug)]
@@ -202,7 +205,9 @@ pub struct Plan {
 pub type PlanCell = std::cell::RefCell<Option<Plan>>;
 
 /// Works out what [`Store::answer_batch`] writes for an answer to a
-/// dialog the pipeline wrote last (`written`, which `a.seen` decodes):
+/// dialog whose records are known (`written`, which `a.seen` decodes: as
+/// the pipeline wrote them last, or as [`Store::dialogs_as_written`] read
+/// them):
 /// exactly the records the transaction itself would write, computed
 /// without the store, so the transaction only checks that nothing changed
 /// and writes them. `None` when the answer is not the plain case (a
@@ -527,6 +532,18 @@ impl Store {
         Ok(())
     }
 
+    /// Dialogs as they stand, each with its records to plan its next answer
+    /// from (see [`plan`]), read in one transaction, so that a plan made
+    /// from them holds only if nothing wrote the dialog since; `None` for a
+    /// dialog not found. For the answer pipeline's first answer to a dialog
+    /// it did not write last.
+    pub fn dialogs_as_written(
+        &self,
+        ids: &[DialogId],
+    ) -> Result<Vec<Option<AsWritten>>, StoreError> {
+        self.transact(|tx| ids.iter().map(|&id| tx.as_written(id)).collect())
+    }
+
     /// Moves the replies of every flight still recorded (a batch that was
     /// out when the host stopped) to the outbox, to be reconciled with the
     /// transport like any unconfirmed message. Run when the store opens.
@@ -661,6 +678,34 @@ impl Tx<'_> {
             self.enqueue(r)?;
         }
         Ok(())
+    }
+
+    /// A dialog as it stands for this transaction, with its records to plan
+    /// its next answer from, read without materializing anything; `None`
+    /// if there is no such dialog.
+    fn as_written(&self, id: DialogId) -> TxResult<Option<AsWritten>> {
+        let (dialog, deferred_page) = match self.unwritten(id) {
+            Some((dialog, page)) => ((*dialog).clone(), page),
+            None => match self.dialogs.get(u64_key(id))? {
+                Some(bytes) => (tx_decode("dialog", &bytes)?, None),
+                None => return Ok(None),
+            },
+        };
+        let page = match dialog.next_seq.checked_sub(1) {
+            Some(last) => {
+                let key = pages::page_key(id, last);
+                match deferred_page {
+                    Some((k, page)) if k == key => Some((k, page)),
+                    _ => self.messages.get(key)?.map(|p| (key, p)),
+                }
+            }
+            None => None,
+        };
+        let written = Box::new(Written {
+            touched: self.touched.count(id),
+            page,
+        });
+        Ok(Some((dialog, written)))
     }
 
     /// What was just written of a dialog, for planning its next answer.

@@ -170,7 +170,7 @@ pub(super) struct Local {
 impl Tx<'_> {
     /// A dialog's records not in this transaction's trees: planned here, or
     /// deferred before (and not materialized here).
-    fn unwritten(
+    fn unwritten_in(
         &self,
         local: &Local,
         dialog: DialogId,
@@ -188,7 +188,13 @@ impl Tx<'_> {
     /// [`Tx::unwritten`]).
     pub(super) fn unwritten_dialog(&self, dialog: DialogId) -> Option<Dialog> {
         let local = self.local.borrow();
-        self.unwritten(&local, dialog).map(|(d, _)| (*d).clone())
+        self.unwritten_in(&local, dialog).map(|(d, _)| (*d).clone())
+    }
+
+    /// A dialog's record and last page not in this transaction's trees:
+    /// deferred, or staged by it.
+    pub(super) fn unwritten(&self, dialog: DialogId) -> Option<(Arc<Dialog>, Option<LastPage>)> {
+        self.unwritten_in(&self.local.borrow(), dialog)
     }
 
     /// Writes a dialog's deferred records (planned by this transaction or
@@ -196,7 +202,7 @@ impl Tx<'_> {
     /// or writes them here.
     pub(super) fn materialize(&self, dialog: DialogId) -> Result<(), UnabortableTransactionError> {
         let mut local = self.local.borrow_mut();
-        let Some((record, page)) = self.unwritten(&local, dialog) else {
+        let Some((record, page)) = self.unwritten_in(&local, dialog) else {
             return Ok(());
         };
         local.staged.remove(&dialog);
@@ -216,7 +222,7 @@ impl Tx<'_> {
         dialog: DialogId,
         key: &[u8; 16],
     ) -> TxResult<(Option<Dialog>, Option<IVec>)> {
-        let found = self.unwritten(&self.local.borrow(), dialog);
+        let found = self.unwritten_in(&self.local.borrow(), dialog);
         match found {
             Some((record, page)) => {
                 let page = match page {
