@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # The throughput benchmark and the Python peer on the same workload, one
-# after the other in one run, each printing its JSON line.
+# after the other, each printing its JSON line; RUNS pairs of them,
+# alternating, since the machine's speed may drift between runs.
 #
 #     bash benches/side_by_side.sh [DIALOGS] [MESSAGES]
+#     RUNS=5 bash benches/side_by_side.sh
 set -euo pipefail
 dialogs=${1:-10000}
 messages=${2:-100000}
+runs=${RUNS:-1}
 here=$(cd "$(dirname "$0")/.." && pwd)
 peer="$here/../shared/bench/python_peer/peer.py"
-cargo bench --quiet --bench throughput --manifest-path "$here/Cargo.toml" -- \
-    --dialogs "$dialogs" --messages "$messages" | sed 's/^/colloquy: /'
-if [ -f "$peer" ]; then
-    db=$(mktemp -d)/peer.db
-    python3 "$peer" --dialogs "$dialogs" --messages "$messages" --db "$db" | sed 's/^/python peer: /'
-else
-    echo "python peer: not found at $peer"
-fi
+cargo bench --quiet --bench throughput --manifest-path "$here/Cargo.toml" --no-run
+for _ in $(seq "$runs"); do
+    cargo bench --quiet --bench throughput --manifest-path "$here/Cargo.toml" -- \
+        --dialogs "$dialogs" --messages "$messages" | sed 's/^/colloquy: /'
+    if [ -f "$peer" ]; then
+        db=$(mktemp -d)/peer.db
+        python3 "$peer" --dialogs "$dialogs" --messages "$messages" --db "$db" | sed 's/^/python peer: /'
+        rm -rf "$(dirname "$db")"
+    else
+        echo "python peer: not found at $peer"
+    fi
+done
