@@ -41,6 +41,55 @@ pub struct Flight {
     pub(super) replies: Vec<Flying>,
 }
 
+/// The keys in the `outbox` tree, in memory, so that a planned reply's key
+/// is checked without a read under sled's lock. A key goes in inside the
+/// transaction that puts it in the tree (transactions run one at a time,
+/// so every later one sees it), and out once the transaction that took it
+/// out committed, unless it was put in again since (each insert gets a new
+/// number, and the removal names the one it saw). So the set may hold a
+/// key the tree no longer does, for a moment or after an aborted
+/// transaction (the plan is then refused, and the transaction's own path
+/// reads the tree), and never misses one the tree holds.
+#[derive(Debug, Default)]
+pub(super) struct OutboxKeys {
+    keys: Mutex<FxHashMap<u64, u64>>,
+    inserts: AtomicU64,
+}
+
+impl OutboxKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, u64>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn holds(&self, key: IdempotencyKey) -> bool {
+        self.lock().contains_key(&key.0)
+    }
+
+    pub(super) fn inserted(&self, key: IdempotencyKey) {
+        let n = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        self.lock().insert(key.0, n);
+    }
+
+    /// The insert a removal of `key` takes out, for [`OutboxKeys::removed`].
+    pub(super) fn removing(&self, key: IdempotencyKey) -> (u64, u64) {
+        (key.0, self.lock().get(&key.0).copied().unwrap_or(0))
+    }
+
+    /// Takes out the keys of a committed transaction's removals, each
+    /// unless put in again since.
+    pub(super) fn removed(&self, removals: &[(u64, u64)]) {
+        if removals.is_empty() {
+            return;
+        }
+        let mut keys = self.lock();
+        for (key, n) in removals {
+            if keys.get(key) == Some(n) {
+                keys.remove(key);
+            }
+        }
+    }
+}
+
 /// The keys of the replies in flight, with their places.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
@@ -519,7 +568,7 @@ impl Store {
             for s in sent {
                 // Out of the outbox (or the flight) is sent: the page keeps
                 // the message as recorded (see `Store::settled`).
-                if !flying.contains(&s.key) && tx.outbox.remove(&u64_key(s.key.0))?.is_none() {
+                if !flying.contains(&s.key) && tx.unqueue(s.key)?.is_none() {
                     continue;
                 }
                 if let Ok(i) = accounts.binary_search(&s.account.as_str()) {
@@ -602,7 +651,7 @@ impl Tx<'_> {
             }
             for m in &plan.replies {
                 let Some(key) = m.key else { continue };
-                if self.in_flight.holds(key) || self.outbox.get(u64_key(key.0))?.is_some() {
+                if self.in_flight.holds(key) || self.outbox_keys.holds(key) {
                     // Refused as the transaction itself refuses it.
                     return Ok(None);
                 }
@@ -667,7 +716,21 @@ impl Tx<'_> {
     pub(super) fn enqueue(&self, m: &Flying) -> Result<(), UnabortableTransactionError> {
         self.outbox
             .insert(&u64_key(m.key.0), &pair(u64_key(m.dialog), u64_key(m.seq)))?;
+        self.outbox_keys.inserted(m.key);
         Ok(())
+    }
+
+    /// Takes a key out of the outbox; its address if it was there.
+    pub(super) fn unqueue(
+        &self,
+        key: IdempotencyKey,
+    ) -> Result<Option<IVec>, UnabortableTransactionError> {
+        let at = self.outbox.remove(&u64_key(key.0))?;
+        if at.is_some() {
+            let removal = self.outbox_keys.removing(key);
+            self.outbox_removed.borrow_mut().push(removal);
+        }
+        Ok(at)
     }
 
     /// Moves a reply of a flight to the outbox, unless it is no longer

@@ -189,6 +189,8 @@ pub struct Store {
     accounts: Arc<accounts::AccountCache>,
     /// Replies the answer pipeline is sending, by key (see `batch.rs`).
     in_flight: Arc<InFlight>,
+    /// The outbox's keys in memory (see [`batch::OutboxKeys`]).
+    outbox_keys: Arc<batch::OutboxKeys>,
     /// The answer pipeline's records not yet in their trees.
     deferred: Arc<Deferred>,
     /// Writes to each dialog's records, for the answer pipeline's plans.
@@ -287,6 +289,10 @@ struct Tx<'a> {
     journal: &'a TransactionalTree,
     /// The replies in flight (see [`InFlight`]).
     in_flight: &'a InFlight,
+    /// The outbox's keys (see [`batch::OutboxKeys`]), and the removals
+    /// this transaction made, to take out of it once committed.
+    outbox_keys: &'a batch::OutboxKeys,
+    outbox_removed: std::cell::RefCell<Vec<(u64, u64)>>,
     /// The answer pipeline's deferred records (see `deferred.rs`), and
     /// what this transaction did to them.
     deferred: &'a Deferred,
@@ -486,7 +492,7 @@ impl Tx<'_> {
     /// Cancels the messages with these keys that still wait to be sent.
     fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
         for key in keys {
-            let at = match self.outbox.remove(&u64_key(key.0))? {
+            let at = match self.unqueue(*key)? {
                 Some(at) => Some(split_address(&at)),
                 // In flight: its send may already be under way; the
                 // pipeline does not retry a cancelled one.
@@ -736,11 +742,16 @@ impl Store {
             accounts: tree("accounts")?,
             meta: tree("meta")?,
         };
+        let outbox_keys = batch::OutboxKeys::default();
+        for key in t.outbox.iter().keys() {
+            outbox_keys.inserted(IdempotencyKey(read_u64(&key?)));
+        }
         Ok(Store {
             db,
             t,
             accounts: Arc::default(),
             in_flight: Arc::default(),
+            outbox_keys: Arc::new(outbox_keys),
             deferred: Arc::default(),
             touched: Arc::new(Touched::new()),
             flusher: Arc::new(std::sync::OnceLock::new()),
@@ -812,7 +823,7 @@ impl Store {
             &t.unhandled,
             &t.accounts,
         );
-        Ok(
+        let (out, removed) =
             trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, fl, j, i, un, acc)| {
                 let tx = Tx {
                     contacts: c,
@@ -827,6 +838,8 @@ impl Store {
                     flights: fl,
                     journal: j,
                     in_flight: &self.in_flight,
+                    outbox_keys: &self.outbox_keys,
+                    outbox_removed: Default::default(),
                     deferred: &self.deferred,
                     local: Default::default(),
                     touched: &self.touched,
@@ -836,9 +849,10 @@ impl Store {
                 };
                 let out = f(&tx)?;
                 tx.finish_deferred()?;
-                Ok(out)
-            })?,
-        )
+                Ok((out, tx.outbox_removed.take()))
+            })?;
+        self.outbox_keys.removed(&removed);
+        Ok(out)
     }
 
     // ----------------------------------------------------------------- contacts
@@ -1379,7 +1393,7 @@ impl Store {
         transport_id: Option<i64>,
     ) -> Result<Message, StoreError> {
         self.transact(|tx| {
-            let Some(at) = tx.outbox.remove(&u64_key(key.0))? else {
+            let Some(at) = tx.unqueue(key)? else {
                 return abort(StoreError::NotFound {
                     what: "pending message with key",
                     id: key.to_string(),
@@ -1410,7 +1424,7 @@ impl Store {
         update: &dyn Fn(&mut AccountRecord),
     ) -> Result<Message, StoreError> {
         self.transact_with_account(account, |tx, record| {
-            let Some(at) = tx.outbox.remove(&u64_key(key.0))? else {
+            let Some(at) = tx.unqueue(key)? else {
                 return abort(StoreError::NotFound {
                     what: "pending message with key",
                     id: key.to_string(),

@@ -422,14 +422,36 @@ fn deliveries(store: &Store, dialog: DialogId) -> Vec<Option<Delivery>> {
         .collect()
 }
 
-/// The keys of the messages waiting in the outbox.
+/// The keys of the messages waiting in the outbox; checks that the
+/// store's in-memory set of them holds each.
 fn outbox_keys(store: &Store) -> Vec<Option<IdempotencyKey>> {
-    store
+    let keys: Vec<_> = store
         .pending_outbound()
         .unwrap()
         .into_iter()
         .map(|m| m.key)
-        .collect()
+        .collect();
+    for key in keys.iter().flatten() {
+        assert!(
+            store.outbox_keys.holds(*key),
+            "{key} not in the outbox's keys"
+        );
+    }
+    keys
+}
+
+#[test]
+fn an_outbox_key_put_in_again_stays_when_its_first_removal_commits() {
+    let keys = super::batch::OutboxKeys::default();
+    let key = IdempotencyKey(7);
+    keys.inserted(key);
+    let removal = keys.removing(key);
+    keys.inserted(key);
+    keys.removed(&[removal]);
+    assert!(keys.holds(key));
+    let removal = keys.removing(key);
+    keys.removed(&[removal]);
+    assert!(!keys.holds(key));
 }
 
 /// The transport took the reply with this key.
@@ -540,6 +562,12 @@ fn a_reply_of_a_flight_not_sent_moves_to_the_outbox() {
     let sent = took(1);
     store.settle_batch(&flight, &[sent], &|_, _| {}).unwrap();
     assert_eq!(outbox_keys(&store), [Some(IdempotencyKey(2))]);
+    // Out of the outbox, out of its keys once committed.
+    store
+        .transact(|tx| tx.cancel(&[IdempotencyKey(2)], "opted out"))
+        .unwrap();
+    assert!(outbox_keys(&store).is_empty());
+    assert!(!store.outbox_keys.holds(IdempotencyKey(2)));
 }
 
 #[test]
@@ -572,6 +600,7 @@ fn a_flight_out_when_the_host_stopped_lands_in_the_outbox_on_open() {
         .collect();
     assert_eq!(pending, [(did, Some(IdempotencyKey(1)))]);
     assert!(store.is_pending(IdempotencyKey(1)).unwrap());
+    assert_eq!(outbox_keys(&store), [Some(IdempotencyKey(1))]);
     assert_eq!(
         store.messages(did).unwrap()[2].delivery,
         Some(Delivery::Cancelled {
