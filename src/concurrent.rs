@@ -1,4 +1,23 @@
-//! Running many futures at once, for the batches of the answer pipeline.
+//! Running many futures at once, for the batches of the answer pipeline,
+//! and waiting for our own threads.
+
+/// Waits for an answer from a thread of our own (an engine worker, the
+/// store's flusher). With `hold_clock` (tests on tokio's paused clock) it
+/// waits from a blocking task, which keeps the clock from auto-advancing
+/// meanwhile: to tokio every task would look idle.
+pub async fn receive<T: Send + 'static>(
+    rx: tokio::sync::oneshot::Receiver<T>,
+    hold_clock: bool,
+) -> Option<T> {
+    if hold_clock {
+        tokio::task::spawn_blocking(move || rx.blocking_recv())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        rx.await.ok()
+    }
+}
 
 /// Runs futures concurrently and returns their outputs in order, as
 /// `join_all` does. Each is polled once as it comes: most of a batch's

@@ -299,14 +299,8 @@ impl EngineRuntime {
     /// blocking task, which keeps the clock from jumping ahead while Lua
     /// runs.
     async fn answer<T: Send + 'static>(&self, rx: oneshot::Receiver<T>) -> Option<T> {
-        if self.shared.hold_clock.load(Ordering::Relaxed) {
-            tokio::task::spawn_blocking(move || rx.blocking_recv())
-                .await
-                .ok()
-                .and_then(Result::ok)
-        } else {
-            rx.await.ok()
-        }
+        let hold = self.shared.hold_clock.load(Ordering::Relaxed);
+        crate::concurrent::receive(rx, hold).await
     }
 
     /// For tests on tokio's paused clock: while an engine call is in flight

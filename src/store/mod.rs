@@ -785,15 +785,8 @@ impl Store {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if let Some(queue) = queue {
             if queue.send(tx).is_ok() {
-                let flushed = if self.hold_clock.load(Ordering::Relaxed) {
-                    tokio::task::spawn_blocking(move || rx.blocking_recv())
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                } else {
-                    rx.await.ok()
-                };
-                if let Some(result) = flushed {
+                let hold = self.hold_clock.load(Ordering::Relaxed);
+                if let Some(result) = crate::concurrent::receive(rx, hold).await {
                     return result.map_err(StoreError::Storage);
                 }
             }
