@@ -662,9 +662,8 @@ impl Pipeline {
         Ok(Some(recent))
     }
 
-    /// Reads dialogs' ctx parts from the store, each with its records as
-    /// they stand (to plan its answer from), if nothing is unhandled or
-    /// waiting to be sent in it.
+    /// Reads dialogs' ctx parts from the store (see [`Pipeline::ctx_parts`]),
+    /// each with its records as they stand, to plan its answer from.
     fn load(host: &Host, ids: &[DialogId]) -> Result<Vec<Option<Box<Recent>>>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -679,6 +678,7 @@ impl Pipeline {
         Ok(loaded)
     }
 
+    /// A dialog's ctx parts, if nothing is unhandled or waiting to be sent.
     fn ctx_parts(
         host: &Host,
         dialog: Dialog,

@@ -747,37 +747,26 @@ impl Tx<'_> {
     /// its next answer from, read without materializing anything; `None`
     /// if there is no such dialog.
     fn as_written(&self, id: DialogId) -> TxResult<Option<AsWritten>> {
-        let (dialog, deferred_page) = match self.unwritten(id) {
-            Some((dialog, page)) => ((*dialog).clone(), page),
-            None => match self.dialogs.get(u64_key(id))? {
-                Some(bytes) => (tx_decode("dialog", &bytes)?, None),
-                None => return Ok(None),
-            },
+        let Some((dialog, last)) = self.standing(id)? else {
+            return Ok(None);
         };
-        let page = match dialog.next_seq.checked_sub(1) {
-            Some(last) => {
-                let key = pages::page_key(id, last);
-                match deferred_page {
-                    Some((k, page)) if k == key => Some((k, page)),
-                    _ => self.messages.get(key)?.map(|p| (key, p)),
-                }
-            }
-            None => None,
-        };
-        let written = Box::new(Written {
-            touched: self.touched.count(id),
-            page,
-        });
+        let written = self.written_with(&dialog, last)?;
         Ok(Some((dialog, written)))
     }
 
     /// What was just written of a dialog, for planning its next answer.
     fn written(&self, dialog: &Dialog) -> TxResult<Box<Written>> {
         self.materialize(dialog.id)?;
+        self.written_with(dialog, None)
+    }
+
+    /// A dialog's records as they stand, `last` its deferred last page if
+    /// any.
+    fn written_with(&self, dialog: &Dialog, last: Option<KeyedIVec>) -> TxResult<Box<Written>> {
         let page = match dialog.next_seq.checked_sub(1) {
-            Some(last) => {
-                let key = pages::page_key(dialog.id, last);
-                self.messages.get(key)?.map(|p| (key, p))
+            Some(seq) => {
+                let key = pages::page_key(dialog.id, seq);
+                self.page_at(&key, last)?.map(|p| (key, p))
             }
             None => None,
         };

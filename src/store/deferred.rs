@@ -187,13 +187,12 @@ impl Tx<'_> {
     /// A dialog's record not in this transaction's trees (see
     /// [`Tx::unwritten`]).
     pub(super) fn unwritten_dialog(&self, dialog: DialogId) -> Option<Dialog> {
-        let local = self.local.borrow();
-        self.unwritten_in(&local, dialog).map(|(d, _)| (*d).clone())
+        self.unwritten(dialog).map(|(d, _)| (*d).clone())
     }
 
     /// A dialog's record and last page not in this transaction's trees:
     /// deferred, or staged by it.
-    pub(super) fn unwritten(&self, dialog: DialogId) -> Option<(Arc<Dialog>, Option<LastPage>)> {
+    fn unwritten(&self, dialog: DialogId) -> Option<(Arc<Dialog>, Option<LastPage>)> {
         self.unwritten_in(&self.local.borrow(), dialog)
     }
 
@@ -222,22 +221,34 @@ impl Tx<'_> {
         dialog: DialogId,
         key: &[u8; 16],
     ) -> TxResult<(Option<Dialog>, Option<IVec>)> {
-        let found = self.unwritten_in(&self.local.borrow(), dialog);
-        match found {
-            Some((record, page)) => {
-                let page = match page {
-                    Some((k, p)) if k == *key => Some(p),
-                    _ => self.messages.get(key)?,
-                };
-                Ok((Some((*record).clone()), page))
-            }
-            None => {
-                let record = match self.dialogs.get(u64_key(dialog))? {
-                    Some(bytes) => Some(tx_decode("dialog", &bytes)?),
-                    None => None,
-                };
-                Ok((record, self.messages.get(key)?))
-            }
+        let (record, last) = match self.standing(dialog)? {
+            Some((record, last)) => (Some(record), last),
+            None => (None, None),
+        };
+        Ok((record, self.page_at(key, last)?))
+    }
+
+    /// A dialog's record as it stands for this transaction, with its last
+    /// page if that is deferred too, without materializing them.
+    pub(super) fn standing(
+        &self,
+        dialog: DialogId,
+    ) -> TxResult<Option<(Dialog, Option<LastPage>)>> {
+        if let Some((record, last)) = self.unwritten(dialog) {
+            return Ok(Some(((*record).clone(), last)));
+        }
+        match self.dialogs.get(u64_key(dialog))? {
+            Some(bytes) => Ok(Some((tx_decode("dialog", &bytes)?, None))),
+            None => Ok(None),
+        }
+    }
+
+    /// The page at `key`: `last` (a deferred last page) if it is that one,
+    /// else the tree's.
+    pub(super) fn page_at(&self, key: &[u8; 16], last: Option<LastPage>) -> TxResult<Option<IVec>> {
+        match last {
+            Some((k, page)) if k == *key => Ok(Some(page)),
+            _ => Ok(self.messages.get(key)?),
         }
     }
 
