@@ -73,9 +73,17 @@ pub enum Command {
         /// Name of an environment variable holding the 2FA password.
         #[arg(long, value_name = "VAR")]
         password_env: Option<String>,
-        /// A Telethon or Pyrogram string session to store for the account.
-        #[arg(long, value_name = "STRING")]
+        /// Store a Telethon or Pyrogram string session for the account,
+        /// read from stdin with `-`. A string given here shows in `ps` and
+        /// in shell history: prefer `-`, a file or a variable.
+        #[arg(long, value_name = "-|STRING", group = "session")]
         import_session: Option<String>,
+        /// Store the string session held in this file.
+        #[arg(long, value_name = "PATH", group = "session")]
+        import_session_file: Option<PathBuf>,
+        /// Store the string session held in this environment variable.
+        #[arg(long, value_name = "VAR", group = "session")]
+        import_session_env: Option<String>,
     },
 }
 
@@ -141,18 +149,60 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             code,
             password_env,
             import_session,
-        } => login(
-            &cli.config,
-            &account,
-            code,
-            password_env.as_deref(),
-            import_session.as_deref(),
-        ),
+            import_session_file,
+            import_session_env,
+        } => {
+            let import = match (import_session, import_session_file, import_session_env) {
+                (Some(s), _, _) if s == "-" => Some(SessionSource::Stdin),
+                (Some(s), _, _) => Some(SessionSource::Argument(s)),
+                (_, Some(path), _) => Some(SessionSource::File(path)),
+                (_, _, Some(var)) => Some(SessionSource::Env(var)),
+                _ => None,
+            };
+            login(&cli.config, &account, code, password_env.as_deref(), import)
+        }
     }
 }
 
 fn input(location: &str, message: impl Into<String>) -> Failure {
     Failure::Input(Problems(vec![Problem::new(location, message)]))
+}
+
+/// Where `login` reads a string session to import.
+enum SessionSource {
+    Stdin,
+    File(PathBuf),
+    Env(String),
+    /// On the command line, where `ps` and shell history show it.
+    Argument(String),
+}
+
+impl SessionSource {
+    /// The session string, trimmed; a missing source is bad input.
+    fn read(self) -> Result<String, Failure> {
+        let text = match self {
+            SessionSource::Stdin => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| input("--import-session", format!("cannot read stdin: {e}")))?;
+                text
+            }
+            SessionSource::File(path) => std::fs::read_to_string(&path).map_err(|e| {
+                input(
+                    "--import-session-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?,
+            SessionSource::Env(var) => std::env::var(&var).map_err(|_| {
+                input(
+                    "--import-session-env",
+                    format!("the environment variable {var} is not set"),
+                )
+            })?,
+            SessionSource::Argument(text) => text,
+        };
+        Ok(text.trim().to_string())
+    }
 }
 
 /// `colloquy login`: stores a session for the account, from a login with
@@ -162,7 +212,7 @@ fn login(
     account: &str,
     code: Option<String>,
     password_env: Option<&str>,
-    import: Option<&str>,
+    import: Option<SessionSource>,
 ) -> Result<(), Failure> {
     use crate::telegram::login::{self as tg_login, GrammersAuth, LoginError, Terminal};
     use crate::telegram::session::{SessionRecord, StoredSession};
@@ -175,9 +225,11 @@ fn login(
             format!("there is no account named {account} in {}", config.shown()),
         ));
     };
-    let store = Store::open(&config.data_dir())?;
-    if let Some(text) = import {
-        let imported = string_session::parse(text).map_err(|e| input("--import-session", e))?;
+    if let Some(source) = import {
+        let on_command_line = matches!(source, SessionSource::Argument(_));
+        let text = source.read()?;
+        let imported = string_session::parse(&text).map_err(|e| input("--import-session", e))?;
+        let store = Store::open(&config.data_dir())?;
         StoredSession::replace(&store, account, &SessionRecord::imported(&imported))?;
         crate::telegram::logged_in(&store, account)?;
         let server = imported
@@ -187,8 +239,15 @@ fn login(
             "account {account}: stored the {} session (DC {}, {server})",
             imported.format, imported.dc_id
         );
+        if on_command_line {
+            tracing::warn!(
+                "a session string on the command line shows in `ps` and in shell history; \
+                 pipe it in with `--import-session -`, or use --import-session-file or --import-session-env"
+            );
+        }
         return Ok(());
     }
+    let store = Store::open(&config.data_dir())?;
     let Some(telegram) = &config.file.telegram else {
         return Err(input(
             "telegram",
@@ -378,32 +437,68 @@ fn source(config: &Config) -> Result<Source, Failure> {
     }
 }
 
-fn ask_host(config: &Config, request: control::Request) -> Result<(), Failure> {
-    match control::ask(&config.data_dir(), request) {
-        Ok(control::Reply { ok: true, text }) => {
-            print!("{text}");
-            Ok(())
+/// How long a reporting command waits for a host that holds the store but
+/// does not answer yet: one that is starting, or one that is stopping.
+const HOST_STARTING: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Prints a report: asked of the running host when one holds the store,
+/// read from the store when none does.
+fn report(config: &Config, request: control::Request) -> Result<(), Failure> {
+    let deadline = std::time::Instant::now() + HOST_STARTING;
+    loop {
+        let text = match source(config)? {
+            Source::Nothing => report_without_store(config, &request)?,
+            Source::Store(store) => report_from(config, &store, &request)?,
+            Source::Host => match control::ask(&config.data_dir(), request.clone()) {
+                Ok(control::Reply { ok: true, text }) => text,
+                Ok(control::Reply { ok: false, text }) => {
+                    return Err(Failure::Input(Problems(vec![Problem::new("", text)])))
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => return Err(Failure::Other(e)),
+            },
+        };
+        print!("{text}");
+        return Ok(());
+    }
+}
+
+fn no_dialog(id: DialogId) -> Failure {
+    Failure::Input(Problems(vec![Problem::new(
+        "dialog",
+        format!("there is no dialog {id}"),
+    )]))
+}
+
+fn report_from(
+    config: &Config,
+    store: &Store,
+    request: &control::Request,
+) -> Result<String, Failure> {
+    Ok(match request {
+        control::Request::Status => report::status(config, Some(store), &[])?,
+        control::Request::Dialogs { campaign, status } => {
+            report::dialogs(store, campaign.as_deref(), status.as_deref())?
         }
-        Ok(control::Reply { ok: false, text }) => {
-            Err(Failure::Input(Problems(vec![Problem::new("", text)])))
+        control::Request::Dialog { id } => {
+            report::dialog(store, *id)?.ok_or_else(|| no_dialog(*id))?
         }
-        Err(e) => Err(Failure::Other(e)),
+    })
+}
+
+fn report_without_store(config: &Config, request: &control::Request) -> Result<String, Failure> {
+    match request {
+        control::Request::Status => Ok(report::status(config, None, &[])?),
+        control::Request::Dialogs { .. } => Ok(String::new()),
+        control::Request::Dialog { id } => Err(no_dialog(*id)),
     }
 }
 
 fn status(config_path: &Path) -> Result<(), Failure> {
-    let config = Config::load(config_path)?;
-    match source(&config)? {
-        Source::Host => ask_host(&config, control::Request::Status),
-        Source::Store(store) => {
-            print!("{}", report::status(&config, Some(&store), &[])?);
-            Ok(())
-        }
-        Source::Nothing => {
-            print!("{}", report::status(&config, None, &[])?);
-            Ok(())
-        }
-    }
+    report(&Config::load(config_path)?, control::Request::Status)
 }
 
 fn dialogs(
@@ -426,20 +521,13 @@ fn dialogs(
             )])));
         }
     }
-    match source(&config)? {
-        Source::Host => ask_host(
-            &config,
-            control::Request::Dialogs {
-                campaign: campaign.map(str::to_string),
-                status: status.map(str::to_string),
-            },
-        ),
-        Source::Store(store) => {
-            print!("{}", report::dialogs(&store, campaign, status)?);
-            Ok(())
-        }
-        Source::Nothing => Ok(()),
-    }
+    report(
+        &config,
+        control::Request::Dialogs {
+            campaign: campaign.map(str::to_string),
+            status: status.map(str::to_string),
+        },
+    )
 }
 
 /// `--campaign` names no campaign of the config: the ones it declares.
@@ -460,19 +548,5 @@ pub(crate) fn no_such_campaign(config: &Config, name: &str) -> Failure {
 }
 
 fn dialog(config_path: &Path, id: DialogId) -> Result<(), Failure> {
-    let config = Config::load(config_path)?;
-    let missing = || {
-        Failure::Input(Problems(vec![Problem::new(
-            "dialog",
-            format!("there is no dialog {id}"),
-        )]))
-    };
-    match source(&config)? {
-        Source::Host => ask_host(&config, control::Request::Dialog { id }),
-        Source::Store(store) => {
-            print!("{}", report::dialog(&store, id)?.ok_or_else(missing)?);
-            Ok(())
-        }
-        Source::Nothing => Err(missing()),
-    }
+    report(&Config::load(config_path)?, control::Request::Dialog { id })
 }

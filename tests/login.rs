@@ -88,6 +88,66 @@ fn a_telethon_session_is_imported_into_a_private_store() {
 }
 
 #[test]
+fn a_session_is_read_from_stdin_a_file_or_a_variable_and_warned_about_on_the_command_line() {
+    let session = telethon(2, [127, 0, 0, 1], 4430);
+    let stored = "account alice: stored the Telethon session (DC 2, 127.0.0.1:4430)";
+    let dir = common::project(3, CONFIG);
+    std::fs::write(dir.path().join("alice.session"), format!("{session}\n")).unwrap();
+    let with = |args: &[&str], env: Option<&str>, stdin: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.current_dir(dir.path())
+            .arg("login")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(value) = env {
+            c.env("ALICE_SESSION", value);
+        }
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut input = child.stdin.take().unwrap();
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    };
+    let quiet = [
+        with(&["alice", "--import-session", "-"], None, Some(&session)),
+        with(
+            &["alice", "--import-session-file", "alice.session"],
+            None,
+            None,
+        ),
+        with(
+            &["alice", "--import-session-env", "ALICE_SESSION"],
+            Some(&session),
+            None,
+        ),
+    ];
+    for out in &quiet {
+        assert!(out.status.success(), "{}", stderr(out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), stored);
+        assert!(!stderr(out).contains("shows in `ps`"), "{}", stderr(out));
+    }
+    let argv = with(&["alice", "--import-session", &session], None, None);
+    assert!(argv.status.success(), "{}", stderr(&argv));
+    assert!(stderr(&argv).contains("shows in `ps` and in shell history"));
+    let missing = with(
+        &["alice", "--import-session-env", "NO_SUCH_VAR"],
+        None,
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert_eq!(
+        stderr(&missing),
+        "--import-session-env: the environment variable NO_SUCH_VAR is not set"
+    );
+}
+
+#[test]
 fn bad_input_gets_one_sentence_and_exit_2() {
     let dir = common::project(3, CONFIG);
     let cases: &[(&[&str], &str)] = &[

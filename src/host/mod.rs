@@ -361,12 +361,27 @@ fn history_of(messages: Vec<Message>) -> Vec<HistoryEntry> {
         .collect()
 }
 
+/// Opens the store for the host. A reporting command (`status`, `dialogs`)
+/// holds it for a few milliseconds when no host runs: that is waited out;
+/// another host is not.
+fn open_store(dir: &std::path::Path) -> Result<Store, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match Store::open(dir) {
+            Err(crate::store::StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other.map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Builds a host and runs it until `shutdown` is cancelled; returns once
 /// in-flight work has finished or been left reconcilable, with the store
 /// flushed.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), String> {
     let config = Arc::new(config);
-    let store = Store::open(&config.data_dir()).map_err(|e| e.to_string())?;
+    let store = open_store(&config.data_dir())?;
     import_audiences(&config, &store)?;
     let mut unauthorized = Vec::new();
     let (transport, clock): (Arc<dyn Transport>, Arc<dyn Clock>) = match config.file.transport.kind
@@ -413,17 +428,16 @@ fn telegram_transport(
 ) -> Result<crate::telegram::TelegramTransport, String> {
     use crate::telegram::{GrammersConnector, Manners, TelegramTransport};
     let api_id = config.file.telegram.as_ref().map_or(0, |t| t.api_id);
-    let connector = GrammersConnector {
-        store: store.clone(),
-        api_id: i32::try_from(api_id)
-            .map_err(|_| format!("telegram.api_id {api_id} is too large"))?,
-        proxies: config
+    let connector = GrammersConnector::new(
+        store.clone(),
+        i32::try_from(api_id).map_err(|_| format!("telegram.api_id {api_id} is too large"))?,
+        config
             .file
             .accounts
             .iter()
             .filter_map(|a| Some((a.name.clone(), a.proxy.clone()?)))
             .collect(),
-    };
+    );
     TelegramTransport::new(
         config
             .file

@@ -45,6 +45,9 @@ pub type ApiResult<T> = Result<T, InvocationError>;
 pub trait Api: Send + Sync + 'static {
     fn resolve_username(&self, username: &str) -> BoxFuture<'_, ApiResult<Option<Peer>>>;
     fn resolve_phone(&self, phone: &str) -> BoxFuture<'_, ApiResult<Option<Peer>>>;
+    /// A user among this account's most recent dialogs (people it talked
+    /// to before, in any app), by id.
+    fn dialog_user(&self, user_id: i64) -> BoxFuture<'_, ApiResult<Option<Peer>>>;
     /// Why the user cannot be written to for free (paid messages, Premium
     /// only), or `None` when they can.
     fn requirement(&self, peer: Peer) -> BoxFuture<'_, ApiResult<Option<String>>>;
@@ -56,6 +59,9 @@ pub trait Api: Send + Sync + 'static {
     /// This account's latest messages to the peer, newest first.
     fn recent_sent(&self, peer: Peer, limit: i32) -> BoxFuture<'_, ApiResult<Vec<SentMessage>>>;
 }
+
+/// Dialogs searched for a contact known only by user id.
+const DIALOGS_SEARCHED: i32 = 100;
 
 /// The real calls, through grammers.
 pub struct GrammersApi(pub Client);
@@ -110,6 +116,28 @@ impl Api for GrammersApi {
         Box::pin(async move {
             let tl::enums::contacts::ResolvedPeer::Peer(r) = self.0.invoke(&req).await?;
             Ok(user_peer(&r.users, &r.peer))
+        })
+    }
+
+    fn dialog_user(&self, user_id: i64) -> BoxFuture<'_, ApiResult<Option<Peer>>> {
+        let req = tl::functions::messages::GetDialogs {
+            exclude_pinned: false,
+            folder_id: None,
+            offset_date: 0,
+            offset_id: 0,
+            offset_peer: tl::enums::InputPeer::Empty,
+            limit: DIALOGS_SEARCHED,
+            hash: 0,
+        };
+        Box::pin(async move {
+            use tl::enums::messages::Dialogs;
+            let users = match self.0.invoke(&req).await? {
+                Dialogs::Dialogs(d) => d.users,
+                Dialogs::Slice(d) => d.users,
+                Dialogs::NotModified(_) => Vec::new(),
+            };
+            let peer = tl::enums::Peer::User(tl::types::PeerUser { user_id });
+            Ok(user_peer(&users, &peer))
         })
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use grammers_client::sender::RpcError;
 use grammers_client::InvocationError;
+use grammers_mtproto::transport;
 
 use crate::transport::SendError;
 
@@ -75,16 +76,12 @@ pub fn classify(e: &InvocationError) -> SendError {
     match e {
         InvocationError::Rpc(rpc) => classify_rpc(rpc),
         InvocationError::Io(io) => SendError::Transient(format!("network: {io}")),
-        InvocationError::Transport(t) => {
-            let text = t.to_string();
-            // A 404 at the transport level means the server does not know the
-            // auth key: the session is gone.
-            if text.contains("404") {
-                SendError::Unauthorized
-            } else {
-                SendError::Transient(format!("transport: {text}"))
-            }
+        // A 404 at the transport level means the server does not know the
+        // auth key: the session is gone.
+        InvocationError::Transport(transport::Error::BadStatus { status: 404 }) => {
+            SendError::Unauthorized
         }
+        InvocationError::Transport(t) => SendError::Transient(format!("transport: {t}")),
         InvocationError::Dropped(why) => SendError::Transient(format!("connection dropped: {why}")),
         InvocationError::Deserialize(d) => SendError::Other(format!("unreadable answer: {d}")),
         InvocationError::InvalidDc => SendError::Other("unknown Telegram datacenter".into()),
@@ -192,6 +189,16 @@ mod tests {
         assert!(matches!(
             classify(&InvocationError::InvalidDc),
             SendError::Other(_)
+        ));
+        let unknown_key = transport::Error::BadStatus { status: 404 };
+        assert_eq!(
+            classify(&InvocationError::Transport(unknown_key)),
+            SendError::Unauthorized
+        );
+        let too_many = transport::Error::BadStatus { status: 429 };
+        assert!(matches!(
+            classify(&InvocationError::Transport(too_many)),
+            SendError::Transient(_)
         ));
     }
 

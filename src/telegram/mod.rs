@@ -58,6 +58,10 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// How long a send waits for its account to connect before it counts as
+/// a failed attempt: as long as the longest wait between reconnections, so
+/// that a restart or a short outage costs no attempt.
+const LINK_WAIT: Duration = MAX_BACKOFF;
 /// Messages of history searched to reconcile a send.
 const HISTORY: i32 = 50;
 
@@ -133,6 +137,8 @@ struct SentRecord {
 
 struct Inner {
     links: Mutex<HashMap<String, Link>>,
+    /// Woken whenever a link changes.
+    link_changed: tokio::sync::Notify,
     accounts: Vec<String>,
     connector: Arc<dyn Connector>,
     resolver: Resolver,
@@ -161,6 +167,7 @@ impl TelegramTransport {
             .collect();
         Ok(TelegramTransport(Arc::new(Inner {
             links: Mutex::new(links),
+            link_changed: tokio::sync::Notify::new(),
             accounts,
             connector,
             resolver: Resolver::new(store)?,
@@ -204,24 +211,41 @@ impl TelegramTransport {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(account.to_string(), link);
+        self.0.link_changed.notify_waiters();
     }
 
-    fn api(&self, account: &str) -> Result<Arc<dyn Api>, SendError> {
-        match self
-            .0
-            .links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(account)
-        {
-            Some(Link::Ready(api)) => Ok(api.clone()),
-            Some(Link::Unauthorized) => Err(SendError::Unauthorized),
-            Some(Link::Connecting) => Err(SendError::Transient(format!(
-                "account {account} is connecting to Telegram"
-            ))),
-            None => Err(SendError::Other(format!(
-                "account {account} is not in config.toml"
-            ))),
+    /// The account's link once it is ready. While it connects, a send
+    /// waits (up to [`LINK_WAIT`]) instead of spending an attempt.
+    async fn api(&self, account: &str) -> Result<Arc<dyn Api>, SendError> {
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        loop {
+            let changed = self.0.link_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let link = self
+                .0
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(account)
+                .cloned();
+            match link {
+                Some(Link::Ready(api)) => return Ok(api),
+                Some(Link::Unauthorized) => return Err(SendError::Unauthorized),
+                Some(Link::Connecting) => {}
+                None => {
+                    return Err(SendError::Other(format!(
+                        "account {account} is not in config.toml"
+                    )))
+                }
+            }
+            let still_connecting =
+                || SendError::Transient(format!("account {account} is connecting to Telegram"));
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(still_connecting()),
+                _ = self.0.shutdown.cancelled() => return Err(still_connecting()),
+            }
         }
     }
 
@@ -326,7 +350,7 @@ impl TelegramTransport {
     }
 
     async fn send_now(&self, msg: OutgoingMessage) -> Result<Delivered, SendError> {
-        let api = self.api(&msg.account)?;
+        let api = self.api(&msg.account).await?;
         let peer = self
             .0
             .resolver
@@ -397,7 +421,7 @@ impl TelegramTransport {
                 at: record.at,
             }));
         }
-        let api = self.api(account)?;
+        let api = self.api(account).await?;
         let Some(peer) = self
             .0
             .resolver

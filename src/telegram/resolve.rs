@@ -1,6 +1,7 @@
 //! Contact resolution, cached per (account, contact): a username or phone is
 //! resolved once per account; a bare user id needs an access hash the
-//! account has seen (in its session's peer cache).
+//! account has seen (in its session's peer cache, or among its recent
+//! dialogs).
 
 use grammers_session::types::{PeerId, PeerInfo};
 
@@ -55,14 +56,17 @@ impl Resolver {
         let found = match contact {
             Identity::Username(u) => api.resolve_username(u).await.map_err(|e| classify(&e))?,
             Identity::Phone(p) => api.resolve_phone(p).await.map_err(|e| classify(&e))?,
-            Identity::UserId(id) => self.seen_user(account, *id).map_err(storage)?,
+            Identity::UserId(id) => match self.seen_user(account, *id).map_err(storage)? {
+                Some(peer) => Some(peer),
+                None => api.dialog_user(*id).await.map_err(|e| classify(&e))?,
+            },
         };
         let Some(peer) = found else {
             return Err(SendError::Unreachable(match contact {
                 Identity::Username(u) => format!("no Telegram user has the username {u}"),
                 Identity::Phone(p) => format!("no Telegram user can be found by the phone {p}"),
                 Identity::UserId(id) => format!(
-                    "account {account} has never seen user {id}, so it has no access hash for it; give the contact's username or phone"
+                    "account {account} has never seen user {id} (not among its recent dialogs), so it has no access hash for it; give the contact's username or phone"
                 ),
             }));
         };

@@ -35,6 +35,9 @@ impl Api for FakeApi {
     fn resolve_phone(&self, _: &str) -> BoxFuture<'_, ApiResult<Option<Peer>>> {
         Box::pin(async { Ok(None) })
     }
+    fn dialog_user(&self, _: i64) -> BoxFuture<'_, ApiResult<Option<Peer>>> {
+        Box::pin(async { Ok(None) })
+    }
     fn requirement(&self, peer: Peer) -> BoxFuture<'_, ApiResult<Option<String>>> {
         let paid = self.paid.contains(&peer.user_id);
         Box::pin(async move { Ok(paid.then(|| "the contact charges 10 stars per message".into())) })
