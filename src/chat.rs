@@ -34,25 +34,11 @@ pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::Other(format!("cannot watch the engine files: {e}")))?;
 
     let template_path = camp.prompt_template.as_ref().map(|t| config.resolve(t));
-    let params = serde_json::to_value(&camp.params).unwrap_or_default();
-    let mut ctx = Ctx {
-        dialog: DialogView {
-            id: 0,
-            status: "active".into(),
-            started_at: clock.now().as_secs_f64(),
-            ..DialogView::default()
-        },
-        contact: sample_contact(&config, &camp.audiences),
-        account: AccountView {
-            name: camp.accounts.first().cloned().unwrap_or_default(),
-        },
-        campaign: CampaignView {
-            name: camp.name.clone(),
-            params: Arc::new(params),
-        },
-        state: serde_json::json!({}),
-        ..Ctx::default()
-    };
+    let mut ctx = trial_ctx(
+        &camp,
+        sample_contact(&config, &camp.audiences),
+        clock.as_ref(),
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -164,6 +150,34 @@ fn show(ctx: &mut Ctx, call: &Call, out: &Output, clock: &dyn Clock) -> bool {
 
 /// The first contact of the campaign's audiences, so templates render with
 /// real fields; a placeholder if there is none.
+/// The ctx of a dialog that is only tried (chat, check): id 0, no history.
+pub(crate) fn trial_ctx(
+    camp: &crate::config::Campaign,
+    contact: ContactView,
+    clock: &dyn Clock,
+) -> Ctx {
+    let params = serde_json::to_value(&camp.params).unwrap_or_default();
+    Ctx {
+        dialog: DialogView {
+            id: 0,
+            status: "active".into(),
+            started_at: clock.now().as_secs_f64(),
+            ..DialogView::default()
+        },
+        contact,
+        account: AccountView {
+            name: camp.accounts.first().cloned().unwrap_or_default(),
+        },
+        campaign: CampaignView {
+            name: camp.name.clone(),
+            params: Arc::new(params),
+        },
+        state: serde_json::json!({}),
+        now: clock.now().as_secs_f64(),
+        ..Ctx::default()
+    }
+}
+
 fn sample_contact(config: &Config, audiences: &[String]) -> ContactView {
     for name in audiences {
         let Some(a) = config.file.audiences.iter().find(|a| &a.name == name) else {

@@ -328,6 +328,7 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
     }
     let (engines, engine_problems) = EngineRuntime::start(&config, Arc::new(SystemClock), 1);
     problems.extend(engine_problems.into_iter().map(|m| Problem::new("", m)));
+    problems.extend(try_openings(&config, &engines));
     if !problems.is_empty() {
         return Err(Failure::Input(Problems(problems)));
     }
@@ -342,6 +343,57 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         plural(engines.engines().len(), "engine"),
     );
     Ok(())
+}
+
+/// Contacts of each audience a campaign's opening is tried on by `check`.
+const TRIED_ROWS: usize = 3;
+
+/// Runs each campaign's opening (its `get_opening`, or its prompt template)
+/// on the first rows of its audiences, as the host would, with no transport
+/// and no store: an engine that fails on real rows fails here first.
+fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
+    use crate::engine::{Call, EngineError};
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    let clock = SystemClock;
+    let mut problems = Vec::new();
+    for (i, camp) in config.file.campaigns.iter().enumerate() {
+        if engines.load_error(&camp.engine).is_some() {
+            continue; // reported as the engine's load error
+        }
+        let template = camp.prompt_template.as_ref().map(|t| config.resolve(t));
+        let audiences = config
+            .file
+            .audiences
+            .iter()
+            .filter(|a| camp.audiences.contains(&a.name));
+        'audiences: for a in audiences {
+            let path = config.resolve(&a.file);
+            for row in audience::read(&path).rows.into_iter().take(TRIED_ROWS) {
+                let line = row.line;
+                let mut ctx = crate::chat::trial_ctx(camp, row.into(), &clock);
+                ctx.prompt_template = template
+                    .as_ref()
+                    .and_then(|p| engines.snapshot().templates.get(p).cloned());
+                match rt.block_on(engines.call(&camp.engine, Call::Opening, ctx)) {
+                    Ok(_) => {}
+                    Err(EngineError::Stopped) => return problems,
+                    Err(e) => {
+                        problems.push(Problem::new(
+                            format!("{}: campaigns[{i}]", config.shown()),
+                            format!("{e} (the opening tried on {}:{line})", a.file.display()),
+                        ));
+                        break 'audiences;
+                    }
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// `colloquy run`: the host until SIGINT or SIGTERM.

@@ -21,9 +21,17 @@ pub fn status(
             Some(s) => c.audiences.iter().map(|a| s.uncontacted_count(a)).sum(),
             None => 0,
         };
+        let why = match store {
+            Some(s) if c.status != crate::config::CampaignStatus::Active => {
+                crate::host::pause::reason(s, &c.name)?
+                    .map(|p| format!(" (paused itself at {}: {})", p.at.to_rfc3339(), p.reason))
+                    .unwrap_or_default()
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "campaign {}: {}, engine {}, accounts {}, audiences {} ({left} contacts not yet contacted)",
+            "campaign {}: {}{why}, engine {}, accounts {}, audiences {} ({left} contacts not yet contacted)",
             c.name,
             c.status.label(),
             c.engine,

@@ -38,7 +38,7 @@ impl Project {
         std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
         std::fs::write(
             dir.path().join("engines/echo.lua"),
-            "return { get_response = function(ctx, m) return m.text end }",
+            "return { get_opening = function(ctx) return 'hi' end, get_response = function(ctx, m) return m.text end }",
         )
         .unwrap();
         std::fs::write(dir.path().join("leads.csv"), "username\nalice_a\n").unwrap();

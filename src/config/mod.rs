@@ -6,6 +6,7 @@
 //! and carry `file:line:column`; semantic problems carry the key path, such
 //! as `campaigns[0].accounts[1]`, and are all reported together.
 
+pub mod edit;
 mod validate;
 pub mod values;
 
@@ -309,6 +310,9 @@ impl Safety {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Engines {
+    /// Engine failures in a row, in one campaign's openings, after which
+    /// the campaign pauses itself.
+    pub pause_after_failures: u32,
     pub instruction_budget: u64,
     pub time_budget: Dur,
     pub memory_limit: ByteSize,
@@ -319,6 +323,7 @@ pub struct Engines {
 impl Default for Engines {
     fn default() -> Engines {
         Engines {
+            pause_after_failures: 3,
             instruction_budget: 10_000_000,
             time_budget: Dur::secs(60),
             memory_limit: ByteSize(64 << 20),

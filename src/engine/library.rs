@@ -98,6 +98,9 @@ pub struct Snapshot {
     pub modules: HashMap<String, Source>,
     /// Prompt template path to its text.
     pub templates: HashMap<PathBuf, Arc<str>>,
+    /// Engines whose file is there but does not load, with the reason
+    /// (`engines/NAME.lua:3: unexpected symbol near 'end'`).
+    pub broken: BTreeMap<String, String>,
 }
 
 impl Snapshot {
@@ -108,6 +111,7 @@ impl Snapshot {
             engines: self.engines.clone(),
             modules: self.modules.clone(),
             templates: self.templates.clone(),
+            broken: self.broken.clone(),
         }
     }
 

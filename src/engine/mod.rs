@@ -95,6 +95,8 @@ struct Shared {
     /// Errors already logged, so a broken file is reported once, not on
     /// every save or call.
     reported: Mutex<HashSet<String>>,
+    /// Woken by every reload.
+    reloaded: tokio::sync::Notify,
     /// Wait for replies on a blocking thread, which keeps a paused tokio
     /// clock from jumping ahead while Lua runs on a worker (tests).
     hold_clock: AtomicBool,
@@ -158,6 +160,7 @@ impl EngineRuntime {
             dirs,
             spec,
             reported: Mutex::new(HashSet::new()),
+            reloaded: tokio::sync::Notify::new(),
             hold_clock: AtomicBool::new(false),
         });
         let n = if workers == 0 {
@@ -186,6 +189,20 @@ impl EngineRuntime {
     /// Names of the engines that are loaded and valid.
     pub fn engines(&self) -> Vec<String> {
         self.snapshot().engines.keys().cloned().collect()
+    }
+
+    /// Why an engine cannot be called, or `None` when it is loaded.
+    pub fn load_error(&self, engine: &str) -> Option<EngineError> {
+        let snap = self.snapshot();
+        if snap.engines.contains_key(engine) {
+            return None;
+        }
+        Some(missing_engine(&snap, engine))
+    }
+
+    /// Resolves once a reload after this call has swapped in a snapshot.
+    pub fn reloaded(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared.reloaded.notified()
     }
 
     /// Re-reads every file, validates it, and swaps in what passes: a module
@@ -217,6 +234,8 @@ impl EngineRuntime {
             }
         }
         reported.retain(|p| problems.contains(p));
+        drop(reported);
+        self.shared.reloaded.notify_waiters();
         ReloadReport {
             swapped: true,
             problems,
@@ -352,9 +371,30 @@ fn fallback(
     for (name, err) in engine_errors {
         problems.push(err.to_string());
         match previous.and_then(|p| p.engines.get(&name)) {
-            Some(old) => next.engines.insert(name, old.clone()),
-            None => next.engines.remove(&name),
-        };
+            Some(old) => {
+                next.engines.insert(name, old.clone());
+            }
+            None => {
+                next.engines.remove(&name);
+                let why = match err {
+                    EngineError::Load { message, .. } => message,
+                    other => other.to_string(),
+                };
+                next.broken.insert(name, why);
+            }
+        }
+    }
+}
+
+/// Why an engine is not in the snapshot: its load error, or no file.
+fn missing_engine(snap: &Snapshot, engine: &str) -> EngineError {
+    EngineError::Load {
+        engine: engine.to_string(),
+        message: snap
+            .broken
+            .get(engine)
+            .cloned()
+            .unwrap_or_else(|| format!("there is no engine file {engine}.lua")),
     }
 }
 

@@ -436,10 +436,7 @@ impl Vm {
             .snapshot
             .engines
             .get(name)
-            .ok_or_else(|| EngineError::Load {
-                engine: name.to_string(),
-                message: format!("there is no engine file {name}.lua"),
-            })?;
+            .ok_or_else(|| super::missing_engine(&self.snapshot, name))?;
         let table = self.load_engine(name, source).await?;
         self.engines
             .borrow_mut()

@@ -11,6 +11,7 @@ mod answer;
 mod conductor;
 pub mod control;
 pub(crate) mod optout;
+pub mod pause;
 mod reviver;
 mod runner;
 

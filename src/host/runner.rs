@@ -17,11 +17,17 @@ pub async fn run(host: Arc<Host>, campaign: String) {
     let mut exhausted_logged = false;
     let mut paused_alerted = false;
     let mut turn = 0usize;
+    // A pause of its own from an earlier run: running again clears it.
+    let mut engine = EngineWatch {
+        paused_itself: matches!(super::pause::reason(&host.store, &campaign), Ok(Some(_))),
+        ..EngineWatch::default()
+    };
     loop {
         if host.shutdown.is_cancelled() {
             return;
         }
         let changed = host.changed.notified();
+        let reloaded = host.engines.reloaded();
         let config = host.config();
         let Some(camp) = config.campaign(&campaign).cloned() else {
             return;
@@ -29,6 +35,32 @@ pub async fn run(host: Arc<Host>, campaign: String) {
         if camp.status != CampaignStatus::Active {
             tokio::select! { _ = changed => continue, _ = host.shutdown.cancelled() => return }
         }
+        if std::mem::take(&mut engine.paused_itself) {
+            if let Err(e) = super::pause::resumed(&host.store, &campaign) {
+                tracing::error!(campaign, "cannot clear the campaign's pause: {e}");
+            }
+        }
+        if let Some(e) = host.engines.load_error(&camp.engine) {
+            // Nothing is picked while the engine does not load.
+            if !engine.load_reported {
+                host.alerts.raise(
+                    Alert::new(
+                        AlertKind::EngineError,
+                        host.clock.now(),
+                        format!("campaign {campaign} opens no dialogs until its engine loads: {e}"),
+                    )
+                    .campaign(&campaign),
+                );
+                engine.load_reported = true;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = reloaded => {}
+                _ = host.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        engine.load_reported = false;
         let window = camp.send_window.clone();
         let mut earliest = None;
         let mut opened = false;
@@ -42,8 +74,26 @@ pub async fn run(host: Arc<Host>, campaign: String) {
             {
                 Ok(Decision::Allow) => match open_one(&host, &camp, account).await {
                     Ok(Opened::Yes) => {
+                        engine.failures = 0;
                         opened = true;
                         turn = (turn + i + 1) % n;
+                        break;
+                    }
+                    Ok(Opened::EngineFailed(e)) => {
+                        engine.failures += 1;
+                        let limit = config.file.engines.pause_after_failures.max(1);
+                        tracing::error!(
+                            campaign,
+                            account,
+                            "{e}; the contact stays in the audience ({} of {limit} failures in a row)",
+                            engine.failures
+                        );
+                        if engine.failures >= limit {
+                            super::pause::pause_itself(&host, &campaign, &e.to_string());
+                            engine.failures = 0;
+                            engine.paused_itself = true;
+                        }
+                        opened = true;
                         break;
                     }
                     Ok(Opened::NoContactLeft) => {
@@ -105,8 +155,21 @@ pub async fn run(host: Arc<Host>, campaign: String) {
     }
 }
 
+/// What the runner knows of its campaign's engine.
+#[derive(Default)]
+struct EngineWatch {
+    /// Engine failures in a row at openings.
+    failures: u32,
+    /// The engine's load error was alerted.
+    load_reported: bool,
+    /// The campaign paused itself; running again means it was resumed.
+    paused_itself: bool,
+}
+
 enum Opened {
     Yes,
+    /// The engine failed; nothing was claimed.
+    EngineFailed(crate::engine::EngineError),
     /// Another try may succeed (the contact was taken, or the slot).
     Retry,
     NoContactLeft,
@@ -148,16 +211,8 @@ async fn open_one(
     };
     let reply = match host.engines.call(&camp.engine, Call::Opening, ctx).await {
         Ok(r) => r,
-        Err(e) => {
-            // Claim the contact so a broken engine does not spin on it.
-            let (d, _) = match host.store.open_dialog(&new, None, &|_| Ok(())) {
-                Ok(x) => x,
-                Err(StoreError::Claimed(_)) => return Ok(Opened::Retry),
-                Err(e) => return Err(e),
-            };
-            super::conductor::engine_failed(host, &d, &e.to_string())?;
-            return Ok(Opened::Retry);
-        }
+        // The contact is not claimed: it stays for a working engine.
+        Err(e) => return Ok(Opened::EngineFailed(e)),
     };
     if reply.output.skip || reply.output.messages.is_empty() {
         match host.store.open_dialog(&new, None, &|_| Ok(())) {

@@ -1,0 +1,202 @@
+//! A broken engine spends no contact: the real binary on the simulated
+//! Telegram, with an engine that fails at the opening (the campaign pauses
+//! itself, config.toml says so, every contact is still there, and after the
+//! fix and a resume the same contacts are opened) and one that does not
+//! compile (its campaign waits, says why with file:line, another runs).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
+
+const BROKEN: &str = r#"
+local M = {}
+function M.get_opening(ctx) return "Hi " .. ctx.contact.nickname.first end
+function M.get_response(ctx, message) return "ok" end
+return M
+"#;
+
+const FIXED: &str = r#"
+local M = {}
+function M.get_opening(ctx) return "Hi " .. (ctx.contact.first_name or "there") end
+function M.get_response(ctx, message) return "ok" end
+return M
+"#;
+
+const NOT_LUA: &str = "local M = {}\nfunction M.get_opening(ctx) return 'Hi'\nreturn M\n";
+
+fn config(campaigns: &str) -> String {
+    format!(
+        r#"
+[sim]
+seed = 7
+time_scale = 100
+reply_probability = 0.0
+persona = "personas/default.lua"
+
+[safety]
+max_per_hour = 1000
+max_per_day = 1000
+max_new_dialogs_per_day = 1000
+min_interval = "1s"
+jitter = "0s"
+
+[[accounts]]
+name = "alice"
+[[accounts]]
+name = "bob"
+
+[[audiences]]
+name = "leads"
+file = "leads.csv"
+[[audiences]]
+name = "others"
+file = "others.csv"
+{campaigns}"#
+    )
+}
+
+fn colloquy(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn run(dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("host.log")).unwrap();
+    Command::new(BIN)
+        .current_dir(dir)
+        .arg("run")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut host: Child) {
+    // SAFETY: signals a process this test started.
+    unsafe { libc::kill(host.id() as i32, libc::SIGTERM) };
+    assert!(host.wait().unwrap().success());
+}
+
+fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !probe() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn an_opening_that_fails_pauses_the_campaign_and_spends_no_contact() {
+    let dir = common::project(
+        20,
+        &config(
+            "\n[[campaigns]]\nname = \"spring\"\nengine = \"broken\" # under repair\naudiences = [\"leads\"]\naccounts = [\"alice\", \"bob\"]\n",
+        ),
+    );
+    let d = dir.path();
+    std::fs::write(d.join("others.csv"), "username\nsomeone_else\n").unwrap();
+    std::fs::write(d.join("engines/broken.lua"), BROKEN).unwrap();
+
+    // check tries the opening on real rows and finds the nil index.
+    let checked = colloquy(d, &["check"]);
+    assert_eq!(checked.status.code(), Some(2), "{}", text(&checked));
+    assert!(
+        text(&checked).contains(
+            "config.toml: campaigns[0]: engine broken, get_opening: engines/broken.lua:3: attempt to index a nil value (field 'nickname') (the opening tried on leads.csv:2)"
+        ),
+        "{}",
+        text(&checked)
+    );
+
+    let host = run(d);
+    eventually("the campaign paused in config.toml", || {
+        std::fs::read_to_string(d.join("config.toml"))
+            .unwrap()
+            .contains("status = \"paused\"")
+    });
+    let edited = std::fs::read_to_string(d.join("config.toml")).unwrap();
+    assert!(
+        edited.contains("engine = \"broken\" # under repair"),
+        "{edited}"
+    );
+    let status = text(&colloquy(d, &["status"]));
+    assert!(
+        status.contains("campaign spring: paused (paused itself at ")
+            && status.contains("engine broken, get_opening: engines/broken.lua:3: attempt to index a nil value (field 'nickname'))")
+            && status.contains("(20 contacts not yet contacted)"),
+        "{status}"
+    );
+    assert!(status.contains("error 0"), "{status}");
+    stop(host);
+    let log = std::fs::read_to_string(d.join("host.log")).unwrap();
+    assert_eq!(log.matches("alert=CampaignPaused").count(), 1, "{log}");
+
+    // Still paused after a restart; fixed and resumed, it opens the
+    // contacts it would have burned.
+    std::fs::write(d.join("engines/broken.lua"), FIXED).unwrap();
+    let host = run(d);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(text(&colloquy(d, &["status"])).contains("(20 contacts not yet contacted)"));
+    let resumed = edited.replace("status = \"paused\"", "status = \"active\"");
+    std::fs::write(d.join("config.toml"), resumed).unwrap();
+    eventually("every contact opened", || {
+        text(&colloquy(d, &["status"])).contains("(0 contacts not yet contacted)")
+    });
+    let status = text(&colloquy(d, &["status"]));
+    assert!(
+        status.contains("campaign spring: active, engine"),
+        "{status}"
+    );
+    assert!(status.contains("error 0"), "{status}");
+    stop(host);
+}
+
+#[test]
+fn an_engine_that_does_not_compile_holds_its_campaign_only() {
+    let dir = common::project(
+        10,
+        &config(
+            "\n[[campaigns]]\nname = \"spring\"\nengine = \"typo\"\naudiences = [\"leads\"]\naccounts = [\"alice\"]\n\n[[campaigns]]\nname = \"autumn\"\nengine = \"echo\"\nprompt_template = \"engines/prompts/spring.md\"\naudiences = [\"others\"]\naccounts = [\"bob\"]\n",
+        ),
+    );
+    let d = dir.path();
+    std::fs::write(
+        d.join("others.csv"),
+        "username\nsomeone_else\nsomeone_more\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("engines/typo.lua"), NOT_LUA).unwrap();
+    let host = run(d);
+    eventually("the other campaign opened its contacts", || {
+        text(&colloquy(d, &["status"])).contains("audiences others (0 contacts not yet contacted)")
+    });
+    let status = text(&colloquy(d, &["status"]));
+    assert!(
+        status.contains("audiences leads (10 contacts not yet contacted)"),
+        "{status}"
+    );
+    stop(host);
+    let log = std::fs::read_to_string(d.join("host.log")).unwrap();
+    assert!(
+        log.contains("campaign spring opens no dialogs until its engine loads: engine typo cannot be loaded: engines/typo.lua:3: 'end' expected"),
+        "{log}"
+    );
+    assert!(!log.contains("there is no engine file"), "{log}");
+}
