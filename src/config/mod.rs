@@ -348,7 +348,10 @@ pub struct Compliance {
 impl Default for Compliance {
     fn default() -> Compliance {
         Compliance {
-            opt_out_patterns: vec!["stop".into(), "unsubscribe".into()],
+            opt_out_patterns: crate::host::optout::DEFAULT_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
         }
     }
 }

@@ -197,11 +197,12 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
         }
     }
     for (i, p) in f.compliance.opt_out_patterns.iter().enumerate() {
+        let key = format!("compliance.opt_out_patterns[{i}]");
         if p.trim().is_empty() {
-            c.fail(
-                format!("compliance.opt_out_patterns[{i}]"),
-                "must not be empty",
-            );
+            c.fail(key, "must not be empty");
+        } else if let Some(Err(e)) = crate::host::optout::regex_of(p) {
+            let e = e.replace('\n', " ");
+            c.fail(key, format!("is not a valid regular expression: {e}"));
         }
     }
 

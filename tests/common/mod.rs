@@ -401,8 +401,6 @@ peer_flood_cooldown = "6h"
 retry_attempts = 4
 retry_max_delay = "5m"
 
-[compliance]
-opt_out_patterns = ["stop", "unsubscribe"]
 
 [[accounts]]
 name = "alice"
