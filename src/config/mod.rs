@@ -511,6 +511,9 @@ fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
     if let Some(span) = e.span() {
         let (line, col) = line_col(text, span.start);
         location = format!("{location}:{line}:{col}");
+        if let Some(key) = key_at(text, span.start) {
+            location = format!("{location}: {key}");
+        }
     }
     let mut message = e.message().trim().replace('\n', " ");
     for secret in ["api_hash", "api_key", "password", "token"] {
@@ -521,6 +524,75 @@ fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
         }
     }
     Problem::new(location, message)
+}
+
+/// The key path (`safety.max_per_day`, `campaigns[0].send_window.start`)
+/// whose key or value holds a byte offset of the file.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut path = String::new();
+    let mut table = doc.as_table();
+    'down: loop {
+        for (key, item) in table.iter() {
+            let holds =
+                |span: Option<std::ops::Range<usize>>| span.is_some_and(|s| s.contains(&offset));
+            let at_key = table.key(key).is_some_and(|k| holds(k.span()));
+            let name = if path.is_empty() {
+                key.to_string()
+            } else {
+                format!("{path}.{key}")
+            };
+            match item {
+                toml_edit::Item::Table(t) if at_key || holds(t.span()) || contains(t, offset) => {
+                    path = name;
+                    table = t;
+                    continue 'down;
+                }
+                toml_edit::Item::ArrayOfTables(a) => {
+                    for (i, t) in a.iter().enumerate() {
+                        if holds(t.span()) || contains(t, offset) {
+                            path = format!("{name}[{i}]");
+                            table = t;
+                            continue 'down;
+                        }
+                    }
+                }
+                toml_edit::Item::Value(v) if at_key || holds(v.span()) => {
+                    return Some(inline_key(name, v, offset));
+                }
+                _ => {}
+            }
+        }
+        return (!path.is_empty()).then_some(path);
+    }
+}
+
+/// Whether any key or value of a table (not its header) holds the offset.
+fn contains(t: &toml_edit::Table, offset: usize) -> bool {
+    t.iter().any(|(k, item)| {
+        let key = t.key(k).and_then(|k| k.span());
+        let value = match item {
+            toml_edit::Item::Value(v) => v.span(),
+            toml_edit::Item::Table(t) => return contains(t, offset),
+            _ => None,
+        };
+        [key, value]
+            .into_iter()
+            .flatten()
+            .any(|s| s.contains(&offset))
+    })
+}
+
+/// Inside an inline table (`send_window = { start = "…" }`), the inner key.
+fn inline_key(name: String, v: &toml_edit::Value, offset: usize) -> String {
+    if let toml_edit::Value::InlineTable(t) = v {
+        for (key, inner) in t.iter() {
+            if inner.span().is_some_and(|s| s.contains(&offset)) {
+                return inline_key(format!("{name}.{key}"), inner, offset);
+            }
+        }
+    }
+    name
 }
 
 /// 1-based line and column of a byte offset.
@@ -553,6 +625,36 @@ mod tests {
     }
 
     #[test]
+    fn every_parse_error_names_its_key() {
+        let cases = [
+            (
+                "[safety]\nmax_per_day = \"lots\"\n",
+                "c.toml:2:15: safety.max_per_day: invalid type: string \"lots\", expected u32",
+            ),
+            (
+                "[safety]\nmin_interval = \"thirty seconds\"\n",
+                "c.toml:2:16: safety.min_interval: invalid duration \"thirty seconds\"",
+            ),
+            (
+                "[safety]\nreply_delay = \"5m..1m\"\n",
+                "c.toml:2:15: safety.reply_delay: range \"5m..1m\" is reversed",
+            ),
+            (
+                "[[accounts]]\nname = \"a\"\n[accounts.safety]\nmax_per_day = -1\n",
+                "c.toml:4:15: accounts[0].safety.max_per_day: invalid value: integer `-1`",
+            ),
+            (
+                "[[campaigns]]\nname = \"a\"\nsend_window = { start = \"09:00\", end = \"19:00\", timezone = \"Mars/Olympus\" }\n",
+                "campaigns[0].send_window.timezone: unknown time zone \"Mars/Olympus\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).unwrap_err().to_string();
+            assert!(got.contains(want), "{got}\n  wanted {want}");
+        }
+    }
+
+    #[test]
     fn defaults_fill_an_empty_file() {
         let c = parse("").unwrap();
         assert_eq!(c.file.safety, Safety::default());
@@ -575,7 +677,10 @@ mod tests {
         let e = parse("[safety]\nmax_per_hour = 20\nbogus = 1\n").unwrap_err();
         assert_eq!(e.0.len(), 1);
         let s = e.to_string();
-        assert!(s.starts_with("c.toml:3:1: unknown field `bogus`"), "{s}");
+        assert!(
+            s.starts_with("c.toml:3:1: safety.bogus: unknown field `bogus`"),
+            "{s}"
+        );
     }
 
     #[test]
