@@ -149,7 +149,7 @@ fn wait_for(contacts: &mut Contacts, name: &str, account: &str, n: usize) -> Vec
 }
 
 fn funnel(server: &Server, people: &People, contacts: &mut Contacts) {
-    let stuck_after = 12;
+    let stuck_after = 20;
     let project = Project::new(
         &config(
             &["alice", "bob"],
