@@ -2,7 +2,8 @@
 //!
 //! # VM model
 //!
-//! A pool of worker threads, one per core, each with its own Lua VM and a
+//! A pool of worker threads, one per core, each with a Lua VM per engine
+//! (so no engine can change what another's code sees) and a
 //! single-threaded tokio runtime. A call goes to the least busy worker and
 //! runs there as a coroutine, so thousands of dialogs can each await an HTTP
 //! request in one VM while others run. CPU-bound Lua stalls only its own
@@ -26,7 +27,7 @@ pub mod modules;
 pub mod vm;
 mod watch;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -475,62 +476,61 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                let mut vm: Option<Rc<Vm>> = None;
+                // One VM per engine: no engine can change what another
+                // engine's code sees (the string metatable, globals, modules).
+                let mut vms: HashMap<String, Rc<Vm>> = HashMap::new();
+                let mut generation = None;
                 while let Some(job) = rx.recv().await {
                     let snap = shared
                         .snapshot
                         .read()
                         .unwrap_or_else(|e| e.into_inner())
                         .clone();
-                    if vm
-                        .as_ref()
-                        .is_none_or(|v| v.generation() != snap.generation)
-                    {
+                    if generation != Some(snap.generation) {
+                        vms.clear();
+                        generation = Some(snap.generation);
+                    }
+                    let mut vm_for = |engine: &str| -> Result<Rc<Vm>, EngineError> {
+                        if let Some(vm) = vms.get(engine) {
+                            return Ok(vm.clone());
+                        }
                         let spec = &shared.spec;
-                        match Vm::new(
-                            snap,
+                        let vm = Vm::new(
+                            snap.clone(),
                             spec.budgets,
                             &spec.host,
                             spec.seed.wrapping_add(index as u64),
-                        ) {
-                            Ok(v) => vm = Some(Rc::new(v)),
-                            Err(e) => {
-                                let failed = |t: &Task| {
-                                    Err(EngineError::Load {
-                                        engine: t.engine.clone(),
-                                        message: e.clone(),
-                                    })
-                                };
-                                match job {
-                                    Job::One(t, reply) => {
-                                        let _ = reply.send(failed(&t));
-                                    }
-                                    Job::Many(ts, reply) => {
-                                        let _ = reply.send(ts.iter().map(failed).collect());
-                                    }
-                                }
-                                continue;
-                            }
-                        }
-                    }
-                    let Some(vm) = vm.clone() else { continue };
+                        )
+                        .map_err(|message| EngineError::Load {
+                            engine: engine.to_string(),
+                            message,
+                        })?;
+                        let vm = Rc::new(vm);
+                        vms.insert(engine.to_string(), vm.clone());
+                        Ok(vm)
+                    };
                     match job {
                         // The ctxs are dropped before the answer goes back,
                         // so the caller holds the only handle on what they
                         // shared (a dialog's history) and can extend it in
                         // place.
                         Job::One(task, reply) => {
+                            let vm = vm_for(&task.engine);
                             tokio::task::spawn_local(async move {
                                 let Task { engine, call, ctx } = *task;
-                                let out = vm.call(&engine, &call, ctx).await;
+                                let out = match vm {
+                                    Ok(vm) => vm.call(&engine, &call, ctx).await,
+                                    Err(e) => Err(e),
+                                };
                                 let _ = reply.send(out);
                             });
                         }
                         Job::Many(tasks, reply) => {
+                            let calls: Vec<_> =
+                                tasks.into_iter().map(|t| (vm_for(&t.engine), t)).collect();
                             tokio::task::spawn_local(async move {
-                                let calls = tasks.into_iter().map(|t| {
-                                    let vm = &vm;
-                                    async move { vm.call(&t.engine, &t.call, t.ctx).await }
+                                let calls = calls.into_iter().map(|(vm, t)| async move {
+                                    vm?.call(&t.engine, &t.call, t.ctx).await
                                 });
                                 let out = crate::concurrent::run_all(calls).await;
                                 let _ = reply.send(out);

@@ -773,3 +773,49 @@ async fn many_calls_answer_in_order_each_with_its_own_result() {
     );
     assert!(rt.call_many(Vec::new()).await.is_empty());
 }
+
+#[tokio::test]
+async fn no_engine_changes_what_another_sees() {
+    let poison = r#"
+local json = require("json")
+local template = require("template")
+local M = {}
+function M.get_opening(ctx)
+  getmetatable("").__index.format = function() return "POISONED" end
+  string.upper = function() return "POISONED" end
+  json.encode = function() return "POISONED" end
+  template.render = function() return "POISONED" end
+  rawset(string, "rep", function() return "POISONED" end)
+  shared_global = "POISONED"
+  return "done"
+end
+function M.get_response(ctx, m) return "ok" end
+return M
+"#;
+    let victim = r#"
+local json = require("json")
+local template = require("template")
+local M = {}
+function M.get_opening(ctx)
+  return table.concat({
+    string.format("%d", 7), ("x"):upper(), ("ab"):rep(2), json.encode({1}),
+    template.render("{{a}}", { a = "b" }), tostring(shared_global),
+  }, " ")
+end
+function M.get_response(ctx, m) return "ok" end
+return M
+"#;
+    let p = Project::new(&[("poison", poison), ("victim", victim)], "");
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    let clean = rt.call("victim", Call::Opening, ctx()).await.unwrap();
+    for _ in 0..4 {
+        // Every worker's VMs get the poison.
+        rt.call("poison", Call::Opening, ctx()).await.unwrap();
+    }
+    for _ in 0..4 {
+        let after = rt.call("victim", Call::Opening, ctx()).await.unwrap();
+        assert_eq!(after.output.messages, clean.output.messages);
+    }
+    assert_eq!(clean.output.messages, vec!["7 X abab [1] b nil"]);
+}
