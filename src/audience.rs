@@ -31,6 +31,9 @@ pub struct ContactRow {
 pub struct AudienceFile {
     pub rows: Vec<ContactRow>,
     pub problems: Vec<Problem>,
+    /// The file cannot be read as its header promises (or at all): none of
+    /// it may be imported.
+    pub refused: bool,
 }
 
 /// Reads an audience file. An unreadable, empty or binary file is one
@@ -45,6 +48,7 @@ pub fn read(path: &Path) -> AudienceFile {
                 shown,
                 format!("cannot read the audience file: {}", io_reason(&e)),
             )],
+            refused: true,
         },
     }
 }
@@ -55,6 +59,7 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
     let whole = |msg: String| AudienceFile {
         rows: Vec::new(),
         problems: vec![Problem::new(shown, msg)],
+        refused: true,
     };
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     if bytes.contains(&0) {
@@ -72,6 +77,7 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
                 format!("{shown}:{line}"),
                 "is not UTF-8 text; save the file as UTF-8",
             )],
+            refused: true,
         };
     }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -96,16 +102,28 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
     }
     let (c_first, c_last) = (col("first_name"), col("last_name"));
 
-    for record in reader.records() {
+    // The whole file is read before any row counts: a row that is not what
+    // the header promises refuses the file, never a part of it.
+    let records: Vec<_> = reader.records().collect();
+    let line_at = |byte: u64| {
+        let upto = (byte as usize).min(bytes.len());
+        bytes[..upto].iter().filter(|b| **b == b'\n').count() as u64 + 1
+    };
+    let last_line = line_at(bytes.len() as u64) - u64::from(bytes.ends_with(b"\n"));
+    let refuse = |line: u64, why: String| AudienceFile {
+        rows: Vec::new(),
+        problems: vec![Problem::new(
+            format!("{shown}:{line}"),
+            format!("{why}; the file is not imported until this is fixed"),
+        )],
+        refused: true,
+    };
+    for (i, record) in records.iter().enumerate() {
         let record = match record {
             Ok(r) => r,
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
-                out.problems.push(Problem::new(
-                    format!("{shown}:{line}"),
-                    format!("unreadable row ({e}); skipped"),
-                ));
-                continue;
+                return refuse(line, format!("cannot be read as CSV ({e})"));
             }
         };
         let line = record.position().map_or(0, |p| p.line());
@@ -114,15 +132,30 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
             continue;
         }
         if record.len() != headers.len() {
-            out.problems.push(Problem::new(
-                at,
+            let next = records[i + 1..].iter().find_map(|r| r.as_ref().ok());
+            let end = match next.and_then(|r| r.position()) {
+                Some(p) => line_at(p.byte()) - 1,
+                None => last_line,
+            };
+            let why = if end > line && next.is_none() {
                 format!(
-                    "has {} fields but the header has {}; skipped",
+                    "a quote opened here is never closed; lines {line}–{end} would be read as one field"
+                )
+            } else if end > line {
+                format!(
+                    "a quoted field runs over lines {line}–{end}, which makes a row of {} fields where the header has {}",
                     record.len(),
                     headers.len()
-                ),
-            ));
-            continue;
+                )
+            } else {
+                let fields = if record.len() == 1 { "field" } else { "fields" };
+                format!(
+                    "has {} {fields} but the header has {}",
+                    record.len(),
+                    headers.len()
+                )
+            };
+            return refuse(line, why);
         }
         let get = |c: Option<usize>| {
             c.and_then(|i| record.get(i))
@@ -241,6 +274,40 @@ mod tests {
 
     fn parse_str(s: &str) -> AudienceFile {
         parse("a.csv", s.as_bytes())
+    }
+
+    #[test]
+    fn a_file_not_as_its_header_promises_is_refused_whole() {
+        let mut good = String::from("username,first_name,city\n");
+        for i in 0..10 {
+            good.push_str(&format!("person_{i:02},P{i},Oslo\n"));
+        }
+        assert_eq!(parse_str(&good).rows.len(), 10);
+        let cases = [
+            (
+                good.replace("person_03,P3", "\"person_03,P3"),
+                "a.csv:5: a quote opened here is never closed; lines 5–11 would be read as one field; the file is not imported until this is fixed",
+            ),
+            (
+                good.replace("person_03,P3,Oslo", "\"person_03\nP3\",Oslo"),
+                "a.csv:5: a quoted field runs over lines 5–6, which makes a row of 2 fields where the header has 3",
+            ),
+            (
+                good.replace("person_05,P5,Oslo", "person_05,P5,Oslo,extra"),
+                "a.csv:7: has 4 fields but the header has 3; the file is not imported",
+            ),
+        ];
+        for (text, want) in cases {
+            let a = parse_str(&text);
+            assert!(a.refused && a.rows.is_empty(), "{want}");
+            let got = a.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(got[0].starts_with(want), "{}\n  wanted {want}", got[0]);
+        }
+        // A bad value in one row is that row's problem only.
+        let a = parse_str(&good.replace("person_05", "5"));
+        assert!(!a.refused);
+        assert_eq!(a.rows.len(), 9);
     }
 
     #[test]

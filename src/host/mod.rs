@@ -32,7 +32,7 @@ use crate::engine::{Ctx, EngineRuntime};
 use crate::model::{
     Contact, Delivery, Dialog, DialogId, Direction, IdempotencyKey, Message, MessageKind,
 };
-use crate::safety::alerts::Alerts;
+use crate::safety::alerts::{Alert, AlertKind, Alerts};
 use crate::safety::AccountSafety;
 use crate::store::{Outbound, Store, StoreError};
 use crate::transport::{Inbound, Transport};
@@ -383,7 +383,7 @@ fn open_store(dir: &std::path::Path) -> Result<Store, String> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), String> {
     let config = Arc::new(config);
     let store = open_store(&config.data_dir())?;
-    import_audiences(&config, &store)?;
+    let refused = import_audiences(&config, &store)?;
     let mut unauthorized = Vec::new();
     let (transport, clock): (Arc<dyn Transport>, Arc<dyn Clock>) = match config.file.transport.kind
     {
@@ -399,6 +399,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Stri
         }
     };
     let host = build(config.clone(), store, transport, clock, shutdown);
+    for text in refused {
+        host.alerts.raise(Alert::new(
+            AlertKind::AudienceRefused,
+            host.clock.now(),
+            text,
+        ));
+    }
     for account in unauthorized {
         tracing::error!(
             account,
@@ -549,10 +556,25 @@ pub async fn stop(host: &Arc<Host>) {
     }
 }
 
-fn import_audiences(config: &Config, store: &Store) -> Result<(), String> {
+/// Imports every audience file; a file that cannot be read as its header
+/// promises is not imported at all (the audience stays as last imported),
+/// and comes back as an alert's text.
+fn import_audiences(config: &Config, store: &Store) -> Result<Vec<String>, String> {
     let rng = SeededRng::new(config.file.sim.seed);
+    let mut refused = Vec::new();
     for a in &config.file.audiences {
         let file = crate::audience::read(&config.resolve(&a.file));
+        if file.refused {
+            let why: Vec<String> = file.problems.iter().map(|p| p.to_string()).collect();
+            let text = format!(
+                "audience {} keeps its contacts as last imported: {}",
+                a.name,
+                why.join("; ")
+            );
+            tracing::error!(audience = a.name, "{text}");
+            refused.push(text);
+            continue;
+        }
         for p in &file.problems {
             tracing::warn!("{p}");
         }
@@ -567,7 +589,7 @@ fn import_audiences(config: &Config, store: &Store) -> Result<(), String> {
             "audience imported"
         );
     }
-    Ok(())
+    Ok(refused)
 }
 
 /// Reloads config.toml when it changes; an invalid edit is reported and the

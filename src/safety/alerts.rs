@@ -16,6 +16,7 @@ pub enum AlertKind {
     AccountBanned,
     AccountUnauthorized,
     AccountSpamLimited,
+    AudienceRefused,
     CampaignPaused,
     DialogError,
     EngineError,

@@ -1,8 +1,9 @@
-//! A broken engine spends no contact: the real binary on the simulated
-//! Telegram, with an engine that fails at the opening (the campaign pauses
-//! itself, config.toml says so, every contact is still there, and after the
-//! fix and a resume the same contacts are opened) and one that does not
-//! compile (its campaign waits, says why with file:line, another runs).
+//! Broken inputs spend nothing: the real binary on the simulated Telegram.
+//! An engine that fails at the opening (the campaign pauses itself,
+//! config.toml says so, every contact is still there, and after the fix and
+//! a resume the same contacts are opened); one that does not compile (its
+//! campaign waits, says why with file:line, another runs); an audience file
+//! with a stray quote (refused whole, the audience kept as last imported).
 
 mod common;
 
@@ -199,4 +200,56 @@ fn an_engine_that_does_not_compile_holds_its_campaign_only() {
         "{log}"
     );
     assert!(!log.contains("there is no engine file"), "{log}");
+}
+
+#[test]
+fn an_audience_file_with_a_stray_quote_is_not_imported_at_all() {
+    let dir = common::project(
+        0,
+        &config(
+            "\n[[campaigns]]\nname = \"spring\"\nstatus = \"paused\"\nengine = \"echo\"\naudiences = [\"leads\"]\naccounts = [\"alice\"]\n",
+        ),
+    );
+    let d = dir.path();
+    std::fs::write(d.join("others.csv"), "username\nsomeone_else\n").unwrap();
+    let rows: Vec<String> = (0..30).map(|i| format!("person_{i:02},P{i},Co")).collect();
+    let good = format!("username,first_name,company\n{}\n", rows.join("\n"));
+    std::fs::write(d.join("leads.csv"), &good).unwrap();
+    let host = run(d);
+    eventually("the audience imported", || {
+        text(&colloquy(d, &["status"])).contains("(30 contacts not yet contacted)")
+    });
+    stop(host);
+
+    // A quote opened on line 9 and never closed: nothing of the file counts.
+    let broken = good.replace("person_07,P7", "\"person_07,P7");
+    std::fs::write(d.join("leads.csv"), broken).unwrap();
+    let checked = colloquy(d, &["check"]);
+    assert_eq!(checked.status.code(), Some(2));
+    assert!(
+        text(&checked).contains("leads.csv:9: a quote opened here is never closed; lines 9–31 would be read as one field; the file is not imported until this is fixed"),
+        "{}",
+        text(&checked)
+    );
+    let host = run(d);
+    eventually("the refusal alerted", || {
+        std::fs::read_to_string(d.join("host.log"))
+            .unwrap()
+            .contains("alert=AudienceRefused")
+    });
+    let status = text(&colloquy(d, &["status"]));
+    assert!(
+        status.contains("(30 contacts not yet contacted)"),
+        "{status}"
+    );
+    stop(host);
+    let log = std::fs::read_to_string(d.join("host.log")).unwrap();
+    assert!(
+        log.contains("audience leads keeps its contacts as last imported: "),
+        "{log}"
+    );
+    assert!(
+        !log.contains("audience imported audience=\"leads\""),
+        "{log}"
+    );
 }
