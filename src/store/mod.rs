@@ -71,6 +71,8 @@ pub enum StoreError {
     Locked(String),
     #[error("the store failed: {0}")]
     Storage(String),
+    #[error("the disk holding data_dir is full: free space on it (the store needs room to write), then start the host again; nothing already stored is lost")]
+    DiskFull,
     #[error("a stored {what} record is unreadable ({reason})")]
     Corrupt { what: &'static str, reason: String },
     #[error("no {what} {id} in the store")]
@@ -86,8 +88,18 @@ pub enum StoreError {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> StoreError {
-        StoreError::Storage(e.to_string())
+        match e {
+            sled::Error::Io(io) if is_disk_full(&io) => StoreError::DiskFull,
+            e => StoreError::Storage(e.to_string()),
+        }
     }
+}
+
+/// ENOSPC, or a quota (EDQUOT) that says the same to the user.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -658,6 +670,14 @@ impl Store {
                     {
                         StoreError::Locked(dir.display().to_string())
                     }
+                    sled::Error::Unsupported(why) => StoreError::Storage(format!(
+                        "the store in {} is damaged or is not a colloquy store ({why}); restore data_dir from a backup",
+                        dir.display()
+                    )),
+                    e @ sled::Error::Corruption { .. } => StoreError::Storage(format!(
+                        "the store in {} is damaged ({e}); restore data_dir from a backup",
+                        dir.display()
+                    )),
                     other => other.into(),
                 })
         };

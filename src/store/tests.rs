@@ -980,3 +980,23 @@ fn deferred_dialogs_survive_any_order_of_answers_writes_and_crashes() {
         assert_eq!(snapshot(&store, &ids), before, "seed {seed} at the end");
     }
 }
+
+#[test]
+fn a_full_disk_and_a_damaged_store_get_one_sentence() {
+    let full = StoreError::from(sled::Error::Io(std::io::Error::from_raw_os_error(
+        libc::ENOSPC,
+    )));
+    assert_eq!(
+        full.to_string(),
+        "the disk holding data_dir is full: free space on it (the store needs room to write), then start the host again; nothing already stored is lost"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    std::fs::write(dir.path().join("store/conf"), b"\x00garbage\xff").unwrap();
+    let e = Store::open(dir.path())
+        .err()
+        .expect("a damaged store is refused");
+    let text = e.to_string();
+    assert!(text.contains("is damaged"), "{text}");
+    assert!(text.ends_with("restore data_dir from a backup"), "{text}");
+}
