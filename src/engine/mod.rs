@@ -174,7 +174,9 @@ impl EngineRuntime {
             shared,
             workers: Arc::new(workers),
         };
-        let report = rt.reload();
+        // The caller says what to do with the first problems: the host logs
+        // them, `check` and `eval` print them as their answer.
+        let report = rt.swap(false);
         (rt, report.problems)
     }
 
@@ -210,6 +212,11 @@ impl EngineRuntime {
     /// that does not compile, or an engine that does not load, keeps its
     /// previous version (or stays absent if it never loaded).
     pub fn reload(&self) -> ReloadReport {
+        self.swap(true)
+    }
+
+    /// Reads, validates and swaps; new problems are logged when `log`.
+    fn swap(&self, log: bool) -> ReloadReport {
         let current = self.snapshot();
         let (mut next, mut problems) = Snapshot::read(&self.shared.dirs, current.generation + 1);
         let spec = &self.shared.spec;
@@ -230,7 +237,7 @@ impl EngineRuntime {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for p in &problems {
-            if reported.insert(p.clone()) {
+            if reported.insert(p.clone()) && log {
                 tracing::error!("{p}");
             }
         }
@@ -363,7 +370,13 @@ fn fallback(
     let (module_errors, engine_errors) = validate(&snap, spec);
     *next = Arc::try_unwrap(snap).unwrap_or_else(|a| a.duplicate());
     for (name, err) in module_errors {
-        problems.push(err);
+        // An engine file is a module too: its error is said once, as the
+        // engine's.
+        let same_file =
+            |e: &library::Source| next.modules.get(&name).is_some_and(|m| m.shown == e.shown);
+        if !(engine_errors.contains_key(&name) && next.engines.get(&name).is_some_and(same_file)) {
+            problems.push(err);
+        }
         match previous.and_then(|p| p.modules.get(&name)) {
             Some(old) => next.modules.insert(name, old.clone()),
             None => next.modules.remove(&name),

@@ -479,7 +479,10 @@ pub fn build(
         rng.clone(),
         alerts.clone(),
     );
-    let (engines, _problems) = EngineRuntime::start(&config, clock.clone(), 0);
+    let (engines, problems) = EngineRuntime::start(&config, clock.clone(), 0);
+    for p in problems {
+        tracing::error!("{p}");
+    }
     Arc::new(Host {
         store,
         safety,
