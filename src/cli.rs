@@ -63,6 +63,13 @@ pub enum Command {
     },
     /// Print one dialog's transcript.
     Dialog { id: DialogId },
+    /// Put back into their audiences the contacts of dialogs that ended in
+    /// error before any message was written to them (what a broken engine
+    /// left behind); run it while no host runs.
+    ReleaseContacts {
+        #[arg(long)]
+        campaign: Option<String>,
+    },
     /// Log a Telegram user account in (code, then 2FA password if asked),
     /// or import a Telethon/Pyrogram string session.
     Login {
@@ -141,6 +148,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             dialogs(&cli.config, campaign.as_deref(), status.as_deref())
         }
         Command::Dialog { id } => dialog(&cli.config, id),
+        Command::ReleaseContacts { campaign } => release_contacts(&cli.config, campaign.as_deref()),
         Command::Run => run_host(&cli.config),
         Command::Eval { file, args } => eval(&cli.config, &file, &args),
         Command::Chat { campaign } => crate::chat::run(&cli.config, &campaign),
@@ -394,6 +402,43 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
         }
     }
     problems
+}
+
+/// `colloquy release-contacts`: the contacts of errored dialogs that never
+/// got a message go back to their audiences.
+fn release_contacts(config_path: &Path, campaign: Option<&str>) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    if let Some(c) = campaign.filter(|c| config.campaign(c).is_none()) {
+        return Err(no_such_campaign(&config, c));
+    }
+    let store = match Store::open(&config.data_dir()) {
+        Err(StoreError::Locked(dir)) => {
+            return Err(input(
+                "",
+                format!("a host is running on {dir}; stop it first: contacts are put back while no host runs"),
+            ))
+        }
+        other => other?,
+    };
+    let unreached: Vec<_> = store
+        .all_dialogs()
+        .filter_map(Result::ok)
+        .filter(|d| campaign.is_none_or(|c| d.campaign == c))
+        .filter(|d| matches!(d.status, crate::model::DialogStatus::Error { .. }) && d.next_seq == 0)
+        .map(|d| d.id)
+        .collect();
+    let mut released = 0;
+    for id in unreached {
+        if store.release_unreached(id)? {
+            released += 1;
+        }
+    }
+    store.flush()?;
+    println!(
+        "put back {} of dialogs that ended in error before any message was written",
+        plural(released, "contact")
+    );
+    Ok(())
 }
 
 /// `colloquy run`: the host until SIGINT or SIGTERM.

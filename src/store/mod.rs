@@ -1168,6 +1168,36 @@ impl Store {
     }
 
     /// Every dialog, in id order.
+    /// Puts back a contact whose dialog ended in error before any message was
+    /// written to it (what a broken engine's openings left behind): the
+    /// dialog goes, the contact is pickable again in its audiences. Returns
+    /// whether it did; any other dialog is left as it is.
+    pub fn release_unreached(&self, id: DialogId) -> Result<bool, StoreError> {
+        self.transact(|tx| {
+            let d = tx.dialog(id)?;
+            if !matches!(d.status, DialogStatus::Error { .. }) || d.next_seq != 0 {
+                return Ok(false);
+            }
+            tx.dialogs.remove(&u64_key(id))?;
+            tx.by_status.remove(&status_key(d.status.tag(), id))?;
+            if let Some(t) = d.indexed_at {
+                tx.by_activity.remove(&pair(time_key(t), u64_key(id)))?;
+            }
+            let ck = u64_key(d.contact);
+            tx.dialog_of_contact.remove(&ck)?;
+            if tx.do_not_contact.get(ck)?.is_none() {
+                if let Some(bytes) = tx.contacts.get(ck)? {
+                    let contact: Contact = tx_decode("contact", &bytes)?;
+                    for audience in &contact.audiences {
+                        tx.uncontacted
+                            .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[])?;
+                    }
+                }
+            }
+            Ok(true)
+        })
+    }
+
     pub fn all_dialogs(&self) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
         self.t.dialogs.iter().map(|e| {
             let (k, v) = e?;

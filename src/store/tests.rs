@@ -1000,3 +1000,44 @@ fn a_full_disk_and_a_damaged_store_get_one_sentence() {
     assert!(text.contains("is damaged"), "{text}");
     assert!(text.ends_with("restore data_dir from a backup"), "{text}");
 }
+
+#[test]
+fn an_errored_dialog_that_never_got_a_message_gives_its_contact_back() {
+    let store = Store::temporary().unwrap();
+    import(&store, "a1", "username\nalice\nbobby\n");
+    import(&store, "a2", "username\nalice\n");
+    let error = || DialogStatus::Error {
+        reason: "engine broken, get_opening: boom".into(),
+    };
+    let alice = store
+        .contact_by_identity(&Identity::Username("alice".into()))
+        .unwrap()
+        .unwrap()
+        .id;
+    let bob = store
+        .contact_by_identity(&Identity::Username("bobby".into()))
+        .unwrap()
+        .unwrap()
+        .id;
+    // What a broken engine left: a claim and an error, no message.
+    let (burned, _) = store.open_dialog(&new_dialog(alice), None, &allow).unwrap();
+    store.set_dialog_status(burned.id, error()).unwrap();
+    // An error after the opening was written: the contact may have it.
+    let (sent, _) = store
+        .open_dialog(&new_dialog(bob), Some(&opening(3)), &allow)
+        .unwrap();
+    store.set_dialog_status(sent.id, error()).unwrap();
+    assert_eq!(store.uncontacted_count("a1"), 0);
+
+    assert!(store.release_unreached(burned.id).unwrap());
+    assert!(!store.release_unreached(sent.id).unwrap());
+    assert_eq!(store.dialog(burned.id).unwrap(), None);
+    assert_eq!(store.dialog_of_contact(alice).unwrap(), None);
+    assert_eq!(store.pick_uncontacted("a1", 0).unwrap(), Some(alice));
+    assert_eq!(store.pick_uncontacted("a2", 0).unwrap(), Some(alice));
+    assert_eq!(store.dialog_of_contact(bob).unwrap(), Some(sent.id));
+    let counts = store.dialog_counts().unwrap();
+    assert!(counts.contains(&("error", 1)), "{counts:?}");
+    // Claimable again.
+    store.open_dialog(&new_dialog(alice), Some(&opening(4)), &allow).unwrap();
+}
