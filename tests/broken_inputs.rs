@@ -253,3 +253,52 @@ fn an_audience_file_with_a_stray_quote_is_not_imported_at_all() {
         "{log}"
     );
 }
+
+#[test]
+fn a_reply_the_engine_cannot_answer_waits_for_the_fix() {
+    let dir = common::project(
+        3,
+        &config(
+            "\n[[campaigns]]\nname = \"spring\"\nengine = \"deaf\"\naudiences = [\"leads\"]\naccounts = [\"alice\"]\n",
+        )
+        .replace("reply_probability = 0.0", "reply_probability = 1.0\nreply_delay = \"1s..2s\"")
+        .replace("jitter = \"0s\"", "jitter = \"0s\"\nreply_delay = \"1s..2s\""),
+    );
+    let d = dir.path();
+    std::fs::write(d.join("others.csv"), "username\nsomeone_else\n").unwrap();
+    let deaf = "local M = {}\nfunction M.get_opening(ctx) return 'Hello!' end\nfunction M.get_response(ctx, m) error('no model today') end\nreturn M\n";
+    std::fs::write(d.join("engines/deaf.lua"), deaf).unwrap();
+    let host = run(d);
+    eventually("three replies waiting for the engine", || {
+        std::fs::read_to_string(d.join("host.log"))
+            .unwrap()
+            .matches("the dialog waits for a working engine")
+            .count()
+            >= 3
+    });
+    let status = text(&colloquy(d, &["status"]));
+    assert!(
+        status.contains("active 3") && status.contains("error 0"),
+        "{status}"
+    );
+
+    std::fs::write(
+        d.join("engines/deaf.lua"),
+        deaf.replace("error('no model today')", "return 're: ' .. m.text"),
+    )
+    .unwrap();
+    eventually("every waiting reply answered", || {
+        let dialogs = text(&colloquy(d, &["dialogs"]));
+        let ids: Vec<String> = dialogs
+            .lines()
+            .filter_map(|l| l.split('\t').next().map(str::to_string))
+            .collect();
+        ids.len() == 3
+            && ids.iter().all(|id| {
+                text(&colloquy(d, &["dialog", id]))
+                    .lines()
+                    .any(|l| l.contains("> reply") && l.contains(" re: "))
+            })
+    });
+    stop(host);
+}

@@ -142,11 +142,40 @@ async fn answer(
             )?;
         }
         Err(e) => {
-            handled_only(host)?;
-            engine_failed(host, &dialog, &e.to_string())?;
+            // The message stays unanswered, not lost: the dialog waits for
+            // the engine to be fixed (a reload) or the config to change,
+            // then tries again.
+            let changed = host.changed.notified();
+            let reloaded = host.engines.reloaded();
+            engine_stumbled(host, &dialog, &e.to_string());
+            tokio::select! {
+                _ = changed => {}
+                _ = reloaded => {}
+                _ = host.shutdown.cancelled() => {}
+            }
         }
     }
     Ok(())
+}
+
+/// An engine call failed and the dialog goes on (a message waits for an
+/// answer, a follow-up comes later): logged and alerted, nothing else.
+pub fn engine_stumbled(host: &Host, dialog: &crate::model::Dialog, error: &str) {
+    tracing::error!(
+        dialog = dialog.id,
+        campaign = dialog.campaign,
+        "{error}; the dialog waits for a working engine"
+    );
+    host.alerts.raise(
+        Alert::new(
+            AlertKind::EngineError,
+            host.clock.now(),
+            format!("{error}; dialog {} waits for a working engine", dialog.id),
+        )
+        .campaign(&dialog.campaign)
+        .account(&dialog.account)
+        .dialog(dialog.id),
+    );
 }
 
 /// The status an engine's output asks for.

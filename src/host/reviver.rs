@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::conductor::{ending_of, engine_failed};
+use super::conductor::{ending_of, engine_stumbled};
 use super::Host;
 use crate::engine::Call;
 use crate::model::{Dialog, DialogStatus, MessageKind};
@@ -133,7 +133,13 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
                     },
                 )?;
             }
-            Err(e) => return engine_failed(host, dialog, &e.to_string()),
+            Err(e) => {
+                // No follow-up this time; the dialog stays and is looked at
+                // again after another stuck_after.
+                engine_stumbled(host, dialog, &e.to_string());
+                host.store.apply(dialog.id, &reviewed)?;
+                return Ok(());
+            }
         }
     }
     let dialog = host
@@ -162,7 +168,10 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
                 },
             )?;
         }
-        Err(e) => engine_failed(host, &dialog, &e.to_string())?,
+        Err(e) => {
+            engine_stumbled(host, &dialog, &e.to_string());
+            host.store.apply(dialog.id, &reviewed)?;
+        }
     }
     Ok(())
 }

@@ -1039,5 +1039,7 @@ fn an_errored_dialog_that_never_got_a_message_gives_its_contact_back() {
     let counts = store.dialog_counts().unwrap();
     assert!(counts.contains(&("error", 1)), "{counts:?}");
     // Claimable again.
-    store.open_dialog(&new_dialog(alice), Some(&opening(4)), &allow).unwrap();
+    store
+        .open_dialog(&new_dialog(alice), Some(&opening(4)), &allow)
+        .unwrap();
 }
