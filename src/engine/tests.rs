@@ -819,3 +819,33 @@ return M
     }
     assert_eq!(clean.output.messages, vec!["7 X abab [1] b nil"]);
 }
+
+#[test]
+fn long_loops_inside_c_are_refused_before_they_start() {
+    let cases = [
+        ("return #string.rep('', 2^53)", Ok("0")),
+        ("return #(''):rep(2^53, '')", Ok("0")),
+        ("return #string.rep('ab', 3, ',')", Ok("8")),
+        (
+            "return string.rep('ab', 2^40)",
+            Err("string.rep: the result would be 2199023255552 bytes, more than the engine's memory_limit"),
+        ),
+        (
+            "return table.move({}, 1, 2^40, 2)",
+            Err("table.move: 1099511627776 elements are more than the engine's memory_limit could hold"),
+        ),
+        ("local t = table.move({1, 2, 3}, 1, 3, 2); return #t", Ok("4")),
+    ];
+    let p = Project::new(&[], "");
+    let (rt, _) = p.runtime();
+    for (code, want) in cases {
+        let started = std::time::Instant::now();
+        let got = rt.eval_blocking("t.lua", code, &[]);
+        assert!(started.elapsed() < Duration::from_secs(1), "{code}");
+        match (got, want) {
+            (Ok(v), Ok(w)) => assert_eq!(v.to_string(), w, "{code}"),
+            (Err(e), Err(w)) => assert!(e.contains(w), "{code}: {e}"),
+            (got, want) => panic!("{code}: got {got:?}, wanted {want:?}"),
+        }
+    }
+}

@@ -728,6 +728,54 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_string()
 }
 
+/// `string.rep` and `table.move` loop inside C, where no budget reaches:
+/// `string.rep("", 2^53)` or `table.move(t, 1, 2^40, 2)` would run for
+/// ever. Their sizes are checked first against what the engine's memory
+/// could ever hold.
+fn bound_long_c_loops(lua: &Lua, string: &Table, table: &Table, memory: usize) -> mlua::Result<()> {
+    let limit = memory.max(1 << 20) as u128;
+    let rep: Function = string.get("rep")?;
+    string.set(
+        "rep",
+        lua.create_function(
+            move |lua, (s, n, sep): (mlua::LuaString, i64, Option<mlua::LuaString>)| {
+                let l = s.as_bytes().len() as u128;
+                let lsep = sep.as_ref().map_or(0, |x| x.as_bytes().len()) as u128;
+                if n <= 0 || l + lsep == 0 {
+                    return lua.create_string("");
+                }
+                let total = n as u128 * l + (n as u128 - 1) * lsep;
+                if total > limit {
+                    return Err(mlua::Error::runtime(format!(
+                        "string.rep: the result would be {total} bytes, more than the engine's memory_limit"
+                    )));
+                }
+                rep.call::<mlua::LuaString>((s, n, sep))
+            },
+        )?,
+    )?;
+    let moved: Function = table.get("move")?;
+    let slots = limit / 16;
+    table.set(
+        "move",
+        lua.create_function(move |_, args: mlua::MultiValue| {
+            let index = |i: usize| match args.get(i) {
+                Some(Value::Integer(n)) => i128::from(*n),
+                Some(Value::Number(n)) => *n as i128,
+                _ => 0,
+            };
+            let count = (index(2) - index(1) + 1).max(0) as u128;
+            if count > slots {
+                return Err(mlua::Error::runtime(format!(
+                    "table.move: {count} elements are more than the engine's memory_limit could hold"
+                )));
+            }
+            moved.call::<mlua::MultiValue>(args)
+        })?,
+    )?;
+    Ok(())
+}
+
 /// Builds the sandbox: only string, table, math, utf8, coroutine and
 /// os.time/clock/date; text chunks only; `require` over the snapshot.
 fn sandbox(
@@ -790,6 +838,7 @@ fn sandbox(
     g.set("os", safe_os)?;
     let string: Table = g.get("string")?;
     string.set("dump", Value::Nil)?;
+    bound_long_c_loops(&lua, &string, &g.get("table")?, budgets.memory)?;
     let math: Table = g.get("math")?;
     let randomseed: Function = math.get("randomseed")?;
     randomseed.call::<()>(seed as i64)?;
