@@ -29,10 +29,12 @@ mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 pub use ctx::{Call, Ctx, Output, Reply};
 use library::{Dirs, Snapshot};
@@ -77,6 +79,36 @@ struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
     /// Calls sent and not yet answered, for picking the least busy worker.
     busy: Arc<AtomicUsize>,
+    /// When the worker's thread last showed it is not stuck (milliseconds
+    /// on [`since_start`]): a task of its own ticks it.
+    alive_at: Arc<AtomicU64>,
+    /// Cancelled when the worker is given up as stuck: its callers stop
+    /// waiting for it.
+    lost: CancellationToken,
+}
+
+/// A worker's place in the pool; a stuck worker is replaced in its slot.
+type Slot = RwLock<Arc<Worker>>;
+
+/// How long a busy worker may show no life past the time budget before it
+/// counts as stuck inside C, where no budget reaches.
+const STUCK_GRACE: Duration = Duration::from_secs(2);
+/// How often a worker says it is alive, and the watchdog looks.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Milliseconds since the first call, on the monotonic clock.
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The error of a call whose worker was given up.
+fn stuck(engine: &str, function: &'static str) -> EngineError {
+    EngineError::Call {
+        engine: engine.to_string(),
+        function,
+        message: "did not end within its time budget: it is stuck inside Lua's C library (a pattern match that backtracks, a finalizer, an error handler), where no budget reaches; its worker was replaced".into(),
+    }
 }
 
 /// What every VM is built with.
@@ -107,7 +139,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct EngineRuntime {
     shared: Arc<Shared>,
-    workers: Arc<Vec<Worker>>,
+    workers: Arc<Vec<Slot>>,
 }
 
 /// What a reload did.
@@ -169,11 +201,13 @@ impl EngineRuntime {
         } else {
             workers
         };
-        let workers = (0..n).map(|i| spawn_worker(i, shared.clone())).collect();
-        let rt = EngineRuntime {
-            shared,
-            workers: Arc::new(workers),
-        };
+        let workers: Arc<Vec<Slot>> = Arc::new(
+            (0..n)
+                .map(|i| RwLock::new(Arc::new(spawn_worker(i, shared.clone()))))
+                .collect(),
+        );
+        watch_workers(Arc::downgrade(&workers), Arc::downgrade(&shared));
+        let rt = EngineRuntime { shared, workers };
         // The caller says what to do with the first problems: the host logs
         // them, `check` and `eval` print them as their answer.
         let report = rt.swap(false);
@@ -250,14 +284,24 @@ impl EngineRuntime {
         }
     }
 
+    /// The workers as they stand.
+    fn workers(&self) -> Vec<Arc<Worker>> {
+        self.workers
+            .iter()
+            .map(|slot| slot.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
     /// Calls an engine function for one dialog on the least busy worker.
     pub async fn call(&self, engine: &str, call: Call, ctx: Ctx) -> Result<Reply, EngineError> {
         let worker = self
             .workers
             .iter()
+            .map(|slot| slot.read().unwrap_or_else(|e| e.into_inner()).clone())
             .min_by_key(|w| w.busy.load(Ordering::Relaxed))
             .ok_or(EngineError::Stopped)?;
         let (tx, rx) = oneshot::channel();
+        let function = call.function();
         worker.busy.fetch_add(1, Ordering::Relaxed);
         let task = Box::new(Task {
             engine: engine.to_string(),
@@ -268,9 +312,12 @@ impl EngineRuntime {
             worker.busy.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Stopped);
         }
-        let out = self.answer(rx).await;
+        let out = tokio::select! {
+            out = self.answer(rx) => out.unwrap_or(Err(EngineError::Stopped)),
+            _ = worker.lost.cancelled() => Err(stuck(engine, function)),
+        };
         worker.busy.fetch_sub(1, Ordering::Relaxed);
-        out.unwrap_or(Err(EngineError::Stopped))
+        out
     }
 
     /// Many calls at once, spread evenly over the workers; the answers come
@@ -281,7 +328,8 @@ impl EngineRuntime {
         &self,
         calls: Vec<(String, Call, Ctx)>,
     ) -> Vec<Result<Reply, EngineError>> {
-        let n = self.workers.len();
+        let workers = self.workers();
+        let n = workers.len();
         if n == 0 {
             return calls.iter().map(|_| Err(EngineError::Stopped)).collect();
         }
@@ -290,25 +338,33 @@ impl EngineRuntime {
         for (i, (engine, call, ctx)) in calls.into_iter().enumerate() {
             shares[i % n].push(Task { engine, call, ctx });
         }
-        let pending =
-            shares
-                .into_iter()
-                .zip(self.workers.iter())
-                .map(|(share, worker)| async move {
-                    let len = share.len();
-                    if len == 0 {
-                        return Vec::new();
+        let pending = shares
+            .into_iter()
+            .zip(workers.iter())
+            .map(|(share, worker)| async move {
+                let len = share.len();
+                if len == 0 {
+                    return Vec::new();
+                }
+                let names: Vec<(String, &'static str)> = share
+                    .iter()
+                    .map(|t| (t.engine.clone(), t.call.function()))
+                    .collect();
+                let (tx, rx) = oneshot::channel();
+                worker.busy.fetch_add(len, Ordering::Relaxed);
+                let out = if worker.jobs.send(Job::Many(share, tx)).is_ok() {
+                    tokio::select! {
+                        out = self.answer(rx) => out,
+                        _ = worker.lost.cancelled() => {
+                            Some(names.iter().map(|(e, f)| Err(stuck(e, f))).collect())
+                        }
                     }
-                    let (tx, rx) = oneshot::channel();
-                    worker.busy.fetch_add(len, Ordering::Relaxed);
-                    let out = if worker.jobs.send(Job::Many(share, tx)).is_ok() {
-                        self.answer(rx).await
-                    } else {
-                        None
-                    };
-                    worker.busy.fetch_sub(len, Ordering::Relaxed);
-                    out.unwrap_or_else(|| (0..len).map(|_| Err(EngineError::Stopped)).collect())
-                });
+                } else {
+                    None
+                };
+                worker.busy.fetch_sub(len, Ordering::Relaxed);
+                out.unwrap_or_else(|| (0..len).map(|_| Err(EngineError::Stopped)).collect())
+            });
         let answers = futures_util::future::join_all(pending).await;
         // Call i went to worker i % n, as its (i / n)-th.
         let mut per_worker: Vec<std::vec::IntoIter<_>> =
@@ -346,14 +402,26 @@ impl EngineRuntime {
     ) -> Result<serde_json::Value, String> {
         let spec = self.shared.spec.clone();
         let snap = self.snapshot();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
-            let vm = Vm::new(snap, spec.budgets, &spec.host, spec.seed)?;
-            vm.eval(shown, text, args).await
+        let limit = spec.budgets.time + STUCK_GRACE;
+        let (shown, text, args) = (shown.to_string(), text.to_string(), args.to_vec());
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A thread of its own, left behind if Lua gets stuck inside C.
+        std::thread::spawn(move || {
+            let run = || -> Result<serde_json::Value, String> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let vm = Vm::new(snap, spec.budgets, &spec.host, spec.seed)?;
+                    vm.eval(&shown, &text, &args).await
+                })
+            };
+            let _ = tx.send(run());
+        });
+        rx.recv_timeout(limit).unwrap_or_else(|_| {
+            Err("the script did not end within its time budget: it is stuck inside Lua's C library (a pattern match that backtracks, a finalizer, an error handler), where no budget reaches".into())
         })
     }
 }
@@ -475,6 +543,8 @@ fn validate(snapshot: &Arc<Snapshot>, spec: &VmSpec) -> (ModuleErrors, EngineErr
 fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
     let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
     let busy = Arc::new(AtomicUsize::new(0));
+    let alive_at = Arc::new(AtomicU64::new(since_start()));
+    let ticking = alive_at.clone();
     let thread_shared = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("lua-{index}"))
@@ -488,6 +558,12 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
                 return;
             };
             let local = tokio::task::LocalSet::new();
+            local.spawn_local(async move {
+                loop {
+                    ticking.store(since_start(), Ordering::Relaxed);
+                    tokio::time::sleep(TICK).await;
+                }
+            });
             local.block_on(&rt, async move {
                 // One VM per engine: no engine can change what another
                 // engine's code sees (the string metatable, globals, modules).
@@ -556,7 +632,47 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
     if let Err(e) = spawned {
         tracing::error!("cannot start engine worker {index}: {e}");
     }
-    Worker { jobs: tx, busy }
+    Worker {
+        jobs: tx,
+        busy,
+        alive_at,
+        lost: CancellationToken::new(),
+    }
+}
+
+/// Replaces a worker that is busy and has shown no life for the time
+/// budget and a grace: its thread is stuck in a C call that no budget
+/// reaches (a backtracking pattern match, a finalizer, an error handler).
+/// The thread cannot be stopped: it is left behind, its callers get an
+/// error at once, and a fresh worker with fresh VMs takes its slot. Ends
+/// with the runtime.
+fn watch_workers(workers: std::sync::Weak<Vec<Slot>>, shared: std::sync::Weak<Shared>) {
+    let spawned = std::thread::Builder::new()
+        .name("lua-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(TICK);
+            let (Some(workers), Some(shared)) = (workers.upgrade(), shared.upgrade()) else {
+                return;
+            };
+            let limit = (shared.spec.budgets.time + STUCK_GRACE).as_millis() as u64;
+            for (index, slot) in workers.iter().enumerate() {
+                let worker = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let silent = since_start().saturating_sub(worker.alive_at.load(Ordering::Relaxed));
+                if worker.busy.load(Ordering::Relaxed) == 0 || silent <= limit {
+                    continue;
+                }
+                tracing::error!(
+                    "engine worker {index} has been stuck for {} s inside Lua's C library, where no budget reaches; it is replaced and its calls fail",
+                    silent / 1000
+                );
+                worker.lost.cancel();
+                let fresh = Arc::new(spawn_worker(index, shared.clone()));
+                *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the engine watchdog: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -849,3 +849,54 @@ fn long_loops_inside_c_are_refused_before_they_start() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_call_stuck_inside_c_fails_and_its_worker_is_replaced() {
+    let stuck = r#"
+local M = {}
+function M.get_response(ctx, m)
+  return tostring(("a"):rep(40):find(("(.-)"):rep(25) .. "b"))
+end
+return M
+"#;
+    let fine = "return { get_response = function(ctx, m) return 'fine' end }";
+    let p = Project::new(&[("stuck", stuck), ("fine", fine)], "");
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    let started = std::time::Instant::now();
+    let e = rt
+        .call("stuck", respond("hello"), ctx())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("engine stuck, get_response: did not end within its time budget: it is stuck inside Lua's C library"),
+        "{e}"
+    );
+    // time_budget (2 s) and the grace (2 s), give or take the watchdog's tick.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    // Every worker still answers.
+    for _ in 0..4 {
+        let r = rt.call("fine", respond("hi"), ctx()).await.unwrap();
+        assert_eq!(r.output.messages, vec!["fine"]);
+    }
+    // eval gives up on such a script too.
+    let e = tokio::task::spawn_blocking(move || {
+        rt.eval_blocking(
+            "t.lua",
+            r#"return ("a"):rep(40):find(("(.-)"):rep(25) .. "b")"#,
+            &[],
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(
+        e.starts_with("the script did not end within its time budget"),
+        "{e}"
+    );
+}
