@@ -95,6 +95,14 @@ fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
     }
 }
 
+fn host_log(d: &Path) -> String {
+    std::fs::read_to_string(d.join("host.log")).unwrap()
+}
+
+fn status_of(d: &Path) -> String {
+    text(&colloquy(d, &["status"]))
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -137,7 +145,7 @@ fn an_opening_that_fails_pauses_the_campaign_and_spends_no_contact() {
         edited.contains("engine = \"broken\" # under repair"),
         "{edited}"
     );
-    let status = text(&colloquy(d, &["status"]));
+    let status = status_of(d);
     assert!(
         status.contains("campaign spring: paused (paused itself at ")
             && status.contains("engine broken, get_opening: engines/broken.lua:3: attempt to index a nil value (field 'nickname'))")
@@ -146,7 +154,7 @@ fn an_opening_that_fails_pauses_the_campaign_and_spends_no_contact() {
     );
     assert!(status.contains("error 0"), "{status}");
     stop(host);
-    let log = std::fs::read_to_string(d.join("host.log")).unwrap();
+    let log = host_log(d);
     assert_eq!(log.matches("alert=CampaignPaused").count(), 1, "{log}");
 
     // Still paused after a restart; fixed and resumed, it opens the
@@ -154,13 +162,13 @@ fn an_opening_that_fails_pauses_the_campaign_and_spends_no_contact() {
     std::fs::write(d.join("engines/broken.lua"), FIXED).unwrap();
     let host = run(d);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(text(&colloquy(d, &["status"])).contains("(20 contacts not yet contacted)"));
+    assert!(status_of(d).contains("(20 contacts not yet contacted)"));
     let resumed = edited.replace("status = \"paused\"", "status = \"active\"");
     std::fs::write(d.join("config.toml"), resumed).unwrap();
     eventually("every contact opened", || {
-        text(&colloquy(d, &["status"])).contains("(0 contacts not yet contacted)")
+        status_of(d).contains("(0 contacts not yet contacted)")
     });
-    let status = text(&colloquy(d, &["status"]));
+    let status = status_of(d);
     assert!(
         status.contains("campaign spring: active, engine"),
         "{status}"
@@ -186,15 +194,15 @@ fn an_engine_that_does_not_compile_holds_its_campaign_only() {
     std::fs::write(d.join("engines/typo.lua"), NOT_LUA).unwrap();
     let host = run(d);
     eventually("the other campaign opened its contacts", || {
-        text(&colloquy(d, &["status"])).contains("audiences others (0 contacts not yet contacted)")
+        status_of(d).contains("audiences others (0 contacts not yet contacted)")
     });
-    let status = text(&colloquy(d, &["status"]));
+    let status = status_of(d);
     assert!(
         status.contains("audiences leads (10 contacts not yet contacted)"),
         "{status}"
     );
     stop(host);
-    let log = std::fs::read_to_string(d.join("host.log")).unwrap();
+    let log = host_log(d);
     assert!(
         log.contains("campaign spring opens no dialogs until its engine loads: engine typo cannot be loaded: engines/typo.lua:3: 'end' expected"),
         "{log}"
@@ -217,7 +225,7 @@ fn an_audience_file_with_a_stray_quote_is_not_imported_at_all() {
     std::fs::write(d.join("leads.csv"), &good).unwrap();
     let host = run(d);
     eventually("the audience imported", || {
-        text(&colloquy(d, &["status"])).contains("(30 contacts not yet contacted)")
+        status_of(d).contains("(30 contacts not yet contacted)")
     });
     stop(host);
 
@@ -233,17 +241,15 @@ fn an_audience_file_with_a_stray_quote_is_not_imported_at_all() {
     );
     let host = run(d);
     eventually("the refusal alerted", || {
-        std::fs::read_to_string(d.join("host.log"))
-            .unwrap()
-            .contains("alert=AudienceRefused")
+        host_log(d).contains("alert=AudienceRefused")
     });
-    let status = text(&colloquy(d, &["status"]));
+    let status = status_of(d);
     assert!(
         status.contains("(30 contacts not yet contacted)"),
         "{status}"
     );
     stop(host);
-    let log = std::fs::read_to_string(d.join("host.log")).unwrap();
+    let log = host_log(d);
     assert!(
         log.contains("audience leads keeps its contacts as last imported: "),
         "{log}"
@@ -270,13 +276,12 @@ fn a_reply_the_engine_cannot_answer_waits_for_the_fix() {
     std::fs::write(d.join("engines/deaf.lua"), deaf).unwrap();
     let host = run(d);
     eventually("three replies waiting for the engine", || {
-        std::fs::read_to_string(d.join("host.log"))
-            .unwrap()
+        host_log(d)
             .matches("the dialog waits for a working engine")
             .count()
             >= 3
     });
-    let status = text(&colloquy(d, &["status"]));
+    let status = status_of(d);
     assert!(
         status.contains("active 3") && status.contains("error 0"),
         "{status}"
