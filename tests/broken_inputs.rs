@@ -262,13 +262,23 @@ fn an_audience_file_with_a_stray_quote_is_not_imported_at_all() {
 
 #[test]
 fn a_reply_the_engine_cannot_answer_waits_for_the_fix() {
+    replies_wait_for_the_fix("1s..2s");
+}
+
+/// With no reply delay, replies are answered in batches: the same holds.
+#[test]
+fn a_reply_the_engine_cannot_answer_in_a_batch_waits_for_the_fix() {
+    replies_wait_for_the_fix("0s");
+}
+
+fn replies_wait_for_the_fix(reply_delay: &str) {
     let dir = common::project(
         3,
         &config(
             "\n[[campaigns]]\nname = \"spring\"\nengine = \"deaf\"\naudiences = [\"leads\"]\naccounts = [\"alice\"]\n",
         )
         .replace("reply_probability = 0.0", "reply_probability = 1.0\nreply_delay = \"1s..2s\"")
-        .replace("jitter = \"0s\"", "jitter = \"0s\"\nreply_delay = \"1s..2s\""),
+        .replace("jitter = \"0s\"", &format!("jitter = \"0s\"\nreply_delay = \"{reply_delay}\"")),
     );
     let d = dir.path();
     std::fs::write(d.join("others.csv"), "username\nsomeone_else\n").unwrap();

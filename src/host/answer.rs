@@ -440,7 +440,10 @@ async fn commit(
     // What to send, and what is left to the conductors.
     let mut later: Vec<DialogId> = Vec::new();
     let mut sending: Vec<Sending> = Vec::with_capacity(jobs.len());
-    for ((job, reply), answered) in jobs.iter_mut().zip(&replies).zip(answered) {
+    // A message the engine failed to answer was stored unanswered, as a
+    // stale one is: its conductor tries again, and waits for a working
+    // engine if it fails too.
+    for (job, answered) in jobs.iter_mut().zip(answered) {
         match answered {
             Answered::Duplicate => {}
             Answered::Stale => later.push(job.recent.dialog.id),
@@ -451,10 +454,6 @@ async fn commit(
                 written,
                 ..
             } => {
-                if let Err(e) = reply {
-                    conductor::engine_failed(host, &dialog, &e.to_string())?;
-                    continue;
-                }
                 let rest = slots < replies.len() || dialog.ending.is_some();
                 // The job's ctx parts (their history holds the answer
                 // already, see `extend_histories`) move on with the dialog

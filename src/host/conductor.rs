@@ -191,32 +191,6 @@ pub fn ending_of(out: &crate::engine::Output) -> Option<DialogStatus> {
     }
 }
 
-/// An engine error ends the dialog with that error and raises an alert.
-pub fn engine_failed(
-    host: &Host,
-    dialog: &crate::model::Dialog,
-    error: &str,
-) -> Result<(), StoreError> {
-    tracing::error!(dialog = dialog.id, campaign = dialog.campaign, "{error}");
-    if dialog.status.can_become(&DialogStatus::Error {
-        reason: String::new(),
-    }) {
-        host.store.set_dialog_status(
-            dialog.id,
-            DialogStatus::Error {
-                reason: error.to_string(),
-            },
-        )?;
-    }
-    host.alerts.raise(
-        Alert::new(AlertKind::EngineError, host.clock.now(), error)
-            .campaign(&dialog.campaign)
-            .account(&dialog.account)
-            .dialog(dialog.id),
-    );
-    Ok(())
-}
-
 pub(super) fn cancel(host: &Host, m: &Message, reason: String) -> Result<(), StoreError> {
     if let Some(key) = m.key {
         match host

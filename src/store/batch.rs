@@ -169,7 +169,7 @@ pub struct Answer<'a> {
     /// When the answer is recorded.
     pub now: Timestamp,
     /// What the engine answered; `None` when it failed (the message is
-    /// stored as handled, and the caller fails the dialog).
+    /// stored unanswered, for the dialog's conductor, as a stale one is).
     pub reply: Option<Replied<'a>>,
     /// The replies may take their slots now (the caller holds the
     /// account's lock and the dialog's gate).
@@ -469,21 +469,11 @@ impl Store {
                 let at_key = pair(u64_key(a.dialog), u64_key(incoming.seq));
                 let fresh = old == *a.seen && old.status.is_live() && old.ending.is_none();
                 let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
-                    if !fresh {
-                        tx.unhandled.insert(&at_key, &[])?;
-                    }
+                    // Not answered here (the dialog moved on, or the engine
+                    // failed): the message waits for the dialog's conductor.
+                    tx.unhandled.insert(&at_key, &[])?;
                     tx.put_dialog_lazily(&old, &mut new)?;
-                    out.push(if fresh {
-                        Answered::Done {
-                            written: tx.written(&new)?,
-                            dialog: Box::new(new),
-                            incoming,
-                            replies: Vec::new(),
-                            slots: 0,
-                        }
-                    } else {
-                        Answered::Stale
-                    });
+                    out.push(Answered::Stale);
                     continue;
                 };
                 let mut slots = 0;
