@@ -102,12 +102,17 @@ fn since_start() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// Where a call is when no budget can end it.
+const STUCK_IN_C: &str = "it is stuck inside Lua's C library (a pattern match that backtracks, a finalizer, an error handler), where no budget reaches";
+
 /// The error of a call whose worker was given up.
 fn stuck(engine: &str, function: &'static str) -> EngineError {
     EngineError::Call {
         engine: engine.to_string(),
         function,
-        message: "did not end within its time budget: it is stuck inside Lua's C library (a pattern match that backtracks, a finalizer, an error handler), where no budget reaches; its worker was replaced".into(),
+        message: format!(
+            "did not end within its time budget: {STUCK_IN_C}; its worker was replaced"
+        ),
     }
 }
 
@@ -421,7 +426,9 @@ impl EngineRuntime {
             let _ = tx.send(run());
         });
         rx.recv_timeout(limit).unwrap_or_else(|_| {
-            Err("the script did not end within its time budget: it is stuck inside Lua's C library (a pattern match that backtracks, a finalizer, an error handler), where no budget reaches".into())
+            Err(format!(
+                "the script did not end within its time budget: {STUCK_IN_C}"
+            ))
         })
     }
 }
