@@ -70,6 +70,18 @@ pub enum Command {
         #[arg(long)]
         campaign: Option<String>,
     },
+    /// Copy the store into a new directory, consistent even while the host
+    /// runs; `restore` puts it back.
+    Backup { dest: PathBuf },
+    /// Put a backup in place of the store (the host stopped); the store it
+    /// replaces is kept beside it.
+    Restore {
+        from: PathBuf,
+        /// Restore a backup older than the store the data_dir held last:
+        /// contacts written to since could be written to again.
+        #[arg(long)]
+        accept_older: bool,
+    },
     /// Log a Telegram user account in (code, then 2FA password if asked),
     /// or import a Telethon/Pyrogram string session.
     Login {
@@ -111,7 +123,11 @@ impl From<Problems> for Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
-        Failure::Other(e.to_string())
+        // What the operator must act on is like bad input.
+        match e.needs_operator() {
+            true => input("", e.to_string()),
+            false => Failure::Other(e.to_string()),
+        }
     }
 }
 
@@ -150,6 +166,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dialog { id } => dialog(&cli.config, id),
         Command::ReleaseContacts { campaign } => release_contacts(&cli.config, campaign.as_deref()),
         Command::Run => run_host(&cli.config),
+        Command::Backup { dest } => backup(&cli.config, &dest),
+        Command::Restore { from, accept_older } => restore(&cli.config, &from, accept_older),
         Command::Eval { file, args } => eval(&cli.config, &file, &args),
         Command::Chat { campaign } => crate::chat::run(&cli.config, &campaign),
         Command::Login {
@@ -406,6 +424,39 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
 
 /// `colloquy release-contacts`: the contacts of errored dialogs that never
 /// got a message go back to their audiences.
+fn backup(config_path: &Path, dest: &Path) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    // The host may run elsewhere than here: it gets the whole path.
+    let dest = std::path::absolute(dest).map_err(|e| input("DEST", e.to_string()))?;
+    let request = control::Request::Backup {
+        dest: dest.display().to_string(),
+    };
+    report(&config, request)
+}
+
+fn restore(config_path: &Path, from: &Path, accept_older: bool) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let data_dir = config.data_dir();
+    let kept = match crate::store::restore(from, &data_dir, accept_older) {
+        Err(StoreError::Locked(dir)) => return Err(input(
+            "",
+            format!(
+                "a host is running on {dir}; stop it first: a store is restored while no host runs"
+            ),
+        )),
+        other => other?,
+    };
+    println!(
+        "restored the backup in {} to {}",
+        from.display(),
+        data_dir.display()
+    );
+    if let Some(kept) = kept {
+        println!("the store it replaced is kept in {}", kept.display());
+    }
+    Ok(())
+}
+
 fn release_contacts(config_path: &Path, campaign: Option<&str>) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     if let Some(c) = campaign.filter(|c| config.campaign(c).is_none()) {
@@ -451,37 +502,49 @@ fn run_host(config_path: &Path) -> Result<(), Failure> {
     rt.block_on(async move {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let signal = shutdown.clone();
+        let stopped = stop_signal();
         tokio::spawn(async move {
-            wait_for_stop_signal().await;
+            stopped.await;
             signal.cancel();
             tracing::info!("stopping: finishing in-flight work");
         });
         crate::host::run(config, shutdown)
             .await
-            .map_err(Failure::Other)
+            .map_err(|e| match e {
+                crate::host::RunError::Input(text) => input("", text),
+                crate::host::RunError::Other(text) => Failure::Other(text),
+            })
     })?;
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+/// Waits for SIGINT or SIGTERM. The handlers are in place once this
+/// returns, before the host does anything: a stop signal during start-up
+/// stops the host gracefully too.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
+        let handlers = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
-        ) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+        );
+        async move {
+            let (Ok(mut int), Ok(mut term)) = handlers else {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// `colloquy eval FILE [ARG...]`: runs a Lua file in the engine sandbox and
@@ -583,6 +646,7 @@ fn report_from(
         control::Request::Dialog { id } => {
             report::dialog(store, *id)?.ok_or_else(|| no_dialog(*id))?
         }
+        control::Request::Backup { dest } => report::backup(store, Path::new(dest))?,
     })
 }
 
@@ -591,6 +655,13 @@ fn report_without_store(config: &Config, request: &control::Request) -> Result<S
         control::Request::Status => Ok(report::status(config, None, &[])?),
         control::Request::Dialogs { .. } => Ok(String::new()),
         control::Request::Dialog { id } => Err(no_dialog(*id)),
+        control::Request::Backup { .. } => Err(input(
+            "",
+            format!(
+                "there is no store in {} to back up",
+                config.data_dir().display()
+            ),
+        )),
     }
 }
 

@@ -159,3 +159,17 @@ pub fn dialog(store: &Store, id: DialogId) -> Result<Option<String>, StoreError>
     }
     Ok(Some(out))
 }
+
+/// Backs the store up into `dest` and says what was written.
+pub fn backup(store: &Store, dest: &std::path::Path) -> Result<String, StoreError> {
+    let done = store.backup(dest)?;
+    Ok(format!(
+        "backed up the store as of {} to {} ({:.1} MB, {} contacts, {} contacted; read back and checked); restore it with `colloquy restore {}`\n",
+        done.seen.at,
+        dest.display(),
+        done.bytes as f64 / 1e6,
+        done.seen.mark.identities,
+        done.seen.mark.claims,
+        dest.display()
+    ))
+}

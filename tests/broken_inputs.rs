@@ -8,10 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
+use std::time::Duration;
 
 const BROKEN: &str = r#"
 local M = {}
@@ -60,55 +57,10 @@ file = "others.csv"
     )
 }
 
-fn colloquy(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .current_dir(dir)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn run(dir: &Path) -> Child {
-    let log = std::fs::File::create(dir.join("host.log")).unwrap();
-    Command::new(BIN)
-        .current_dir(dir)
-        .arg("run")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut host: Child) {
-    // SAFETY: signals a process this test started.
-    unsafe { libc::kill(host.id() as i32, libc::SIGTERM) };
-    assert!(host.wait().unwrap().success());
-}
-
-fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !probe() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn host_log(d: &Path) -> String {
-    std::fs::read_to_string(d.join("host.log")).unwrap()
-}
+use common::{colloquy, eventually, host_log, run, stop, text};
 
 fn status_of(d: &Path) -> String {
     text(&colloquy(d, &["status"]))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
@@ -208,6 +160,61 @@ fn an_engine_that_does_not_compile_holds_its_campaign_only() {
         "{log}"
     );
     assert!(!log.contains("there is no engine file"), "{log}");
+}
+
+const STUCK_IN_C: &str = r#"
+local M = {}
+function M.get_opening(ctx) return tostring(("a"):rep(40):find(("(.-)"):rep(25) .. "b")) end
+function M.get_response(ctx, message) return "ok" end
+return M
+"#;
+
+#[test]
+fn an_opening_stuck_inside_c_holds_only_its_worker() {
+    let dir = common::project(
+        10,
+        &config(
+            "
+[engines]
+time_budget = \"1s\"
+
+[[campaigns]]
+name = \"spring\"
+engine = \"stuck\"
+audiences = [\"leads\"]
+accounts = [\"alice\"]
+
+[[campaigns]]
+name = \"autumn\"
+engine = \"echo\"
+prompt_template = \"engines/prompts/spring.md\"
+audiences = [\"others\"]
+accounts = [\"bob\"]
+",
+        ),
+    );
+    let d = dir.path();
+    let others: String = (0..30).map(|i| format!("other_{i:04}\n")).collect();
+    std::fs::write(d.join("others.csv"), format!("username\n{others}")).unwrap();
+    std::fs::write(d.join("engines/stuck.lua"), STUCK_IN_C).unwrap();
+    let host = run(d);
+    eventually("the stuck call given up", || {
+        host_log(d).contains("stuck inside Lua's C library")
+    });
+    eventually("the other campaign opened its contacts", || {
+        status_of(d).contains("audiences others (0 contacts not yet contacted)")
+    });
+    let status = status_of(d);
+    assert!(
+        status.contains("audiences leads (10 contacts not yet contacted)"),
+        "{status}"
+    );
+    stop(host);
+    // The other campaign opened while the stuck call ran, not after.
+    let log = host_log(d);
+    let opened = log.find("campaign=\"autumn\"").expect("autumn opened");
+    let given_up = log.find("stuck inside Lua's C library").unwrap();
+    assert!(opened < given_up, "{log}");
 }
 
 #[test]

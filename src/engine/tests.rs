@@ -900,3 +900,103 @@ return M
         "{e}"
     );
 }
+
+/// Code the budget hook cannot interrupt, or that fights the error it
+/// raises: each call ends within the time budget and its grace, and every
+/// worker answers afterwards.
+#[tokio::test]
+async fn every_budget_holds_in_finalizers_handlers_and_close_methods() {
+    let cases = [
+        (
+            "handler",
+            "return tostring(xpcall(error, function() while true do end end))",
+        ),
+        (
+            "close",
+            "local guard <close> = setmetatable({}, { __close = function() while true do end end })\n  while true do end",
+        ),
+        (
+            "handler_of_budget",
+            "return tostring(xpcall(function() while true do end end, function() while true do end end))",
+        ),
+    ];
+    let engines: Vec<(String, String)> = cases
+        .iter()
+        .map(|(name, body)| {
+            let src = format!("return {{ get_response = function(ctx, m)\n  {body}\nend }}");
+            (name.to_string(), src)
+        })
+        .chain([(
+            "fine".to_string(),
+            "return { get_response = function(ctx, m) return 'fine' end }".to_string(),
+        )])
+        .collect();
+    let refs: Vec<(&str, &str)> = engines
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_str()))
+        .collect();
+    let p = Project::new(&refs, "");
+    let (rt, problems) = p.runtime();
+    assert!(problems.is_empty(), "{problems:?}");
+    for (name, _) in cases {
+        let started = std::time::Instant::now();
+        let got = rt.call(name, respond("hello"), ctx()).await;
+        let e = got.expect_err(name).to_string();
+        assert!(e.contains("budget") || e.contains("stuck"), "{name}: {e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        for _ in 0..4 {
+            let r = rt.call("fine", respond("hi"), ctx()).await.unwrap();
+            assert_eq!(r.output.messages, vec!["fine"], "after {name}");
+        }
+    }
+}
+
+/// Finalizers run where no budget reaches (during any allocation, and
+/// when a VM closes), so none can be set: one that resurrects its object
+/// and loops at the VM's close is refused when the engine loads, and so is
+/// one made during a call; reloads and other engines go on.
+#[tokio::test]
+async fn finalizers_are_refused_so_none_can_loop() {
+    let at_load = r#"
+keep = setmetatable({}, { __gc = function(o) keep = o; while true do end end })
+return { get_response = function(ctx, m) return 'loaded' end }
+"#;
+    let in_call = r#"
+return { get_response = function(ctx, m)
+  local mt = {}
+  local t = setmetatable({}, mt)
+  mt.__gc = function() while true do end end -- too late to count
+  local ok, e = pcall(setmetatable, {}, { __gc = true })
+  return tostring(ok) .. ' ' .. e
+end }
+"#;
+    let p = Project::new(&[("at_load", at_load), ("in_call", in_call)], "");
+    let (rt, problems) = p.runtime();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("at_load.lua:2: setmetatable: engines cannot use __gc finalizers"),
+        "{problems:?}"
+    );
+    let r = rt.call("in_call", respond("hi"), ctx()).await.unwrap();
+    assert_eq!(
+        r.output.messages,
+        vec!["false setmetatable: engines cannot use __gc finalizers (no budget reaches them)"]
+    );
+    let sticky = r#"
+keep = setmetatable({}, {})
+return { get_response = function(ctx, m) return 'sticky' end }
+"#;
+    std::fs::write(p.path("engines/at_load.lua"), sticky).unwrap();
+    rt.reload();
+    for _ in 0..4 {
+        let r = rt.call("at_load", respond("hi"), ctx()).await.unwrap();
+        assert_eq!(r.output.messages, vec!["sticky"]);
+        let r = rt.call("in_call", respond("hi"), ctx()).await.unwrap();
+        assert!(r.output.messages[0].starts_with("false"));
+    }
+    rt.reload();
+}

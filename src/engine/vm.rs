@@ -728,6 +728,17 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_string()
 }
 
+/// An error raised by a host function, placed as Lua's `error` places
+/// one: at the Lua line that called it.
+fn at_caller(lua: &Lua, message: &str) -> mlua::Error {
+    let place = lua.inspect_stack(1, |d| {
+        let source = d.source();
+        let file = source.short_src.as_deref().unwrap_or("?").to_string();
+        (source.what != "C").then(|| format!("{file}:{}: ", d.current_line().unwrap_or(0)))
+    });
+    mlua::Error::runtime(format!("{}{message}", place.flatten().unwrap_or_default()))
+}
+
 /// `string.rep` and `table.move` loop inside C, where no budget reaches:
 /// `string.rep("", 2^53)` or `table.move(t, 1, 2^40, 2)` would run for
 /// ever. Their sizes are checked first against what the engine's memory
@@ -746,7 +757,7 @@ fn bound_long_c_loops(lua: &Lua, string: &Table, table: &Table, memory: usize) -
                 }
                 let total = n as u128 * l + (n as u128 - 1) * lsep;
                 if total > limit {
-                    return Err(mlua::Error::runtime(format!(
+                    return Err(at_caller(lua, &format!(
                         "string.rep: the result would be {total} bytes, more than the engine's memory_limit"
                     )));
                 }
@@ -758,7 +769,7 @@ fn bound_long_c_loops(lua: &Lua, string: &Table, table: &Table, memory: usize) -
     let slots = limit / 16;
     table.set(
         "move",
-        lua.create_function(move |_, args: mlua::MultiValue| {
+        lua.create_function(move |lua, args: mlua::MultiValue| {
             let index = |i: usize| match args.get(i) {
                 Some(Value::Integer(n)) => i128::from(*n),
                 Some(Value::Number(n)) => *n as i128,
@@ -766,7 +777,7 @@ fn bound_long_c_loops(lua: &Lua, string: &Table, table: &Table, memory: usize) -
             };
             let count = (index(2) - index(1) + 1).max(0) as u128;
             if count > slots {
-                return Err(mlua::Error::runtime(format!(
+                return Err(at_caller(lua, &format!(
                     "table.move: {count} elements are more than the engine's memory_limit could hold"
                 )));
             }
@@ -774,6 +785,32 @@ fn bound_long_c_loops(lua: &Lua, string: &Table, table: &Table, memory: usize) -
         })?,
     )?;
     Ok(())
+}
+
+/// Lua runs `__gc` finalizers with hooks off, during any allocation and
+/// when a VM closes (a reload, a replaced worker): no budget reaches them,
+/// and one that loops would hold its thread for ever. An engine has
+/// nothing to finalize, so `setmetatable` refuses a metatable with
+/// `__gc` (Lua marks an object for finalization only if its metatable has
+/// `__gc` when it is set, so adding it later does nothing).
+fn refuse_finalizers(lua: &Lua, globals: &Table) -> mlua::Result<()> {
+    let guarded: Function = lua
+        .load(
+            r#"
+local set, rawget = ...
+return function(t, meta)
+  if type(meta) == "table" and rawget(meta, "__gc") ~= nil then
+    error("setmetatable: engines cannot use __gc finalizers (no budget reaches them)", 2)
+  end
+  return set(t, meta)
+end"#,
+        )
+        .set_name("=setmetatable")
+        .call((
+            globals.get::<Function>("setmetatable")?,
+            globals.get::<Function>("rawget")?,
+        ))?;
+    globals.set("setmetatable", guarded)
 }
 
 /// Builds the sandbox: only string, table, math, utf8, coroutine and
@@ -839,6 +876,7 @@ fn sandbox(
     let string: Table = g.get("string")?;
     string.set("dump", Value::Nil)?;
     bound_long_c_loops(&lua, &string, &g.get("table")?, budgets.memory)?;
+    refuse_finalizers(&lua, &g)?;
     let math: Table = g.get("math")?;
     let randomseed: Function = math.get("randomseed")?;
     randomseed.call::<()>(seed as i64)?;

@@ -27,6 +27,10 @@ pub enum Request {
     Dialog {
         id: u64,
     },
+    /// `colloquy backup DEST`: the host copies its store.
+    Backup {
+        dest: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,7 +86,14 @@ pub async fn serve(host: Arc<Host>) -> std::io::Result<()> {
                 if reader.read_line(&mut line).await.is_err() {
                     return;
                 }
-                let reply = answer(&h, &token, &line);
+                // Reports read the store, and a backup copies it: off
+                // the runtime's threads.
+                let reply = tokio::task::spawn_blocking(move || answer(&h, &token, &line))
+                    .await
+                    .unwrap_or_else(|e| Reply {
+                        ok: false,
+                        text: format!("the host failed to answer ({e})"),
+                    });
                 let mut out = serde_json::to_string(&reply).unwrap_or_default();
                 out.push('\n');
                 let _ = write.write_all(out.as_bytes()).await;
@@ -112,6 +123,7 @@ fn answer(host: &Host, token: &str, line: &str) -> Reply {
             Ok(None) => return fail(format!("dialog: there is no dialog {id}")),
             Err(e) => Err(e),
         },
+        Request::Backup { dest } => report::backup(&host.store, Path::new(&dest)),
     };
     match text {
         Ok(text) => Reply { ok: true, text },
@@ -134,7 +146,12 @@ pub fn ask(data_dir: &Path, request: Request) -> Result<Reply, String> {
         .ok_or_else(|| unreachable(format!("{} is missing or unreadable", path.display())))?;
     let mut stream =
         TcpStream::connect(("127.0.0.1", file.port)).map_err(|e| unreachable(e.to_string()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    // A backup copies the whole store before it answers.
+    let wait = match request {
+        Request::Backup { .. } => Duration::from_secs(3600),
+        _ => Duration::from_secs(10),
+    };
+    stream.set_read_timeout(Some(wait)).ok();
     let mut line = serde_json::to_string(&Envelope {
         token: file.token,
         request,

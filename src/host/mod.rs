@@ -10,6 +10,7 @@
 mod answer;
 mod conductor;
 pub mod control;
+mod disk;
 pub(crate) mod optout;
 pub mod pause;
 mod reviver;
@@ -365,14 +366,29 @@ fn history_of(messages: Vec<Message>) -> Vec<HistoryEntry> {
 /// Opens the store for the host. A reporting command (`status`, `dialogs`)
 /// holds it for a few milliseconds when no host runs: that is waited out;
 /// another host is not.
-fn open_store(dir: &std::path::Path) -> Result<Store, String> {
+/// Why [`run`] ended before it served.
+#[derive(Debug)]
+pub enum RunError {
+    /// The operator must fix something first (exit code 2).
+    Input(String),
+    Other(String),
+}
+
+impl From<String> for RunError {
+    fn from(text: String) -> RunError {
+        RunError::Other(text)
+    }
+}
+
+fn open_store(dir: &std::path::Path) -> Result<Store, RunError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
         match Store::open(dir) {
             Err(crate::store::StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            other => return other.map_err(|e| e.to_string()),
+            Err(e) if e.needs_operator() => return Err(RunError::Input(e.to_string())),
+            other => return Ok(other.map_err(|e| e.to_string())?),
         }
     }
 }
@@ -380,7 +396,7 @@ fn open_store(dir: &std::path::Path) -> Result<Store, String> {
 /// Builds a host and runs it until `shutdown` is cancelled; returns once
 /// in-flight work has finished or been left reconcilable, with the store
 /// flushed.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), String> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let config = Arc::new(config);
     let store = open_store(&config.data_dir())?;
     let refused = import_audiences(&config, &store)?;
@@ -540,6 +556,7 @@ pub async fn start(host: &Arc<Host>) -> Result<(), StoreError> {
     host.start_runners();
     let h = host.clone();
     host.tasks.spawn(async move { reviver::run(h).await });
+    host.tasks.spawn(disk::watch(host.clone()));
     Ok(())
 }
 

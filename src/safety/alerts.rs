@@ -18,6 +18,7 @@ pub enum AlertKind {
     AccountSpamLimited,
     AudienceRefused,
     CampaignPaused,
+    DiskFull,
     DialogError,
     EngineError,
     Handoff,

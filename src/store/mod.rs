@@ -33,13 +33,15 @@
 //! Changes that span records run in one sled transaction.
 
 mod accounts;
+mod backup;
 mod batch;
 mod deferred;
 mod keys;
 mod pages;
+pub mod witness;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -55,6 +57,7 @@ use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
     DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
+pub use backup::{restore, Backup};
 pub use batch::{plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Written};
 use batch::{Flying, InFlight, Touched};
 use deferred::Deferred;
@@ -73,6 +76,15 @@ pub enum StoreError {
     Storage(String),
     #[error("the disk holding data_dir is full: free space on it (the store needs room to write), then start the host again; nothing already stored is lost")]
     DiskFull,
+    #[error("the store in {dir} is behind what it had written (it holds {lacks}, by {witness} of {at}): it was damaged or restored from an older backup, and running it could message contacts a second time; restore the newest backup with `colloquy restore`, or delete {witness} only if you accept that")]
+    Behind {
+        dir: String,
+        lacks: String,
+        at: String,
+        witness: String,
+    },
+    #[error("the store in {dir} is not the one this data_dir held ({witness} names another): it was replaced, and running it could message contacts a second time; put the store back, restore a backup of it with `colloquy restore`, or delete {witness} only if you accept that")]
+    NotThisStore { dir: String, witness: String },
     #[error("a stored {what} record is unreadable ({reason})")]
     Corrupt { what: &'static str, reason: String },
     #[error("no {what} {id} in the store")]
@@ -81,9 +93,26 @@ pub enum StoreError {
     Claimed(ContactId),
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// The operator must do something first; the text says what.
+    #[error("{0}")]
+    NeedsOperator(String),
     /// A caller's check inside a transaction said no; the text says why.
     #[error("{0}")]
     Refused(String),
+}
+
+impl StoreError {
+    /// Whether the operator must act before the store can be used: like
+    /// bad input, not a failure of the host.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Behind { .. }
+                | StoreError::NotThisStore { .. }
+                | StoreError::DiskFull
+                | StoreError::NeedsOperator(_)
+        )
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -216,6 +245,45 @@ pub struct Store {
     /// Notes the store's directory as closed by this process when the
     /// last clone goes (see [`Store::open`]).
     _open: Option<Arc<OpenHere>>,
+    /// The witness beside a store opened from a data_dir (see `witness.rs`).
+    witness: Option<Arc<witness::Witness>>,
+    /// How many identities and claims the trees hold (see `witness.rs`).
+    counts: Arc<Counts>,
+    /// Every write holds it shared; a backup holds it alone, so that it
+    /// copies the store between two writes (see [`Store::backup`]).
+    gate: Arc<std::sync::RwLock<()>>,
+}
+
+std::thread_local! {
+    /// Set while this thread runs [`quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into its message, not printed: the caller
+/// says what it means in one sentence.
+fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    result.map_err(|panic| {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned());
+        format!(
+            "sled: {}",
+            text.unwrap_or_else(|| "it failed to read it".into())
+        )
+    })
 }
 
 /// Directories of stores this process closed. sled's IO threads keep the
@@ -240,15 +308,35 @@ fn closed_here(path: &Path) -> bool {
         .any(|p| p == path)
 }
 
+/// Counts of two trees, kept as they change: sled's own `len` reads the
+/// whole tree.
+#[derive(Default)]
+struct Counts {
+    identities: AtomicU64,
+    claims: AtomicU64,
+}
+
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 type FlushQueue = std::sync::mpsc::Sender<FlushWaiter>;
+
+fn mark(accounts: &accounts::AccountCache, counts: &Counts) -> witness::Mark {
+    witness::Mark {
+        account_writes: accounts.writes(),
+        identities: counts.identities.load(Ordering::SeqCst),
+        claims: counts.claims.load(Ordering::SeqCst),
+    }
+}
 
 /// Starts the store's flusher: a thread of its own that serves flush
 /// requests in batches, one fsync for everyone who asked before it started
 /// (group commit). A thread rather than sled's `flush_async`, which hands
 /// each flush to its thread pool and back. It ends when the store's last
 /// clone goes.
-fn group_flush(db: sled::Db) -> std::io::Result<FlushQueue> {
+fn group_flush(
+    db: sled::Db,
+    mark: impl Fn() -> witness::Mark + Send + 'static,
+    witness: Option<Arc<witness::Witness>>,
+) -> std::io::Result<FlushQueue> {
     let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
     std::thread::Builder::new()
         .name("store-flush".into())
@@ -256,7 +344,11 @@ fn group_flush(db: sled::Db) -> std::io::Result<FlushQueue> {
             while let Ok(first) = rx.recv() {
                 let mut waiters = vec![first];
                 waiters.extend(rx.try_iter());
+                let mark = mark();
                 let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                if let (Ok(()), Some(witness)) = (&result, &witness) {
+                    witness.saw(mark, false);
+                }
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
@@ -601,6 +693,7 @@ fn private(path: &Path) {
 pub struct Records {
     tree: sled::Tree,
     what: &'static str,
+    gate: Arc<std::sync::RwLock<()>>,
 }
 
 impl Records {
@@ -611,18 +704,25 @@ impl Records {
             .transpose()
     }
 
+    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let _writing = self.writing();
         self.tree.insert(key.as_bytes(), encode(value))?;
         Ok(())
     }
 
     pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        let _writing = self.writing();
         self.tree.remove(key.as_bytes())?;
         Ok(())
     }
 
     /// Removes every record whose key starts with `prefix`.
     pub fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let _writing = self.writing();
         for k in self.tree.scan_prefix(prefix.as_bytes()).keys() {
             self.tree.remove(k?)?;
         }
@@ -650,11 +750,24 @@ impl Store {
         Ok(Records {
             tree: self.db.open_tree(name)?,
             what: name,
+            gate: self.gate.clone(),
         })
     }
 
-    /// Opens (or creates) the store under `dir`.
+    /// Opens (or creates) the store under `dir`. sled may panic on a
+    /// damaged file while it recovers or reads it: that is the damaged
+    /// store's sentence, not a crash.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let opened = quietly(|| Store::open_unguarded(dir));
+        opened.unwrap_or_else(|why| {
+            Err(StoreError::NeedsOperator(format!(
+                "the store in {} is damaged ({why}); restore a backup with `colloquy restore`",
+                dir.display()
+            )))
+        })
+    }
+
+    fn open_unguarded(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         private(&dir.join("store"));
@@ -670,12 +783,12 @@ impl Store {
                     {
                         StoreError::Locked(dir.display().to_string())
                     }
-                    sled::Error::Unsupported(why) => StoreError::Storage(format!(
-                        "the store in {} is damaged or is not a colloquy store ({why}); restore data_dir from a backup",
+                    sled::Error::Unsupported(why) => StoreError::NeedsOperator(format!(
+                        "the store in {} is damaged or is not a colloquy store ({why}); restore a backup with `colloquy restore`",
                         dir.display()
                     )),
-                    e @ sled::Error::Corruption { .. } => StoreError::Storage(format!(
-                        "the store in {} is damaged ({e}); restore data_dir from a backup",
+                    e @ sled::Error::Corruption { .. } => StoreError::NeedsOperator(format!(
+                        "the store in {} is damaged ({e}); restore a backup with `colloquy restore`",
                         dir.display()
                     )),
                     other => other.into(),
@@ -706,7 +819,24 @@ impl Store {
         store.replay_journal()?;
         store.land_flights()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
+        let id = store.identity()?;
+        store.witness = Some(Arc::new(witness::Witness::check(dir, &id, store.mark())?));
         Ok(store)
+    }
+
+    /// The store's identity, made when it is first opened.
+    fn identity(&self) -> Result<String, StoreError> {
+        if let Some(id) = self.t.meta.get("store_id")? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        self.t.meta.insert("store_id", id.as_bytes())?;
+        self.db.flush()?;
+        Ok(id)
     }
 
     /// Moves the messages of the older layout (one key each, in the
@@ -762,6 +892,10 @@ impl Store {
             accounts: tree("accounts")?,
             meta: tree("meta")?,
         };
+        let counts = Counts {
+            identities: AtomicU64::new(t.identities.len() as u64),
+            claims: AtomicU64::new(t.dialog_of_contact.len() as u64),
+        };
         let outbox_keys = batch::OutboxKeys::default();
         for key in t.outbox.iter().keys() {
             outbox_keys.inserted(IdempotencyKey(read_u64(&key?)));
@@ -777,13 +911,25 @@ impl Store {
             flusher: Arc::new(std::sync::OnceLock::new()),
             hold_clock: Arc::new(AtomicBool::new(false)),
             _open: None,
+            witness: None,
+            counts: Arc::new(counts),
+            gate: Arc::default(),
         })
     }
 
     /// Makes everything written so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let mark = self.mark();
         self.db.flush()?;
+        if let Some(witness) = &self.witness {
+            witness.saw(mark, true);
+        }
         Ok(())
+    }
+
+    /// How far the store has got (see `witness.rs`).
+    fn mark(&self) -> witness::Mark {
+        mark(&self.accounts, &self.counts)
     }
 
     /// For tests on tokio's paused clock: while a flush is in progress (on
@@ -799,9 +945,11 @@ impl Store {
     /// is acknowledged to the transport (a received message), so a crash
     /// can never lose a record of something the outside world saw.
     pub async fn flush_async(&self) -> Result<(), StoreError> {
-        let queue = self
-            .flusher
-            .get_or_init(|| group_flush(self.db.clone()).ok());
+        let queue = self.flusher.get_or_init(|| {
+            let (accounts, counts) = (self.accounts.clone(), self.counts.clone());
+            let mark = move || mark(&accounts, &counts);
+            group_flush(self.db.clone(), mark, self.witness.clone()).ok()
+        });
         let (tx, rx) = tokio::sync::oneshot::channel();
         if let Some(queue) = queue {
             if queue.send(tx).is_ok() {
@@ -817,8 +965,15 @@ impl Store {
         Ok(())
     }
 
+    /// Held by every write, so that a backup can hold every write off
+    /// (see [`Store::backup`]). Never held across another write.
+    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Runs `f` over the dialog trees in one transaction.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let _writing = self.writing();
         let t = &self.t;
         let trees = (
             &t.contacts,
@@ -966,9 +1121,11 @@ impl Store {
             contacts.insert(&u64_key(contact.id), encode(&contact));
         }
         // Contacts first: an identity or index entry never points at nothing.
+        let _writing = self.writing();
         self.t.contacts.apply_batch(contacts)?;
         self.t.identities.apply_batch(identities)?;
         self.t.uncontacted.apply_batch(uncontacted)?;
+        (self.counts.identities).fetch_add(fresh.len() as u64, Ordering::SeqCst);
         Ok(stats)
     }
 
@@ -1055,7 +1212,7 @@ impl Store {
         reserve: &dyn Fn(&mut AccountRecord) -> Result<(), String>,
     ) -> Result<(Dialog, Option<Message>), StoreError> {
         let id = self.db.generate_id()? + 1;
-        self.transact_with_account(&new.account, |tx, account| {
+        let opened = self.transact_with_account(&new.account, |tx, account| {
             let ck = u64_key(new.contact);
             if tx.dialog_of_contact.get(ck)?.is_some() || tx.do_not_contact.get(ck)?.is_some() {
                 return abort(StoreError::Claimed(new.contact));
@@ -1095,7 +1252,9 @@ impl Store {
             };
             tx.put_dialog(None, &dialog)?;
             Ok((dialog, msg))
-        })
+        })?;
+        self.counts.claims.fetch_add(1, Ordering::SeqCst);
+        Ok(opened)
     }
 
     pub fn dialog(&self, id: DialogId) -> Result<Option<Dialog>, StoreError> {
@@ -1173,7 +1332,7 @@ impl Store {
     /// dialog goes, the contact is pickable again in its audiences. Returns
     /// whether it did; any other dialog is left as it is.
     pub fn release_unreached(&self, id: DialogId) -> Result<bool, StoreError> {
-        self.transact(|tx| {
+        let released = self.transact(|tx| {
             let d = tx.dialog(id)?;
             if !matches!(d.status, DialogStatus::Error { .. }) || d.next_seq != 0 {
                 return Ok(false);
@@ -1195,7 +1354,11 @@ impl Store {
                 }
             }
             Ok(true)
-        })
+        })?;
+        if released {
+            self.counts.claims.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(released)
     }
 
     pub fn all_dialogs(&self) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {

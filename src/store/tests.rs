@@ -998,7 +998,10 @@ fn a_full_disk_and_a_damaged_store_get_one_sentence() {
         .expect("a damaged store is refused");
     let text = e.to_string();
     assert!(text.contains("is damaged"), "{text}");
-    assert!(text.ends_with("restore data_dir from a backup"), "{text}");
+    assert!(
+        text.ends_with("restore a backup with `colloquy restore`"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1042,4 +1045,49 @@ fn an_errored_dialog_that_never_got_a_message_gives_its_contact_back() {
     store
         .open_dialog(&new_dialog(alice), Some(&opening(4)), &allow)
         .unwrap();
+}
+
+#[test]
+fn the_count_of_account_writes_only_grows_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut last = 0;
+    for round in 0..4 {
+        for at in 0..3 {
+            store
+                .update_account("a", &|r| r.next_send_at = Timestamp(round * 10 + at + 1))
+                .unwrap();
+        }
+        let writes = store.mark().account_writes;
+        assert!(writes >= last + 3, "round {round}: {writes} after {last}");
+        last = writes;
+        store.flush().unwrap();
+        drop(store);
+        store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.mark().account_writes, last, "round {round}");
+    }
+}
+
+#[test]
+fn a_mark_names_what_it_lacks() {
+    use super::witness::Mark;
+    let had = Mark {
+        account_writes: 618,
+        identities: 2000,
+        claims: 300,
+    };
+    assert_eq!(had.lacks(&had), None);
+    let cut = Mark {
+        identities: 1024,
+        ..had
+    };
+    assert_eq!(
+        cut.lacks(&had).as_deref(),
+        Some("1024 contacts where it had 2000")
+    );
+    let ahead = Mark {
+        account_writes: 700,
+        ..had
+    };
+    assert_eq!(ahead.lacks(&had), None);
 }

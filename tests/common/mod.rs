@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use colloquy::config::Config;
 use colloquy::host::OptOut;
@@ -425,5 +427,63 @@ send_window = {{ start = "08:00", end = "20:00", timezone = "Europe/Berlin" }}
 [campaigns.params]
 product = "Acme CRM"
 "#
+    )
+}
+
+// The real binary, as a user runs it.
+
+const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
+
+/// Runs a command of the binary in `dir` and waits for it.
+pub fn colloquy(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// Starts `colloquy run` in `dir`, its log in `dir/host.log`.
+pub fn run(dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("host.log")).unwrap();
+    Command::new(BIN)
+        .current_dir(dir)
+        .arg("run")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// What the host started by [`run`] logged so far.
+pub fn host_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("host.log")).unwrap_or_default()
+}
+
+/// Stops a host as an operator does (SIGTERM); it exits 0.
+pub fn stop(mut host: Child) {
+    // SAFETY: signals a process this test started.
+    unsafe { libc::kill(host.id() as i32, libc::SIGTERM) };
+    let status = host.wait().unwrap();
+    assert!(status.success(), "the host ended with {status}");
+}
+
+/// Polls `probe` until it holds, for up to 30 s.
+pub fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !probe() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a command printed, stdout then stderr.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
     )
 }
