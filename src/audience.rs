@@ -268,6 +268,19 @@ pub fn normalize_phone(raw: &str) -> Result<String, String> {
     Ok(format!("+{digits}"))
 }
 
+/// A contact as an operator types it: `+phone`, a numeric user id, or a
+/// username (with or without `@`).
+pub fn identity_of(text: &str) -> Option<Identity> {
+    let text = text.trim();
+    if text.starts_with('+') {
+        return normalize_phone(text).ok().map(Identity::Phone);
+    }
+    if let Ok(id) = text.parse::<i64>() {
+        return (id > 0).then_some(Identity::UserId(id));
+    }
+    normalize_username(text).ok().map(Identity::Username)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -438,12 +438,14 @@ fn restore(config_path: &Path, from: &Path, accept_older: bool) -> Result<(), Fa
     let config = Config::load(config_path)?;
     let data_dir = config.data_dir();
     let kept = match crate::store::restore(from, &data_dir, accept_older) {
-        Err(StoreError::Locked(dir)) => return Err(input(
-            "",
-            format!(
+        Err(StoreError::Locked(dir)) => {
+            return Err(input(
+                "",
+                format!(
                 "a host is running on {dir}; stop it first: a store is restored while no host runs"
             ),
-        )),
+            ))
+        }
         other => other?,
     };
     println!(

@@ -34,6 +34,7 @@ pub mod cli;
 pub mod clock;
 pub mod concurrent;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod host;
 pub mod logging;

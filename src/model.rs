@@ -310,6 +310,8 @@ pub enum MessageKind {
     Opening,
     Reply,
     FollowUp,
+    /// Written by the operator in the console or with `colloquy reply`.
+    Human,
 }
 
 impl MessageKind {
@@ -318,7 +320,14 @@ impl MessageKind {
             MessageKind::Opening => "opening",
             MessageKind::Reply => "reply",
             MessageKind::FollowUp => "follow_up",
+            MessageKind::Human => "human",
         }
+    }
+
+    /// An answer to a contact who wrote: sent at any hour, outside the
+    /// campaign's send window.
+    pub fn answers(self) -> bool {
+        matches!(self, MessageKind::Reply | MessageKind::Human)
     }
 }
 

@@ -173,3 +173,118 @@ pub fn backup(store: &Store, dest: &std::path::Path) -> Result<String, StoreErro
         dest.display()
     ))
 }
+
+/// What a campaign's dialogs came to, counted from the store.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct Funnel {
+    /// Contacts in the campaign's audiences not yet contacted.
+    pub not_contacted: usize,
+    pub opened: usize,
+    /// Dialogs whose opening left (confirmed, not pending or failed).
+    pub delivered: usize,
+    /// Dialogs with at least one incoming message.
+    pub replied: usize,
+    pub active: usize,
+    pub handoff: usize,
+    pub dead: usize,
+    pub opted_out: usize,
+    pub blocked: usize,
+    pub error: usize,
+    /// Finished dialogs by outcome label.
+    pub outcomes: std::collections::BTreeMap<String, usize>,
+}
+
+impl Funnel {
+    /// Replied over delivered, 0 with nothing delivered.
+    pub fn reply_rate(&self) -> f64 {
+        if self.delivered == 0 {
+            0.0
+        } else {
+            self.replied as f64 / self.delivered as f64
+        }
+    }
+
+    fn count(&mut self, d: &crate::model::Dialog, opening_pending: bool) {
+        self.opened += 1;
+        let unsent = matches!(d.status, DialogStatus::Error { .. }) && d.last_inbound_at.is_none();
+        if !opening_pending && !unsent {
+            self.delivered += 1;
+        }
+        if d.last_inbound_at.is_some() {
+            self.replied += 1;
+        }
+        match &d.status {
+            DialogStatus::Active => self.active += 1,
+            DialogStatus::Handoff => self.handoff += 1,
+            DialogStatus::Dead => self.dead += 1,
+            DialogStatus::OptedOut => self.opted_out += 1,
+            DialogStatus::Blocked => self.blocked += 1,
+            DialogStatus::Error { .. } => self.error += 1,
+            DialogStatus::Finished { outcome } => {
+                *self.outcomes.entry(outcome.clone()).or_default() += 1
+            }
+        }
+    }
+}
+
+/// A campaign's funnel, whole and split by account and by day (UTC).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CampaignFunnel {
+    pub campaign: String,
+    pub total: Funnel,
+    pub by_account: std::collections::BTreeMap<String, Funnel>,
+    /// Per day: openings, replied dialogs (by the day of their latest
+    /// reply) and dialogs that ended.
+    pub by_day: std::collections::BTreeMap<String, Day>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Day {
+    pub openings: usize,
+    pub replies: usize,
+    pub outcomes: usize,
+}
+
+/// Every campaign's funnel, in one pass over the dialogs.
+pub fn funnels(config: &Config, store: &Store) -> Result<Vec<CampaignFunnel>, StoreError> {
+    let pending: std::collections::HashSet<DialogId> = store
+        .pending_outbound()?
+        .into_iter()
+        .filter(|m| m.kind == Some(crate::model::MessageKind::Opening))
+        .map(|m| m.dialog)
+        .collect();
+    let mut out: Vec<CampaignFunnel> = config
+        .file
+        .campaigns
+        .iter()
+        .map(|c| CampaignFunnel {
+            campaign: c.name.clone(),
+            total: Funnel {
+                not_contacted: c.audiences.iter().map(|a| store.uncontacted_count(a)).sum(),
+                ..Funnel::default()
+            },
+            ..CampaignFunnel::default()
+        })
+        .collect();
+    for d in store.all_dialogs() {
+        let d = d?;
+        let Some(f) = out.iter_mut().find(|f| f.campaign == d.campaign) else {
+            continue;
+        };
+        let opening_pending = pending.contains(&d.id);
+        f.total.count(&d, opening_pending);
+        f.by_account
+            .entry(d.account.clone())
+            .or_default()
+            .count(&d, opening_pending);
+        let day = |t: crate::clock::Timestamp| t.to_rfc3339().chars().take(10).collect::<String>();
+        f.by_day.entry(day(d.started_at)).or_default().openings += 1;
+        if let Some(t) = d.last_inbound_at {
+            f.by_day.entry(day(t)).or_default().replies += 1;
+        }
+        if !d.status.is_live() && d.status != DialogStatus::Handoff {
+            f.by_day.entry(day(d.last_activity())).or_default().outcomes += 1;
+        }
+    }
+    Ok(out)
+}

@@ -94,12 +94,36 @@ pub struct ConfigFile {
     pub alerts: Alerts,
     #[serde(default)]
     pub compliance: Compliance,
+    /// The web console; off when the section is absent.
+    pub console: Option<Console>,
     #[serde(default)]
     pub accounts: Vec<Account>,
     #[serde(default)]
     pub audiences: Vec<Audience>,
     #[serde(default)]
     pub campaigns: Vec<Campaign>,
+}
+
+/// `[console]`: the operator's web console, served by the running host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Console {
+    /// Where it listens, `127.0.0.1:8750` by default; another address than
+    /// loopback is logged as a warning.
+    #[serde(default = "Console::default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// An environment variable whose value also logs in, beside the token
+    /// in `data_dir/console.token`.
+    pub password_env: Option<String>,
+    /// Serve `/metrics` without a login (for a Prometheus on this machine).
+    #[serde(default)]
+    pub open_metrics: bool,
+}
+
+impl Console {
+    fn default_listen() -> std::net::SocketAddr {
+        ([127, 0, 0, 1], 8750).into()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

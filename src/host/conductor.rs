@@ -238,7 +238,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
             return settle_sent(host, d);
         }
     }
-    let window = if kind == MessageKind::Reply {
+    let window = if kind.answers() {
         None
     } else {
         host.window(&dialog.campaign)
@@ -248,7 +248,11 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         let still_live = |host: &Host| -> Result<Option<String>, StoreError> {
             let d = host.store.dialog(m.dialog)?;
             Ok(match d {
-                Some(d) if d.status.is_live() || d.ending.is_some() => {
+                Some(d)
+                    if d.status.is_live()
+                        || d.ending.is_some()
+                        || (kind == MessageKind::Human && d.status == DialogStatus::Handoff) =>
+                {
                     if host.store.do_not_contact(d.contact)?.is_some() {
                         Some("the contact must not be contacted".into())
                     } else {

@@ -11,10 +11,13 @@ mod answer;
 mod conductor;
 pub mod control;
 mod disk;
+pub mod dnc;
+pub mod metrics;
 pub(crate) mod optout;
 pub mod pause;
 mod reviver;
 mod runner;
+mod takeover;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -437,6 +440,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     start(&host).await.map_err(|e| e.to_string())?;
     if let Err(e) = control::serve(host.clone()).await {
         tracing::warn!("status commands cannot reach this host: {e}");
+    }
+    if let Err(e) = crate::console::serve(host.clone()).await {
+        tracing::error!("{e}; the host runs without its console");
     }
     host.shutdown.cancelled().await;
     stop(&host).await;

@@ -78,12 +78,35 @@ const WEBHOOK_ATTEMPTS: u32 = 5;
 #[derive(Clone, Debug)]
 pub struct Alerts {
     webhook: Option<mpsc::Sender<Alert>>,
+    /// The newest [`RECENT`] alerts, newest last, for the console.
+    recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Alert>>>,
+    /// Alerts raised by kind, for `/metrics`.
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
 }
+
+/// How many alerts the console shows.
+const RECENT: usize = 200;
 
 impl Alerts {
     /// Alerts to the log only.
     pub fn log_only() -> Alerts {
-        Alerts { webhook: None }
+        Alerts {
+            webhook: None,
+            recent: Default::default(),
+            counts: Default::default(),
+        }
+    }
+
+    /// How many alerts of each kind were raised since the host started.
+    pub fn counts(&self) -> Vec<(String, u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(k, n)| (k.clone(), *n)).collect()
+    }
+
+    /// The newest alerts, newest first.
+    pub fn recent(&self) -> Vec<Alert> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().rev().cloned().collect()
     }
 
     /// Alerts to the log and, if a URL is given, to a webhook. Must be
@@ -94,7 +117,11 @@ impl Alerts {
         };
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
         tokio::spawn(deliver(url.to_string(), rx));
-        Alerts { webhook: Some(tx) }
+        Alerts {
+            webhook: Some(tx),
+            recent: Default::default(),
+            counts: Default::default(),
+        }
     }
 
     /// Raises an alert; never waits.
@@ -107,6 +134,15 @@ impl Alerts {
             "{}",
             alert.message
         );
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(alert.clone());
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            *counts.entry(format!("{:?}", alert.kind)).or_default() += 1;
+        }
         if let Some(tx) = &self.webhook {
             if tx.try_send(alert).is_err() {
                 tracing::error!(

@@ -100,7 +100,7 @@ pub fn decide(record: &AccountRecord, limits: &Limits, req: SendRequest<'_>) -> 
 /// The earliest moment at or after `req.now` when every constraint holds.
 fn earliest(record: &AccountRecord, limits: &Limits, req: SendRequest<'_>) -> Timestamp {
     let opening = req.kind == MessageKind::Opening;
-    let windowed = req.kind != MessageKind::Reply;
+    let windowed = !req.kind.answers();
     let mut t = req.now;
     // Each round moves `t` to the latest "earliest" of the constraints; only
     // the send window can break again, once per day, so this ends quickly.
@@ -225,6 +225,19 @@ fn window_free_with_cap(
 
 /// A daily cap at time `t`, ramped during warm-up from the account's first
 /// send: `floor(full * (start + (1 - start) * progress))`, at least 1.
+/// The share of its limits an account in warm-up may use at `t` (1 once
+/// warmed up).
+pub fn warmup_factor(record: &AccountRecord, limits: &Limits, t: Timestamp) -> f64 {
+    let (Some(first), false) = (record.first_send_at, limits.warmup.is_zero()) else {
+        return 1.0;
+    };
+    let progress = (t.0 - first.0) as f64 / limits.warmup.as_millis() as f64;
+    if progress >= 1.0 {
+        return 1.0;
+    }
+    limits.warmup_start + (1.0 - limits.warmup_start) * progress.max(0.0)
+}
+
 fn warm_cap(record: &AccountRecord, limits: &Limits, full: u32, t: Timestamp) -> u32 {
     let (Some(first), false) = (record.first_send_at, limits.warmup.is_zero()) else {
         return full;

@@ -1190,6 +1190,40 @@ impl Store {
         })
     }
 
+    /// Takes a contact off the do-not-contact set; one never claimed by a
+    /// dialog becomes pickable again in its audiences. Returns whether it
+    /// was on the set.
+    pub fn remove_do_not_contact(&self, id: ContactId) -> Result<bool, StoreError> {
+        self.transact(|tx| {
+            let key = u64_key(id);
+            if tx.do_not_contact.remove(&key)?.is_none() {
+                return Ok(false);
+            }
+            if tx.dialog_of_contact.get(key)?.is_none() {
+                if let Some(bytes) = tx.contacts.get(key)? {
+                    let contact: Contact = tx_decode("contact", &bytes)?;
+                    for audience in &contact.audiences {
+                        tx.uncontacted
+                            .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[])?;
+                    }
+                }
+            }
+            Ok(true)
+        })
+    }
+
+    /// Every contact on the do-not-contact set, with why.
+    pub fn do_not_contact_list(&self) -> Result<Vec<(ContactId, DoNotContact)>, StoreError> {
+        self.t
+            .do_not_contact
+            .iter()
+            .map(|e| {
+                let (k, v) = e?;
+                Ok((read_u64(&k), decode("do-not-contact", &v)?))
+            })
+            .collect()
+    }
+
     pub fn do_not_contact(&self, id: ContactId) -> Result<Option<DoNotContact>, StoreError> {
         self.t
             .do_not_contact
@@ -1361,6 +1395,17 @@ impl Store {
         Ok(released)
     }
 
+    /// Every dialog, newest first.
+    pub fn all_dialogs_newest_first(
+        &self,
+    ) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
+        self.t.dialogs.iter().rev().map(|e| {
+            let (k, v) = e?;
+            let deferred = self.deferred.get(read_u64(&k)).map(|e| e.dialog);
+            deferred::newer_than_stored(deferred.as_deref(), &v)
+        })
+    }
+
     pub fn all_dialogs(&self) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
         self.t.dialogs.iter().map(|e| {
             let (k, v) = e?;
@@ -1396,7 +1441,8 @@ impl Store {
 
     // ----------------------------------------------------------------- messages
 
-    /// Records an outbound message as pending before it is sent.
+    /// Records an outbound message as pending before it is sent. The
+    /// operator may write in a dialog handed off to them.
     pub fn record_outbound(
         &self,
         dialog: DialogId,
@@ -1405,7 +1451,8 @@ impl Store {
     ) -> Result<Message, StoreError> {
         self.transact(|tx| {
             let old = tx.dialog(dialog)?;
-            if !old.status.is_live() {
+            let human = out.kind == MessageKind::Human && old.status == DialogStatus::Handoff;
+            if !old.status.is_live() && !human {
                 return abort(StoreError::Refused(format!(
                     "dialog {dialog} is {}; nothing more is sent in it",
                     old.status.label()

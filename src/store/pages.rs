@@ -139,6 +139,7 @@ pub(super) fn write_record(out: &mut Vec<u8>, msg: &Message) {
         Some(MessageKind::Opening) => 1,
         Some(MessageKind::Reply) => 2,
         Some(MessageKind::FollowUp) => 3,
+        Some(MessageKind::Human) => 4,
     });
     out.push(msg.key.is_some() as u8);
     out.extend_from_slice(&msg.key.map_or(0, |k| k.0).to_le_bytes());
@@ -173,6 +174,7 @@ pub(super) fn read_record(record: &[u8]) -> Result<Message, StoreError> {
         1 => Some(MessageKind::Opening),
         2 => Some(MessageKind::Reply),
         3 => Some(MessageKind::FollowUp),
+        4 => Some(MessageKind::Human),
         _ => return Err(corrupt("unknown message kind")),
     };
     let key = (r.u8()? == 1, r.u64()?);

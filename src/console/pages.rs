@@ -1,0 +1,871 @@
+//! The console's pages and actions. Each handler reads what it shows from
+//! the store and the host, renders HTML with [`layout`], and escapes every
+//! text that came from outside with [`esc`].
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::{esc, url, Console, Session};
+use crate::config::CampaignStatus;
+use crate::host::Host;
+use crate::model::{
+    AccountStatus, Delivery, Dialog, DialogStatus, Direction, DoNotContact, MessageKind,
+};
+use crate::report::{self, Funnel};
+
+pub const STYLE: &str = include_str!("style.css");
+
+/// Dialogs per page of the dialog list.
+const PER_PAGE: usize = 50;
+
+type Page = Result<Html<String>, Response>;
+
+fn failed(e: impl std::fmt::Display) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+}
+
+fn layout(title: &str, session: &Session, body: &str) -> Html<String> {
+    let nav = [
+        ("/", "Campaigns"),
+        ("/accounts", "Accounts"),
+        ("/dialogs", "Dialogs"),
+        ("/inbox", "Inbox"),
+        ("/dnc", "Do not contact"),
+        ("/alerts", "Alerts"),
+    ]
+    .iter()
+    .map(|(href, name)| format!("<a href=\"{href}\">{name}</a>"))
+    .collect::<Vec<_>>()
+    .join("");
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · colloquy</title>\
+         <link rel=\"stylesheet\" href=\"/style.css\"></head><body>\
+         <header><span class=\"brand\">colloquy</span><nav>{nav}</nav>\
+         <form method=\"post\" action=\"/logout\" class=\"logout\">{}<button>Log out</button></form></header>\
+         <main><h1>{}</h1>{body}</main></body></html>",
+        esc(title),
+        csrf_field(session),
+        esc(title)
+    ))
+}
+
+fn csrf_field(session: &Session) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(&session.csrf)
+    )
+}
+
+pub fn login_html(error: Option<&str>) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Log in · colloquy</title>\
+         <link rel=\"stylesheet\" href=\"/style.css\"></head><body class=\"login\"><main>\
+         <h1>colloquy</h1>{}<form method=\"post\" action=\"/login\">\
+         <label>Console token <input type=\"password\" name=\"token\" autofocus></label>\
+         <button>Log in</button></form><p class=\"hint\">The token is in <code>data_dir/console.token</code>.</p>\
+         </main></body></html>",
+        error.map(|e| format!("<p class=\"error\">{}</p>", esc(e))).unwrap_or_default()
+    )
+}
+
+pub async fn login_page() -> Html<String> {
+    Html(login_html(None))
+}
+
+// ------------------------------------------------------------- campaigns
+
+pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let config = host.config();
+    let funnels = report::funnels(&config, &host.store).map_err(failed)?;
+    let mut body = String::new();
+    for (campaign, f) in config.file.campaigns.iter().zip(&funnels) {
+        let paused = campaign.status != CampaignStatus::Active;
+        let why = crate::host::pause::reason(&host.store, &campaign.name)
+            .map_err(failed)?
+            .filter(|_| paused)
+            .map(|p| {
+                format!(
+                    "<p class=\"warn\">Paused itself at {}: {}</p>",
+                    p.at.to_rfc3339(),
+                    esc(&p.reason)
+                )
+            })
+            .unwrap_or_default();
+        let load = host
+            .engines
+            .load_error(&campaign.engine)
+            .map(|e| format!("<p class=\"error\">{}</p>", esc(&e.to_string())))
+            .unwrap_or_default();
+        let (action, label) = if paused {
+            ("active", "Resume")
+        } else {
+            ("paused", "Pause")
+        };
+        let _ = write!(
+            body,
+            "<section class=\"campaign\" id=\"campaign-{name_id}\"><h2>{name} <span class=\"status {status}\">{status}</span></h2>\
+             <form method=\"post\" action=\"/campaigns/{name_url}/status\">{csrf}<input type=\"hidden\" name=\"status\" value=\"{action}\"><button>{label}</button></form>\
+             {why}{load}<p class=\"meta\">engine {engine} · accounts {accounts} · audiences {audiences}</p>\
+             {funnel}<h3>By account</h3>{accounts_table}<h3>By day</h3>{chart}</section>",
+            name_id = esc(&campaign.name),
+            name = esc(&campaign.name),
+            name_url = url(&campaign.name),
+            status = campaign.status.label(),
+            csrf = csrf_field(&session),
+            engine = esc(&campaign.engine),
+            accounts = esc(&campaign.accounts.join(", ")),
+            audiences = esc(&campaign.audiences.join(", ")),
+            funnel = funnel_table(&f.total),
+            accounts_table = by_account(&f.by_account),
+            chart = day_chart(&f.by_day),
+        );
+    }
+    if config.file.campaigns.is_empty() {
+        body.push_str("<p>No campaigns are declared in config.toml.</p>");
+    }
+    Ok(layout("Campaigns", &session, &body))
+}
+
+fn funnel_table(f: &Funnel) -> String {
+    let mut cells = vec![
+        ("not contacted", f.not_contacted.to_string()),
+        ("opened", f.opened.to_string()),
+        ("delivered", f.delivered.to_string()),
+        ("replied", f.replied.to_string()),
+        ("reply rate", format!("{:.1}%", 100.0 * f.reply_rate())),
+        ("active", f.active.to_string()),
+        ("handoff", f.handoff.to_string()),
+        ("dead", f.dead.to_string()),
+        ("opted out", f.opted_out.to_string()),
+        ("blocked", f.blocked.to_string()),
+        ("error", f.error.to_string()),
+    ];
+    for (label, n) in &f.outcomes {
+        cells.push((label.as_str(), n.to_string()));
+    }
+    let mut out = String::from("<dl class=\"funnel\">");
+    for (label, value) in cells {
+        let _ = write!(
+            out,
+            "<div data-metric=\"{}\"><dt>{}</dt><dd>{}</dd></div>",
+            esc(label),
+            esc(label),
+            value
+        );
+    }
+    out.push_str("</dl>");
+    out
+}
+
+fn by_account(accounts: &std::collections::BTreeMap<String, Funnel>) -> String {
+    if accounts.is_empty() {
+        return "<p class=\"meta\">No dialogs yet.</p>".into();
+    }
+    let mut out = String::from(
+        "<table><tr><th>account</th><th>opened</th><th>delivered</th><th>replied</th><th>reply rate</th><th>finished</th><th>opted out</th></tr>",
+    );
+    for (name, f) in accounts {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}%</td><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            f.opened,
+            f.delivered,
+            f.replied,
+            100.0 * f.reply_rate(),
+            f.outcomes.values().sum::<usize>(),
+            f.opted_out
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// Openings, replies and endings per day as grouped bars (SVG).
+fn day_chart(days: &std::collections::BTreeMap<String, report::Day>) -> String {
+    if days.is_empty() {
+        return "<p class=\"meta\">No dialogs yet.</p>".into();
+    }
+    let days: Vec<_> = days
+        .iter()
+        .rev()
+        .take(30)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let top = days
+        .iter()
+        .map(|(_, d)| d.openings.max(d.replies).max(d.outcomes))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let (h, group) = (120.0, 36.0);
+    let width = group * days.len() as f64 + 40.0;
+    let mut svg = format!(
+        "<svg class=\"chart\" viewBox=\"0 0 {width} {}\" width=\"{width}\" height=\"{}\" role=\"img\" aria-label=\"openings, replies and endings per day\">",
+        h + 30.0,
+        h + 30.0
+    );
+    for (i, (day, d)) in days.iter().enumerate() {
+        let x = 20.0 + i as f64 * group;
+        for (j, (n, class)) in [(d.openings, "o"), (d.replies, "r"), (d.outcomes, "e")]
+            .iter()
+            .enumerate()
+        {
+            let bar = h * *n as f64 / top;
+            let _ = write!(
+                svg,
+                "<rect class=\"{class}\" x=\"{:.1}\" y=\"{:.1}\" width=\"9\" height=\"{bar:.1}\"><title>{day}: {n}</title></rect>",
+                x + j as f64 * 10.0,
+                h - bar
+            );
+        }
+        let _ = write!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\">{}</text>",
+            x,
+            h + 16.0,
+            esc(&day[5..])
+        );
+    }
+    svg.push_str("</svg><p class=\"legend\"><span class=\"o\"></span>openings <span class=\"r\"></span>replied <span class=\"e\"></span>ended</p>");
+    svg
+}
+
+#[derive(Deserialize)]
+pub struct StatusForm {
+    csrf: String,
+    status: String,
+}
+
+pub async fn set_campaign_status(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<StatusForm>,
+) -> Response {
+    if let Err(r) = c.require_post(&headers, &form.csrf) {
+        return r;
+    }
+    let status = match form.status.as_str() {
+        "active" => CampaignStatus::Active,
+        "paused" => CampaignStatus::Paused,
+        other => return (StatusCode::BAD_REQUEST, format!("no status {other}")).into_response(),
+    };
+    let config = c.host.config();
+    if config.campaign(&name).is_none() {
+        return (StatusCode::NOT_FOUND, format!("no campaign {name}")).into_response();
+    }
+    // config.toml stays the one source of truth: the edit is written there
+    // and applied as any save of the file is.
+    let path = config.path.clone();
+    if let Err(e) = crate::config::edit::set_campaign_status(&path, &name, status) {
+        return failed(e);
+    }
+    let mut next = (*config).clone();
+    for campaign in &mut next.file.campaigns {
+        if campaign.name == name {
+            campaign.status = status;
+        }
+    }
+    c.host.set_config(Arc::new(next));
+    tracing::info!(
+        campaign = name,
+        "campaign {name} set {} from the console",
+        status.label()
+    );
+    Redirect::to("/").into_response()
+}
+
+// -------------------------------------------------------------- accounts
+
+pub async fn accounts(State(c): State<Console>, headers: HeaderMap) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let now = host.clock.now();
+    let links = host.transport.links();
+    let mut body = String::from(
+        "<table><tr><th>account</th><th>status</th><th>connection</th><th>sends, last hour</th><th>sends, last day</th><th>openings today</th><th>warm-up</th><th>may send</th><th>why it waits</th></tr>",
+    );
+    for account in &host.config().file.accounts {
+        let record = host.store.account(&account.name).map_err(failed)?;
+        let limits = host.safety.limits(&account.name);
+        let hour_ago = now.saturating_sub(std::time::Duration::from_secs(3600));
+        let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
+        let hour = record.sends.iter().filter(|m| m.at > hour_ago).count();
+        let day = record.sends.iter().filter(|m| m.at > day_ago).count();
+        let openings = record
+            .sends
+            .iter()
+            .filter(|m| m.opening && m.at > day_ago)
+            .count();
+        let warmup = crate::safety::decide::warmup_factor(&record, &limits, now);
+        let (may, why) = waiting(&record, &limits, now, hour, day);
+        let link = links
+            .iter()
+            .find(|(n, _)| *n == account.name)
+            .map_or("simulated", |(_, l)| l);
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{hour} / {}</td><td>{day} / {}</td><td>{openings} / {}</td><td>{:.0}%</td><td>{}</td><td>{}</td></tr>",
+            esc(&account.name),
+            esc(&status_text(&record.status)),
+            esc(link),
+            limits.max_per_hour,
+            limits.max_per_day,
+            limits.max_new_dialogs_per_day,
+            100.0 * warmup,
+            esc(&may),
+            esc(&why)
+        );
+    }
+    body.push_str("</table><h2>Recent alerts</h2>");
+    body.push_str(&alert_list(&host.alerts.recent(), 10));
+    Ok(layout("Accounts", &session, &body))
+}
+
+fn status_text(s: &AccountStatus) -> String {
+    match s {
+        AccountStatus::FloodWait { until } => format!("flood wait until {}", until.to_rfc3339()),
+        AccountStatus::SpamLimited { until } => {
+            format!("spam-limited (PEER_FLOOD) until {}", until.to_rfc3339())
+        }
+        other => other.label().to_string(),
+    }
+}
+
+/// When the account may send next, and the limit that decides it.
+fn waiting(
+    record: &crate::model::AccountRecord,
+    limits: &crate::safety::decide::Limits,
+    now: crate::clock::Timestamp,
+    hour: usize,
+    day: usize,
+) -> (String, String) {
+    let mut reasons: Vec<(crate::clock::Timestamp, String)> = Vec::new();
+    match &record.status {
+        AccountStatus::FloodWait { until } => {
+            reasons.push((*until, "Telegram's flood wait".into()))
+        }
+        AccountStatus::Active | AccountStatus::SpamLimited { .. } => {}
+        other => return ("never".into(), format!("the account is {}", other.label())),
+    }
+    let oldest_after = |window: u64, n: usize| {
+        let since = now.saturating_sub(std::time::Duration::from_secs(window));
+        let in_window: Vec<_> = record.sends.iter().filter(|m| m.at > since).collect();
+        in_window
+            .get(in_window.len().saturating_sub(n))
+            .map(|m| m.at.saturating_add(std::time::Duration::from_secs(window)))
+    };
+    if hour >= limits.max_per_hour as usize {
+        if let Some(t) = oldest_after(3600, limits.max_per_hour as usize) {
+            reasons.push((t, format!("hourly limit ({})", limits.max_per_hour)));
+        }
+    }
+    if day >= limits.max_per_day as usize {
+        if let Some(t) = oldest_after(86_400, limits.max_per_day as usize) {
+            reasons.push((t, format!("daily limit ({})", limits.max_per_day)));
+        }
+    }
+    if record.next_send_at > now {
+        reasons.push((
+            record.next_send_at,
+            "interval between sends (min_interval + jitter)".into(),
+        ));
+    }
+    match reasons.into_iter().max_by_key(|(t, _)| *t) {
+        Some((t, why)) if t > now => (t.to_rfc3339(), why),
+        _ => ("now".into(), String::new()),
+    }
+}
+
+// --------------------------------------------------------------- dialogs
+
+#[derive(Deserialize, Default)]
+pub struct DialogFilter {
+    campaign: Option<String>,
+    account: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    page: Option<usize>,
+}
+
+pub async fn dialogs(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Query(filter): Query<DialogFilter>,
+) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let nonempty = |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(str::to_string);
+    let (campaign, account, status, q) = (
+        nonempty(&filter.campaign),
+        nonempty(&filter.account),
+        nonempty(&filter.status),
+        nonempty(&filter.q).map(|q| q.to_lowercase()),
+    );
+    let page = filter.page.unwrap_or(0);
+    let mut shown = Vec::new();
+    let mut matched = 0;
+    // Newest first; the contact is read only for a search.
+    for d in host.store.all_dialogs_newest_first() {
+        let d = d.map_err(failed)?;
+        if campaign.as_ref().is_some_and(|c| *c != d.campaign)
+            || account.as_ref().is_some_and(|a| *a != d.account)
+            || status
+                .as_ref()
+                .is_some_and(|s| *s != status_label(&d.status) && *s != d.status.label())
+        {
+            continue;
+        }
+        let contact = if q.is_some() || (matched >= page * PER_PAGE && shown.len() < PER_PAGE) {
+            host.store.contact(d.contact).map_err(failed)?
+        } else {
+            None
+        };
+        if let Some(q) = &q {
+            let hit = contact
+                .as_ref()
+                .is_some_and(|c| contact_text(c).to_lowercase().contains(q));
+            if !hit {
+                continue;
+            }
+        }
+        if matched >= page * PER_PAGE && shown.len() < PER_PAGE {
+            shown.push((d, contact));
+        }
+        matched += 1;
+    }
+    let config = host.config();
+    let options = |values: Vec<String>, chosen: &Option<String>| {
+        let mut out = String::from("<option value=\"\">any</option>");
+        for v in values {
+            let sel = if chosen.as_deref() == Some(v.as_str()) {
+                " selected"
+            } else {
+                ""
+            };
+            let _ = write!(out, "<option{sel}>{}</option>", esc(&v));
+        }
+        out
+    };
+    let mut body = format!(
+        "<form method=\"get\" class=\"filter\">\
+         <label>Campaign <select name=\"campaign\">{}</select></label>\
+         <label>Account <select name=\"account\">{}</select></label>\
+         <label>Status <input name=\"status\" value=\"{}\" placeholder=\"active, handoff, finished:booked…\"></label>\
+         <label>Contact <input name=\"q\" value=\"{}\" placeholder=\"name, username, phone\"></label>\
+         <button>Filter</button></form><p class=\"meta\">{matched} dialogs</p>",
+        options(config.file.campaigns.iter().map(|c| c.name.clone()).collect(), &campaign),
+        options(config.file.accounts.iter().map(|a| a.name.clone()).collect(), &account),
+        esc(status.as_deref().unwrap_or("")),
+        esc(filter.q.as_deref().unwrap_or("")),
+    );
+    body.push_str(&dialog_table(&shown));
+    let link = |p: usize| {
+        format!(
+            "/dialogs?campaign={}&account={}&status={}&q={}&page={p}",
+            url(campaign.as_deref().unwrap_or("")),
+            url(account.as_deref().unwrap_or("")),
+            url(status.as_deref().unwrap_or("")),
+            url(filter.q.as_deref().unwrap_or("")),
+        )
+    };
+    body.push_str("<p class=\"pages\">");
+    if page > 0 {
+        let _ = write!(body, "<a href=\"{}\">← newer</a> ", link(page - 1));
+    }
+    if matched > (page + 1) * PER_PAGE {
+        let _ = write!(body, "<a href=\"{}\">older →</a>", link(page + 1));
+    }
+    body.push_str("</p>");
+    Ok(layout("Dialogs", &session, &body))
+}
+
+fn dialog_table(rows: &[(Dialog, Option<crate::model::Contact>)]) -> String {
+    if rows.is_empty() {
+        return "<p>No dialogs match.</p>".into();
+    }
+    let mut out = String::from(
+        "<table class=\"dialogs\"><tr><th>dialog</th><th>contact</th><th>campaign</th><th>account</th><th>status</th><th>last activity</th></tr>",
+    );
+    for (d, contact) in rows {
+        let _ = write!(
+            out,
+            "<tr><td><a href=\"/dialogs/{id}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&contact.as_ref().map(contact_text).unwrap_or_default()),
+            esc(&d.campaign),
+            esc(&d.account),
+            esc(&status_label(&d.status)),
+            d.last_activity().to_rfc3339(),
+            id = d.id
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+fn contact_text(c: &crate::model::Contact) -> String {
+    let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if name.is_empty() {
+        c.identity.to_string()
+    } else {
+        format!("{name} ({})", c.identity)
+    }
+}
+
+fn status_label(s: &DialogStatus) -> String {
+    match s {
+        DialogStatus::Finished { outcome } => format!("finished:{outcome}"),
+        DialogStatus::Error { reason } => format!("error: {reason}"),
+        other => other.label().to_string(),
+    }
+}
+
+pub async fn dialog(State(c): State<Console>, headers: HeaderMap, Path(id): Path<u64>) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let Some(d) = host.store.dialog(id).map_err(failed)? else {
+        return Err((StatusCode::NOT_FOUND, format!("there is no dialog {id}")).into_response());
+    };
+    let contact = host.store.contact(d.contact).map_err(failed)?;
+    let mut body = format!(
+        "<p class=\"meta\">campaign {} · account {} · contact {} · <span class=\"status\">{}</span> · {} follow-ups</p>",
+        esc(&d.campaign),
+        esc(&d.account),
+        esc(&contact.as_ref().map(contact_text).unwrap_or_default()),
+        esc(&status_label(&d.status)),
+        d.follow_ups_sent
+    );
+    body.push_str("<ol class=\"transcript\">");
+    for m in host.store.messages(id).map_err(failed)? {
+        let (class, who) = match (m.direction, m.kind) {
+            (Direction::In, _) => ("in", "contact".to_string()),
+            (Direction::Out, Some(k)) => ("out", k.label().replace('_', "-")),
+            (Direction::Out, None) => ("out", "out".into()),
+        };
+        let delivery = match &m.delivery {
+            Some(Delivery::Pending) => {
+                "<span class=\"pending\">waiting to go out</span>".to_string()
+            }
+            Some(Delivery::Cancelled { reason }) => {
+                format!("<span class=\"cancelled\">not sent: {}</span>", esc(reason))
+            }
+            Some(_) => "<span class=\"sent\">sent</span>".into(),
+            None => String::new(),
+        };
+        let _ = write!(
+            body,
+            "<li class=\"{class}\"><div class=\"who\">{who} · {} {delivery}</div><div class=\"text\">{}</div></li>",
+            m.at.to_rfc3339(),
+            esc(&m.text)
+        );
+    }
+    body.push_str("</ol>");
+    if d.status == DialogStatus::Handoff || d.status.is_live() {
+        body.push_str(&takeover_forms(&c.host, &d, &session));
+    }
+    let _ = write!(
+        body,
+        "<h2>Engine state</h2><pre class=\"state\">{}</pre>",
+        esc(&serde_json::to_string_pretty(&d.state).unwrap_or_default())
+    );
+    Ok(layout(&format!("Dialog {id}"), &session, &body))
+}
+
+/// Reply as a human, hand back, finish: for a handed-off or live dialog.
+fn takeover_forms(host: &Host, d: &Dialog, session: &Session) -> String {
+    let when = host
+        .safety
+        .check(&d.account, MessageKind::Human, None)
+        .map(|decision| match decision {
+            crate::safety::decide::Decision::Allow => "now".to_string(),
+            crate::safety::decide::Decision::NotBefore(t) => format!("at {}", t.to_rfc3339()),
+            crate::safety::decide::Decision::Deny(why) => format!("not while {why:?}"),
+        })
+        .unwrap_or_else(|e| e.to_string());
+    let csrf = csrf_field(session);
+    let mut out = format!(
+        "<h2>Answer as a human</h2><form method=\"post\" action=\"/dialogs/{id}/reply\" class=\"reply\">{csrf}\
+         <textarea name=\"text\" rows=\"3\" required></textarea><button>Send</button>\
+         <p class=\"meta\">It goes through the account's limits like every message: it would go out {}.</p></form>",
+        esc(&when),
+        id = d.id
+    );
+    if d.status == DialogStatus::Handoff {
+        let _ = write!(
+            out,
+            "<form method=\"post\" action=\"/dialogs/{id}/handback\" class=\"inline\">{csrf}<button>Hand back to the engine</button></form>",
+            id = d.id
+        );
+    }
+    let _ = write!(
+        out,
+        "<form method=\"post\" action=\"/dialogs/{id}/finish\" class=\"inline\">{csrf}<input name=\"outcome\" placeholder=\"outcome, e.g. booked\" required><button>Finish</button></form>",
+        id = d.id
+    );
+    out
+}
+
+#[derive(Deserialize)]
+pub struct ReplyForm {
+    csrf: String,
+    text: String,
+}
+
+pub async fn reply(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Form(form): Form<ReplyForm>,
+) -> Response {
+    if let Err(r) = c.require_post(&headers, &form.csrf) {
+        return r;
+    }
+    match c.host.reply_as_human(id, form.text.trim()) {
+        Ok(()) => Redirect::to(&format!("/dialogs/{id}")).into_response(),
+        Err(e) => (StatusCode::CONFLICT, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct CsrfOnly {
+    csrf: String,
+}
+
+pub async fn handback(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Form(form): Form<CsrfOnly>,
+) -> Response {
+    if let Err(r) = c.require_post(&headers, &form.csrf) {
+        return r;
+    }
+    match c.host.hand_back(id) {
+        Ok(()) => Redirect::to(&format!("/dialogs/{id}")).into_response(),
+        Err(e) => (StatusCode::CONFLICT, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct FinishForm {
+    csrf: String,
+    outcome: String,
+}
+
+pub async fn finish(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Form(form): Form<FinishForm>,
+) -> Response {
+    if let Err(r) = c.require_post(&headers, &form.csrf) {
+        return r;
+    }
+    match c.host.finish_by_hand(id, form.outcome.trim()) {
+        Ok(()) => Redirect::to(&format!("/dialogs/{id}")).into_response(),
+        Err(e) => (StatusCode::CONFLICT, e).into_response(),
+    }
+}
+
+// ----------------------------------------------------------------- inbox
+
+pub async fn inbox(State(c): State<Console>, headers: HeaderMap) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let mut rows = Vec::new();
+    for id in host.store.dialogs_with_status("handoff").map_err(failed)? {
+        if let Some(d) = host.store.dialog(id).map_err(failed)? {
+            let contact = host.store.contact(d.contact).map_err(failed)?;
+            rows.push((d, contact));
+        }
+    }
+    let body = format!(
+        "<p class=\"meta\">Dialogs the engine handed to a human. Open one to read it, answer, hand it back or finish it.</p>{}",
+        dialog_table(&rows)
+    );
+    Ok(layout("Inbox", &session, &body))
+}
+
+// --------------------------------------------------------- do not contact
+
+pub async fn dnc(State(c): State<Console>, headers: HeaderMap) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let audit = crate::host::dnc::audit(&host.store).map_err(failed)?;
+    let csrf = csrf_field(&session);
+    let mut body = format!(
+        "<form method=\"post\" action=\"/dnc/add\" class=\"inline\">{csrf}\
+         <input name=\"contact\" placeholder=\"username, +phone or user id\" required>\
+         <input name=\"why\" placeholder=\"why\"><button>Add</button></form>\
+         <table class=\"dnc\"><tr><th>contact</th><th>why</th><th>since</th><th></th></tr>"
+    );
+    for (id, why) in host.store.do_not_contact_list().map_err(failed)? {
+        let contact = host.store.contact(id).map_err(failed)?;
+        let since = audit
+            .iter()
+            .rev()
+            .find(|a| a.contact == id && a.action == "added")
+            .map(|a| a.at.to_rfc3339())
+            .unwrap_or_else(|| "—".into());
+        let why = match why {
+            DoNotContact::OptedOut => "opted out".to_string(),
+            DoNotContact::Unreachable(r) => format!("unreachable: {r}"),
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{since}</td><td><form method=\"post\" action=\"/dnc/{id}/remove\" class=\"inline\">{csrf}\
+             <label><input type=\"checkbox\" name=\"confirm\" value=\"yes\" required> they may be written to again</label><button>Remove</button></form></td></tr>",
+            esc(&contact.as_ref().map(contact_text).unwrap_or_else(|| id.to_string())),
+            esc(&why)
+        );
+    }
+    body.push_str("</table><h2>Audit</h2><table class=\"audit\"><tr><th>when</th><th>contact</th><th>what</th><th>why</th></tr>");
+    for a in audit.iter().rev().take(100) {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            a.at.to_rfc3339(),
+            esc(&a.identity),
+            esc(&a.action),
+            esc(&a.why)
+        );
+    }
+    body.push_str("</table>");
+    Ok(layout("Do not contact", &session, &body))
+}
+
+#[derive(Deserialize)]
+pub struct DncAdd {
+    csrf: String,
+    contact: String,
+    why: Option<String>,
+}
+
+pub async fn dnc_add(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Form(form): Form<DncAdd>,
+) -> Response {
+    if let Err(r) = c.require_post(&headers, &form.csrf) {
+        return r;
+    }
+    let Some(identity) = crate::audience::identity_of(&form.contact) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "\"{}\" is not a username, a +phone or a user id",
+                form.contact.trim()
+            ),
+        )
+            .into_response();
+    };
+    let why = form.why.unwrap_or_default();
+    match crate::host::dnc::add(&c.host, &identity, why.trim()) {
+        Ok(()) => Redirect::to("/dnc").into_response(),
+        Err(e) => (StatusCode::CONFLICT, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct DncRemove {
+    csrf: String,
+    confirm: Option<String>,
+}
+
+pub async fn dnc_remove(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    Path(contact): Path<u64>,
+    Form(form): Form<DncRemove>,
+) -> Response {
+    if let Err(r) = c.require_post(&headers, &form.csrf) {
+        return r;
+    }
+    if form.confirm.as_deref() != Some("yes") {
+        return (
+            StatusCode::BAD_REQUEST,
+            "tick the box to confirm the removal",
+        )
+            .into_response();
+    }
+    match crate::host::dnc::remove(&c.host, contact) {
+        Ok(()) => Redirect::to("/dnc").into_response(),
+        Err(e) => (StatusCode::CONFLICT, e).into_response(),
+    }
+}
+
+// ---------------------------------------------------------------- alerts
+
+pub async fn alerts(State(c): State<Console>, headers: HeaderMap) -> Page {
+    let session = c.require(&headers)?;
+    let host = &c.host;
+    let mut body = String::new();
+    let config = host.config();
+    for campaign in &config.file.campaigns {
+        if let Some(e) = host.engines.load_error(&campaign.engine) {
+            let _ = write!(
+                body,
+                "<p class=\"error\">Campaign {} opens no dialogs: {}</p>",
+                esc(&campaign.name),
+                esc(&e.to_string())
+            );
+        }
+    }
+    body.push_str(&alert_list(&host.alerts.recent(), 200));
+    Ok(layout("Alerts", &session, &body))
+}
+
+fn alert_list(alerts: &[crate::safety::alerts::Alert], most: usize) -> String {
+    if alerts.is_empty() {
+        return "<p class=\"meta\">No alerts since the host started.</p>".into();
+    }
+    let mut out = String::from("<ul class=\"alerts\">");
+    for a in alerts.iter().take(most) {
+        let at = crate::clock::Timestamp((a.at * 1000.0) as i64).to_rfc3339();
+        let _ = write!(
+            out,
+            "<li><span class=\"kind\">{:?}</span> <span class=\"when\">{at}</span> {}</li>",
+            a.kind,
+            esc(&a.message)
+        );
+    }
+    out.push_str("</ul>");
+    out
+}
+
+// --------------------------------------------------------------- metrics
+
+pub async fn metrics(State(c): State<Console>, headers: HeaderMap) -> Response {
+    let open = c
+        .host
+        .config()
+        .file
+        .console
+        .as_ref()
+        .is_some_and(|c| c.open_metrics);
+    if !open && c.session(&headers).is_none() {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "log in, or set [console] open_metrics = true",
+        )
+            .into_response();
+    }
+    match crate::host::metrics::render(&c.host) {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => failed(e),
+    }
+}

@@ -1,0 +1,277 @@
+//! The web console in a real headless Chromium (Debian's chromium through
+//! chromedriver), against the real binary on the simulated Telegram: log
+//! in (refused without the token), the funnel equals the store's, a
+//! stranger's `<script>` shows as text, a human answers a handed-off
+//! dialog and the answer reaches the simulated wire, a pause stops the
+//! runner, a do-not-contact entry is added, removed and audited, and
+//! /metrics passes promtool. Screenshots of every page go to
+//! `target/console-screenshots/`.
+
+mod browser;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{colloquy, host_log, run, stop, text};
+
+const ENGINE: &str = r#"
+local M = {}
+function M.get_opening(ctx) return "Hi " .. (ctx.contact.first_name or "there") .. ", a quick question" end
+function M.get_response(ctx, message)
+  return { text = "A colleague will answer you.", handoff = true }
+end
+return M
+"#;
+
+const PERSONA: &str = r#"
+local P = {}
+function P.get_response(ctx, message)
+  ctx.state.step = (ctx.state.step or 0) + 1
+  if ctx.state.step == 1 then return "<script>document.title='owned'</script> tell me more" end
+  return nil
+end
+return P
+"#;
+
+fn config(port: u16) -> String {
+    format!(
+        r#"
+[sim]
+seed = 3
+time_scale = 100
+reply_probability = 1.0
+reply_delay = "1m..2m"
+persona = "personas/script.lua"
+
+[safety]
+max_per_hour = 1000
+max_per_day = 1000
+max_new_dialogs_per_day = 1000
+min_interval = "20s"
+jitter = "0s"
+reply_delay = "0s..1s"
+
+[console]
+listen = "127.0.0.1:{port}"
+
+[[accounts]]
+name = "alice"
+
+[[audiences]]
+name = "leads"
+file = "leads.csv"
+
+[[campaigns]]
+name = "spring"
+engine = "handing"
+audiences = ["leads"]
+accounts = ["alice"]
+"#
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn until(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !probe() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn wire(d: &Path) -> Vec<common::Line> {
+    common::read_wire(&d.join("data/sim/wire.jsonl"))
+}
+
+fn openings(d: &Path) -> usize {
+    wire(d)
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("opening"))
+        .count()
+}
+
+fn status_count(d: &Path, label: &str) -> usize {
+    let status = text(&colloquy(d, &["status"]));
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("dialogs:"))
+        .unwrap_or("");
+    line.split(", ")
+        .find_map(|p| {
+            p.trim_start_matches("dialogs: ")
+                .strip_prefix(&format!("{label} "))
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn shots() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_the_campaign_from_the_console() {
+    let Some((chromium, chromedriver)) = browser::available() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "chromium and chromedriver are needed under CI"
+        );
+        eprintln!("skipped: install chromium and chromium-driver to run the console in a browser");
+        return;
+    };
+    let port = free_port();
+    let dir = common::project(300, &config(port));
+    let d = dir.path();
+    std::fs::write(d.join("engines/handing.lua"), ENGINE).unwrap();
+    std::fs::write(d.join("personas/script.lua"), PERSONA).unwrap();
+    let host = run(d);
+    until("a handed-off dialog", || status_count(d, "handoff") >= 2).await;
+    let token = std::fs::read_to_string(d.join("data/console.token")).unwrap();
+    let console = format!("http://127.0.0.1:{port}");
+    let profile = tempfile::tempdir().unwrap();
+    let b = browser::Browser::start(&chromium, &chromedriver, profile.path()).await;
+
+    // Without the token: the login page, and a wrong token is refused.
+    b.goto(&format!("{console}/dialogs")).await;
+    assert!(b.source().await.contains("Console token"));
+    b.screenshot(&shots().join("login.png")).await;
+    b.fill("input[name=token]", "not-the-token").await;
+    b.click("button").await;
+    assert!(b.source().await.contains("That token is not this host"));
+    b.fill("input[name=token]", token.trim()).await;
+    b.click("button").await;
+    assert!(b.text("h1").await.contains("Campaigns"));
+
+    // The funnel's numbers are the store's.
+    let opened = b.text("[data-metric=opened] dd").await;
+    let listed = text(&colloquy(d, &["dialogs", "--campaign", "spring"]));
+    let handoff_now: usize = b.text("[data-metric=handoff] dd").await.parse().unwrap();
+    let opened: usize = opened.parse().unwrap();
+    // The host runs on: the page was rendered before the listing.
+    assert!(
+        opened <= listed.lines().count() && opened > 0,
+        "{opened} vs {listed}"
+    );
+    assert!(handoff_now <= status_count(d, "handoff") && handoff_now >= 2);
+    b.screenshot(&shots().join("campaigns.png")).await;
+
+    // Pause: config.toml says so, and the runner stops opening.
+    b.click("section.campaign form button").await;
+    until("config.toml paused", || {
+        std::fs::read_to_string(d.join("config.toml"))
+            .unwrap()
+            .contains("status = \"paused\"")
+    })
+    .await;
+    assert!(b.source().await.contains("Resume"));
+    let paused_at = openings(d);
+
+    // The inbox: a handed-off dialog, the stranger's script as text.
+    b.goto(&format!("{console}/inbox")).await;
+    b.screenshot(&shots().join("inbox.png")).await;
+    b.click("table.dialogs a").await;
+    let shown = b.text("ol.transcript").await;
+    assert!(
+        shown.contains("<script>document.title='owned'</script> tell me more"),
+        "{shown}"
+    );
+    assert_ne!(b.script("return document.title").await, "owned");
+    assert!(b.source().await.contains("&lt;script&gt;"));
+    b.screenshot(&shots().join("dialog.png")).await;
+
+    // A human answers; the answer goes out on the simulated wire.
+    let human = "Hello, this is Dana from the team. Shall we talk on Thursday?";
+    b.fill("form.reply textarea", human).await;
+    b.click("form.reply button").await;
+    until("the human answer on the wire", || {
+        wire(d)
+            .iter()
+            .any(|l| l.text == human && l.kind.as_deref() == Some("human"))
+    })
+    .await;
+    // Work went on after the pause, and no opening with it.
+    assert!(
+        openings(d) <= paused_at + 1,
+        "{} after {paused_at}",
+        openings(d)
+    );
+    b.goto(&b_url(&b).await).await;
+    assert!(b.text("ol.transcript").await.contains(human));
+    b.click("form[action$=handback] button").await;
+    assert!(b.text("p.meta").await.contains("active"));
+
+    // Do not contact: add one by hand, remove it, find the audit.
+    b.goto(&format!("{console}/dnc")).await;
+    b.fill("input[name=contact]", "contact_0299").await;
+    b.fill("input[name=why]", "asked by phone").await;
+    b.click("form[action='/dnc/add'] button").await;
+    assert!(b.text("table.dnc").await.contains("contact_0299"));
+    b.screenshot(&shots().join("dnc.png")).await;
+    b.click("table.dnc input[name=confirm]").await;
+    b.click("table.dnc button").await;
+    let audit = b.text("table.audit").await;
+    assert!(
+        audit.contains("removed") && audit.contains("added"),
+        "{audit}"
+    );
+
+    for page in ["accounts", "dialogs", "alerts"] {
+        b.goto(&format!("{console}/{page}")).await;
+        b.screenshot(&shots().join(format!("{page}.png"))).await;
+    }
+
+    // /metrics is valid for Prometheus.
+    b.goto(&format!("{console}/metrics")).await;
+    let metrics = b.text("body").await;
+    assert!(
+        metrics.contains("colloquy_dialogs{status=\"handoff\"}"),
+        "{metrics}"
+    );
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut p| {
+            use std::io::Write;
+            p.stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{metrics}\n").as_bytes())?;
+            p.wait_with_output()
+        });
+    match checked {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => assert!(
+            std::env::var("CI").is_err(),
+            "promtool is needed under CI: {e}"
+        ),
+    }
+
+    b.close().await;
+    stop(host);
+    let log = host_log(d);
+    assert!(log.contains("a human reply was queued"), "{log}");
+}
+
+async fn b_url(b: &browser::Browser) -> String {
+    b.script("return location.href")
+        .await
+        .as_str()
+        .unwrap()
+        .to_string()
+}
