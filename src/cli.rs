@@ -52,15 +52,32 @@ pub enum Command {
         #[arg(long)]
         campaign: String,
     },
-    /// Campaigns, accounts and dialog counts by status.
-    Status,
-    /// List dialogs.
+    /// Campaigns with their funnels, accounts, dialog counts by status.
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List dialogs: a header row, then one tab-separated line each.
     Dialogs {
         #[arg(long)]
         campaign: Option<String>,
+        /// A status, or `finished:OUTCOME`.
         #[arg(long)]
         status: Option<String>,
+        /// Finished dialogs with this outcome.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
+    /// Answer a dialog as a human; the message goes through the account's
+    /// limits like every other (at once while a host runs, else when one
+    /// starts).
+    Reply { dialog: DialogId, text: String },
+    /// Give a handed-off dialog back to its engine.
+    Handback { dialog: DialogId },
     /// Print one dialog's transcript.
     Dialog { id: DialogId },
     /// Put back into their audiences the contacts of dialogs that ended in
@@ -159,10 +176,21 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Check => check(&cli.config),
-        Command::Status => status(&cli.config),
-        Command::Dialogs { campaign, status } => {
-            dialogs(&cli.config, campaign.as_deref(), status.as_deref())
-        }
+        Command::Status { json } => status(&cli.config, json),
+        Command::Dialogs {
+            campaign,
+            status,
+            outcome,
+            json,
+        } => dialogs(&cli.config, campaign, status, outcome, json),
+        Command::Reply { dialog, text } => report(
+            &Config::load(&cli.config)?,
+            control::Request::Reply { dialog, text },
+        ),
+        Command::Handback { dialog } => report(
+            &Config::load(&cli.config)?,
+            control::Request::Handback { dialog },
+        ),
         Command::Dialog { id } => dialog(&cli.config, id),
         Command::ReleaseContacts { campaign } => release_contacts(&cli.config, campaign.as_deref()),
         Command::Run => run_host(&cli.config),
@@ -641,9 +669,33 @@ fn report_from(
     request: &control::Request,
 ) -> Result<String, Failure> {
     Ok(match request {
-        control::Request::Status => report::status(config, Some(store), &[])?,
-        control::Request::Dialogs { campaign, status } => {
-            report::dialogs(store, campaign.as_deref(), status.as_deref())?
+        control::Request::Status { json } => report::status(config, Some(store), &[], *json)?,
+        control::Request::Dialogs {
+            campaign,
+            status,
+            outcome,
+            json,
+        } => report::dialogs(
+            store,
+            &report::DialogFilter {
+                campaign: campaign.as_deref(),
+                status: status.as_deref(),
+                outcome: outcome.as_deref(),
+            },
+            *json,
+        )?,
+        control::Request::Reply { dialog, text } => {
+            let key = crate::model::IdempotencyKey(rand::random());
+            let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+            crate::host::takeover::queue_human(store, *dialog, text, key, now)
+                .map_err(|e| input("", e))?;
+            store.flush()?;
+            format!("queued in dialog {dialog}; it goes out when a host runs and the account's limits allow\n")
+        }
+        control::Request::Handback { dialog } => {
+            crate::host::takeover::hand_back(store, *dialog).map_err(|e| input("", e))?;
+            store.flush()?;
+            format!("dialog {dialog} is the engine's again\n")
         }
         control::Request::Dialog { id } => {
             report::dialog(store, *id)?.ok_or_else(|| no_dialog(*id))?
@@ -654,9 +706,12 @@ fn report_from(
 
 fn report_without_store(config: &Config, request: &control::Request) -> Result<String, Failure> {
     match request {
-        control::Request::Status => Ok(report::status(config, None, &[])?),
-        control::Request::Dialogs { .. } => Ok(String::new()),
-        control::Request::Dialog { id } => Err(no_dialog(*id)),
+        control::Request::Status { json } => Ok(report::status(config, None, &[], *json)?),
+        control::Request::Dialogs { json: true, .. } => Ok(String::new()),
+        control::Request::Dialogs { json: false, .. } => Ok(report::DIALOGS_HEADER.to_string()),
+        control::Request::Dialog { id }
+        | control::Request::Reply { dialog: id, .. }
+        | control::Request::Handback { dialog: id } => Err(no_dialog(*id)),
         control::Request::Backup { .. } => Err(input(
             "",
             format!(
@@ -667,21 +722,29 @@ fn report_without_store(config: &Config, request: &control::Request) -> Result<S
     }
 }
 
-fn status(config_path: &Path) -> Result<(), Failure> {
-    report(&Config::load(config_path)?, control::Request::Status)
+fn status(config_path: &Path, json: bool) -> Result<(), Failure> {
+    report(
+        &Config::load(config_path)?,
+        control::Request::Status { json },
+    )
 }
 
 fn dialogs(
     config_path: &Path,
-    campaign: Option<&str>,
-    status: Option<&str>,
+    campaign: Option<String>,
+    status: Option<String>,
+    outcome: Option<String>,
+    json: bool,
 ) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
-    if let Some(c) = campaign.filter(|c| config.campaign(c).is_none()) {
+    if let Some(c) = campaign.as_deref().filter(|c| config.campaign(c).is_none()) {
         return Err(no_such_campaign(&config, c));
     }
-    if let Some(s) = status {
-        if crate::model::DialogStatus::tag_of(s).is_none() {
+    if let Some(s) = status.as_deref() {
+        let label = s.split_once(':').map_or(s, |(label, _)| label);
+        if crate::model::DialogStatus::tag_of(label).is_none()
+            || (label != "finished" && label != s)
+        {
             return Err(Failure::Input(Problems(vec![Problem::new(
                 "--status",
                 format!(
@@ -694,8 +757,10 @@ fn dialogs(
     report(
         &config,
         control::Request::Dialogs {
-            campaign: campaign.map(str::to_string),
-            status: status.map(str::to_string),
+            campaign,
+            status,
+            outcome,
+            json,
         },
     )
 }

@@ -5,6 +5,9 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// What is logged without `RUST_LOG`.
+const DEFAULT_FILTER: &str = "info,sled=off,pagecache=off,grammers_session=warn,grammers_mtsender=warn,grammers_client=warn,hyper=warn,reqwest=warn";
+
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -15,7 +18,11 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The libraries' own lines are off unless asked for by name
+    // (`RUST_LOG=info,sled=debug`): sled reports what the store then says
+    // in one sentence, dozens of times and as debug dumps.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     // A log line that cannot be written (stderr is a pipe nobody reads any
     // more) is dropped: the default would report it with `eprintln!`, which
     // panics on that same closed stderr, in whatever task was logging.

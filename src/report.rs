@@ -8,41 +8,119 @@ use crate::config::Config;
 use crate::model::{Delivery, DialogId, DialogStatus, Direction};
 use crate::store::{Store, StoreError};
 
-/// Campaigns, accounts and dialog counts by status.
-/// `links` are the accounts' Telegram connections, when a host runs them.
+/// Campaigns (with their funnels, automatic pauses and engine load
+/// errors), accounts, dialog counts by status and the do-not-contact list.
+/// `links` are the accounts' Telegram connections, when a host runs them;
+/// `json` gives one JSON object instead of text.
 pub fn status(
     config: &Config,
     store: Option<&Store>,
     links: &[(String, &'static str)],
+    json: bool,
 ) -> Result<String, StoreError> {
-    let mut out = String::new();
+    let funnels = match store {
+        Some(s) => funnels(config, s)?,
+        None => Vec::new(),
+    };
+    let mut campaigns = Vec::new();
     for c in &config.file.campaigns {
-        let left: usize = match store {
-            Some(s) => c.audiences.iter().map(|a| s.uncontacted_count(a)).sum(),
-            None => 0,
-        };
-        let why = match store {
+        let paused_itself = match store {
             Some(s) if c.status != crate::config::CampaignStatus::Active => {
                 crate::host::pause::reason(s, &c.name)?
-                    .map(|p| format!(" (paused itself at {}: {})", p.at.to_rfc3339(), p.reason))
-                    .unwrap_or_default()
             }
-            _ => String::new(),
+            _ => None,
         };
+        let funnel = funnels
+            .iter()
+            .find(|f| f.campaign == c.name)
+            .map(|f| f.total.clone())
+            .unwrap_or_default();
+        campaigns.push((c, paused_itself, funnel));
+    }
+    let mut accounts = Vec::new();
+    for a in &config.file.accounts {
+        let record = match store {
+            Some(s) => Some(s.account(&a.name)?),
+            None => None,
+        };
+        let link = links.iter().find(|(n, _)| *n == a.name).map(|(_, l)| *l);
+        accounts.push((a, record, link));
+    }
+    let counts = match store {
+        Some(s) => Some(s.dialog_counts()?),
+        None => None,
+    };
+    let dnc = match store {
+        Some(s) => Some(s.do_not_contact_list()?.len()),
+        None => None,
+    };
+    if json {
+        let value = serde_json::json!({
+            "campaigns": campaigns.iter().map(|(c, paused, f)| serde_json::json!({
+                "name": c.name,
+                "status": c.status.label(),
+                "paused_itself": paused.as_ref().map(|p| serde_json::json!({"at": p.at.to_rfc3339(), "reason": p.reason})),
+                "engine": c.engine,
+                "accounts": c.accounts,
+                "audiences": c.audiences,
+                "funnel": f,
+                "reply_rate": f.reply_rate(),
+            })).collect::<Vec<_>>(),
+            "accounts": accounts.iter().map(|(a, r, link)| serde_json::json!({
+                "name": a.name,
+                "status": r.as_ref().map_or("active", |r| r.status.label()),
+                "until": r.as_ref().and_then(|r| match &r.status {
+                    crate::model::AccountStatus::FloodWait { until }
+                    | crate::model::AccountStatus::SpamLimited { until } => Some(until.to_rfc3339()),
+                    _ => None,
+                }),
+                "sends_last_day": r.as_ref().map_or(0, |r| r.sends.len()),
+                "connection": link,
+            })).collect::<Vec<_>>(),
+            "dialogs": counts.as_ref().map(|c| c.iter().map(|(l, n)| ((*l).to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>()),
+            "do_not_contact": dnc,
+        });
+        return Ok(format!("{value}\n"));
+    }
+    let mut out = String::new();
+    for (c, paused, f) in &campaigns {
+        let why = paused
+            .as_ref()
+            .map(|p| format!(" (paused itself at {}: {})", p.at.to_rfc3339(), p.reason))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "campaign {}: {}{why}, engine {}, accounts {}, audiences {} ({left} contacts not yet contacted)",
+            "campaign {}: {}{why}, engine {}, accounts {}, audiences {} ({} contacts not yet contacted)",
             c.name,
             c.status.label(),
             c.engine,
             c.accounts.join(", "),
-            c.audiences.join(", ")
+            c.audiences.join(", "),
+            f.not_contacted
         );
+        if store.is_some() {
+            let outcomes: String = f
+                .outcomes
+                .iter()
+                .map(|(label, n)| format!(", finished:{label} {n}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  funnel: opened {}, delivered {}, replied {} ({:.1}%){outcomes}, handoff {}, dead {}, opted out {}, error {}",
+                f.opened,
+                f.delivered,
+                f.replied,
+                100.0 * f.reply_rate(),
+                f.handoff,
+                f.dead,
+                f.opted_out,
+                f.error
+            );
+        }
     }
-    for a in &config.file.accounts {
-        let (state, sent) = match store {
-            Some(s) => {
-                let r = s.account(&a.name)?;
+    for (a, record, link) in &accounts {
+        let (state, sent) = match record {
+            Some(r) => {
                 let until = match &r.status {
                     crate::model::AccountStatus::FloodWait { until }
                     | crate::model::AccountStatus::SpamLimited { until } => {
@@ -54,10 +132,8 @@ pub fn status(
             }
             None => ("active".to_string(), 0),
         };
-        let link = links
-            .iter()
-            .find(|(n, _)| *n == a.name)
-            .map(|(_, l)| format!(", Telegram connection {l}"))
+        let link = link
+            .map(|l| format!(", Telegram connection {l}"))
             .unwrap_or_default();
         let _ = writeln!(
             out,
@@ -65,16 +141,13 @@ pub fn status(
             a.name
         );
     }
-    match store {
-        Some(s) => {
-            let parts: Vec<String> = s
-                .dialog_counts()?
-                .iter()
-                .map(|(l, n)| format!("{l} {n}"))
-                .collect();
+    match (counts, dnc) {
+        (Some(counts), Some(dnc)) => {
+            let parts: Vec<String> = counts.iter().map(|(l, n)| format!("{l} {n}")).collect();
             let _ = writeln!(out, "dialogs: {}", parts.join(", "));
+            let _ = writeln!(out, "do-not-contact: {dnc} contacts");
         }
-        None => {
+        _ => {
             let _ = writeln!(
                 out,
                 "dialogs: none yet (no store in {})",
@@ -93,33 +166,78 @@ fn status_text(s: &DialogStatus) -> String {
     }
 }
 
-/// One line per dialog: id, campaign, account, contact, status, last activity.
-pub fn dialogs(
-    store: &Store,
-    campaign: Option<&str>,
-    status: Option<&str>,
-) -> Result<String, StoreError> {
+/// The first line of `dialogs`' text.
+pub const DIALOGS_HEADER: &str = "id\tcampaign\taccount\tcontact\tstatus\tlast_activity\n";
+
+/// Which dialogs `dialogs` lists.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DialogFilter<'a> {
+    pub campaign: Option<&'a str>,
+    /// A status label, or `finished:OUTCOME`.
+    pub status: Option<&'a str>,
+    pub outcome: Option<&'a str>,
+}
+
+impl DialogFilter<'_> {
+    fn admits(&self, d: &crate::model::Dialog) -> bool {
+        let (status, outcome) = match self.status.and_then(|s| s.split_once(':')) {
+            Some((s, o)) => (Some(s), Some(o)),
+            None => (self.status, self.outcome),
+        };
+        let finished_as = match &d.status {
+            DialogStatus::Finished { outcome } => Some(outcome.as_str()),
+            _ => None,
+        };
+        self.campaign.is_none_or(|c| c == d.campaign)
+            && status.is_none_or(|s| s == d.status.label())
+            && outcome.is_none_or(|o| finished_as == Some(o))
+    }
+}
+
+/// The dialogs the filter admits, oldest first: a header row, then one
+/// tab-separated line each (id, campaign, account, contact, status, last
+/// activity), or JSON lines with `json`.
+pub fn dialogs(store: &Store, filter: &DialogFilter<'_>, json: bool) -> Result<String, StoreError> {
     let mut out = String::new();
+    if !json {
+        out.push_str(DIALOGS_HEADER);
+    }
     for d in store.all_dialogs() {
         let d = d?;
-        if campaign.is_some_and(|c| c != d.campaign)
-            || status.is_some_and(|s| s != d.status.label())
-        {
+        if !filter.admits(&d) {
             continue;
         }
         let who = store
             .contact(d.contact)?
             .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
-        let _ = writeln!(
-            out,
-            "{}\t{}\t{}\t{}\t{}\t{}",
-            d.id,
-            d.campaign,
-            d.account,
-            who,
-            status_text(&d.status),
-            d.last_activity().to_rfc3339()
-        );
+        if json {
+            let outcome = match &d.status {
+                DialogStatus::Finished { outcome } => Some(outcome.as_str()),
+                _ => None,
+            };
+            let line = serde_json::json!({
+                "id": d.id,
+                "campaign": d.campaign,
+                "account": d.account,
+                "contact": who,
+                "status": d.status.label(),
+                "outcome": outcome,
+                "started_at": d.started_at.to_rfc3339(),
+                "last_activity": d.last_activity().to_rfc3339(),
+            });
+            let _ = writeln!(out, "{line}");
+        } else {
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                d.id,
+                d.campaign,
+                d.account,
+                who,
+                status_text(&d.status),
+                d.last_activity().to_rfc3339()
+            );
+        }
     }
     Ok(out)
 }

@@ -313,6 +313,7 @@ fn replies_wait_for_the_fix(reply_delay: &str) {
         let dialogs = text(&colloquy(d, &["dialogs"]));
         let ids: Vec<String> = dialogs
             .lines()
+            .skip(1) // the header
             .filter_map(|l| l.split('\t').next().map(str::to_string))
             .collect();
         ids.len() == 3

@@ -354,3 +354,50 @@ fn reporting_commands_refuse_an_unknown_campaign_status_or_dialog() {
     let (code, stderr) = run(&["dialogs", "--campaign", "spring"]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn dialogs_and_status_speak_json_and_filter_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = std::fs::read_to_string(root.join("config.toml"))
+        .unwrap()
+        .replace(
+            "tests/personas/",
+            &format!("{}/tests/personas/", root.display()),
+        )
+        .replace(
+            "tests/fixtures/",
+            &format!("{}/tests/fixtures/", root.display()),
+        )
+        .replace("\"engines\"", &format!("\"{}/engines\"", root.display()))
+        .replace("\"scripts\"", &format!("\"{}/scripts\"", root.display()))
+        .replace(
+            "engines/prompts/",
+            &format!("{}/engines/prompts/", root.display()),
+        );
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_colloquy"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, listed) = run(&["dialogs", "--status", "finished:booked"]);
+    assert_eq!(code, 0, "{listed}");
+    assert_eq!(
+        listed,
+        "id\tcampaign\taccount\tcontact\tstatus\tlast_activity\n"
+    );
+    let (code, listed) = run(&["dialogs", "--outcome", "booked", "--json"]);
+    assert_eq!((code, listed.as_str()), (0, ""));
+    let (code, status) = run(&["status", "--json"]);
+    assert_eq!(code, 0, "{status}");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["campaigns"][0]["name"], "spring");
+    assert_eq!(v["accounts"][1]["name"], "bob");
+}

@@ -212,3 +212,67 @@ fn a_damaged_or_replaced_store_is_refused() {
         assert!(opened.insert(&l.contact), "{} was opened twice", l.contact);
     }
 }
+
+/// The data_dir on a small tmpfs, filled up by another file while the host
+/// opens dialogs: the host says so in one sentence, sends nothing it has
+/// not recorded, and once there is room again the store holds every
+/// message that went out and the host runs on. Needs the right to mount
+/// (root, as on the CI machine); elsewhere it says so and skips.
+#[test]
+fn a_full_disk_loses_nothing_and_says_so() {
+    let dir = common::project(3000, CONFIG);
+    let d = dir.path();
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&data)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let host = run(d);
+    eventually("openings", || {
+        host_log(d).contains("dialog opened") && not_yet_contacted(d) < 2980
+    });
+    // Another program takes the rest of the disk.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // The store meets it when sled needs room (it fills its file first),
+    // the simulated world when it logs its next message.
+    eventually("the host to meet the full disk", || {
+        let log = host_log(d);
+        log.contains("the disk holding data_dir is full")
+            || log.contains("the simulated world cannot write its log")
+    });
+    let log = host_log(d);
+    assert!(!log.contains("Os {"), "a debug dump: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("alert=DiskFull"), "{log}");
+
+    // Room again: everything that went out is in the store, and the host
+    // goes on.
+    std::fs::remove_file(&filler).unwrap();
+    stop(host);
+    let config = colloquy::config::Config::load(&d.join("config.toml")).unwrap();
+    let store = colloquy::store::Store::open(&data).unwrap();
+    let wire = common::read_wire(&data.join("sim/wire.jsonl"));
+    let summary = common::check(&config, &store, &wire, false);
+    assert!(summary.openings >= 20, "{summary:?}");
+    drop(store);
+    run_until_opened(d, 5);
+}

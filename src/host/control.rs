@@ -19,10 +19,15 @@ use crate::report;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
-    Status,
+    Status {
+        json: bool,
+    },
     Dialogs {
         campaign: Option<String>,
+        /// A status label, or `finished:OUTCOME`.
         status: Option<String>,
+        outcome: Option<String>,
+        json: bool,
     },
     Dialog {
         id: u64,
@@ -30,6 +35,15 @@ pub enum Request {
     /// `colloquy backup DEST`: the host copies its store.
     Backup {
         dest: String,
+    },
+    /// `colloquy reply DIALOG TEXT`: a human's answer.
+    Reply {
+        dialog: u64,
+        text: String,
+    },
+    /// `colloquy handback DIALOG`.
+    Handback {
+        dialog: u64,
     },
 }
 
@@ -104,7 +118,7 @@ pub async fn serve(host: Arc<Host>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn answer(host: &Host, token: &str, line: &str) -> Reply {
+fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
     let fail = |text: String| Reply { ok: false, text };
     let Ok(env) = serde_json::from_str::<Envelope>(line) else {
         return fail("the request is not understood".into());
@@ -113,18 +127,50 @@ fn answer(host: &Host, token: &str, line: &str) -> Reply {
         return fail("the control token is wrong".into());
     }
     let config = host.config();
-    let text = match env.request {
-        Request::Status => report::status(&config, Some(&host.store), &host.transport.links()),
-        Request::Dialogs { campaign, status } => {
-            report::dialogs(&host.store, campaign.as_deref(), status.as_deref())
-        }
-        Request::Dialog { id } => match report::dialog(&host.store, id) {
-            Ok(Some(t)) => Ok(t),
-            Ok(None) => return fail(format!("dialog: there is no dialog {id}")),
-            Err(e) => Err(e),
-        },
-        Request::Backup { dest } => report::backup(&host.store, Path::new(&dest)),
-    };
+    let text =
+        match env.request {
+            Request::Status { json } => {
+                report::status(&config, Some(&host.store), &host.transport.links(), json)
+            }
+            Request::Dialogs {
+                campaign,
+                status,
+                outcome,
+                json,
+            } => report::dialogs(
+                &host.store,
+                &report::DialogFilter {
+                    campaign: campaign.as_deref(),
+                    status: status.as_deref(),
+                    outcome: outcome.as_deref(),
+                },
+                json,
+            ),
+            Request::Reply { dialog, text } => return match host.reply_as_human(dialog, &text) {
+                Ok(()) => Reply {
+                    ok: true,
+                    text: format!(
+                        "queued in dialog {dialog}; it goes out when the account's limits allow\n"
+                    ),
+                },
+                Err(e) => fail(e),
+            },
+            Request::Handback { dialog } => {
+                return match host.hand_back(dialog) {
+                    Ok(()) => Reply {
+                        ok: true,
+                        text: format!("dialog {dialog} is the engine's again\n"),
+                    },
+                    Err(e) => fail(e),
+                }
+            }
+            Request::Dialog { id } => match report::dialog(&host.store, id) {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => return fail(format!("dialog: there is no dialog {id}")),
+                Err(e) => Err(e),
+            },
+            Request::Backup { dest } => report::backup(&host.store, Path::new(&dest)),
+        };
     match text {
         Ok(text) => Reply { ok: true, text },
         Err(e) => fail(e.to_string()),

@@ -17,7 +17,7 @@ pub(crate) mod optout;
 pub mod pause;
 mod reviver;
 mod runner;
-mod takeover;
+pub mod takeover;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -118,8 +118,12 @@ fn append(file: &Mutex<File>, text: &str) {
     let mut line = String::with_capacity(text.len() + 1);
     line.push_str(text);
     line.push('\n');
+    // Said once, not once a message, until a write succeeds again.
+    static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = f.write_all(line.as_bytes()) {
+    let written = f.write_all(line.as_bytes());
+    let was_failing = FAILING.swap(written.is_err(), std::sync::atomic::Ordering::Relaxed);
+    if let (Err(e), false) = (written, was_failing) {
         tracing::error!("the simulated world cannot write its log: {e}");
     }
 }

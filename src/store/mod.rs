@@ -316,7 +316,16 @@ struct Counts {
     claims: AtomicU64,
 }
 
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+/// A flush's outcome as its waiters get it: a full disk kept apart, so
+/// that it reads as its own sentence.
+#[derive(Clone)]
+enum Flushed {
+    Done,
+    DiskFull,
+    Failed(String),
+}
+
+type FlushWaiter = tokio::sync::oneshot::Sender<Flushed>;
 type FlushQueue = std::sync::mpsc::Sender<FlushWaiter>;
 
 fn mark(accounts: &accounts::AccountCache, counts: &Counts) -> witness::Mark {
@@ -345,8 +354,12 @@ fn group_flush(
                 let mut waiters = vec![first];
                 waiters.extend(rx.try_iter());
                 let mark = mark();
-                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                if let (Ok(()), Some(witness)) = (&result, &witness) {
+                let result = match db.flush().map_err(StoreError::from) {
+                    Ok(_) => Flushed::Done,
+                    Err(StoreError::DiskFull) => Flushed::DiskFull,
+                    Err(e) => Flushed::Failed(e.to_string()),
+                };
+                if let (Flushed::Done, Some(witness)) = (&result, &witness) {
                     witness.saw(mark, false);
                 }
                 for w in waiters {
@@ -955,7 +968,11 @@ impl Store {
             if queue.send(tx).is_ok() {
                 let hold = self.hold_clock.load(Ordering::Relaxed);
                 if let Some(result) = crate::concurrent::receive(rx, hold).await {
-                    return result.map_err(StoreError::Storage);
+                    return match result {
+                        Flushed::Done => Ok(()),
+                        Flushed::DiskFull => Err(StoreError::DiskFull),
+                        Flushed::Failed(e) => Err(StoreError::Storage(e)),
+                    };
                 }
             }
         }

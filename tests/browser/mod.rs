@@ -93,19 +93,67 @@ impl Browser {
         }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, Value> {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let request = self.http.request(method.clone(), url);
         let request = if method == reqwest::Method::GET {
             request
         } else {
-            request.json(&body)
+            request.json(body)
         };
         let v: Value = request.send().await.unwrap().json().await.unwrap();
-        if v["value"].get("error").is_some() {
-            panic!("webdriver {path}: {}", v["value"]);
+        match v["value"].get("error") {
+            Some(_) => Err(v["value"].clone()),
+            None => Ok(v["value"].clone()),
         }
-        v["value"].clone()
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        self.try_call(method, path, &body)
+            .await
+            .unwrap_or_else(|e| panic!("webdriver {path}: {e}"))
+    }
+
+    /// Finds an element and acts on it, again while the page is still
+    /// being replaced (a form just posted): up to 10 s.
+    async fn on_element(
+        &self,
+        css: &str,
+        method: reqwest::Method,
+        action: &str,
+        body: Value,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .try_call(
+                    reqwest::Method::POST,
+                    "/element",
+                    &json!({"using": "css selector", "value": css}),
+                )
+                .await;
+            let done = match found {
+                Ok(v) => {
+                    let e = v[ELEMENT].as_str().unwrap_or_default().to_string();
+                    self.try_call(method.clone(), &format!("/element/{e}{action}"), &body)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(v) => return v,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("webdriver {css}{action}: {e}"),
+            }
+        }
     }
 
     pub async fn goto(&self, url: &str) {
@@ -113,52 +161,28 @@ impl Browser {
             .await;
     }
 
-    async fn find(&self, css: &str) -> String {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                "/element",
-                json!({"using": "css selector", "value": css}),
-            )
-            .await;
-        v[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_string()
-    }
-
     pub async fn fill(&self, css: &str, text: &str) {
-        let e = self.find(css).await;
-        self.call(
+        self.on_element(
+            css,
             reqwest::Method::POST,
-            &format!("/element/{e}/value"),
+            "/value",
             json!({ "text": text }),
         )
         .await;
     }
 
     pub async fn click(&self, css: &str) {
-        let e = self.find(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{e}/click"),
-            json!({}),
-        )
-        .await;
+        self.on_element(css, reqwest::Method::POST, "/click", json!({}))
+            .await;
     }
 
     /// The text of the first element matching `css`, as the user sees it.
     pub async fn text(&self, css: &str) -> String {
-        let e = self.find(css).await;
-        self.call(
-            reqwest::Method::GET,
-            &format!("/element/{e}/text"),
-            json!({}),
-        )
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+        self.on_element(css, reqwest::Method::GET, "/text", json!({}))
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     pub async fn source(&self) -> String {
