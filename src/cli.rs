@@ -78,6 +78,20 @@ pub enum Command {
     Reply { dialog: DialogId, text: String },
     /// Give a handed-off dialog back to its engine.
     Handback { dialog: DialogId },
+    /// Write a campaign's dialogs, their messages, or the do-not-contact
+    /// list to stdout, as CSV or JSON lines.
+    Export {
+        #[arg(long)]
+        campaign: Option<String>,
+        #[arg(long, value_enum)]
+        what: crate::export::What,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::export::Format,
+        /// A time (2026-12-01, 2026-12-01T08:00:00Z) or a duration back
+        /// from now (7d).
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Print one dialog's transcript.
     Dialog { id: DialogId },
     /// Put back into their audiences the contacts of dialogs that ended in
@@ -187,6 +201,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             &Config::load(&cli.config)?,
             control::Request::Reply { dialog, text },
         ),
+        Command::Export {
+            campaign,
+            what,
+            format,
+            since,
+        } => export(&cli.config, campaign, what, format, since.as_deref()),
         Command::Handback { dialog } => report(
             &Config::load(&cli.config)?,
             control::Request::Handback { dialog },
@@ -640,10 +660,10 @@ fn report(config: &Config, request: control::Request) -> Result<(), Failure> {
             Source::Nothing => report_without_store(config, &request)?,
             Source::Store(store) => report_from(config, &store, &request)?,
             Source::Host => match control::ask(&config.data_dir(), request.clone()) {
-                Ok(control::Reply { ok: true, text }) => text,
-                Ok(control::Reply { ok: false, text }) => {
-                    return Err(Failure::Input(Problems(vec![Problem::new("", text)])))
-                }
+                Ok(control::Reply { ok: true, text, .. }) => text,
+                Ok(control::Reply {
+                    ok: false, text, ..
+                }) => return Err(Failure::Input(Problems(vec![Problem::new("", text)]))),
                 Err(_) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
@@ -701,13 +721,16 @@ fn report_from(
             report::dialog(store, *id)?.ok_or_else(|| no_dialog(*id))?
         }
         control::Request::Backup { dest } => report::backup(store, Path::new(dest))?,
+        control::Request::Export(_) => String::new(), // streamed by `export`
     })
 }
 
 fn report_without_store(config: &Config, request: &control::Request) -> Result<String, Failure> {
     match request {
         control::Request::Status { json } => Ok(report::status(config, None, &[], *json)?),
-        control::Request::Dialogs { json: true, .. } => Ok(String::new()),
+        control::Request::Dialogs { json: true, .. } | control::Request::Export(_) => {
+            Ok(String::new())
+        }
         control::Request::Dialogs { json: false, .. } => Ok(report::DIALOGS_HEADER.to_string()),
         control::Request::Dialog { id }
         | control::Request::Reply { dialog: id, .. }
@@ -720,6 +743,56 @@ fn report_without_store(config: &Config, request: &control::Request) -> Result<S
             ),
         )),
     }
+}
+
+fn export(
+    config_path: &Path,
+    campaign: Option<String>,
+    what: crate::export::What,
+    format: crate::export::Format,
+    since: Option<&str>,
+) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    if let Some(c) = campaign.as_deref().filter(|c| config.campaign(c).is_none()) {
+        return Err(no_such_campaign(&config, c));
+    }
+    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    let since = since
+        .map(|s| crate::export::parse_since(s, now))
+        .transpose()
+        .map_err(|e| input("--since", e))?;
+    let export = crate::export::Export {
+        campaign,
+        what,
+        format,
+        since,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let deadline = std::time::Instant::now() + HOST_STARTING;
+    loop {
+        match source(&config)? {
+            Source::Nothing => return Ok(()),
+            Source::Store(store) => {
+                crate::export::write(&store, &export, &mut out)?;
+                break;
+            }
+            Source::Host => match control::ask_streaming(
+                &config.data_dir(),
+                control::Request::Export(export.clone()),
+                &mut out,
+            ) {
+                Ok(control::Reply { ok: true, .. }) => break,
+                Ok(control::Reply { text, .. }) => return Err(input("", text)),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(Failure::Other(e)),
+            },
+        }
+    }
+    std::io::Write::flush(&mut out)
+        .map_err(|e| Failure::Other(format!("cannot write the export: {e}")))
 }
 
 fn status(config_path: &Path, json: bool) -> Result<(), Failure> {

@@ -36,6 +36,7 @@ pub mod concurrent;
 pub mod config;
 pub mod console;
 pub mod engine;
+pub mod export;
 pub mod host;
 pub mod logging;
 pub mod model;

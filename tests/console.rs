@@ -147,10 +147,10 @@ async fn an_operator_runs_the_campaign_from_the_console() {
     b.screenshot(&shots().join("login.png")).await;
     b.fill("input[name=token]", "not-the-token").await;
     b.click("button").await;
-    assert!(b.source().await.contains("That token is not this host"));
+    b.wait_text("p.error", "That token is not this host").await;
     b.fill("input[name=token]", token.trim()).await;
     b.click("button").await;
-    assert!(b.text("h1").await.contains("Campaigns"));
+    b.wait_text("h1", "Campaigns").await;
 
     // The funnel's numbers are the store's.
     let opened = b.text("[data-metric=opened] dd").await;
@@ -174,14 +174,14 @@ async fn an_operator_runs_the_campaign_from_the_console() {
             .contains("status = \"paused\"")
     })
     .await;
-    assert!(b.source().await.contains("Resume"));
+    b.wait_text("section.campaign form button", "Resume").await;
     let paused_at = openings(d);
 
     // The inbox: a handed-off dialog, the stranger's script as text.
     b.goto(&format!("{console}/inbox")).await;
     b.screenshot(&shots().join("inbox.png")).await;
     b.click("table.dialogs a").await;
-    let shown = b.text("ol.transcript").await;
+    let shown = b.wait_text("ol.transcript", "tell me more").await;
     assert!(
         shown.contains("<script>document.title='owned'</script> tell me more"),
         "{shown}"
@@ -209,18 +209,18 @@ async fn an_operator_runs_the_campaign_from_the_console() {
     b.goto(&b_url(&b).await).await;
     assert!(b.text("ol.transcript").await.contains(human));
     b.click("form[action$=handback] button").await;
-    assert!(b.text("p.meta").await.contains("active"));
+    b.wait_text("p.meta", "active").await;
 
     // Do not contact: add one by hand, remove it, find the audit.
     b.goto(&format!("{console}/dnc")).await;
     b.fill("input[name=contact]", "contact_0299").await;
     b.fill("input[name=why]", "asked by phone").await;
     b.click("form[action='/dnc/add'] button").await;
-    assert!(b.text("table.dnc").await.contains("contact_0299"));
+    b.wait_text("table.dnc", "contact_0299").await;
     b.screenshot(&shots().join("dnc.png")).await;
     b.click("table.dnc input[name=confirm]").await;
     b.click("table.dnc button").await;
-    let audit = b.text("table.audit").await;
+    let audit = b.wait_text("table.audit", "removed").await;
     assert!(
         audit.contains("removed") && audit.contains("added"),
         "{audit}"
@@ -296,7 +296,34 @@ async fn an_operator_runs_the_campaign_from_the_console() {
         wire(d).iter().any(|l| l.text == later)
     })
     .await;
+    // Export while the host runs: the human's answers are there.
+    let exported = text(&colloquy(
+        d,
+        &[
+            "export",
+            "--what",
+            "messages",
+            "--campaign",
+            "spring",
+            "--format",
+            "jsonl",
+        ],
+    ));
+    let human_lines: Vec<serde_json::Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "human")
+        .collect();
+    assert_eq!(human_lines.len(), 3, "{exported}");
     stop(host);
+    // And with no host: one CSV row per dialog, under a header.
+    let csv = text(&colloquy(d, &["export", "--what", "dialogs"]));
+    let listed = text(&colloquy(d, &["dialogs"]));
+    assert!(
+        csv.starts_with("dialog,campaign,account,contact,status,outcome,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), listed.lines().count());
 }
 
 async fn b_url(b: &browser::Browser) -> String {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use super::Host;
 use crate::report;
@@ -45,6 +44,8 @@ pub enum Request {
     Handback {
         dialog: u64,
     },
+    /// `colloquy export`: the records follow the reply line.
+    Export(crate::export::Export),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +59,9 @@ struct Envelope {
 pub struct Reply {
     pub ok: bool,
     pub text: String,
+    /// Records follow on the connection (an export).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,24 +97,13 @@ pub async fn serve(host: Arc<Host>) -> std::io::Result<()> {
             let Ok((sock, _)) = conn else { continue };
             let h = h.clone();
             let token = token.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = sock.into_split();
-                let mut line = String::new();
-                let mut reader = tokio::io::BufReader::new(read);
-                if reader.read_line(&mut line).await.is_err() {
-                    return;
-                }
-                // Reports read the store, and a backup copies it: off
-                // the runtime's threads.
-                let reply = tokio::task::spawn_blocking(move || answer(&h, &token, &line))
-                    .await
-                    .unwrap_or_else(|e| Reply {
-                        ok: false,
-                        text: format!("the host failed to answer ({e})"),
-                    });
-                let mut out = serde_json::to_string(&reply).unwrap_or_default();
-                out.push('\n');
-                let _ = write.write_all(out.as_bytes()).await;
+            // Reports read the store, a backup copies it and an export
+            // streams it: each connection is served off the runtime's
+            // threads, as plain blocking IO.
+            tokio::task::spawn_blocking(move || {
+                let Ok(sock) = sock.into_std() else { return };
+                let _ = sock.set_nonblocking(false);
+                serve_one(&h, &token, sock);
             });
         }
         let _ = std::fs::remove_file(&path);
@@ -118,67 +111,110 @@ pub async fn serve(host: Arc<Host>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
-    let fail = |text: String| Reply { ok: false, text };
-    let Ok(env) = serde_json::from_str::<Envelope>(line) else {
-        return fail("the request is not understood".into());
-    };
-    if env.token != token {
-        return fail("the control token is wrong".into());
+/// Answers one connection: one JSON line in, one JSON line out, then for
+/// an export its records.
+fn serve_one(host: &Arc<Host>, token: &str, sock: TcpStream) {
+    let mut line = String::new();
+    let Ok(read) = sock.try_clone() else { return };
+    if BufReader::new(read).read_line(&mut line).is_err() {
+        return;
     }
-    let config = host.config();
-    let text =
-        match env.request {
-            Request::Status { json } => {
-                report::status(&config, Some(&host.store), &host.transport.links(), json)
+    let mut out = std::io::BufWriter::new(sock);
+    if let Ok(Envelope {
+        token: given,
+        request: Request::Export(export),
+    }) = serde_json::from_str::<Envelope>(&line)
+    {
+        if given == token {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::json!({"ok": true, "text": "", "stream": true})
+            );
+            if let Err(e) = crate::export::write(&host.store, &export, &mut out) {
+                tracing::error!("an export stopped: {e}");
             }
-            Request::Dialogs {
-                campaign,
-                status,
-                outcome,
-                json,
-            } => report::dialogs(
-                &host.store,
-                &report::DialogFilter {
-                    campaign: campaign.as_deref(),
-                    status: status.as_deref(),
-                    outcome: outcome.as_deref(),
-                },
-                json,
-            ),
-            Request::Reply { dialog, text } => return match host.reply_as_human(dialog, &text) {
-                Ok(()) => Reply {
-                    ok: true,
-                    text: format!(
-                        "queued in dialog {dialog}; it goes out when the account's limits allow\n"
-                    ),
-                },
-                Err(e) => fail(e),
-            },
-            Request::Handback { dialog } => {
-                return match host.hand_back(dialog) {
-                    Ok(()) => Reply {
-                        ok: true,
-                        text: format!("dialog {dialog} is the engine's again\n"),
-                    },
-                    Err(e) => fail(e),
-                }
-            }
-            Request::Dialog { id } => match report::dialog(&host.store, id) {
-                Ok(Some(t)) => Ok(t),
-                Ok(None) => return fail(format!("dialog: there is no dialog {id}")),
-                Err(e) => Err(e),
-            },
-            Request::Backup { dest } => report::backup(&host.store, Path::new(&dest)),
-        };
-    match text {
-        Ok(text) => Reply { ok: true, text },
-        Err(e) => fail(e.to_string()),
+            let _ = out.flush();
+            return;
+        }
     }
+    let reply = answer(host, token, &line);
+    let mut text = serde_json::to_string(&reply).unwrap_or_default();
+    text.push('\n');
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
-/// Asks the host that runs on `data_dir`.
+fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
+    let reply = |result: Result<String, String>| match result {
+        Ok(text) => Reply {
+            ok: true,
+            text,
+            stream: false,
+        },
+        Err(text) => Reply {
+            ok: false,
+            text,
+            stream: false,
+        },
+    };
+    let Ok(env) = serde_json::from_str::<Envelope>(line) else {
+        return reply(Err("the request is not understood".into()));
+    };
+    if env.token != token {
+        return reply(Err("the control token is wrong".into()));
+    }
+    let config = host.config();
+    let store = |r: Result<String, crate::store::StoreError>| r.map_err(|e| e.to_string());
+    reply(match env.request {
+        Request::Status { json } => store(report::status(
+            &config,
+            Some(&host.store),
+            &host.transport.links(),
+            json,
+        )),
+        Request::Dialogs {
+            campaign,
+            status,
+            outcome,
+            json,
+        } => store(report::dialogs(
+            &host.store,
+            &report::DialogFilter {
+                campaign: campaign.as_deref(),
+                status: status.as_deref(),
+                outcome: outcome.as_deref(),
+            },
+            json,
+        )),
+        Request::Dialog { id } => match report::dialog(&host.store, id) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(format!("dialog: there is no dialog {id}")),
+            Err(e) => Err(e.to_string()),
+        },
+        Request::Backup { dest } => store(report::backup(&host.store, Path::new(&dest))),
+        Request::Reply { dialog, text } => host.reply_as_human(dialog, &text).map(|()| {
+            format!("queued in dialog {dialog}; it goes out when the account's limits allow\n")
+        }),
+        Request::Handback { dialog } => host
+            .hand_back(dialog)
+            .map(|()| format!("dialog {dialog} is the engine's again\n")),
+        // Streamed by `serve_one`.
+        Request::Export(_) => Err("the request is not understood".into()),
+    })
+}
+
+/// Asks the host that runs on `data_dir`; records that follow the reply
+/// (an export) are copied to `records`.
 pub fn ask(data_dir: &Path, request: Request) -> Result<Reply, String> {
+    ask_streaming(data_dir, request, &mut std::io::sink())
+}
+
+pub fn ask_streaming(
+    data_dir: &Path,
+    request: Request,
+    records: &mut dyn Write,
+) -> Result<Reply, String> {
     let path = control_path(data_dir);
     let unreachable = |why: String| {
         format!(
@@ -194,7 +230,7 @@ pub fn ask(data_dir: &Path, request: Request) -> Result<Reply, String> {
         TcpStream::connect(("127.0.0.1", file.port)).map_err(|e| unreachable(e.to_string()))?;
     // A backup copies the whole store before it answers.
     let wait = match request {
-        Request::Backup { .. } => Duration::from_secs(3600),
+        Request::Backup { .. } | Request::Export(_) => Duration::from_secs(3600),
         _ => Duration::from_secs(10),
     };
     stream.set_read_timeout(Some(wait)).ok();
@@ -208,10 +244,15 @@ pub fn ask(data_dir: &Path, request: Request) -> Result<Reply, String> {
         .write_all(line.as_bytes())
         .map_err(|e| unreachable(e.to_string()))?;
     let mut answer = String::new();
-    BufReader::new(stream)
+    let mut reader = BufReader::new(stream);
+    reader
         .read_line(&mut answer)
         .map_err(|e| unreachable(e.to_string()))?;
-    serde_json::from_str(&answer).map_err(|e| unreachable(e.to_string()))
+    let reply: Reply = serde_json::from_str(&answer).map_err(|e| unreachable(e.to_string()))?;
+    if reply.stream {
+        std::io::copy(&mut reader, records).map_err(|e| format!("the export stopped: {e}"))?;
+    }
+    Ok(reply)
 }
 
 /// Writes a file only its owner can read.

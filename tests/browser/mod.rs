@@ -185,6 +185,23 @@ impl Browser {
             .to_string()
     }
 
+    /// Waits (up to 10 s) until the element's text contains `want`: the
+    /// page a form post leads to may still be loading.
+    pub async fn wait_text(&self, css: &str, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.text(css).await;
+            if text.contains(want) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} never said {want:?}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn source(&self) -> String {
         self.call(reqwest::Method::GET, "/source", json!({}))
             .await
