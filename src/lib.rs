@@ -39,6 +39,7 @@ pub mod engine;
 pub mod export;
 pub mod host;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod report;
 pub mod safety;

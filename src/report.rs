@@ -158,7 +158,8 @@ pub fn status(
     Ok(out)
 }
 
-fn status_text(s: &DialogStatus) -> String {
+/// A status as `dialogs` shows it: `finished:booked`, `error:…`.
+pub fn status_text(s: &DialogStatus) -> String {
     match s {
         DialogStatus::Finished { outcome } => format!("finished:{outcome}"),
         DialogStatus::Error { reason } => format!("error:{reason}"),

@@ -234,10 +234,17 @@ async fn an_operator_runs_the_campaign_from_the_console() {
     // /metrics is valid for Prometheus.
     b.goto(&format!("{console}/metrics")).await;
     let metrics = b.text("body").await;
-    assert!(
-        metrics.contains("colloquy_dialogs{status=\"handoff\"}"),
-        "{metrics}"
-    );
+    for name in [
+        "colloquy_dialogs{status=\"handoff\"}",
+        "colloquy_messages_sent_total{kind=\"opening\",account=\"alice\"}",
+        "colloquy_messages_received_total{account=\"alice\"}",
+        "colloquy_send_seconds_bucket",
+        "colloquy_engine_call_seconds_bucket{engine=\"handing\",function=\"get_opening\"",
+        "colloquy_store_flush_seconds_count",
+        "colloquy_account_sends{account=\"alice\",window=\"hour\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} in {metrics}");
+    }
     let checked = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

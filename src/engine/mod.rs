@@ -307,6 +307,7 @@ impl EngineRuntime {
             .ok_or(EngineError::Stopped)?;
         let (tx, rx) = oneshot::channel();
         let function = call.function();
+        let started = std::time::Instant::now();
         worker.busy.fetch_add(1, Ordering::Relaxed);
         let task = Box::new(Task {
             engine: engine.to_string(),
@@ -322,6 +323,11 @@ impl EngineRuntime {
             _ = worker.lost.cancelled() => Err(stuck(engine, function)),
         };
         worker.busy.fetch_sub(1, Ordering::Relaxed);
+        let labels = [("engine", engine), ("function", function)];
+        crate::metrics::observe("colloquy_engine_call_seconds", &labels, started.elapsed());
+        if out.is_err() {
+            crate::metrics::count("colloquy_engine_errors_total", &labels);
+        }
         out
     }
 

@@ -488,7 +488,13 @@ async fn commit(
     }
     let outcomes = run_all(sending.iter().map(|s| send_in_order(host, s))).await;
     let mut settled = Vec::with_capacity(sending.len());
+    let mut sent_by_account: FxHashMap<String, u64> = FxHashMap::default();
     for (s, (sent, failed)) in sending.into_iter().zip(outcomes) {
+        if !sent.is_empty() {
+            *sent_by_account
+                .entry(s.recent.dialog.account.clone())
+                .or_default() += sent.len() as u64;
+        }
         settled.extend(sent);
         let id = s.recent.dialog.id;
         if let Some((m, error)) = failed {
@@ -502,6 +508,10 @@ async fn commit(
         }
     }
     host.safety.settle_batch(&flight, &settled)?;
+    for (account, n) in &sent_by_account {
+        let labels = [("kind", "reply"), ("account", account.as_str())];
+        crate::metrics::add("colloquy_messages_sent_total", &labels, *n);
+    }
     drop(gates);
     drop(locks);
     for dialog in later {

@@ -57,6 +57,13 @@ async fn step(
     }
     if let Some(ending) = &dialog.ending {
         let done = host.store.complete_ending(id)?;
+        tracing::info!(
+            dialog = id,
+            campaign = done.campaign,
+            account = done.account,
+            "the dialog ended: {}",
+            crate::report::status_text(&done.status)
+        );
         if *ending == DialogStatus::Handoff {
             host.alerts.raise(
                 Alert::new(
@@ -279,6 +286,10 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         {
             Decision::Allow => {}
             Decision::NotBefore(t) => {
+                crate::metrics::count(
+                    "colloquy_safety_waits_total",
+                    &[("account", &dialog.account)],
+                );
                 drop(_account);
                 tokio::select! {
                     _ = host.safety.wait_until(t) => {}
@@ -316,6 +327,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
                 continue;
             }
         }
+        let started = std::time::Instant::now();
         let result = host
             .transport
             .send(OutgoingMessage {
@@ -327,8 +339,24 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
             })
             .await;
         drop(gate);
+        crate::metrics::observe("colloquy_send_seconds", &[], started.elapsed());
         let error = match result {
-            Ok(d) => return settle_sent(host, d),
+            Ok(d) => {
+                crate::metrics::count(
+                    "colloquy_messages_sent_total",
+                    &[("kind", kind.label()), ("account", &dialog.account)],
+                );
+                if kind != MessageKind::Opening {
+                    tracing::info!(
+                        dialog = m.dialog,
+                        campaign = dialog.campaign,
+                        account = dialog.account,
+                        "sent a {}",
+                        kind.label().replace('_', "-")
+                    );
+                }
+                return settle_sent(host, d);
+            }
             Err(e) => e,
         };
         let reaction = host.safety.report(&Failure {

@@ -130,6 +130,7 @@ pub fn render(host: &Host) -> Result<String, StoreError> {
     for (kind, n) in host.alerts.counts() {
         let _ = writeln!(out, "colloquy_alerts_total{{kind=\"{kind}\"}} {n}");
     }
+    crate::metrics::render(&mut out);
     Ok(out)
 }
 

@@ -290,6 +290,12 @@ impl Host {
         let stored =
             self.store
                 .record_inbound(dialog, &m.account, m.transport_id, &m.text, m.at)?;
+        if stored.is_some() {
+            crate::metrics::count(
+                "colloquy_messages_received_total",
+                &[("account", &m.account)],
+            );
+        }
         let opted_out = stored.is_some() && self.opt_out().matches(&m.text);
         if opted_out {
             let d = self.store.opt_out(dialog)?;
@@ -425,11 +431,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             text,
         ));
     }
+    // Said once, by the alert the safety core raises.
     for account in unauthorized {
-        tracing::error!(
-            account,
-            "account {account} is not logged in; run `colloquy login {account}`; the other accounts run"
-        );
         host.safety
             .mark_unauthorized(&account)
             .map_err(|e| e.to_string())?;
@@ -446,6 +449,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     host.shutdown.cancelled().await;
     stop(&host).await;
+    tracing::info!("the host stopped on a stop signal; unfinished work resumes at the next start");
     Ok(())
 }
 

@@ -335,6 +335,9 @@ impl AccountSafety {
     /// the account, marks an unreachable contact, returns or keeps the slot,
     /// raises alerts. Returns what should happen to the message.
     pub fn report(&self, f: &Failure<'_>) -> Result<Reaction, StoreError> {
+        if matches!(f.error, crate::transport::SendError::FloodWait(_)) {
+            crate::metrics::count("colloquy_flood_waits_total", &[("account", f.account)]);
+        }
         let config = self.config();
         let safety = config.account_safety(f.account);
         let now = self.now();

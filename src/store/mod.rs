@@ -958,6 +958,13 @@ impl Store {
     /// is acknowledged to the transport (a received message), so a crash
     /// can never lose a record of something the outside world saw.
     pub async fn flush_async(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let flushed = self.flush_queued().await;
+        crate::metrics::observe("colloquy_store_flush_seconds", &[], started.elapsed());
+        flushed
+    }
+
+    async fn flush_queued(&self) -> Result<(), StoreError> {
         let queue = self.flusher.get_or_init(|| {
             let (accounts, counts) = (self.accounts.clone(), self.counts.clone());
             let mark = move || mark(&accounts, &counts);

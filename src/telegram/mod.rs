@@ -262,11 +262,8 @@ impl TelegramTransport {
                 return;
             }
             if !self.0.connector.has_session(&account) {
+                // The host raises the alert that says so.
                 self.set_link(&account, Link::Unauthorized);
-                tracing::error!(
-                    account,
-                    "account {account} is not logged in; run `colloquy login {account}`"
-                );
                 return;
             }
             self.set_link(&account, Link::Connecting);
