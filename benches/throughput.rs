@@ -10,6 +10,10 @@
 //! latency then is mostly queueing). `--rate N` offers N messages per
 //! second instead, for the reply latency at that load.
 //!
+//! `--data DIR` runs in DIR (kept afterwards, with a config.toml) instead
+//! of a temporary directory: a store of that size for other measurements
+//! (the console's pages, `colloquy export`).
+//!
 //! Memory: `rss_per_idle_dialog_kib` counts from before the dialogs are
 //! created, so it includes the store's cache of their records;
 //! `host_rss_per_idle_dialog_kib` counts from a store that already holds
@@ -103,12 +107,28 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The directory the run uses.
+struct Dir(std::path::PathBuf);
+
+impl Dir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
 fn main() {
     let dialogs = arg("--dialogs", 10_000);
     let messages = arg("--messages", 100_000);
     let accounts = arg("--accounts", (dialogs / 100).max(1));
     let rate = arg("--rate", 0);
-    let dir = tempfile::tempdir().unwrap();
+    let temporary = tempfile::tempdir().unwrap();
+    let kept = std::env::args()
+        .skip_while(|a| a != "--data")
+        .nth(1)
+        .map(std::path::PathBuf::from);
+    let dir_path = kept.clone().unwrap_or_else(|| temporary.path().to_path_buf());
+    std::fs::create_dir_all(&dir_path).unwrap();
+    let dir = Dir(dir_path);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.path().join("engines")).unwrap();
     std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
