@@ -126,7 +126,9 @@ fn main() {
         .skip_while(|a| a != "--data")
         .nth(1)
         .map(std::path::PathBuf::from);
-    let dir_path = kept.clone().unwrap_or_else(|| temporary.path().to_path_buf());
+    let dir_path = kept
+        .clone()
+        .unwrap_or_else(|| temporary.path().to_path_buf());
     std::fs::create_dir_all(&dir_path).unwrap();
     let dir = Dir(dir_path);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

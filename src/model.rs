@@ -286,13 +286,74 @@ impl Dialog {
 
     /// The later of the last inbound and last outbound message, or the start.
     pub fn last_activity(&self) -> Timestamp {
-        self.last_inbound_at
-            .into_iter()
-            .chain(self.last_outbound_at)
-            .chain(self.reviewed_at)
-            .max()
-            .unwrap_or(self.started_at)
-            .max(self.started_at)
+        last_activity(
+            self.started_at,
+            self.last_inbound_at,
+            self.last_outbound_at,
+            self.reviewed_at,
+        )
+    }
+}
+
+fn last_activity(
+    started_at: Timestamp,
+    last_inbound_at: Option<Timestamp>,
+    last_outbound_at: Option<Timestamp>,
+    reviewed_at: Option<Timestamp>,
+) -> Timestamp {
+    last_inbound_at
+        .into_iter()
+        .chain(last_outbound_at)
+        .chain(reviewed_at)
+        .max()
+        .unwrap_or(started_at)
+        .max(started_at)
+}
+
+/// What lists and counts need of a dialog, read without its engine state
+/// (which can be large): the console's pages and the funnel.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DialogSummary {
+    pub id: DialogId,
+    pub campaign: String,
+    pub account: String,
+    pub contact: ContactId,
+    pub status: DialogStatus,
+    pub started_at: Timestamp,
+    pub follow_ups_sent: u32,
+    pub last_inbound_at: Option<Timestamp>,
+    pub last_outbound_at: Option<Timestamp>,
+    #[serde(default)]
+    pub reviewed_at: Option<Timestamp>,
+    pub next_seq: u64,
+}
+
+impl DialogSummary {
+    pub fn last_activity(&self) -> Timestamp {
+        last_activity(
+            self.started_at,
+            self.last_inbound_at,
+            self.last_outbound_at,
+            self.reviewed_at,
+        )
+    }
+}
+
+impl From<&Dialog> for DialogSummary {
+    fn from(d: &Dialog) -> DialogSummary {
+        DialogSummary {
+            id: d.id,
+            campaign: d.campaign.clone(),
+            account: d.account.clone(),
+            contact: d.contact,
+            status: d.status.clone(),
+            started_at: d.started_at,
+            follow_ups_sent: d.follow_ups_sent,
+            last_inbound_at: d.last_inbound_at,
+            last_outbound_at: d.last_outbound_at,
+            reviewed_at: d.reviewed_at,
+            next_seq: d.next_seq,
+        }
     }
 }
 

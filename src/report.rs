@@ -323,7 +323,7 @@ impl Funnel {
         }
     }
 
-    fn count(&mut self, d: &crate::model::Dialog, opening_pending: bool) {
+    fn count(&mut self, d: &crate::model::DialogSummary, opening_pending: bool) {
         self.opened += 1;
         let unsent = matches!(d.status, DialogStatus::Error { .. }) && d.last_inbound_at.is_none();
         if !opening_pending && !unsent {
@@ -385,7 +385,7 @@ pub fn funnels(config: &Config, store: &Store) -> Result<Vec<CampaignFunnel>, St
             ..CampaignFunnel::default()
         })
         .collect();
-    for d in store.all_dialogs() {
+    for d in store.dialog_summaries(false) {
         let d = d?;
         let Some(f) = out.iter_mut().find(|f| f.campaign == d.campaign) else {
             continue;

@@ -188,6 +188,8 @@ async fn an_operator_runs_the_campaign_from_the_console() {
     );
     assert_ne!(b.script("return document.title").await, "owned");
     assert!(b.source().await.contains("&lt;script&gt;"));
+    // Its events: the handoff.
+    b.wait_text("ul.alerts", "was handed to a human").await;
     b.screenshot(&shots().join("dialog.png")).await;
 
     // A human answers; the answer goes out on the simulated wire.

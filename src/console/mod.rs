@@ -28,14 +28,26 @@ use serde::Deserialize;
 
 use crate::host::Host;
 
-/// The console's state: the host and the logged-in sessions.
+/// The console's state: the host, the logged-in sessions and the last
+/// funnel counted.
 #[derive(Clone)]
 struct Console {
     host: Arc<Host>,
     token: Arc<String>,
     /// Session id → its CSRF token.
     sessions: Arc<Mutex<HashMap<String, String>>>,
+    funnels: Arc<Mutex<Option<Counted>>>,
 }
+
+/// Funnels as counted at one moment.
+type Counted = (Arc<Vec<crate::report::CampaignFunnel>>, std::time::Instant);
+
+/// How old a funnel may be before a page view counts it again. Counting
+/// reads every dialog (about 1.7 µs each), so the campaigns page shows the
+/// last count at once and starts a new one in the background when this
+/// one is older: no page waits for it but the first, and an idle host
+/// counts nothing.
+pub(crate) const FUNNEL_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 const COOKIE: &str = "colloquy_session";
 
@@ -57,6 +69,7 @@ pub async fn serve(host: Arc<Host>) -> Result<Option<SocketAddr>, String> {
         host: host.clone(),
         token: Arc::new(token),
         sessions: Arc::default(),
+        funnels: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind(console.listen)
         .await
@@ -130,6 +143,41 @@ pub(crate) struct Session {
 }
 
 impl Console {
+    /// The funnels of the last count, counted now if there is none, and
+    /// counted again in the background if it is older than [`FUNNEL_FRESH`].
+    fn funnels(&self) -> Result<Counted, crate::store::StoreError> {
+        let count = |host: &Host| -> Result<Counted, crate::store::StoreError> {
+            let f = crate::report::funnels(&host.config(), &host.store)?;
+            Ok((Arc::new(f), std::time::Instant::now()))
+        };
+        let last = self
+            .funnels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match last {
+            Some(last) => {
+                if last.1.elapsed() > FUNNEL_FRESH {
+                    let (host, cache) = (self.host.clone(), self.funnels.clone());
+                    // Marked fresh first, so one view starts one count.
+                    *cache.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((last.0.clone(), std::time::Instant::now()));
+                    tokio::task::spawn_blocking(move || {
+                        if let Ok(counted) = count(&host) {
+                            *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(counted);
+                        }
+                    });
+                }
+                Ok(last)
+            }
+            None => {
+                let counted = count(&self.host)?;
+                *self.funnels.lock().unwrap_or_else(|e| e.into_inner()) = Some(counted.clone());
+                Ok(counted)
+            }
+        }
+    }
+
     fn session(&self, headers: &HeaderMap) -> Option<Session> {
         let id = cookie(headers, COOKIE)?;
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());

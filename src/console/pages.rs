@@ -14,7 +14,8 @@ use super::{esc, url, Console, Session};
 use crate::config::CampaignStatus;
 use crate::host::Host;
 use crate::model::{
-    AccountStatus, Delivery, Dialog, DialogStatus, Direction, DoNotContact, MessageKind,
+    AccountStatus, Delivery, Dialog, DialogStatus, DialogSummary, Direction, DoNotContact,
+    MessageKind,
 };
 use crate::report::{self, Funnel};
 
@@ -83,9 +84,18 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
     let session = c.require(&headers)?;
     let host = &c.host;
     let config = host.config();
-    let funnels = report::funnels(&config, &host.store).map_err(failed)?;
-    let mut body = String::new();
-    for (campaign, f) in config.file.campaigns.iter().zip(&funnels) {
+    let (funnels, counted_at) = c.funnels().map_err(failed)?;
+    let mut body = format!(
+        "<p class=\"meta\">Counted {} s ago; counted again at most every {} s while this page is open.</p>",
+        counted_at.elapsed().as_secs(),
+        super::FUNNEL_FRESH.as_secs()
+    );
+    let none = report::CampaignFunnel::default();
+    for campaign in &config.file.campaigns {
+        let f = funnels
+            .iter()
+            .find(|f| f.campaign == campaign.name)
+            .unwrap_or(&none);
         let paused = campaign.status != CampaignStatus::Active;
         let why = crate::host::pause::reason(&host.store, &campaign.name)
             .map_err(failed)?
@@ -413,36 +423,73 @@ pub async fn dialogs(
         nonempty(&filter.q).map(|q| q.to_lowercase()),
     );
     let page = filter.page.unwrap_or(0);
-    let mut shown = Vec::new();
-    let mut matched = 0;
-    // Newest first; the contact is read only for a search.
-    for d in host.store.all_dialogs_newest_first() {
-        let d = d.map_err(failed)?;
-        if campaign.as_ref().is_some_and(|c| *c != d.campaign)
-            || account.as_ref().is_some_and(|a| *a != d.account)
-            || status
+    let admits = |d: &DialogSummary| {
+        campaign.as_ref().is_none_or(|c| *c == d.campaign)
+            && account.as_ref().is_none_or(|a| *a == d.account)
+            && status
                 .as_ref()
-                .is_some_and(|s| *s != status_label(&d.status) && *s != d.status.label())
-        {
+                .is_none_or(|s| *s == status_label(&d.status) || *s == d.status.label())
+    };
+    // A contact named exactly (a username, a +phone, a user id) is found
+    // through its identity; any other text is searched in names.
+    let exact = q.as_deref().and_then(crate::audience::identity_of);
+    let exact_contact = match &exact {
+        Some(identity) => host.store.contact_by_identity(identity).map_err(failed)?,
+        None => None,
+    };
+    let mut shown = Vec::new();
+    let mut skipped = 0;
+    let mut more = false;
+    // That contact's dialog, through the claim index.
+    let found: Box<dyn Iterator<Item = Result<DialogSummary, crate::store::StoreError>>> =
+        match &exact_contact {
+            Some(c) => {
+                let d = match host.store.dialog_of_contact(c.id).map_err(failed)? {
+                    Some(id) => host.store.dialog(id).map_err(failed)?,
+                    None => None,
+                };
+                Box::new(d.map(|d| Ok(DialogSummary::from(&d))).into_iter())
+            }
+            None => host.store.dialog_summaries(true),
+        };
+    // Newest first, stopping once the page is full and one more is known.
+    for d in found {
+        let d = d.map_err(failed)?;
+        if !admits(&d) {
             continue;
         }
-        let contact = if q.is_some() || (matched >= page * PER_PAGE && shown.len() < PER_PAGE) {
-            host.store.contact(d.contact).map_err(failed)?
-        } else {
-            None
-        };
-        if let Some(q) = &q {
-            let hit = contact
-                .as_ref()
-                .is_some_and(|c| contact_text(c).to_lowercase().contains(q));
-            if !hit {
+        if let Some(c) = &exact_contact {
+            if d.contact != c.id {
                 continue;
             }
         }
-        if matched >= page * PER_PAGE && shown.len() < PER_PAGE {
-            shown.push((d, contact));
+        let contact = if q.is_some() && exact_contact.is_none() {
+            let c = host.store.contact(d.contact).map_err(failed)?;
+            let hit = c.as_ref().is_some_and(|c| {
+                contact_text(c)
+                    .to_lowercase()
+                    .contains(q.as_deref().unwrap_or_default())
+            });
+            if !hit {
+                continue;
+            }
+            c
+        } else {
+            None
+        };
+        if skipped < page * PER_PAGE {
+            skipped += 1;
+            continue;
         }
-        matched += 1;
+        if shown.len() == PER_PAGE {
+            more = true;
+            break;
+        }
+        let contact = match contact {
+            Some(c) => Some(c),
+            None => host.store.contact(d.contact).map_err(failed)?,
+        };
+        shown.push((d, contact));
     }
     let config = host.config();
     let options = |values: Vec<String>, chosen: &Option<String>| {
@@ -463,7 +510,7 @@ pub async fn dialogs(
          <label>Account <select name=\"account\">{}</select></label>\
          <label>Status <input name=\"status\" value=\"{}\" placeholder=\"active, handoff, finished:booked…\"></label>\
          <label>Contact <input name=\"q\" value=\"{}\" placeholder=\"name, username, phone\"></label>\
-         <button>Filter</button></form><p class=\"meta\">{matched} dialogs</p>",
+         <button>Filter</button></form>",
         options(config.file.campaigns.iter().map(|c| c.name.clone()).collect(), &campaign),
         options(config.file.accounts.iter().map(|a| a.name.clone()).collect(), &account),
         esc(status.as_deref().unwrap_or("")),
@@ -483,14 +530,14 @@ pub async fn dialogs(
     if page > 0 {
         let _ = write!(body, "<a href=\"{}\">← newer</a> ", link(page - 1));
     }
-    if matched > (page + 1) * PER_PAGE {
+    if more {
         let _ = write!(body, "<a href=\"{}\">older →</a>", link(page + 1));
     }
     body.push_str("</p>");
     Ok(layout("Dialogs", &session, &body))
 }
 
-fn dialog_table(rows: &[(Dialog, Option<crate::model::Contact>)]) -> String {
+fn dialog_table(rows: &[(DialogSummary, Option<crate::model::Contact>)]) -> String {
     if rows.is_empty() {
         return "<p>No dialogs match.</p>".into();
     }
@@ -576,6 +623,16 @@ pub async fn dialog(State(c): State<Console>, headers: HeaderMap, Path(id): Path
     body.push_str("</ol>");
     if d.status == DialogStatus::Handoff || d.status.is_live() {
         body.push_str(&takeover_forms(&c.host, &d, &session));
+    }
+    let events: Vec<_> = host
+        .alerts
+        .recent()
+        .into_iter()
+        .filter(|a| a.dialog == Some(id))
+        .collect();
+    if !events.is_empty() {
+        body.push_str("<h2>Events</h2>");
+        body.push_str(&alert_list(&events, 50));
     }
     let _ = write!(
         body,
@@ -690,7 +747,7 @@ pub async fn inbox(State(c): State<Console>, headers: HeaderMap) -> Page {
     for id in host.store.dialogs_with_status("handoff").map_err(failed)? {
         if let Some(d) = host.store.dialog(id).map_err(failed)? {
             let contact = host.store.contact(d.contact).map_err(failed)?;
-            rows.push((d, contact));
+            rows.push((DialogSummary::from(&d), contact));
         }
     }
     let body = format!(

@@ -54,8 +54,8 @@ use sled::Transactional;
 use crate::audience::ContactRow;
 use crate::clock::Timestamp;
 use crate::model::{
-    AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, Direction,
-    DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
+    AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, DialogSummary,
+    Direction, DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
 pub use backup::{restore, Backup};
 pub use batch::{plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Written};
@@ -1419,15 +1419,24 @@ impl Store {
         Ok(released)
     }
 
-    /// Every dialog, newest first.
-    pub fn all_dialogs_newest_first(
+    /// Every dialog's summary (no engine state), newest first when `rev`:
+    /// for lists and counts, several times cheaper to read than dialogs.
+    pub fn dialog_summaries(
         &self,
-    ) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
-        self.t.dialogs.iter().rev().map(|e| {
+        newest_first: bool,
+    ) -> Box<dyn Iterator<Item = Result<DialogSummary, StoreError>> + '_> {
+        let read = move |e: sled::Result<(sled::IVec, sled::IVec)>| {
             let (k, v) = e?;
-            let deferred = self.deferred.get(read_u64(&k)).map(|e| e.dialog);
-            deferred::newer_than_stored(deferred.as_deref(), &v)
-        })
+            let stored: DialogSummary = decode("dialog", &v)?;
+            Ok(match self.deferred.get(read_u64(&k)).map(|e| e.dialog) {
+                Some(d) if d.next_seq > stored.next_seq => DialogSummary::from(&*d),
+                _ => stored,
+            })
+        };
+        match newest_first {
+            true => Box::new(self.t.dialogs.iter().rev().map(read)),
+            false => Box::new(self.t.dialogs.iter().map(read)),
+        }
     }
 
     pub fn all_dialogs(&self) -> impl Iterator<Item = Result<Dialog, StoreError>> + '_ {
