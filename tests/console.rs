@@ -73,14 +73,6 @@ accounts = ["alice"]
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn until(what: &str, mut probe: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(40);
     while !probe() {
@@ -129,7 +121,7 @@ async fn an_operator_runs_the_campaign_from_the_console() {
         eprintln!("skipped: install chromium and chromium-driver to run the console in a browser");
         return;
     };
-    let port = free_port();
+    let port = common::free_port();
     let dir = common::project(300, &config(port));
     let d = dir.path();
     std::fs::write(d.join("engines/handing.lua"), ENGINE).unwrap();

@@ -20,14 +20,6 @@ pub struct Browser {
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Where chromium and chromedriver are; `None` where they are not
 /// installed (the suite then says so and skips, except under CI).
 pub fn available() -> Option<(String, String)> {
@@ -42,7 +34,7 @@ pub fn available() -> Option<(String, String)> {
 
 impl Browser {
     pub async fn start(chromium: &str, chromedriver: &str, profile: &std::path::Path) -> Browser {
-        let port = free_port();
+        let port = crate::common::free_port();
         let driver = Command::new(chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

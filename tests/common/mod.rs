@@ -457,6 +457,15 @@ pub fn run(dir: &Path) -> Child {
         .unwrap()
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// What the host started by [`run`] logged so far.
 pub fn host_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("host.log")).unwrap_or_default()
