@@ -689,7 +689,9 @@ fn report_from(
     request: &control::Request,
 ) -> Result<String, Failure> {
     Ok(match request {
-        control::Request::Status { json } => report::status(config, Some(store), &[], *json)?,
+        control::Request::Status { json } => {
+            report::status(config, Some(store), &report::Live::default(), *json)?
+        }
         control::Request::Dialogs {
             campaign,
             status,
@@ -727,7 +729,12 @@ fn report_from(
 
 fn report_without_store(config: &Config, request: &control::Request) -> Result<String, Failure> {
     match request {
-        control::Request::Status { json } => Ok(report::status(config, None, &[], *json)?),
+        control::Request::Status { json } => Ok(report::status(
+            config,
+            None,
+            &report::Live::default(),
+            *json,
+        )?),
         control::Request::Dialogs { json: true, .. } | control::Request::Export(_) => {
             Ok(String::new())
         }

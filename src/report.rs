@@ -8,16 +8,31 @@ use crate::config::Config;
 use crate::model::{Delivery, DialogId, DialogStatus, Direction};
 use crate::store::{Store, StoreError};
 
+/// What only a running host knows for `status`.
+#[derive(Default)]
+pub struct Live {
+    /// The accounts' Telegram connections.
+    pub links: Vec<(String, &'static str)>,
+    /// Engines that do not load, with why.
+    pub engine_errors: Vec<(String, String)>,
+}
+
 /// Campaigns (with their funnels, automatic pauses and engine load
 /// errors), accounts, dialog counts by status and the do-not-contact list.
-/// `links` are the accounts' Telegram connections, when a host runs them;
 /// `json` gives one JSON object instead of text.
 pub fn status(
     config: &Config,
     store: Option<&Store>,
-    links: &[(String, &'static str)],
+    live: &Live,
     json: bool,
 ) -> Result<String, StoreError> {
+    let links = &live.links;
+    let engine_error = |engine: &str| {
+        live.engine_errors
+            .iter()
+            .find(|(e, _)| e == engine)
+            .map(|(_, why)| why.clone())
+    };
     let funnels = match store {
         Some(s) => funnels(config, s)?,
         None => Vec::new(),
@@ -61,6 +76,7 @@ pub fn status(
                 "status": c.status.label(),
                 "paused_itself": paused.as_ref().map(|p| serde_json::json!({"at": p.at.to_rfc3339(), "reason": p.reason})),
                 "engine": c.engine,
+                "engine_error": engine_error(&c.engine),
                 "accounts": c.accounts,
                 "audiences": c.audiences,
                 "funnel": f,
@@ -98,6 +114,9 @@ pub fn status(
             c.audiences.join(", "),
             f.not_contacted
         );
+        if let Some(why) = engine_error(&c.engine) {
+            let _ = writeln!(out, "  opens no dialogs until its engine loads: {why}");
+        }
         if store.is_some() {
             let outcomes: String = f
                 .outcomes

@@ -153,6 +153,10 @@ fn an_engine_that_does_not_compile_holds_its_campaign_only() {
         status.contains("audiences leads (10 contacts not yet contacted)"),
         "{status}"
     );
+    assert!(
+        status.contains("  opens no dialogs until its engine loads: engine typo cannot be loaded: engines/typo.lua:3:"),
+        "{status}"
+    );
     stop(host);
     let log = host_log(d);
     assert!(

@@ -167,12 +167,21 @@ fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
     let config = host.config();
     let store = |r: Result<String, crate::store::StoreError>| r.map_err(|e| e.to_string());
     reply(match env.request {
-        Request::Status { json } => store(report::status(
-            &config,
-            Some(&host.store),
-            &host.transport.links(),
-            json,
-        )),
+        Request::Status { json } => {
+            let live = report::Live {
+                links: host.transport.links(),
+                engine_errors: config
+                    .file
+                    .campaigns
+                    .iter()
+                    .filter_map(|c| {
+                        let e = host.engines.load_error(&c.engine)?;
+                        Some((c.engine.clone(), e.to_string()))
+                    })
+                    .collect(),
+            };
+            store(report::status(&config, Some(&host.store), &live, json))
+        }
         Request::Dialogs {
             campaign,
             status,
