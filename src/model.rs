@@ -79,6 +79,18 @@ pub enum DoNotContact {
     Unreachable(String),
 }
 
+/// A change to the do-not-contact set, for its audit: when, who, what and
+/// why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DncChange {
+    pub at: Timestamp,
+    pub contact: ContactId,
+    pub identity: String,
+    /// `added` or `removed`.
+    pub action: String,
+    pub why: String,
+}
+
 /// The state of a sending account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]

@@ -1,40 +1,18 @@
 //! The operator's hand on the do-not-contact set: add a contact, remove
-//! one, and the audit of both (records tree `dnc_audit`, oldest first).
-
-use serde::{Deserialize, Serialize};
+//! one. Every change is audited (`Store::audit_do_not_contact`), opt-outs
+//! and unreachable contacts as well.
 
 use super::Host;
-use crate::clock::Timestamp;
-use crate::model::{ContactId, DoNotContact, Identity};
+use crate::model::{ContactId, DncChange, DoNotContact, Identity};
 use crate::store::{Store, StoreError};
 
-const AUDIT: &str = "dnc_audit";
-
-/// One change to the set.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Change {
-    pub at: Timestamp,
-    pub contact: ContactId,
-    pub identity: String,
-    /// `added` or `removed`.
-    pub action: String,
-    pub why: String,
-}
-
 /// Every change, oldest first.
-pub fn audit(store: &Store) -> Result<Vec<Change>, StoreError> {
-    Ok(store
-        .records(AUDIT)?
-        .scan::<Change>("")?
-        .into_iter()
-        .map(|(_, c)| c)
-        .collect())
+pub fn audit(store: &Store) -> Result<Vec<DncChange>, StoreError> {
+    store.do_not_contact_audit()
 }
 
-fn record(host: &Host, change: &Change) -> Result<(), StoreError> {
-    // Keys sort by time, then by a random tail so two at one instant stay.
-    let key = format!("{:020}-{:016x}", change.at.0.max(0), host.rng.next_u64());
-    host.store.records(AUDIT)?.put(&key, change)?;
+fn record(host: &Host, change: &DncChange) -> Result<(), StoreError> {
+    host.store.audit_do_not_contact(change)?;
     host.store.flush()
 }
 
@@ -51,7 +29,7 @@ pub fn add(host: &Host, identity: &Identity, why: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     record(
         host,
-        &Change {
+        &DncChange {
             at: host.clock.now(),
             contact: contact.id,
             identity: identity.to_string(),
@@ -85,7 +63,7 @@ pub fn remove(host: &Host, contact: ContactId) -> Result<(), String> {
     };
     record(
         host,
-        &Change {
+        &DncChange {
             at: host.clock.now(),
             contact,
             identity: identity.clone(),

@@ -281,6 +281,13 @@ impl Host {
             if let (Some(c), true) = (&contact, self.opt_out().matches(&m.text)) {
                 self.store
                     .add_do_not_contact(c.id, crate::model::DoNotContact::OptedOut)?;
+                self.store.audit_do_not_contact(&crate::model::DncChange {
+                    at: m.at,
+                    contact: c.id,
+                    identity: c.identity.to_string(),
+                    action: "added".into(),
+                    why: "opted out".into(),
+                })?;
             }
             self.store.flush_async().await?;
             let _ = inbound.stored.send(());
@@ -299,6 +306,17 @@ impl Host {
         let opted_out = stored.is_some() && self.opt_out().matches(&m.text);
         if opted_out {
             let d = self.store.opt_out(dialog)?;
+            let identity = self
+                .store
+                .contact(d.contact)?
+                .map(|c| c.identity.to_string());
+            self.store.audit_do_not_contact(&crate::model::DncChange {
+                at: m.at,
+                contact: d.contact,
+                identity: identity.unwrap_or_else(|| d.contact.to_string()),
+                action: "added".into(),
+                why: "opted out".into(),
+            })?;
             tracing::info!(
                 dialog,
                 campaign = d.campaign,

@@ -395,6 +395,14 @@ impl AccountSafety {
             Reaction::Unreachable(why) => {
                 if let Some(c) = f.contact {
                     store.add_do_not_contact(c, DoNotContact::Unreachable(why.clone()))?;
+                    let identity = store.contact(c)?.map(|c| c.identity.to_string());
+                    store.audit_do_not_contact(&crate::model::DncChange {
+                        at: now,
+                        contact: c,
+                        identity: identity.unwrap_or_else(|| c.to_string()),
+                        action: "added".into(),
+                        why: format!("unreachable: {why}"),
+                    })?;
                 }
             }
             Reaction::AccountLost => {

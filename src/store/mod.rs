@@ -1236,6 +1236,28 @@ impl Store {
         })
     }
 
+    /// Notes a change to the do-not-contact set in its audit (records tree
+    /// `dnc_audit`, in time order).
+    pub fn audit_do_not_contact(&self, change: &crate::model::DncChange) -> Result<(), StoreError> {
+        let key = format!(
+            "{:020}-{:020}-{}",
+            change.at.0.max(0),
+            change.contact,
+            change.action
+        );
+        self.records("dnc_audit")?.put(&key, change)
+    }
+
+    /// The do-not-contact audit, oldest first.
+    pub fn do_not_contact_audit(&self) -> Result<Vec<crate::model::DncChange>, StoreError> {
+        Ok(self
+            .records("dnc_audit")?
+            .scan("")?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect())
+    }
+
     /// Every contact on the do-not-contact set, with why.
     pub fn do_not_contact_list(&self) -> Result<Vec<(ContactId, DoNotContact)>, StoreError> {
         self.t
