@@ -688,13 +688,9 @@ pub async fn reply(
     Path(id): Path<u64>,
     Form(form): Form<ReplyForm>,
 ) -> Response {
-    if let Err(r) = c.require_post(&headers, &form.csrf) {
-        return r;
-    }
-    match c.host.reply_as_human(id, form.text.trim()) {
-        Ok(()) => Redirect::to(&format!("/dialogs/{id}")).into_response(),
-        Err(e) => (StatusCode::CONFLICT, e).into_response(),
-    }
+    act(&c, &headers, &form.csrf, &format!("/dialogs/{id}"), || {
+        c.host.reply_as_human(id, form.text.trim())
+    })
 }
 
 #[derive(Deserialize)]
@@ -708,13 +704,9 @@ pub async fn handback(
     Path(id): Path<u64>,
     Form(form): Form<CsrfOnly>,
 ) -> Response {
-    if let Err(r) = c.require_post(&headers, &form.csrf) {
-        return r;
-    }
-    match c.host.hand_back(id) {
-        Ok(()) => Redirect::to(&format!("/dialogs/{id}")).into_response(),
-        Err(e) => (StatusCode::CONFLICT, e).into_response(),
-    }
+    act(&c, &headers, &form.csrf, &format!("/dialogs/{id}"), || {
+        c.host.hand_back(id)
+    })
 }
 
 #[derive(Deserialize)]
@@ -729,11 +721,25 @@ pub async fn finish(
     Path(id): Path<u64>,
     Form(form): Form<FinishForm>,
 ) -> Response {
-    if let Err(r) = c.require_post(&headers, &form.csrf) {
+    act(&c, &headers, &form.csrf, &format!("/dialogs/{id}"), || {
+        c.host.finish_by_hand(id, form.outcome.trim())
+    })
+}
+
+/// A form's action: with a logged-in session and its CSRF token, runs
+/// `action`, then sends the browser to `then`, or answers 409 with why.
+fn act(
+    c: &Console,
+    headers: &HeaderMap,
+    csrf: &str,
+    then: &str,
+    action: impl FnOnce() -> Result<(), String>,
+) -> Response {
+    if let Err(r) = c.require_post(headers, csrf) {
         return r;
     }
-    match c.host.finish_by_hand(id, form.outcome.trim()) {
-        Ok(()) => Redirect::to(&format!("/dialogs/{id}")).into_response(),
+    match action() {
+        Ok(()) => Redirect::to(then).into_response(),
         Err(e) => (StatusCode::CONFLICT, e).into_response(),
     }
 }
