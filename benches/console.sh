@@ -32,7 +32,8 @@ for _ in $(seq 100); do
 done
 curl -s -c "$dir/jar" -o /dev/null -d "token=$(cat "$dir/data/console.token")" "http://127.0.0.1:$port/login"
 for page in "" accounts dialogs "dialogs?page=500" "dialogs?q=$((dialogs / 2))" \
-    "dialogs?status=active&account=a7" inbox dnc alerts "dialogs/500" metrics; do
+    "dialogs?q=nobody-by-this-name" "dialogs?status=active&account=a7" inbox dnc alerts \
+    "dialogs/500" metrics; do
     times=""
     for _ in 1 2 3; do
         times="$times $(curl -s -b "$dir/jar" -o /dev/null -w '%{time_total}' "http://127.0.0.1:$port/$page")"

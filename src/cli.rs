@@ -470,8 +470,8 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
     problems
 }
 
-/// `colloquy release-contacts`: the contacts of errored dialogs that never
-/// got a message go back to their audiences.
+/// `colloquy backup DEST`: a consistent copy of the store, made by the
+/// running host if there is one.
 fn backup(config_path: &Path, dest: &Path) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     // The host may run elsewhere than here: it gets the whole path.
@@ -482,6 +482,7 @@ fn backup(config_path: &Path, dest: &Path) -> Result<(), Failure> {
     report(&config, request)
 }
 
+/// `colloquy restore FROM`: a backup in place of the store, which is kept.
 fn restore(config_path: &Path, from: &Path, accept_older: bool) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     let data_dir = config.data_dir();
@@ -507,6 +508,8 @@ fn restore(config_path: &Path, from: &Path, accept_older: bool) -> Result<(), Fa
     Ok(())
 }
 
+/// `colloquy release-contacts`: the contacts of errored dialogs that never
+/// got a message go back to their audiences.
 fn release_contacts(config_path: &Path, campaign: Option<&str>) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     if let Some(c) = campaign.filter(|c| config.campaign(c).is_none()) {

@@ -164,7 +164,7 @@ fn a_damaged_or_replaced_store_is_refused() {
     let out = colloquy(d, &["run"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        text(&out).contains("is behind what it had written") || text(&out).contains("is damaged"),
+        text(&out).contains("is behind what it had written") || text(&out).contains("damaged"),
         "{}",
         text(&out)
     );
@@ -174,9 +174,10 @@ fn a_damaged_or_replaced_store_is_refused() {
     refused_with(d, &["run"], "is not the one this data_dir held");
 
     // 8 KiB overwritten here and there. Where sled loses a record the
-    // host refuses; where the bytes were space sled no longer reads it
-    // runs on. Either way no contact gets a second opening.
-    for eighth in [1, 3, 5, 7] {
+    // host refuses (also where sled would spin on it for ever); where the
+    // bytes were space sled no longer reads it runs on. Either way no
+    // contact gets a second opening.
+    for eighth in 1..8 {
         put_in_place(&good, &d.join("data/store"));
         let mut bytes = std::fs::read(&db).unwrap();
         let at = bytes.len() * eighth / 8;
@@ -194,7 +195,7 @@ fn a_damaged_or_replaced_store_is_refused() {
                 let log = host_log(d);
                 assert_eq!(status.code(), Some(2), "{log}");
                 assert!(
-                    log.contains("is behind") || log.contains("is damaged"),
+                    log.contains("is behind") || log.contains("damaged"),
                     "{log}"
                 );
             }

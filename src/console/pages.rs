@@ -14,7 +14,7 @@ use super::{esc, url, Console, Session};
 use crate::config::CampaignStatus;
 use crate::host::Host;
 use crate::model::{
-    AccountStatus, Delivery, Dialog, DialogStatus, DialogSummary, Direction, DoNotContact,
+    AccountStatus, Contact, Delivery, Dialog, DialogStatus, DialogSummary, Direction, DoNotContact,
     MessageKind,
 };
 use crate::report::{self, Funnel};
@@ -31,6 +31,11 @@ fn failed(e: impl std::fmt::Display) -> Response {
 }
 
 fn layout(title: &str, session: &Session, body: &str) -> Html<String> {
+    layout_with_head(title, session, "", body)
+}
+
+/// [`layout`] with `head` added to the page's head (a refresh, say).
+fn layout_with_head(title: &str, session: &Session, head: &str, body: &str) -> Html<String> {
     let nav = [
         ("/", "Campaigns"),
         ("/accounts", "Accounts"),
@@ -45,7 +50,7 @@ fn layout(title: &str, session: &Session, body: &str) -> Html<String> {
     .join("");
     Html(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · colloquy</title>\
-         <link rel=\"stylesheet\" href=\"/style.css\"></head><body>\
+         <link rel=\"stylesheet\" href=\"/style.css\">{head}</head><body>\
          <header><span class=\"brand\">colloquy</span><nav>{nav}</nav>\
          <form method=\"post\" action=\"/logout\" class=\"logout\">{}<button>Log out</button></form></header>\
          <main><h1>{}</h1>{body}</main></body></html>",
@@ -84,12 +89,19 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
     let session = c.require(&headers)?;
     let host = &c.host;
     let config = host.config();
-    let (funnels, counted_at) = c.funnels().map_err(failed)?;
-    let mut body = format!(
-        "<p class=\"meta\">Counted {} s ago; counted again at most every {} s while this page is open.</p>",
-        counted_at.elapsed().as_secs(),
-        super::FUNNEL_FRESH.as_secs()
-    );
+    let counted = c.funnels().await;
+    let mut body = match &counted {
+        Some((_, at)) => format!(
+            "<p class=\"meta\">Counted {} s ago; counted again at most every {} s while this page is open.</p>",
+            at.elapsed().as_secs(),
+            super::FUNNEL_FRESH.as_secs()
+        ),
+        None => "<p class=\"meta\">Counting the funnels; this page shows them in a moment.</p>".into(),
+    };
+    let funnels = counted
+        .as_ref()
+        .map(|(f, _)| f.as_slice())
+        .unwrap_or_default();
     let none = report::CampaignFunnel::default();
     for campaign in &config.file.campaigns {
         let f = funnels
@@ -132,7 +144,7 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
             engine = esc(&campaign.engine),
             accounts = esc(&campaign.accounts.join(", ")),
             audiences = esc(&campaign.audiences.join(", ")),
-            funnel = funnel_table(&f.total),
+            funnel = counted.as_ref().map(|_| funnel_table(&f.total)).unwrap_or_default(),
             accounts_table = by_account(&f.by_account),
             chart = day_chart(&f.by_day),
         );
@@ -140,7 +152,12 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
     if config.file.campaigns.is_empty() {
         body.push_str("<p>No campaigns are declared in config.toml.</p>");
     }
-    Ok(layout("Campaigns", &session, &body))
+    // Until a count as fresh as promised is in, the page refreshes itself.
+    let refresh = match counted {
+        Some((_, at)) if at.elapsed() <= super::FUNNEL_FRESH => "",
+        _ => "<meta http-equiv=\"refresh\" content=\"2\">",
+    };
+    Ok(layout_with_head("Campaigns", &session, refresh, &body))
 }
 
 fn funnel_table(f: &Funnel) -> String {
@@ -430,53 +447,57 @@ pub async fn dialogs(
                 .as_ref()
                 .is_none_or(|s| *s == status_label(&d.status) || *s == d.status.label())
     };
-    // A contact named exactly (a username, a +phone, a user id) is found
-    // through its identity; any other text is searched in names.
-    let exact = q.as_deref().and_then(crate::audience::identity_of);
-    let exact_contact = match &exact {
-        Some(identity) => host.store.contact_by_identity(identity).map_err(failed)?,
+    let store = &host.store;
+    // The contacts searched for: one named exactly (a username, a +phone,
+    // a user id) through its identity, else those whose names match.
+    let exact = match q.as_deref().and_then(crate::audience::identity_of) {
+        Some(identity) => store.contact_by_identity(&identity).map_err(failed)?,
         None => None,
+    };
+    let searched: Option<Vec<Contact>> = match (exact, &q) {
+        (Some(c), _) => Some(vec![c]),
+        (None, Some(q)) => Some(
+            store
+                .contacts_mentioning(sieve(q))
+                .filter(|c| {
+                    c.as_ref().map_or(true, |c| {
+                        contact_text(c).to_lowercase().contains(q.as_str())
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(failed)?,
+        ),
+        (None, None) => None,
+    };
+    // The dialogs to page through, newest first, each with its contact
+    // when the search already read it.
+    type Found = Result<(DialogSummary, Option<Contact>), crate::store::StoreError>;
+    let found: Box<dyn Iterator<Item = Found>> = match searched {
+        None => Box::new(store.dialog_summaries(true).map(|d| d.map(|d| (d, None)))),
+        Some(contacts) => {
+            let mut hits = Vec::new();
+            for c in contacts {
+                if let Some(id) = store.dialog_of_contact(c.id).map_err(failed)? {
+                    hits.push((id, c));
+                }
+            }
+            hits.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+            Box::new(hits.into_iter().filter_map(|(id, c)| {
+                store
+                    .dialog(id)
+                    .map(|d| d.map(|d| (DialogSummary::from(&d), Some(c))))
+                    .transpose()
+            }))
+        }
     };
     let mut shown = Vec::new();
     let mut skipped = 0;
     let mut more = false;
-    // That contact's dialog, through the claim index.
-    let found: Box<dyn Iterator<Item = Result<DialogSummary, crate::store::StoreError>>> =
-        match &exact_contact {
-            Some(c) => {
-                let d = match host.store.dialog_of_contact(c.id).map_err(failed)? {
-                    Some(id) => host.store.dialog(id).map_err(failed)?,
-                    None => None,
-                };
-                Box::new(d.map(|d| Ok(DialogSummary::from(&d))).into_iter())
-            }
-            None => host.store.dialog_summaries(true),
-        };
-    // Newest first, stopping once the page is full and one more is known.
-    for d in found {
-        let d = d.map_err(failed)?;
+    for found in found {
+        let (d, contact) = found.map_err(failed)?;
         if !admits(&d) {
             continue;
         }
-        if let Some(c) = &exact_contact {
-            if d.contact != c.id {
-                continue;
-            }
-        }
-        let contact = if q.is_some() && exact_contact.is_none() {
-            let c = host.store.contact(d.contact).map_err(failed)?;
-            let hit = c.as_ref().is_some_and(|c| {
-                contact_text(c)
-                    .to_lowercase()
-                    .contains(q.as_deref().unwrap_or_default())
-            });
-            if !hit {
-                continue;
-            }
-            c
-        } else {
-            None
-        };
         if skipped < page * PER_PAGE {
             skipped += 1;
             continue;
@@ -487,7 +508,7 @@ pub async fn dialogs(
         }
         let contact = match contact {
             Some(c) => Some(c),
-            None => host.store.contact(d.contact).map_err(failed)?,
+            None => store.contact(d.contact).map_err(failed)?,
         };
         shown.push((d, contact));
     }
@@ -558,6 +579,14 @@ fn dialog_table(rows: &[(DialogSummary, Option<crate::model::Contact>)]) -> Stri
     }
     out.push_str("</table>");
     out
+}
+
+/// The longest piece of a search that lies within one field of a
+/// contact: [`contact_text`] joins fields with spaces and parentheses.
+fn sieve(q: &str) -> &str {
+    q.split([' ', '(', ')'])
+        .max_by_key(|p| p.len())
+        .unwrap_or_default()
 }
 
 fn contact_text(c: &crate::model::Contact) -> String {
@@ -930,5 +959,18 @@ pub async fn metrics(State(c): State<Console>, headers: HeaderMap) -> Response {
     match crate::host::metrics::render(&c.host) {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(e) => failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sieve;
+
+    #[test]
+    fn the_sieve_is_a_piece_within_one_field() {
+        assert_eq!(sieve("hugo jungmann"), "jungmann");
+        assert_eq!(sieve("ame12 (contact_0012)"), "contact_0012");
+        assert_eq!(sieve("anne-marie"), "anne-marie");
+        assert_eq!(sieve(" ( "), "");
     }
 }

@@ -407,6 +407,17 @@ impl From<String> for RunError {
     }
 }
 
+/// A store the operator must see to (damaged, behind, a full disk) is bad
+/// input, not a failure of the host.
+impl From<StoreError> for RunError {
+    fn from(e: StoreError) -> RunError {
+        match e.needs_operator() {
+            true => RunError::Input(e.to_string()),
+            false => RunError::Other(e.to_string()),
+        }
+    }
+}
+
 fn open_store(dir: &std::path::Path) -> Result<Store, RunError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
@@ -414,8 +425,7 @@ fn open_store(dir: &std::path::Path) -> Result<Store, RunError> {
             Err(crate::store::StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Err(e) if e.needs_operator() => return Err(RunError::Input(e.to_string())),
-            other => return Ok(other.map_err(|e| e.to_string())?),
+            other => return Ok(other?),
         }
     }
 }
@@ -458,7 +468,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let _watch = crate::engine::watch(&host.engines)
         .map_err(|e| format!("cannot watch the engine files: {e}"))?;
     let _config_watch = watch_config(host.clone(), config.path.clone());
-    start(&host).await.map_err(|e| e.to_string())?;
+    start(&host).await?;
     if let Err(e) = control::serve(host.clone()).await {
         tracing::warn!("status commands cannot reach this host: {e}");
     }
@@ -607,7 +617,7 @@ pub async fn stop(host: &Arc<Host>) {
 /// Imports every audience file; a file that cannot be read as its header
 /// promises is not imported at all (the audience stays as last imported),
 /// and comes back as an alert's text.
-fn import_audiences(config: &Config, store: &Store) -> Result<Vec<String>, String> {
+fn import_audiences(config: &Config, store: &Store) -> Result<Vec<String>, RunError> {
     let rng = SeededRng::new(config.file.sim.seed);
     let mut refused = Vec::new();
     for a in &config.file.audiences {
@@ -626,9 +636,7 @@ fn import_audiences(config: &Config, store: &Store) -> Result<Vec<String>, Strin
         for p in &file.problems {
             tracing::warn!("{p}");
         }
-        let stats = store
-            .import_audience(&a.name, &file.rows, &mut || rng.next_u64())
-            .map_err(|e| e.to_string())?;
+        let stats = store.import_audience(&a.name, &file.rows, &mut || rng.next_u64())?;
         tracing::info!(
             audience = a.name,
             added = stats.added,

@@ -420,10 +420,11 @@ impl Store {
             None => AccountRecord::new(name),
         };
         let mut old_keys = Vec::new();
+        let mut seen: std::collections::HashSet<_> = record.sends.iter().map(|s| s.key).collect();
         for e in self.t.accounts.scan_prefix(prefix(name, OLD_MARK)) {
             let (k, v) = e?;
             let mark = read_old_mark(&k, &v)?;
-            if !record.sends.iter().any(|s| s.key == mark.key) {
+            if seen.insert(mark.key) {
                 record.sends.push(mark);
             }
             old_keys.push(k);
@@ -441,7 +442,7 @@ impl Store {
                 old_keys.push(k);
             }
             for mark in marks {
-                if !record.sends.iter().any(|s| s.key == mark.key) {
+                if seen.insert(mark.key) {
                     record.sends.push(mark);
                 }
             }

@@ -85,6 +85,8 @@ pub enum StoreError {
     },
     #[error("the store in {dir} is not the one this data_dir held ({witness} names another): it was replaced, and running it could message contacts a second time; put the store back, restore a backup of it with `colloquy restore`, or delete {witness} only if you accept that")]
     NotThisStore { dir: String, witness: String },
+    #[error("the store's files are damaged (sled found unreadable data in them); stop the host and restore a backup with `colloquy restore`")]
+    Damaged,
     #[error("a stored {what} record is unreadable ({reason})")]
     Corrupt { what: &'static str, reason: String },
     #[error("no {what} {id} in the store")]
@@ -109,6 +111,7 @@ impl StoreError {
             self,
             StoreError::Behind { .. }
                 | StoreError::NotThisStore { .. }
+                | StoreError::Damaged
                 | StoreError::DiskFull
                 | StoreError::NeedsOperator(_)
         )
@@ -119,6 +122,7 @@ impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> StoreError {
         match e {
             sled::Error::Io(io) if is_disk_full(&io) => StoreError::DiskFull,
+            sled::Error::Corruption { .. } => StoreError::Damaged,
             e => StoreError::Storage(e.to_string()),
         }
     }
@@ -284,6 +288,14 @@ fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             text.unwrap_or_else(|| "it failed to read it".into())
         )
     })
+}
+
+/// How long opening the store at `db` may take before it counts as stuck:
+/// ten seconds, and one more for every 10 MB of its file (sled reads its
+/// whole log at open, at well over 100 MB/s).
+fn open_deadline(db: &Path) -> std::time::Duration {
+    let bytes = std::fs::metadata(db).map(|m| m.len()).unwrap_or(0);
+    std::time::Duration::from_secs(10 + bytes / 10_000_000)
 }
 
 /// Directories of stores this process closed. sled's IO threads keep the
@@ -771,13 +783,38 @@ impl Store {
     /// damaged file while it recovers or reads it: that is the damaged
     /// store's sentence, not a crash.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let opened = quietly(|| Store::open_unguarded(dir));
-        opened.unwrap_or_else(|why| {
-            Err(StoreError::NeedsOperator(format!(
+        let damaged = |why: &str| {
+            StoreError::NeedsOperator(format!(
                 "the store in {} is damaged ({why}); restore a backup with `colloquy restore`",
                 dir.display()
-            )))
-        })
+            ))
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("store-open".into())
+            .spawn(move || {
+                let _ = tx.send(quietly(|| Store::open_unguarded(&path)));
+            })
+            .map_err(|e| StoreError::Storage(format!("cannot start a thread: {e}")))?;
+        // sled can spin forever on some damaged pages instead of failing.
+        // A healthy store opens far within this, however large it is.
+        let deadline = open_deadline(&dir.join("store").join("db"));
+        let opened = match rx.recv_timeout(deadline) {
+            Ok(opened) => opened,
+            Err(_) => {
+                return Err(damaged(&format!(
+                    "sled was still reading its files after {}, which it does only when they are damaged",
+                    humantime::format_duration(deadline)
+                )))
+            }
+        };
+        match opened {
+            Err(why) => Err(damaged(&why)),
+            Ok(Err(StoreError::Damaged)) => Err(damaged("sled found unreadable data in its files")),
+            Ok(Err(e @ StoreError::Corrupt { .. })) => Err(damaged(&e.to_string())),
+            Ok(opened) => opened,
+        }
     }
 
     fn open_unguarded(dir: &Path) -> Result<Store, StoreError> {
@@ -798,10 +835,6 @@ impl Store {
                     }
                     sled::Error::Unsupported(why) => StoreError::NeedsOperator(format!(
                         "the store in {} is damaged or is not a colloquy store ({why}); restore a backup with `colloquy restore`",
-                        dir.display()
-                    )),
-                    e @ sled::Error::Corruption { .. } => StoreError::NeedsOperator(format!(
-                        "the store in {} is damaged ({e}); restore a backup with `colloquy restore`",
                         dir.display()
                     )),
                     other => other.into(),
@@ -1165,6 +1198,34 @@ impl Store {
             .get(u64_key(id))?
             .map(|b| decode("contact", &b))
             .transpose()
+    }
+
+    /// Contacts whose stored record mentions `text`, case-insensitively
+    /// (in a name, the identity or another column): a sieve over the raw
+    /// records that decodes only the ones it keeps. Text JSON would escape
+    /// (quotes, backslashes, control characters) passes every record, so
+    /// callers check what they show against what the user typed.
+    pub fn contacts_mentioning<'a>(
+        &'a self,
+        text: &str,
+    ) -> impl Iterator<Item = Result<Contact, StoreError>> + 'a {
+        let escaped = text.contains(['"', '\\']) || text.chars().any(char::is_control);
+        let needle = regex::bytes::RegexBuilder::new(&regex::escape(text))
+            .case_insensitive(true)
+            .build()
+            .ok()
+            .filter(|_| !escaped);
+        self.t
+            .contacts
+            .iter()
+            .values()
+            .filter_map(move |v| match v {
+                Err(e) => Some(Err(e.into())),
+                Ok(v) => needle
+                    .as_ref()
+                    .is_none_or(|n| n.is_match(&v))
+                    .then(|| decode("contact", &v)),
+            })
     }
 
     pub fn contact_by_identity(&self, identity: &Identity) -> Result<Option<Contact>, StoreError> {

@@ -1091,3 +1091,29 @@ fn a_mark_names_what_it_lacks() {
     };
     assert_eq!(ahead.lacks(&had), None);
 }
+
+#[test]
+fn a_search_sieve_keeps_every_contact_that_mentions_the_text() {
+    let store = Store::temporary().unwrap();
+    let csv = "username,first_name,last_name,city\n\
+               alice,Alice,O\"\"Hara,Cork\n\
+               bobby,Борис,Иванов,Tver\n\
+               carol,Carol,King,\"Back\\slash\"\n";
+    import(&store, "l", csv);
+    let found = |text: &str| -> Vec<String> {
+        let mut names: Vec<String> = store
+            .contacts_mentioning(text)
+            .map(|c| c.unwrap().identity.to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(found("ALI"), ["alice"]);
+    assert_eq!(found("борис"), ["bobby"]);
+    assert_eq!(found("ИВАН"), ["bobby"]);
+    assert_eq!(found("cork"), ["alice"]);
+    // Text JSON escapes is kept for the caller to check.
+    assert_eq!(found("o\"hara"), ["alice", "bobby", "carol"]);
+    assert_eq!(found("k\\s"), ["alice", "bobby", "carol"]);
+    assert!(found("nobody").is_empty());
+}
