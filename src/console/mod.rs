@@ -37,15 +37,46 @@ struct Console {
     token: Arc<String>,
     /// Session id → its CSRF token.
     sessions: Arc<Mutex<HashMap<String, String>>>,
-    funnels: Arc<Funnels>,
+    /// The last funnel count.
+    funnels: Arc<Mutex<Option<Counted>>>,
+    counting: Arc<Chore>,
+    /// Reading every account's record into the store's cache.
+    reading_accounts: Arc<Chore>,
 }
 
-/// The last funnel count, and whether one is under way.
+/// Slow work a page view starts on a blocking thread: one at a time, and
+/// the view waits [`CHORE_WAIT`] for it before it shows what there is.
 #[derive(Default)]
-struct Funnels {
-    counted: Mutex<Option<Counted>>,
-    counting: AtomicBool,
+struct Chore {
+    running: AtomicBool,
 }
+
+impl Chore {
+    /// Starts `work` unless it is under way already.
+    fn start(
+        self: &Arc<Self>,
+        work: impl FnOnce() + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let chore = self.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            work();
+            chore.running.store(false, Ordering::SeqCst);
+        }))
+    }
+
+    /// Starts `work` unless it is under way, and waits a moment for it.
+    async fn start_and_wait(self: &Arc<Self>, work: impl FnOnce() + Send + 'static) {
+        if let Some(running) = self.start(work) {
+            let _ = tokio::time::timeout(CHORE_WAIT, running).await;
+        }
+    }
+}
+
+/// How long a page view waits for a chore it started.
+const CHORE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Funnels as counted at one moment.
 type Counted = (Arc<Vec<crate::report::CampaignFunnel>>, std::time::Instant);
@@ -57,9 +88,6 @@ type Counted = (Arc<Vec<crate::report::CampaignFunnel>>, std::time::Instant);
 /// background, waits a moment for it, and else shows the last count and
 /// refreshes itself until the new one is in. An idle host counts nothing.
 pub(crate) const FUNNEL_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// How long a page view waits for a count it started.
-const FUNNEL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 const COOKIE: &str = "colloquy_session";
 
@@ -82,13 +110,15 @@ pub async fn serve(host: Arc<Host>) -> Result<Option<SocketAddr>, String> {
         token: Arc::new(token),
         sessions: Arc::default(),
         funnels: Arc::default(),
+        counting: Arc::default(),
+        reading_accounts: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind(console.listen)
         .await
         .map_err(|e| format!("the console cannot listen on {}: {e}", console.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let _ = state.count_funnels();
-    state.read_accounts();
+    state.counting.start(state.count_funnels());
+    state.reading_accounts.start(state.read_accounts());
     let app = router(state);
     let shutdown = host.shutdown.clone();
     host.tasks.spawn(async move {
@@ -158,51 +188,60 @@ pub(crate) struct Session {
 
 impl Console {
     /// The funnels of the last count, if there is one. When there is none
-    /// or it is older than [`FUNNEL_FRESH`], a count starts in the
-    /// background and the view waits [`FUNNEL_WAIT`] for it: a small store
-    /// is counted within that, a large one shows its last count.
+    /// or it is older than [`FUNNEL_FRESH`], a count starts and the view
+    /// waits a moment for it: a small store is counted within that, a
+    /// large one shows its last count.
     async fn funnels(&self) -> Option<Counted> {
         let last = || {
             self.funnels
-                .counted
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
         };
         if last().as_ref().is_none_or(|l| l.1.elapsed() > FUNNEL_FRESH) {
-            if let Some(counting) = self.count_funnels() {
-                let _ = tokio::time::timeout(FUNNEL_WAIT, counting).await;
-            }
+            self.counting.start_and_wait(self.count_funnels()).await;
         }
         last()
     }
 
-    /// Counts the funnels on a blocking thread, unless a count is already
-    /// under way.
-    fn count_funnels(&self) -> Option<tokio::task::JoinHandle<()>> {
-        if self.funnels.counting.swap(true, Ordering::SeqCst) {
-            return None;
-        }
+    fn count_funnels(&self) -> impl FnOnce() + Send + 'static {
         let (host, funnels) = (self.host.clone(), self.funnels.clone());
-        Some(tokio::task::spawn_blocking(move || {
-            match crate::report::funnels(&host.config(), &host.store) {
-                Ok(f) => {
-                    *funnels.counted.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some((Arc::new(f), std::time::Instant::now()));
-                }
-                Err(e) => tracing::warn!("the console cannot count the funnels: {e}"),
+        move || match crate::report::funnels(&host.config(), &host.store) {
+            Ok(f) => {
+                *funnels.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Arc::new(f), std::time::Instant::now()));
             }
-            funnels.counting.store(false, Ordering::SeqCst);
-        }))
+            Err(e) => tracing::warn!("the console cannot count the funnels: {e}"),
+        }
     }
 
-    /// Reads every account's record into the store's cache on a blocking
-    /// thread, so the first view of the accounts page does not: a record
-    /// holds the sends of its last day, and a thousand busy accounts take
-    /// half a second to read.
-    fn read_accounts(&self) {
+    /// The records of the configured accounts the store has read, by
+    /// name. If some are not read yet, reading them starts and the view
+    /// waits a moment for it: a record holds the sends of its last day,
+    /// and a thousand busy accounts take half a second to read.
+    async fn accounts(&self) -> HashMap<String, crate::model::AccountRecord> {
+        let config = self.host.config();
+        let read = || {
+            config
+                .file
+                .accounts
+                .iter()
+                .filter_map(|a| Some((a.name.clone(), self.host.store.account_if_read(&a.name)?)))
+                .collect::<HashMap<_, _>>()
+        };
+        let mut records = read();
+        if records.len() < config.file.accounts.len() {
+            self.reading_accounts
+                .start_and_wait(self.read_accounts())
+                .await;
+            records = read();
+        }
+        records
+    }
+
+    fn read_accounts(&self) -> impl FnOnce() + Send + 'static {
         let host = self.host.clone();
-        tokio::task::spawn_blocking(move || {
+        move || {
             for account in &host.config().file.accounts {
                 if let Err(e) = host.store.account(&account.name) {
                     tracing::warn!(
@@ -211,7 +250,7 @@ impl Console {
                     );
                 }
             }
-        });
+        }
     }
 
     fn session(&self, headers: &HeaderMap) -> Option<Session> {

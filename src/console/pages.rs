@@ -30,6 +30,9 @@ fn failed(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
 }
 
+/// For the head of a page that shows what it has while the rest is read.
+const REFRESH: &str = "<meta http-equiv=\"refresh\" content=\"2\">";
+
 fn layout(title: &str, session: &Session, body: &str) -> Html<String> {
     layout_with_head(title, session, "", body)
 }
@@ -155,7 +158,7 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
     // Until a count as fresh as promised is in, the page refreshes itself.
     let refresh = match counted {
         Some((_, at)) if at.elapsed() <= super::FUNNEL_FRESH => "",
-        _ => "<meta http-equiv=\"refresh\" content=\"2\">",
+        _ => REFRESH,
     };
     Ok(layout_with_head("Campaigns", &session, refresh, &body))
 }
@@ -322,8 +325,17 @@ pub async fn accounts(State(c): State<Console>, headers: HeaderMap) -> Page {
     let mut body = String::from(
         "<table><tr><th>account</th><th>status</th><th>connection</th><th>sends, last hour</th><th>sends, last day</th><th>openings today</th><th>warm-up</th><th>may send</th><th>why it waits</th></tr>",
     );
-    for account in &host.config().file.accounts {
-        let record = host.store.account(&account.name).map_err(failed)?;
+    let records = c.accounts().await;
+    let config = host.config();
+    for account in &config.file.accounts {
+        let Some(record) = records.get(&account.name) else {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td colspan=\"8\" class=\"meta\">reading its record…</td></tr>",
+                esc(&account.name)
+            );
+            continue;
+        };
         let limits = host.safety.limits(&account.name);
         let hour_ago = now.saturating_sub(std::time::Duration::from_secs(3600));
         let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
@@ -334,8 +346,8 @@ pub async fn accounts(State(c): State<Console>, headers: HeaderMap) -> Page {
             .iter()
             .filter(|m| m.opening && m.at > day_ago)
             .count();
-        let warmup = crate::safety::decide::warmup_factor(&record, &limits, now);
-        let (may, why) = waiting(&record, &limits, now, hour, day);
+        let warmup = crate::safety::decide::warmup_factor(record, &limits, now);
+        let (may, why) = waiting(record, &limits, now, hour, day);
         let link = links
             .iter()
             .find(|(n, _)| *n == account.name)
@@ -356,7 +368,12 @@ pub async fn accounts(State(c): State<Console>, headers: HeaderMap) -> Page {
     }
     body.push_str("</table><h2>Recent alerts</h2>");
     body.push_str(&alert_list(&host.alerts.recent(), 10));
-    Ok(layout("Accounts", &session, &body))
+    // Until every record is read, the page refreshes itself.
+    let refresh = match records.len() < config.file.accounts.len() {
+        true => REFRESH,
+        false => "",
+    };
+    Ok(layout_with_head("Accounts", &session, refresh, &body))
 }
 
 fn status_text(s: &AccountStatus) -> String {

@@ -533,6 +533,12 @@ impl Store {
         Ok(self.cached_account(&mut accounts, name)?.clone())
     }
 
+    /// An account's record if it has been read since the store opened:
+    /// for views that must not wait for a cold read.
+    pub fn account_if_read(&self, name: &str) -> Option<AccountRecord> {
+        self.accounts.lock().records.get(name).cloned()
+    }
+
     /// Reads, changes and writes an account's record; written only if `f`
     /// changed it.
     pub fn update_account<T>(
