@@ -68,11 +68,17 @@ impl Timing {
 }
 
 fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+/// A figure of /proc/self/status in KiB: VmRSS (resident now), VmHWM (the
+/// most resident so far).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
@@ -241,6 +247,7 @@ fn main() {
                 "p99_ms": p(0.99),
                 "cpu_us_per_msg": (cpu * 1e7 / sent.max(1) as f64).round() / 10.0,
                 "rss_idle_mib": rss_idle as f64 / 1024.0,
+                "peak_rss_mib": status_kib("VmHWM:") as f64 / 1024.0,
                 "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / dialogs as f64,
                 "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / dialogs as f64,
             })
