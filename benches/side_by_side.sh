@@ -5,6 +5,7 @@
 #
 #     bash benches/side_by_side.sh [DIALOGS] [MESSAGES]
 #     RUNS=5 bash benches/side_by_side.sh
+#     bash benches/side_by_side.sh 1000000 1000000   # a store of a million dialogs
 set -euo pipefail
 dialogs=${1:-10000}
 messages=${2:-100000}
@@ -18,6 +19,8 @@ for _ in $(seq "$runs"); do
     if [ -f "$peer" ]; then
         db=$(mktemp -d)/peer.db
         python3 "$peer" --dialogs "$dialogs" --messages "$messages" --db "$db" | sed 's/^/python peer: /'
+        # Its SQLite files per message and reply, beside colloquy's store_bytes_per_message.
+        echo "python peer: db_bytes_per_message $(($(cat "$db"* | wc -c) / (2 * messages)))"
         rm -rf "$(dirname "$db")"
     else
         echo "python peer: not found at $peer"

@@ -113,6 +113,19 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The bytes of the files under `dir`.
+fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
 /// The directory the run uses.
 struct Dir(std::path::PathBuf);
 
@@ -233,9 +246,7 @@ fn main() {
         let mut lat = timing.latency.lock().unwrap().clone();
         lat.sort_unstable();
         let p = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
-        println!(
-            "{}",
-            serde_json::json!({
+        let mut figures = serde_json::json!({
                 "dialogs": dialogs,
                 "messages": messages,
                 "offered_per_s": if rate > 0 { serde_json::json!(rate) } else { serde_json::json!("all at once") },
@@ -250,8 +261,11 @@ fn main() {
                 "peak_rss_mib": status_kib("VmHWM:") as f64 / 1024.0,
                 "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / dialogs as f64,
                 "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / dialogs as f64,
-            })
-        );
+        });
         host::stop(&h).await;
+        // Every message and its reply, on disk once the host stopped.
+        let stored = 2 * sent.max(1) as u64;
+        figures["store_bytes_per_message"] = (bytes_under(&config.data_dir().join("store")) / stored).into();
+        println!("{figures}");
     });
 }
