@@ -10,6 +10,10 @@
 //! latency then is mostly queueing). `--rate N` offers N messages per
 //! second instead, for the reply latency at that load.
 //!
+//! `--import N` imports an audience of N new rows while the messages flow
+//! (the reply latency then is the host's while a saved audience file is
+//! imported).
+//!
 //! `--data DIR` runs in DIR (kept afterwards, with a config.toml) instead
 //! of a temporary directory: a store of that size for other measurements
 //! (the console's pages, `colloquy export`).
@@ -140,6 +144,7 @@ fn main() {
     let messages = arg("--messages", 100_000);
     let accounts = arg("--accounts", (dialogs / 100).max(1));
     let rate = arg("--rate", 0);
+    let import = arg("--import", 0);
     let temporary = tempfile::tempdir().unwrap();
     let kept = std::env::args()
         .skip_while(|a| a != "--data")
@@ -212,6 +217,29 @@ fn main() {
         let sink = transport.inbox();
         let started = Instant::now();
         let cpu_before = cpu_seconds();
+        // `--import N`: an audience of N new rows imported while the
+        // messages flow, as a saved audience file is while the host runs.
+        let importing = (import > 0).then(|| {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                let rows: Vec<_> = (0..import as i64)
+                    .map(|i| colloquy::audience::ContactRow {
+                        line: 0,
+                        identity: Identity::UserId(1_000_000_000 + i),
+                        username: None,
+                        phone: None,
+                        user_id: Some(1_000_000_000 + i),
+                        first_name: Some(format!("Imported {i}")),
+                        last_name: None,
+                        fields: Default::default(),
+                    })
+                    .collect();
+                let began = Instant::now();
+                let rng = SeededRng::new(2);
+                store.import_audience("imported", &rows, &mut || rng.next_u64()).unwrap();
+                began.elapsed().as_secs_f64()
+            })
+        });
         let feeder = {
             let timing = timing.clone();
             tokio::spawn(async move {
@@ -246,7 +274,13 @@ fn main() {
         let mut lat = timing.latency.lock().unwrap().clone();
         lat.sort_unstable();
         let p = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+        let import_s = match importing {
+            Some(task) => serde_json::json!((task.await.unwrap() * 1000.0).round() / 1000.0),
+            None => serde_json::Value::Null,
+        };
         let mut figures = serde_json::json!({
+                "imported_rows": import,
+                "import_s": import_s,
                 "dialogs": dialogs,
                 "messages": messages,
                 "offered_per_s": if rate > 0 { serde_json::json!(rate) } else { serde_json::json!("all at once") },

@@ -118,6 +118,25 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
         )],
         refused: true,
     };
+    // A quote opened in the last record and never closed runs to the end
+    // of the file, whatever the count of fields it leaves.
+    if let Some(p) = records
+        .iter()
+        .rev()
+        .find_map(|r| r.as_ref().ok()?.position())
+    {
+        let rest = &bytes[(p.byte() as usize).min(bytes.len())..];
+        if rest.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+            let line = p.line();
+            let why = match last_line > line {
+                true => format!(
+                    "a quote opened here is never closed; lines {line}–{last_line} would be read as one field"
+                ),
+                false => "a quote opened here is never closed".to_string(),
+            };
+            return refuse(line, why);
+        }
+    }
     for (i, record) in records.iter().enumerate() {
         let record = match record {
             Ok(r) => r,
@@ -137,11 +156,7 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
                 Some(p) => line_at(p.byte()) - 1,
                 None => last_line,
             };
-            let why = if end > line && next.is_none() {
-                format!(
-                    "a quote opened here is never closed; lines {line}–{end} would be read as one field"
-                )
-            } else if end > line {
+            let why = if end > line {
                 format!(
                     "a quoted field runs over lines {line}–{end}, which makes a row of {} fields where the header has {}",
                     record.len(),
@@ -304,6 +319,14 @@ mod tests {
             (
                 good.replace("person_03,P3,Oslo", "\"person_03\nP3\",Oslo"),
                 "a.csv:5: a quoted field runs over lines 5–6, which makes a row of 2 fields where the header has 3",
+            ),
+            (
+                format!("{good}person_10,\"P10,Oslo\n"),
+                "a.csv:12: a quote opened here is never closed; the file is not imported",
+            ),
+            (
+                format!("{good}person_10,P10,\"Oslo\n"),
+                "a.csv:12: a quote opened here is never closed; the file is not imported",
             ),
             (
                 good.replace("person_05,P5,Oslo", "person_05,P5,Oslo,extra"),

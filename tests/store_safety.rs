@@ -10,33 +10,9 @@ use std::path::Path;
 
 use common::{colloquy, eventually, host_log, run, stop, text};
 
-const CONFIG: &str = r#"
-[sim]
-seed = 7
-time_scale = 100
-reply_probability = 0.0
-persona = "personas/default.lua"
-
-[safety]
-max_per_hour = 10000
-max_per_day = 10000
-max_new_dialogs_per_day = 10000
-min_interval = "1s"
-jitter = "0s"
-
-[[accounts]]
-name = "alice"
-
-[[audiences]]
-name = "leads"
-file = "leads.csv"
-
-[[campaigns]]
-name = "spring"
-engine = "echo"
-audiences = ["leads"]
-accounts = ["alice"]
-"#;
+fn config() -> String {
+    common::quick_config(7, "echo", "")
+}
 
 /// How many contacts `status` says are not yet contacted.
 fn not_yet_contacted(d: &Path) -> usize {
@@ -80,7 +56,7 @@ fn put_in_place(from: &Path, to: &Path) {
 
 #[test]
 fn a_backup_taken_while_running_restores_and_an_older_one_is_refused() {
-    let dir = common::project(2000, CONFIG);
+    let dir = common::project(2000, &config());
     let d = dir.path();
     let host = run(d);
     eventually("openings", || {
@@ -140,7 +116,7 @@ fn a_backup_taken_while_running_restores_and_an_older_one_is_refused() {
 
 #[test]
 fn a_damaged_or_replaced_store_is_refused() {
-    let dir = common::project(2000, CONFIG);
+    let dir = common::project(2000, &config());
     let d = dir.path();
     let host = run(d);
     eventually("openings", || {
@@ -221,7 +197,7 @@ fn a_damaged_or_replaced_store_is_refused() {
 /// (root, as on the CI machine); elsewhere it says so and skips.
 #[test]
 fn a_full_disk_loses_nothing_and_says_so() {
-    let dir = common::project(3000, CONFIG);
+    let dir = common::project(3000, &config());
     let d = dir.path();
     let data = d.join("data");
     std::fs::create_dir_all(&data).unwrap();

@@ -8,6 +8,7 @@
 //! left after a crash.
 
 mod answer;
+mod audiences;
 mod conductor;
 pub mod control;
 mod disk;
@@ -436,7 +437,7 @@ fn open_store(dir: &std::path::Path) -> Result<Store, RunError> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let config = Arc::new(config);
     let store = open_store(&config.data_dir())?;
-    let refused = import_audiences(&config, &store)?;
+    let refused = audiences::import_all(&config, &store)?;
     let mut unauthorized = Vec::new();
     let (transport, clock): (Arc<dyn Transport>, Arc<dyn Clock>) = match config.file.transport.kind
     {
@@ -468,6 +469,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let _watch = crate::engine::watch(&host.engines)
         .map_err(|e| format!("cannot watch the engine files: {e}"))?;
     let _config_watch = watch_config(host.clone(), config.path.clone());
+    let _audience_watch = audiences::watch(host.clone());
     start(&host).await?;
     if let Err(e) = control::serve(host.clone()).await {
         tracing::warn!("status commands cannot reach this host: {e}");
@@ -612,40 +614,6 @@ pub async fn stop(host: &Arc<Host>) {
     if let Err(e) = host.store.flush() {
         tracing::error!("the store could not be flushed: {e}");
     }
-}
-
-/// Imports every audience file; a file that cannot be read as its header
-/// promises is not imported at all (the audience stays as last imported),
-/// and comes back as an alert's text.
-fn import_audiences(config: &Config, store: &Store) -> Result<Vec<String>, RunError> {
-    let rng = SeededRng::new(config.file.sim.seed);
-    let mut refused = Vec::new();
-    for a in &config.file.audiences {
-        let file = crate::audience::read(&config.resolve(&a.file));
-        if file.refused {
-            let why: Vec<String> = file.problems.iter().map(|p| p.to_string()).collect();
-            let text = format!(
-                "audience {} keeps its contacts as last imported: {}",
-                a.name,
-                why.join("; ")
-            );
-            tracing::error!(audience = a.name, "{text}");
-            refused.push(text);
-            continue;
-        }
-        for p in &file.problems {
-            tracing::warn!("{p}");
-        }
-        let stats = store.import_audience(&a.name, &file.rows, &mut || rng.next_u64())?;
-        tracing::info!(
-            audience = a.name,
-            added = stats.added,
-            updated = stats.updated,
-            unchanged = stats.unchanged,
-            "audience imported"
-        );
-    }
-    Ok(refused)
 }
 
 /// Reloads config.toml when it changes; an invalid edit is reported and the

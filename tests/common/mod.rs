@@ -430,6 +430,42 @@ product = "Acme CRM"
     )
 }
 
+/// A quick project on the simulated Telegram: one account `alice`, the
+/// audience `leads` (leads.csv), the campaign `spring` on `engine` with
+/// limits lifted, no replies; `campaign` is added to the campaign's table.
+pub fn quick_config(seed: u64, engine: &str, campaign: &str) -> String {
+    format!(
+        r#"
+[sim]
+seed = {seed}
+time_scale = 100
+reply_probability = 0.0
+persona = "personas/default.lua"
+
+[safety]
+max_per_hour = 10000
+max_per_day = 10000
+max_new_dialogs_per_day = 10000
+min_interval = "1s"
+jitter = "0s"
+
+[[accounts]]
+name = "alice"
+
+[[audiences]]
+name = "leads"
+file = "leads.csv"
+
+[[campaigns]]
+name = "spring"
+engine = "{engine}"
+audiences = ["leads"]
+accounts = ["alice"]
+{campaign}
+"#
+    )
+}
+
 // The real binary, as a user runs it.
 
 const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
