@@ -2,7 +2,7 @@
 //! Telegram: new rows are imported and opened without a restart, changed
 //! fields are updated, removed rows keep their dialogs, and a file that
 //! cannot be read as its header promises is refused whole with an alert
-//! while the host runs on.
+//! while the host runs on; an audience added to config.toml is imported.
 
 mod common;
 
@@ -39,7 +39,7 @@ fn a_saved_audience_file_is_imported_while_the_host_runs() {
     eventually("the audience to run out", || {
         host_log(d).contains("every contact of the campaign's audiences has been contacted")
     });
-    assert_eq!(opened(d).len(), 3);
+    eventually("the three openings on the wire", || opened(d).len() == 3);
 
     // New rows: imported and opened, no restart.
     let mut rows = std::fs::read_to_string(&csv).unwrap();
@@ -72,5 +72,22 @@ fn a_saved_audience_file_is_imported_while_the_host_runs() {
     });
     assert!(!opened(d).iter().any(|c| c == "contact_0009"));
     assert_eq!(dialogs(d), 5);
+
+    // An audience added to config.toml is imported and opened.
+    std::fs::write(d.join("more.csv"), "username\nlate_comer\n").unwrap();
+    let edited = std::fs::read_to_string(d.join("config.toml"))
+        .unwrap()
+        .replace(
+            "audiences = [\"leads\"]",
+            "audiences = [\"leads\", \"more\"]",
+        )
+        .replace(
+            "[[campaigns]]",
+            "[[audiences]]\nname = \"more\"\nfile = \"more.csv\"\n\n[[campaigns]]",
+        );
+    std::fs::write(d.join("config.toml"), edited).unwrap();
+    eventually("the added audience opened", || {
+        opened(d).iter().any(|c| c == "late_comer")
+    });
     stop(host);
 }

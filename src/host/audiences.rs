@@ -100,33 +100,57 @@ pub(super) fn watch(host: Arc<Host>) -> Option<notify::RecommendedWatcher> {
                 saved.insert(p);
             }
             let config = host.config();
-            let mut imported = false;
-            for a in &config.file.audiences {
-                if !saved.iter().any(|p| same_file(p, &config.resolve(&a.file))) {
-                    continue;
-                }
-                match import(&config, &host.store, a) {
-                    Ok(None) => imported = true,
-                    Ok(Some(refused)) => {
-                        host.alerts.raise(Alert::new(
-                            AlertKind::AudienceRefused,
-                            host.clock.now(),
-                            refused,
-                        ));
-                    }
-                    Err(e) => tracing::error!(
-                        audience = a.name,
-                        "the audience could not be imported: {e}"
-                    ),
-                }
-            }
-            if imported {
-                let h = host.clone();
-                rt.spawn(async move { h.changed.notify_waiters() });
-            }
+            import_again(&host, &rt, &config, |a| {
+                saved.iter().any(|p| same_file(p, &config.resolve(&a.file)))
+            });
         }
     });
     Some(watcher)
+}
+
+/// After a reload of config.toml: imports the audiences it adds or points
+/// at another file.
+pub(super) fn import_added(
+    host: &Arc<Host>,
+    rt: &tokio::runtime::Handle,
+    before: &Config,
+    after: &Config,
+) {
+    import_again(host, rt, after, |a| {
+        !before
+            .file
+            .audiences
+            .iter()
+            .any(|b| b.name == a.name && before.resolve(&b.file) == after.resolve(&a.file))
+    });
+}
+
+/// Imports the audiences of `config` that `which` picks, raises an alert
+/// for each refused, and wakes the runners if any was imported.
+fn import_again(
+    host: &Arc<Host>,
+    rt: &tokio::runtime::Handle,
+    config: &Config,
+    which: impl Fn(&Audience) -> bool,
+) {
+    let mut imported = false;
+    for a in config.file.audiences.iter().filter(|a| which(a)) {
+        match import(config, &host.store, a) {
+            Ok(None) => imported = true,
+            Ok(Some(refused)) => {
+                host.alerts.raise(Alert::new(
+                    AlertKind::AudienceRefused,
+                    host.clock.now(),
+                    refused,
+                ));
+            }
+            Err(e) => tracing::error!(audience = a.name, "the audience could not be imported: {e}"),
+        }
+    }
+    if imported {
+        let h = host.clone();
+        rt.spawn(async move { h.changed.notify_waiters() });
+    }
 }
 
 /// Whether a path an event names is the audience file (relative or not).

@@ -663,9 +663,11 @@ fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::Rec
             };
             match config {
                 Ok(c) => {
-                    let h = host.clone();
-                    rt.spawn(async move { h.set_config(Arc::new(c)) });
+                    let (before, after) = (host.config(), Arc::new(c));
+                    let (h, c) = (host.clone(), after.clone());
+                    rt.spawn(async move { h.set_config(c) });
                     tracing::info!("config.toml reloaded");
+                    audiences::import_added(&host, &rt, &before, &after);
                 }
                 Err(problems) => {
                     tracing::error!("config.toml was edited but is invalid; the running config stays:\n{problems}");
