@@ -539,7 +539,7 @@ fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
             location = format!("{location}: {key}");
         }
     }
-    let mut message = e.message().trim().replace('\n', " ");
+    let mut message = in_words(&e.message().trim().replace('\n', " "));
     for secret in ["api_hash", "api_key", "password", "token"] {
         if message.contains(&format!("unknown field `{secret}`")) {
             message.push_str(&format!(
@@ -548,6 +548,33 @@ fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
         }
     }
     Problem::new(location, message)
+}
+
+/// serde's names of Rust types in a message, in the user's words.
+fn in_words(message: &str) -> String {
+    [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (rust, words)| {
+        // Whole words only: "expected u32" is not "expected u32x".
+        match m.find(rust) {
+            Some(i) if !m[i + rust.len()..].starts_with(|c: char| c.is_alphanumeric()) => {
+                m.replacen(rust, words, 1)
+            }
+            _ => m,
+        }
+    })
 }
 
 /// The key path (`safety.max_per_day`, `campaigns[0].send_window.start`)
@@ -653,7 +680,7 @@ mod tests {
         let cases = [
             (
                 "[safety]\nmax_per_day = \"lots\"\n",
-                "c.toml:2:15: safety.max_per_day: invalid type: string \"lots\", expected u32",
+                "c.toml:2:15: safety.max_per_day: invalid type: string \"lots\", expected a whole number from 0 to 4294967295",
             ),
             (
                 "[safety]\nmin_interval = \"thirty seconds\"\n",
@@ -665,7 +692,7 @@ mod tests {
             ),
             (
                 "[[accounts]]\nname = \"a\"\n[accounts.safety]\nmax_per_day = -1\n",
-                "c.toml:4:15: accounts[0].safety.max_per_day: invalid value: integer `-1`",
+                "c.toml:4:15: accounts[0].safety.max_per_day: invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
             ),
             (
                 "[[campaigns]]\nname = \"a\"\nsend_window = { start = \"09:00\", end = \"19:00\", timezone = \"Mars/Olympus\" }\n",
