@@ -67,12 +67,18 @@ fn import(config: &Config, store: &Store, a: &Audience) -> Result<Option<String>
 pub(super) fn watch(host: Arc<Host>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+    // Only the audience files count: a log written beside them would
+    // otherwise keep the debounce below from ever settling.
+    let watched = host.clone();
     let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        if let Ok(e) = e {
-            if !e.kind.is_access() {
-                for p in e.paths {
-                    let _ = tx.send(p);
-                }
+        let Ok(e) = e else { return };
+        if e.kind.is_access() {
+            return;
+        }
+        let config = watched.config();
+        for p in e.paths {
+            if is_audience(&config, &p) {
+                let _ = tx.send(p);
             }
         }
     })
@@ -151,6 +157,15 @@ fn import_again(
         let h = host.clone();
         rt.spawn(async move { h.changed.notify_waiters() });
     }
+}
+
+/// Whether a path an event names is one of the config's audience files.
+fn is_audience(config: &Config, path: &Path) -> bool {
+    config
+        .file
+        .audiences
+        .iter()
+        .any(|a| same_file(path, &config.resolve(&a.file)))
 }
 
 /// Whether a path an event names is the audience file (relative or not).

@@ -780,8 +780,11 @@ impl Store {
     }
 
     /// Opens (or creates) the store under `dir`. sled may panic on a
-    /// damaged file while it recovers or reads it: that is the damaged
-    /// store's sentence, not a crash.
+    /// damaged file while it recovers or reads it, or spin on it for ever:
+    /// the open runs on a thread of its own, and a panic, sled's
+    /// `Corruption` or a thread still reading after [`open_deadline`] is
+    /// the damaged store's sentence, not a crash or a hang (the stuck
+    /// thread is left to the process's exit).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let damaged = |why: &str| {
             StoreError::NeedsOperator(format!(
