@@ -6,6 +6,11 @@
 --   local template = require("template")
 --   template.render("Hi {{contact.first_name}}!", ctx)                 -- escaped
 --   template.render(text, view, partials, { escape = false })          -- plain text
+--   template.render("{Hi|Hello} {{name}}", view, nil, { spin = ctx })    -- spintax first
+--
+-- `opts.spin` (a seed, or ctx) expands spintax in the template's own text
+-- before Mustache renders it; see `require("spin")` for the rules. Values
+-- are never spun.
 --
 -- `partials` maps partial names to template text. Errors (an unclosed tag or
 -- section) are raised with the position in the template.
@@ -289,12 +294,17 @@ render_tokens = function(tokens, stack, partials, opts, source)
 end
 
 --- Renders `text` with `view`. `partials` maps names to template text;
---- `opts.escape = false` turns HTML escaping off.
+--- `opts.escape = false` turns HTML escaping off; `opts.spin` (a seed or
+--- ctx) expands spintax first.
 function M.render(text, view, partials, opts)
   if type(text) ~= "string" then
     error("template.render: the template must be a string, not " .. type(text), 2)
   end
-  return render_string(text, { view }, partials or {}, opts or {})
+  opts = opts or {}
+  if opts.spin ~= nil then
+    text = require("spin").render(text, opts.spin)
+  end
+  return render_string(text, { view }, partials or {}, opts)
 end
 
 M.escape = html_escape

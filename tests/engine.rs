@@ -35,6 +35,47 @@ fn template_lua_follows_the_mustache_rules() {
     assert!(v["count"].as_u64().unwrap() > 60);
 }
 
+/// Spintax through `require("spin")` and `template.render(..., {spin = ...})`:
+/// the same seed or ctx renders the same text, values are never spun, and an
+/// unbalanced text says where.
+#[test]
+fn spintax_renders_one_alternative_the_same_way_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("spin.lua");
+    std::fs::write(
+        &f,
+        r#"
+local spin, template = require("spin"), require("template")
+local ctx = { dialog = { id = 7 }, contact = { id = 3 }, history = { {}, {} }, name = "A|B {x|y}" }
+local seen = {}
+for seed = 1, 64 do seen[spin("{Hi|Hello|Hey}", seed)] = true end
+local ok, err = pcall(spin.render, "fine\n{Hi|Hello", 1)
+return {
+  same = spin.render("{a|b|c|d}{1|2|3|4}", ctx) == spin.render("{a|b|c|d}{1|2|3|4}", ctx),
+  called = spin("{a|b}", 5) == spin.render("{a|b}", 5),
+  three = seen["Hi"] and seen["Hello"] and seen["Hey"] and true,
+  value = template.render("{Dear|Dear} {{name}}", ctx, nil, { spin = ctx, escape = false }),
+  plain = template.render("{Hi|Hello}", {}),
+  err = tostring(err),
+}
+"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) = eval(&f, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["same"], true, "{v}");
+    assert_eq!(v["called"], true, "{v}");
+    assert_eq!(v["three"], true, "{v}");
+    assert_eq!(v["value"], "Dear A|B {x|y}", "{v}");
+    assert_eq!(v["plain"], "{Hi|Hello}", "no spin without opts.spin: {v}");
+    let err = v["err"].as_str().unwrap();
+    assert!(
+        err.contains("line 2, column 1: this { is never closed"),
+        "{err}"
+    );
+}
+
 #[test]
 fn eval_prints_json_and_passes_args() {
     let dir = tempfile::tempdir().unwrap();

@@ -164,9 +164,18 @@ impl Snapshot {
         }
         for t in &dirs.templates {
             match std::fs::read_to_string(t) {
-                Ok(text) => {
-                    snap.templates.insert(t.clone(), text.into());
-                }
+                Ok(text) => match crate::engine::spin::check(&text) {
+                    Ok(()) => {
+                        snap.templates.insert(t.clone(), text.into());
+                    }
+                    Err(e) => problems.push(format!(
+                        "{}:{}: spintax: {} (column {})",
+                        dirs.shown(t),
+                        e.line,
+                        e.what,
+                        e.column
+                    )),
+                },
                 Err(e) => problems.push(format!("{}: cannot read: {e}", dirs.shown(t))),
             }
         }

@@ -24,6 +24,7 @@
 pub mod ctx;
 pub mod library;
 pub mod modules;
+pub mod spin;
 pub mod vm;
 mod watch;
 
@@ -263,6 +264,12 @@ impl EngineRuntime {
         // An engine kept at its previous version must still load with the
         // new modules; one that does not is dropped (already reported).
         fallback(&mut next, None, &mut Vec::new(), spec);
+        // A template that does not check keeps its previous version.
+        for (path, text) in &current.templates {
+            next.templates
+                .entry(path.clone())
+                .or_insert_with(|| text.clone());
+        }
         problems.sort();
         problems.dedup();
         *self

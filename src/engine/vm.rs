@@ -604,7 +604,8 @@ impl Vm {
         })
     }
 
-    /// The prompt template rendered with ctx, without HTML escaping.
+    /// The prompt template rendered with ctx, spintax first (seeded by the
+    /// contact), without HTML escaping.
     async fn default_opening(&self, ctx: Table) -> mlua::Result<Value> {
         let template: Option<String> = ctx.get("prompt_template")?;
         let Some(template) = template else {
@@ -617,6 +618,7 @@ impl Vm {
         let render: Function = module.get("render")?;
         let opts = self.lua.create_table()?;
         opts.set("escape", false)?;
+        opts.set("spin", ctx.clone())?;
         let text: String = render.call_async((template, ctx, Value::Nil, opts)).await?;
         Ok(Value::String(self.lua.create_string(text.trim())?))
     }

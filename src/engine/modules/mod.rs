@@ -1,11 +1,12 @@
 //! Host modules written in Rust, preloaded into every VM: `json`, `http`,
-//! `log`, `env`, `time`. Each file has a `register` that builds the module
+//! `log`, `env`, `time`, `spin`. Each file has a `register` that builds the module
 //! table; [`register_all`] is the one list that wires them in.
 
 pub mod env;
 pub mod http;
 pub mod json;
 pub mod log;
+pub mod spin;
 pub mod time;
 
 use std::collections::HashSet;
@@ -32,5 +33,6 @@ pub fn register_all(lua: &Lua, preload: &Table, host: &HostEnv) -> mlua::Result<
     preload.set("log", log::register(lua)?)?;
     preload.set("env", env::register(lua, host.env_allow.clone())?)?;
     preload.set("time", time::register(lua, host.clock.clone())?)?;
+    preload.set("spin", spin::register(lua)?)?;
     Ok(())
 }
