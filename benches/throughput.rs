@@ -198,7 +198,7 @@ fn main() {
         let rss_before = rss_kib();
         for (i, row) in rows.iter().enumerate() {
             let contact = store.contact_by_identity(&row.identity).unwrap().unwrap();
-            let new = NewDialog { campaign: "c".into(), account: names[i % accounts].clone(), contact: contact.id, at: SystemClock.now() };
+            let new = NewDialog { campaign: "c".into(), account: names[i % accounts].clone(), contact: contact.id, at: SystemClock.now(), variant: None };
             store.open_dialog(&new, None, &|_| Ok(())).unwrap();
         }
         store.flush().unwrap();

@@ -177,6 +177,14 @@ pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
                 .filter(|v| !v.is_empty())
                 .map(str::to_string)
         };
+        let zone = get(col(crate::config::TIMEZONE));
+        if let Some(z) = zone.filter(|z| z.parse::<chrono_tz::Tz>().is_err()) {
+            out.problems.push(Problem::new(
+                at,
+                format!("timezone \"{z}\" is not a known time zone (an IANA name like Europe/Berlin); row skipped"),
+            ));
+            continue;
+        }
         match row(&get, c_user, c_phone, c_id) {
             Ok((identity, username, phone, user_id)) => {
                 let known = [c_user, c_phone, c_id, c_first, c_last];

@@ -17,15 +17,44 @@ use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, His
 use crate::engine::{watch, Call, Ctx, EngineRuntime, Output};
 use crate::host::optout::OptOut;
 
-/// Runs a chat until `/quit`, end of input, or the engine ends the dialog.
-pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
+/// Runs a chat until `/quit`, end of input, or the engine ends the dialog;
+/// on `variant` (by name), or the campaign's first variant.
+pub fn run(config_path: &Path, campaign: &str, variant: Option<&str>) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     let Some(camp) = config.campaign(campaign).cloned() else {
         return Err(no_such_campaign(&config, campaign));
     };
+    let variant = match variant {
+        Some(name) if camp.variant(name).is_none() => {
+            let names: Vec<&str> = camp.variants.iter().map(|v| v.name.as_str()).collect();
+            let has = if names.is_empty() {
+                "it declares none".to_string()
+            } else {
+                format!("it has {}", names.join(", "))
+            };
+            return Err(Failure::Input(Problems(vec![Problem::new(
+                "--variant",
+                format!("campaign {campaign} has no variant \"{name}\"; {has}"),
+            )])));
+        }
+        Some(name) => Some(name.to_string()),
+        None => camp.variants.first().map(|v| v.name.clone()),
+    };
+    let runs = camp.runs_on(
+        variant
+            .as_ref()
+            .map(|name| crate::model::DialogVariant {
+                name: name.clone(),
+                engine: String::new(),
+            })
+            .as_ref(),
+    );
+    if let Some(name) = &variant {
+        eprintln!("[variant {name}: engine {}]", runs.engine);
+    }
     let clock = Arc::new(SystemClock);
     let (engines, problems) = EngineRuntime::start(&config, clock.clone(), 1);
-    if !engines.engines().contains(&camp.engine) {
+    if !engines.engines().contains(&runs.engine) {
         return Err(Failure::Input(Problems(
             problems.into_iter().map(|m| Problem::new("", m)).collect(),
         )));
@@ -33,12 +62,13 @@ pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
     let _watch = watch(&engines)
         .map_err(|e| Failure::Other(format!("cannot watch the engine files: {e}")))?;
 
-    let template_path = camp.prompt_template.as_ref().map(|t| config.resolve(t));
+    let template_path = runs.prompt_template.as_ref().map(|t| config.resolve(t));
     let mut ctx = trial_ctx(
         &camp,
         sample_contact(&config, &camp.audiences),
         clock.as_ref(),
     );
+    ctx.variant = variant;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -49,7 +79,7 @@ pub fn run(config_path: &Path, campaign: &str) -> Result<(), Failure> {
         ctx.prompt_template = template_path
             .as_ref()
             .and_then(|p| engines.snapshot().templates.get(p).cloned());
-        match rt.block_on(engines.call(&camp.engine, call.clone(), ctx.clone())) {
+        match rt.block_on(engines.call(&runs.engine, call.clone(), ctx.clone())) {
             Ok(reply) => {
                 ctx.state = reply.state;
                 show(ctx, &call, &reply.output, clock.as_ref())

@@ -14,7 +14,7 @@ use crate::config::{Config, Problem, Problems};
 use crate::engine::EngineRuntime;
 use crate::host::control;
 use crate::logging::{self, LogFormat};
-use crate::model::DialogId;
+use crate::model::{DialogId, DialogStatus};
 use crate::report;
 use crate::store::{Store, StoreError};
 
@@ -51,6 +51,9 @@ pub enum Command {
     Chat {
         #[arg(long)]
         campaign: String,
+        /// Try this variant of the campaign (the first one by default).
+        #[arg(long)]
+        variant: Option<String>,
     },
     /// Campaigns with their funnels, accounts, dialog counts by status.
     Status {
@@ -217,7 +220,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Backup { dest } => backup(&cli.config, &dest),
         Command::Restore { from, accept_older } => restore(&cli.config, &from, accept_older),
         Command::Eval { file, args } => eval(&cli.config, &file, &args),
-        Command::Chat { campaign } => crate::chat::run(&cli.config, &campaign),
+        Command::Chat { campaign, variant } => {
+            crate::chat::run(&cli.config, &campaign, variant.as_deref())
+        }
         Command::Login {
             account,
             code,
@@ -403,6 +408,9 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
     let (engines, engine_problems) = EngineRuntime::start(&config, Arc::new(SystemClock), 1);
     problems.extend(engine_problems.into_iter().map(|m| Problem::new("", m)));
     problems.extend(try_openings(&config, &engines));
+    if let Source::Store(store) = source(&config)? {
+        problems.extend(orphaned_variants(&config, &store, &engines)?);
+    }
     if !problems.is_empty() {
         return Err(Failure::Input(Problems(problems)));
     }
@@ -417,6 +425,53 @@ pub fn check(config_path: &Path) -> Result<(), Failure> {
         plural(engines.engines().len(), "engine"),
     );
     Ok(())
+}
+
+/// Open dialogs on a variant no longer in the config whose engine is gone
+/// too: nothing could answer them. (One whose engine still exists runs on.)
+fn orphaned_variants(
+    config: &Config,
+    store: &Store,
+    engines: &EngineRuntime,
+) -> Result<Vec<Problem>, StoreError> {
+    let loaded = engines.engines();
+    let mut stranded: std::collections::BTreeMap<(usize, String, String), usize> =
+        Default::default();
+    for d in store.dialog_summaries(false) {
+        let d = d?;
+        let (Some(v), true) = (
+            &d.variant,
+            matches!(d.status, DialogStatus::Active | DialogStatus::Handoff),
+        ) else {
+            continue;
+        };
+        let Some(i) = config
+            .file
+            .campaigns
+            .iter()
+            .position(|c| c.name == d.campaign)
+        else {
+            continue;
+        };
+        if config.file.campaigns[i].variant(&v.name).is_none() && !loaded.contains(&v.engine) {
+            *stranded
+                .entry((i, v.name.clone(), v.engine.clone()))
+                .or_default() += 1;
+        }
+    }
+    Ok(stranded
+        .into_iter()
+        .map(|((i, name, engine), n)| {
+            Problem::new(
+                format!("{}: campaigns[{i}].variants", config.shown()),
+                format!(
+                    "{} on variant \"{name}\", which is no longer declared, and its engine \"{engine}\" has no file {}: declare the variant again, or put the engine file back, so they can be answered",
+                    if n == 1 { "1 open dialog is".to_string() } else { format!("{n} open dialogs are") },
+                    config.engine_path(&engine).display()
+                ),
+            )
+        })
+        .collect())
 }
 
 /// Contacts of each audience a campaign's opening is tried on by `check`.
@@ -436,32 +491,52 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
     let clock = SystemClock;
     let mut problems = Vec::new();
     for (i, camp) in config.file.campaigns.iter().enumerate() {
-        if engines.load_error(&camp.engine).is_some() {
-            continue; // reported as the engine's load error
-        }
-        let template = camp.prompt_template.as_ref().map(|t| config.resolve(t));
-        let audiences = config
-            .file
-            .audiences
+        // The campaign itself, or each of its variants.
+        let mut tried: Vec<(String, Option<crate::model::DialogVariant>)> = camp
+            .variants
             .iter()
-            .filter(|a| camp.audiences.contains(&a.name));
-        'audiences: for a in audiences {
-            let path = config.resolve(&a.file);
-            for row in audience::read(&path).rows.into_iter().take(TRIED_ROWS) {
-                let line = row.line;
-                let mut ctx = crate::chat::trial_ctx(camp, row.into(), &clock);
-                ctx.prompt_template = template
-                    .as_ref()
-                    .and_then(|p| engines.snapshot().templates.get(p).cloned());
-                match rt.block_on(engines.call(&camp.engine, Call::Opening, ctx)) {
-                    Ok(_) => {}
-                    Err(EngineError::Stopped) => return problems,
-                    Err(e) => {
-                        problems.push(Problem::new(
-                            format!("{}: campaigns[{i}]", config.shown()),
-                            format!("{e} (the opening tried on {}:{line})", a.file.display()),
-                        ));
-                        break 'audiences;
+            .enumerate()
+            .map(|(j, v)| {
+                let variant = crate::model::DialogVariant {
+                    name: v.name.clone(),
+                    engine: String::new(),
+                };
+                (format!("campaigns[{i}].variants[{j}]"), Some(variant))
+            })
+            .collect();
+        if tried.is_empty() {
+            tried.push((format!("campaigns[{i}]"), None));
+        }
+        for (key, variant) in tried {
+            let runs = camp.runs_on(variant.as_ref());
+            if engines.load_error(&runs.engine).is_some() {
+                continue; // reported as the engine's load error
+            }
+            let template = runs.prompt_template.as_ref().map(|t| config.resolve(t));
+            let audiences = config
+                .file
+                .audiences
+                .iter()
+                .filter(|a| camp.audiences.contains(&a.name));
+            'audiences: for a in audiences {
+                let path = config.resolve(&a.file);
+                for row in audience::read(&path).rows.into_iter().take(TRIED_ROWS) {
+                    let line = row.line;
+                    let mut ctx = crate::chat::trial_ctx(camp, row.into(), &clock);
+                    ctx.variant = variant.as_ref().map(|v| v.name.clone());
+                    ctx.prompt_template = template
+                        .as_ref()
+                        .and_then(|p| engines.snapshot().templates.get(p).cloned());
+                    match rt.block_on(engines.call(&runs.engine, Call::Opening, ctx)) {
+                        Ok(_) => {}
+                        Err(EngineError::Stopped) => return problems,
+                        Err(e) => {
+                            problems.push(Problem::new(
+                                format!("{}: {key}", config.shown()),
+                                format!("{e} (the opening tried on {}:{line})", a.file.display()),
+                            ));
+                            break 'audiences;
+                        }
                     }
                 }
             }
@@ -784,7 +859,7 @@ fn export(
         match source(&config)? {
             Source::Nothing => return Ok(()),
             Source::Store(store) => {
-                crate::export::write(&store, &export, &mut out)?;
+                crate::export::write(&config, &store, &export, &mut out)?;
                 break;
             }
             Source::Host => match control::ask_streaming(

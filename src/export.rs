@@ -1,12 +1,14 @@
-//! `colloquy export`: a campaign's dialogs, their messages, or the
-//! do-not-contact list, as CSV or JSON lines, written as they are read
-//! from the store (one dialog's messages in memory at a time).
+//! `colloquy export`: a campaign's dialogs, their messages, its variants
+//! compared, or the do-not-contact list, as CSV or JSON lines, written as
+//! they are read from the store (one dialog's messages in memory at a
+//! time).
 
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
+use crate::config::Config;
 use crate::model::{Delivery, Dialog, DialogStatus, Direction, DoNotContact};
 use crate::store::{Store, StoreError};
 
@@ -16,6 +18,9 @@ use crate::store::{Store, StoreError};
 pub enum What {
     Dialogs,
     Messages,
+    /// Each campaign's variants side by side: funnel, rates with 95%
+    /// intervals, probability best.
+    Variants,
     Dnc,
 }
 
@@ -48,6 +53,7 @@ struct DialogRow<'a> {
     started_at: String,
     last_activity: String,
     follow_ups: u32,
+    variant: &'a str,
 }
 
 #[derive(Serialize)]
@@ -57,11 +63,31 @@ struct MessageRow<'a> {
     campaign: &'a str,
     account: &'a str,
     contact: &'a str,
+    variant: &'a str,
     direction: &'a str,
     kind: &'a str,
     at: String,
     delivery: &'a str,
     text: &'a str,
+}
+
+#[derive(Serialize)]
+struct VariantRow<'a> {
+    campaign: &'a str,
+    variant: &'a str,
+    declared: bool,
+    opened: usize,
+    delivered: usize,
+    replied: usize,
+    reply_rate: f64,
+    reply_rate_low: f64,
+    reply_rate_high: f64,
+    goal: String,
+    goal_rate: f64,
+    goal_rate_low: f64,
+    goal_rate_high: f64,
+    probability_best: f64,
+    latest_openings_share: f64,
 }
 
 #[derive(Serialize)]
@@ -100,13 +126,61 @@ fn io(e: std::io::Error) -> StoreError {
 }
 
 /// Streams the export to `out`; returns how many records it wrote.
-pub fn write(store: &Store, export: &Export, out: &mut dyn Write) -> Result<u64, StoreError> {
+pub fn write(
+    config: &Config,
+    store: &Store,
+    export: &Export,
+    out: &mut dyn Write,
+) -> Result<u64, StoreError> {
     let mut sink = match export.format {
         Format::Csv => Sink::Csv(Box::new(csv::Writer::from_writer(out))),
         Format::Jsonl => Sink::Jsonl(out),
     };
-    let n = records(store, export, &mut sink)?;
+    let n = match export.what {
+        What::Variants => variants(config, store, export, &mut sink)?,
+        _ => records(store, export, &mut sink)?,
+    };
     sink.finish().map_err(io)?;
+    Ok(n)
+}
+
+/// One row per variant of each (or the chosen) campaign.
+fn variants(
+    config: &Config,
+    store: &Store,
+    export: &Export,
+    sink: &mut Sink<'_>,
+) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for f in crate::report::funnels(config, store)? {
+        let Some(camp) = config.campaign(&f.campaign) else {
+            continue;
+        };
+        if export.campaign.as_deref().is_some_and(|c| c != camp.name) {
+            continue;
+        }
+        for v in crate::report::variant_reports(camp, &f) {
+            let row = VariantRow {
+                campaign: &camp.name,
+                variant: &v.name,
+                declared: v.declared,
+                opened: v.funnel.opened,
+                delivered: v.funnel.delivered,
+                replied: v.funnel.replied,
+                reply_rate: v.reply_rate.rate,
+                reply_rate_low: v.reply_rate.low,
+                reply_rate_high: v.reply_rate.high,
+                goal: camp.allocation.goal.to_string(),
+                goal_rate: v.goal_rate.rate,
+                goal_rate_low: v.goal_rate.low,
+                goal_rate_high: v.goal_rate.high,
+                probability_best: v.probability_best,
+                latest_openings_share: v.recent_share,
+            };
+            sink.write(&row).map_err(io)?;
+            n += 1;
+        }
+    }
     Ok(n)
 }
 
@@ -138,6 +212,7 @@ fn records(store: &Store, export: &Export, sink: &mut Sink<'_>) -> Result<u64, S
         let contact = store
             .contact(d.contact)?
             .map_or_else(|| d.contact.to_string(), |c| c.identity.to_string());
+        let variant = d.variant.as_ref().map_or("", |v| v.name.as_str());
         if export.what == What::Dialogs {
             let outcome = match &d.status {
                 DialogStatus::Finished { outcome } => outcome.as_str(),
@@ -153,6 +228,7 @@ fn records(store: &Store, export: &Export, sink: &mut Sink<'_>) -> Result<u64, S
                 started_at: d.started_at.to_rfc3339(),
                 last_activity: d.last_activity().to_rfc3339(),
                 follow_ups: d.follow_ups_sent,
+                variant,
             };
             sink.write(&row).map_err(io)?;
             n += 1;
@@ -168,6 +244,7 @@ fn records(store: &Store, export: &Export, sink: &mut Sink<'_>) -> Result<u64, S
                 campaign: &d.campaign,
                 account: &d.account,
                 contact: &contact,
+                variant,
                 direction: match m.direction {
                     Direction::In => "in",
                     Direction::Out => "out",

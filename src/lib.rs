@@ -23,6 +23,8 @@
 //!   login, exactly-once sends, catch-up.
 //! - [`report`], [`chat`]: what `status`/`dialogs`/`dialog` print, and
 //!   `colloquy chat`.
+//! - [`variants`]: which variant a new dialog gets (fixed weights or a
+//!   bandit), and how variants compare.
 //! - [`clock`]: the injected clock and seeded random source.
 //! - [`concurrent`]: `run_all`, the pipeline's way to run a batch of
 //!   futures.
@@ -47,3 +49,4 @@ pub mod sim;
 pub mod store;
 pub mod telegram;
 pub mod transport;
+pub mod variants;

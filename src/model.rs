@@ -282,6 +282,18 @@ pub struct Dialog {
     /// kept (which then always reads its pages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_incoming_id: Option<i64>,
+    /// The variant assigned at the opening, in a campaign with variants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<DialogVariant>,
+}
+
+/// The variant a dialog was assigned at its opening, with the engine it
+/// ran on then: a variant later removed from the config keeps its dialogs
+/// on that engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialogVariant {
+    pub name: String,
+    pub engine: String,
 }
 
 impl Dialog {
@@ -338,6 +350,8 @@ pub struct DialogSummary {
     #[serde(default)]
     pub reviewed_at: Option<Timestamp>,
     pub next_seq: u64,
+    #[serde(default)]
+    pub variant: Option<DialogVariant>,
 }
 
 impl DialogSummary {
@@ -365,6 +379,7 @@ impl From<&Dialog> for DialogSummary {
             last_outbound_at: d.last_outbound_at,
             reviewed_at: d.reviewed_at,
             next_seq: d.next_seq,
+            variant: d.variant.clone(),
         }
     }
 }

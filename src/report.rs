@@ -4,9 +4,10 @@
 
 use std::fmt::Write as _;
 
-use crate::config::Config;
+use crate::config::{Config, Goal};
 use crate::model::{Delivery, DialogId, DialogStatus, Direction};
 use crate::store::{Store, StoreError};
+use crate::variants::{self, Tally};
 
 /// What only a running host knows for `status`.
 #[derive(Default)]
@@ -45,12 +46,10 @@ pub fn status(
             }
             _ => None,
         };
-        let funnel = funnels
-            .iter()
-            .find(|f| f.campaign == c.name)
-            .map(|f| f.total.clone())
-            .unwrap_or_default();
-        campaigns.push((c, paused_itself, funnel));
+        let counted = funnels.iter().find(|f| f.campaign == c.name);
+        let funnel = counted.map(|f| f.total.clone()).unwrap_or_default();
+        let variants = counted.map_or_else(Vec::new, |f| variant_reports(c, f));
+        campaigns.push((c, paused_itself, funnel, variants));
     }
     let mut accounts = Vec::new();
     for a in &config.file.accounts {
@@ -71,7 +70,7 @@ pub fn status(
     };
     if json {
         let value = serde_json::json!({
-            "campaigns": campaigns.iter().map(|(c, paused, f)| serde_json::json!({
+            "campaigns": campaigns.iter().map(|(c, paused, f, variants)| serde_json::json!({
                 "name": c.name,
                 "status": c.status.label(),
                 "paused_itself": paused.as_ref().map(|p| serde_json::json!({"at": p.at.to_rfc3339(), "reason": p.reason})),
@@ -81,6 +80,13 @@ pub fn status(
                 "audiences": c.audiences,
                 "funnel": f,
                 "reply_rate": f.reply_rate(),
+                "allocation": (!c.variants.is_empty()).then(|| serde_json::json!({
+                    "method": c.allocation.method,
+                    "goal": c.allocation.goal.to_string(),
+                    "floor": c.allocation.floor,
+                    "probability_best_method": PROBABILITY_BEST_METHOD,
+                })),
+                "variants": variants,
             })).collect::<Vec<_>>(),
             "accounts": accounts.iter().map(|(a, r, link)| serde_json::json!({
                 "name": a.name,
@@ -99,7 +105,7 @@ pub fn status(
         return Ok(format!("{value}\n"));
     }
     let mut out = String::new();
-    for (c, paused, f) in &campaigns {
+    for (c, paused, f, variants) in &campaigns {
         let why = paused
             .as_ref()
             .map(|p| format!(" (paused itself at {}: {})", p.at.to_rfc3339(), p.reason))
@@ -135,6 +141,9 @@ pub fn status(
                 f.opted_out,
                 f.error
             );
+            for v in variants {
+                let _ = writeln!(out, "  {}", variant_line(v, &c.allocation.goal));
+            }
         }
     }
     for (a, record, link) in &accounts {
@@ -342,6 +351,19 @@ impl Funnel {
         }
     }
 
+    /// Delivered dialogs, and those that reached `goal`: what the bandit
+    /// learns from.
+    pub fn tally(&self, goal: &Goal) -> Tally {
+        let successes = match goal {
+            Goal::Reply => self.replied,
+            Goal::Finish(label) => self.outcomes.get(label).copied().unwrap_or(0),
+        };
+        Tally {
+            trials: self.delivered as u64,
+            successes: successes.min(self.delivered) as u64,
+        }
+    }
+
     fn count(&mut self, d: &crate::model::DialogSummary, opening_pending: bool) {
         self.opened += 1;
         let unsent = matches!(d.status, DialogStatus::Error { .. }) && d.last_inbound_at.is_none();
@@ -371,6 +393,12 @@ pub struct CampaignFunnel {
     pub campaign: String,
     pub total: Funnel,
     pub by_account: std::collections::BTreeMap<String, Funnel>,
+    /// By variant, in a campaign with variants.
+    pub by_variant: std::collections::BTreeMap<String, Funnel>,
+    /// The variants of the latest [`RECENT_OPENINGS`] openings, oldest
+    /// first: where traffic goes now.
+    #[serde(skip)]
+    pub recent_variants: std::collections::VecDeque<String>,
     /// Per day: openings, replied dialogs (by the day of their latest
     /// reply) and dialogs that ended.
     pub by_day: std::collections::BTreeMap<String, Day>,
@@ -381,6 +409,141 @@ pub struct Day {
     pub openings: usize,
     pub replies: usize,
     pub outcomes: usize,
+}
+
+/// Each of `camp`'s declared variants' tally toward its goal, in the
+/// order of `camp.variants`.
+pub fn variant_tallies(
+    config: &Config,
+    store: &Store,
+    camp: &crate::config::Campaign,
+) -> Result<Vec<Tally>, StoreError> {
+    let funnels = funnels(config, store)?;
+    let by_variant = funnels
+        .iter()
+        .find(|f| f.campaign == camp.name)
+        .map(|f| &f.by_variant);
+    Ok(camp
+        .variants
+        .iter()
+        .map(|v| {
+            by_variant
+                .and_then(|b| b.get(&v.name))
+                .map_or_else(Tally::default, |f| f.tally(&camp.allocation.goal))
+        })
+        .collect())
+}
+
+/// How a campaign's variants compare, for `status`, the console and
+/// export: per variant its funnel, reply rate and goal rate with Wilson
+/// 95% intervals, and the probability that it is best at the goal.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VariantReport {
+    pub name: String,
+    /// Still declared in the config.
+    pub declared: bool,
+    pub funnel: Funnel,
+    pub reply_rate: Rate,
+    /// The rate of the campaign's allocation goal.
+    pub goal_rate: Rate,
+    pub probability_best: f64,
+    /// Its share of the campaign's latest [`RECENT_OPENINGS`] openings.
+    pub recent_share: f64,
+}
+
+/// How many of the latest openings `recent_share` looks at.
+pub const RECENT_OPENINGS: usize = 200;
+
+/// A share with its Wilson 95% interval.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Rate {
+    pub rate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Rate {
+    fn of(successes: u64, trials: u64) -> Rate {
+        let (low, high) = variants::wilson(successes, trials);
+        Rate {
+            rate: if trials == 0 {
+                0.0
+            } else {
+                successes as f64 / trials as f64
+            },
+            low,
+            high,
+        }
+    }
+}
+
+/// The variants of `camp` (declared ones first, then any its dialogs still
+/// run on), compared; empty for a campaign without variants.
+pub fn variant_reports(camp: &crate::config::Campaign, f: &CampaignFunnel) -> Vec<VariantReport> {
+    let mut names: Vec<&str> = camp.variants.iter().map(|v| v.name.as_str()).collect();
+    names.extend(
+        f.by_variant
+            .keys()
+            .map(String::as_str)
+            .filter(|n| camp.variant(n).is_none()),
+    );
+    let goal = &camp.allocation.goal;
+    let funnels: Vec<Funnel> = names
+        .iter()
+        .map(|n| f.by_variant.get(*n).cloned().unwrap_or_default())
+        .collect();
+    let tallies: Vec<Tally> = funnels.iter().map(|f| f.tally(goal)).collect();
+    let best = variants::probability_best(&tallies);
+    names
+        .iter()
+        .zip(funnels)
+        .zip(tallies.iter().zip(best))
+        .map(|((name, funnel), (t, best))| VariantReport {
+            name: name.to_string(),
+            declared: camp.variant(name).is_some(),
+            reply_rate: Rate::of(funnel.replied as u64, funnel.delivered as u64),
+            goal_rate: Rate::of(t.successes, t.trials),
+            probability_best: best,
+            recent_share: share_of(&f.recent_variants, name),
+            funnel,
+        })
+        .collect()
+}
+
+/// How `probability_best` is computed, as `status --json` names it.
+pub const PROBABILITY_BEST_METHOD: &str =
+    "Thompson: share of 20,000 joint draws from Beta(1 + successes, 1 + failures) posteriors in which the variant is best at the goal";
+
+/// One variant in a line: `variant a: opened 120, replied 30 of 118
+/// delivered (25.4%, 95% CI 18.4–34.0%), goal reply 25.4% (…), best 81%`.
+pub fn variant_line(v: &VariantReport, goal: &Goal) -> String {
+    let pct = |r: &Rate| {
+        format!(
+            "{:.1}% (95% CI {:.1}–{:.1}%)",
+            100.0 * r.rate,
+            100.0 * r.low,
+            100.0 * r.high
+        )
+    };
+    format!(
+        "variant {}{}: opened {} ({:.0}% of the latest openings), replied {} of {} delivered, reply rate {}, goal {goal} {}, probability best {:.0}%",
+        v.name,
+        if v.declared { "" } else { " (no longer in the config)" },
+        v.funnel.opened,
+        100.0 * v.recent_share,
+        v.funnel.replied,
+        v.funnel.delivered,
+        pct(&v.reply_rate),
+        pct(&v.goal_rate),
+        100.0 * v.probability_best
+    )
+}
+
+fn share_of(recent: &std::collections::VecDeque<String>, name: &str) -> f64 {
+    if recent.is_empty() {
+        return 0.0;
+    }
+    recent.iter().filter(|v| *v == name).count() as f64 / recent.len() as f64
 }
 
 /// Every campaign's funnel, in one pass over the dialogs.
@@ -415,6 +578,17 @@ pub fn funnels(config: &Config, store: &Store) -> Result<Vec<CampaignFunnel>, St
             .entry(d.account.clone())
             .or_default()
             .count(&d, opening_pending);
+        if let Some(v) = &d.variant {
+            f.by_variant
+                .entry(v.name.clone())
+                .or_default()
+                .count(&d, opening_pending);
+            // Dialogs come in the order they were opened.
+            if f.recent_variants.len() == RECENT_OPENINGS {
+                f.recent_variants.pop_front();
+            }
+            f.recent_variants.push_back(v.name.clone());
+        }
         let day = |t: crate::clock::Timestamp| t.to_rfc3339().chars().take(10).collect::<String>();
         f.by_day.entry(day(d.started_at)).or_default().openings += 1;
         if let Some(t) = d.last_inbound_at {

@@ -86,6 +86,7 @@ fn dialogs(config: &Config, dialogs: usize) -> (Store, Vec<DialogId>) {
                 account: account(i),
                 contact: contact.id,
                 at: SystemClock.now(),
+                variant: None,
             };
             store.open_dialog(&new, None, &|_| Ok(())).unwrap().0.id
         })

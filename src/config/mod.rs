@@ -169,6 +169,28 @@ pub struct Sim {
     /// Lua file that writes the contacts' replies.
     pub persona: Option<PathBuf>,
     pub faults: SimFaults,
+    /// Contacts that answer some texts more readily: the first entry whose
+    /// `contains` is in a message sets its reply probability.
+    pub reply_rates: Vec<ReplyRate>,
+}
+
+/// `[[sim.reply_rates]]`: the reply probability for messages containing
+/// a text (so simulated contacts can prefer a variant's wording).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyRate {
+    pub contains: String,
+    pub probability: f64,
+}
+
+impl Sim {
+    /// The probability that a contact answers `text`.
+    pub fn reply_probability_of(&self, text: &str) -> f64 {
+        self.reply_rates
+            .iter()
+            .find(|r| text.contains(&r.contains))
+            .map_or(self.reply_probability, |r| r.probability)
+    }
 }
 
 impl Default for Sim {
@@ -180,6 +202,7 @@ impl Default for Sim {
             reply_delay: DurRange::between(30, 1200),
             persona: None,
             faults: SimFaults::default(),
+            reply_rates: Vec::new(),
         }
     }
 }
@@ -439,6 +462,154 @@ pub struct Campaign {
     /// Free-form values handed to the engine as `ctx.campaign.params`.
     #[serde(default)]
     pub params: BTreeMap<String, toml::Value>,
+    /// Versions of the campaign's messages; each dialog gets one at its
+    /// opening. None: every dialog runs on the campaign's engine.
+    #[serde(default)]
+    pub variants: Vec<Variant>,
+    /// How new dialogs are shared among the variants.
+    #[serde(default)]
+    pub allocation: Allocation,
+}
+
+/// The audience column that gives a contact's time zone (an IANA name).
+pub const TIMEZONE: &str = "timezone";
+
+/// `[[campaigns.variants]]`: a version of a campaign's messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    /// The campaign's engine when absent.
+    pub engine: Option<String>,
+    /// The campaign's prompt template when absent.
+    pub prompt_template: Option<PathBuf>,
+    /// Its share of new dialogs under `fixed` allocation, relative to the
+    /// other variants' weights.
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// `[campaigns.allocation]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allocation {
+    pub method: AllocationMethod,
+    /// What counts as a success for the bandit.
+    pub goal: Goal,
+    /// Under `bandit`, each variant's least share of new dialogs.
+    pub floor: f64,
+}
+
+impl Default for Allocation {
+    fn default() -> Allocation {
+        Allocation {
+            method: AllocationMethod::Fixed,
+            goal: Goal::Reply,
+            floor: 0.05,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocationMethod {
+    /// By the variants' weights.
+    Fixed,
+    /// Thompson sampling on the goal, with a floor of exploration.
+    Bandit,
+}
+
+/// A dialog's success: `"reply"` (the contact answered) or
+/// `"finish:LABEL"` (the engine finished it with that outcome).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Goal {
+    Reply,
+    Finish(String),
+}
+
+impl TryFrom<String> for Goal {
+    type Error = String;
+    fn try_from(s: String) -> Result<Goal, String> {
+        match s.strip_prefix("finish:") {
+            _ if s == "reply" => Ok(Goal::Reply),
+            Some(label) if !label.is_empty() => Ok(Goal::Finish(label.to_string())),
+            _ => Err(format!(
+                "goal \"{s}\" is neither \"reply\" nor \"finish:LABEL\" (like \"finish:booked\")"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Goal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Goal::Reply => write!(f, "reply"),
+            Goal::Finish(label) => write!(f, "finish:{label}"),
+        }
+    }
+}
+
+/// What a dialog runs on: an engine and a prompt template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunsOn {
+    pub engine: String,
+    pub prompt_template: Option<PathBuf>,
+}
+
+impl Campaign {
+    /// The send window for `contact`: the campaign's hours in the contact's
+    /// own `timezone` field when it has one, in the campaign's zone
+    /// otherwise.
+    pub fn window_for(&self, contact: &crate::model::Contact) -> Option<SendWindow> {
+        let mut w = self.send_window.clone()?;
+        if let Some(tz) = contact.fields.get(TIMEZONE).and_then(|t| t.parse().ok()) {
+            w.timezone = Zone(tz);
+        }
+        Some(w)
+    }
+
+    /// The variant named `name`, if the campaign declares it.
+    pub fn variant(&self, name: &str) -> Option<&Variant> {
+        self.variants.iter().find(|v| v.name == name)
+    }
+
+    /// What a dialog on `variant` runs on: the variant's engine and
+    /// template where it sets them, the campaign's otherwise; a variant
+    /// no longer in the config keeps the engine it had at its opening.
+    pub fn runs_on(&self, variant: Option<&crate::model::DialogVariant>) -> RunsOn {
+        let declared = variant.and_then(|v| self.variant(&v.name));
+        let engine = match (declared, variant) {
+            (Some(d), _) => d.engine.as_ref().unwrap_or(&self.engine),
+            (None, Some(v)) => &v.engine,
+            (None, None) => &self.engine,
+        };
+        RunsOn {
+            engine: engine.clone(),
+            prompt_template: declared
+                .and_then(|d| d.prompt_template.as_ref())
+                .or(self.prompt_template.as_ref())
+                .cloned(),
+        }
+    }
+
+    /// Every engine the campaign's declared variants run on, the
+    /// campaign's own first.
+    pub fn engines(&self) -> Vec<&str> {
+        let mut out = vec![self.engine.as_str()];
+        for v in &self.variants {
+            if let Some(e) = &v.engine {
+                if !out.contains(&e.as_str()) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Config {
@@ -513,6 +684,19 @@ impl Config {
 
     pub fn campaign(&self, name: &str) -> Option<&Campaign> {
         self.file.campaigns.iter().find(|c| c.name == name)
+    }
+
+    /// What a dialog of `campaign` on `variant` runs on; see
+    /// [`Campaign::runs_on`]. A campaign gone from the config leaves only
+    /// the variant's engine, if there was one.
+    pub fn runs_on(&self, campaign: &str, variant: Option<&crate::model::DialogVariant>) -> RunsOn {
+        match self.campaign(campaign) {
+            Some(c) => c.runs_on(variant),
+            None => RunsOn {
+                engine: variant.map(|v| v.engine.clone()).unwrap_or_default(),
+                prompt_template: None,
+            },
+        }
     }
 
     /// The limits in force for an account: `[safety]` merged with its own.

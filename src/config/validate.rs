@@ -20,6 +20,24 @@ impl Checker<'_> {
         self.problems.push(Problem::new(location, message));
     }
 
+    /// `name` must be an engine with a file in engines/.
+    fn engine(&mut self, key: &str, name: &str) {
+        if !is_module_name(name) {
+            self.fail(
+                key,
+                format!(
+                    "\"{name}\" is not an engine name; name a file of engines/ without \".lua\", like \"scripted\""
+                ),
+            );
+            return;
+        }
+        let path = self.config.engine_path(name);
+        if !path.is_file() {
+            let msg = format!("engine \"{name}\" has no file \"{}\"", path.display());
+            self.fail(key, msg);
+        }
+    }
+
     /// The path must name an existing file.
     fn file_exists(&mut self, key: &str, what: &str, p: &Path) {
         let resolved = self.config.resolve(p);
@@ -132,6 +150,9 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
                 );
             }
             c.chance("sim.reply_probability", sim.reply_probability);
+            for (i, r) in sim.reply_rates.iter().enumerate() {
+                c.chance(&format!("sim.reply_rates[{i}].probability"), r.probability);
+            }
             for (name, p) in sim.faults.chances() {
                 c.chance(&format!("sim.faults.{name}"), p);
             }
@@ -244,30 +265,11 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
     let audiences: HashSet<&str> = f.audiences.iter().map(|a| a.name.as_str()).collect();
     for (i, camp) in f.campaigns.iter().enumerate() {
         let key = format!("campaigns[{i}]");
-        if !is_module_name(&camp.engine) {
-            c.fail(
-                format!("{key}.engine"),
-                format!(
-                    "\"{}\" is not an engine name; name a file of engines/ without \".lua\", like \"scripted\"",
-                    camp.engine
-                ),
-            );
-        } else {
-            let path = config.engine_path(&camp.engine);
-            if !path.is_file() {
-                c.fail(
-                    format!("{key}.engine"),
-                    format!(
-                        "engine \"{}\" has no file \"{}\"",
-                        camp.engine,
-                        path.display()
-                    ),
-                );
-            }
-        }
+        c.engine(&format!("{key}.engine"), &camp.engine);
         if let Some(t) = &camp.prompt_template {
             c.file_exists(&format!("{key}.prompt_template"), "prompt template", t);
         }
+        variants(&mut c, &key, camp);
         if camp.audiences.is_empty() {
             c.fail(
                 format!("{key}.audiences"),
@@ -303,6 +305,47 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
         }
     }
     c.problems
+}
+
+/// A campaign's `[[campaigns.variants]]` and `[campaigns.allocation]`.
+fn variants(c: &mut Checker, key: &str, camp: &crate::config::Campaign) {
+    c.unique(
+        &format!("{key}.variants"),
+        camp.variants.iter().map(|v| v.name.as_str()),
+    );
+    for (j, v) in camp.variants.iter().enumerate() {
+        let vkey = format!("{key}.variants[{j}]");
+        if let Some(e) = &v.engine {
+            c.engine(&format!("{vkey}.engine"), e);
+        }
+        if let Some(t) = &v.prompt_template {
+            c.file_exists(&format!("{vkey}.prompt_template"), "prompt template", t);
+        }
+        if !(v.weight.is_finite() && v.weight > 0.0) {
+            c.fail(
+                format!("{vkey}.weight"),
+                format!("is {}; a weight must be a number above 0", v.weight),
+            );
+        }
+    }
+    let a = &camp.allocation;
+    let n = camp.variants.len();
+    if a.method == crate::config::AllocationMethod::Bandit && n < 2 {
+        c.fail(
+            format!("{key}.allocation.method"),
+            format!("\"bandit\" shares dialogs among variants, and the campaign declares {n}; declare at least two [[campaigns.variants]]"),
+        );
+    }
+    if !(0.0..=1.0).contains(&a.floor) || (n > 0 && a.floor * n as f64 > 1.0) {
+        c.fail(
+            format!("{key}.allocation.floor"),
+            format!(
+                "is {}; it is each variant's least share of new dialogs, so it must be from 0 to 1/{} (one over the number of variants)",
+                a.floor,
+                n.max(1)
+            ),
+        );
+    }
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: a plausible environment variable name.

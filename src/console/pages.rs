@@ -138,7 +138,7 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
             "<section class=\"campaign\" id=\"campaign-{name_id}\"><h2>{name} <span class=\"status {status}\">{status}</span></h2>\
              <form method=\"post\" action=\"/campaigns/{name_url}/status\">{csrf}<input type=\"hidden\" name=\"status\" value=\"{action}\"><button>{label}</button></form>\
              {why}{load}<p class=\"meta\">engine {engine} · accounts {accounts} · audiences {audiences}</p>\
-             {funnel}<h3>By account</h3>{accounts_table}<h3>By day</h3>{chart}</section>",
+             {funnel}{variants}<h3>By account</h3>{accounts_table}<h3>By day</h3>{chart}</section>",
             name_id = esc(&campaign.name),
             name = esc(&campaign.name),
             name_url = url(&campaign.name),
@@ -148,6 +148,7 @@ pub async fn campaigns(State(c): State<Console>, headers: HeaderMap) -> Page {
             accounts = esc(&campaign.accounts.join(", ")),
             audiences = esc(&campaign.audiences.join(", ")),
             funnel = counted.as_ref().map(|_| funnel_table(&f.total)).unwrap_or_default(),
+            variants = by_variant(campaign, f),
             accounts_table = by_account(&f.by_account),
             chart = day_chart(&f.by_day),
         );
@@ -191,6 +192,62 @@ fn funnel_table(f: &Funnel) -> String {
         );
     }
     out.push_str("</dl>");
+    out
+}
+
+/// The variants side by side: their funnels, rates with 95% intervals,
+/// the chance each is best, and where new dialogs go now.
+fn by_variant(campaign: &crate::config::Campaign, f: &report::CampaignFunnel) -> String {
+    let reports = report::variant_reports(campaign, f);
+    if reports.is_empty() {
+        return String::new();
+    }
+    let a = &campaign.allocation;
+    let method = match a.method {
+        crate::config::AllocationMethod::Fixed => "fixed weights".to_string(),
+        crate::config::AllocationMethod::Bandit => format!(
+            "bandit on {} (Thompson sampling, each variant keeps at least {:.0}% of new dialogs)",
+            a.goal,
+            100.0 * a.floor
+        ),
+    };
+    let pct = |r: &report::Rate| {
+        format!(
+            "{:.1}% <span class=\"meta\">({:.1}–{:.1}%)</span>",
+            100.0 * r.rate,
+            100.0 * r.low,
+            100.0 * r.high
+        )
+    };
+    let mut out = format!(
+        "<h3>By variant</h3><p class=\"meta\">Allocation: {}. Rates with 95% Wilson intervals; “best” is the probability that the variant has the highest {} rate ({}).</p>\
+         <table class=\"variants\"><tr><th>variant</th><th>latest {} openings</th><th>opened</th><th>delivered</th><th>replied</th><th>reply rate</th><th>goal rate</th><th>best</th></tr>",
+        esc(&method),
+        esc(&a.goal.to_string()),
+        esc(report::PROBABILITY_BEST_METHOD),
+        report::RECENT_OPENINGS
+    );
+    for v in &reports {
+        let gone = if v.declared {
+            ""
+        } else {
+            " <span class=\"meta\">(no longer in config.toml)</span>"
+        };
+        let _ = write!(
+            out,
+            "<tr data-variant=\"{name}\"><td>{name}{gone}</td><td><span class=\"bar\" style=\"width:{share_px}px\"></span> {share:.0}%</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{best:.0}%</td></tr>",
+            v.funnel.opened,
+            v.funnel.delivered,
+            v.funnel.replied,
+            pct(&v.reply_rate),
+            pct(&v.goal_rate),
+            name = esc(&v.name),
+            share_px = (100.0 * v.recent_share).round() as u32,
+            share = 100.0 * v.recent_share,
+            best = 100.0 * v.probability_best,
+        );
+    }
+    out.push_str("</table>");
     out
 }
 

@@ -17,8 +17,10 @@ pub struct Ctx {
     /// shared, so the host can keep one per dialog and append to it.
     #[serde(skip)]
     pub history: Arc<Vec<HistoryEntry>>,
-    /// The campaign's prompt template, raw.
+    /// The campaign's (or the dialog's variant's) prompt template, raw.
     pub prompt_template: Option<Arc<str>>,
+    /// The dialog's variant, in a campaign with variants.
+    pub variant: Option<String>,
     /// Unix seconds.
     pub now: f64,
     /// The engine's own state for this dialog.

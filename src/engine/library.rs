@@ -46,7 +46,11 @@ impl Dirs {
             .file
             .campaigns
             .iter()
-            .filter_map(|c| c.prompt_template.as_ref().map(|t| config.resolve(t)))
+            .flat_map(|c| {
+                let variants = c.variants.iter().filter_map(|v| v.prompt_template.as_ref());
+                c.prompt_template.iter().chain(variants)
+            })
+            .map(|t| config.resolve(t))
             .collect();
         Dirs {
             base: config.base_dir.clone(),

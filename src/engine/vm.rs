@@ -163,7 +163,7 @@ impl Drop for HostValues<'_> {
 
 impl LazyCtx {
     /// Every field built on first read.
-    const FIELDS: [&'static str; 8] = [
+    const FIELDS: [&'static str; 9] = [
         "now",
         "dialog",
         "contact",
@@ -172,6 +172,7 @@ impl LazyCtx {
         "prompt_template",
         "state",
         "history",
+        "variant",
     ];
 
     /// Builds field `name` into `t` and returns it; nil for any other name
@@ -190,6 +191,7 @@ impl LazyCtx {
             "account" => lua.to_value_with(&ctx.account, opts)?,
             "campaign" => lua.to_value_with(&ctx.campaign, opts)?,
             "prompt_template" => lua.to_value_with(&ctx.prompt_template, opts)?,
+            "variant" => lua.to_value_with(&ctx.variant, opts)?,
             "state" => {
                 self.state_seen.set(true);
                 lua.to_value_with(&ctx.state, opts)?

@@ -726,20 +726,19 @@ async fn ask_engines(
     config: &Config,
     jobs: &[Job],
 ) -> Vec<Result<Reply, EngineError>> {
-    let mut campaigns: HashMap<&str, _> = HashMap::new();
+    // Campaign views by campaign and variant.
+    let mut campaigns: HashMap<(&str, Option<&str>), _> = HashMap::new();
     let now = host.clock.now().as_secs_f64();
     let calls: Vec<_> = jobs
         .iter()
         .map(|j| {
             let d = &j.recent.dialog;
+            let variant = d.variant.as_ref();
             let (campaign, template) = campaigns
-                .entry(d.campaign.as_str())
-                .or_insert_with(|| host.campaign_view(config, &d.campaign))
+                .entry((d.campaign.as_str(), variant.map(|v| v.name.as_str())))
+                .or_insert_with(|| host.campaign_view(config, &d.campaign, variant))
                 .clone();
-            let engine = config
-                .campaign(&d.campaign)
-                .map(|c| c.engine.clone())
-                .unwrap_or_default();
+            let engine = config.runs_on(&d.campaign, variant).engine;
             let ctx = Ctx {
                 dialog: dialog_view(d),
                 contact: j.recent.contact.clone(),
@@ -748,6 +747,7 @@ async fn ask_engines(
                 },
                 campaign,
                 prompt_template: template,
+                variant: variant.map(|v| v.name.clone()),
                 now,
                 state: d.state.clone(),
                 history: j.recent.history.clone(),

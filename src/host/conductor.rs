@@ -125,9 +125,8 @@ async fn answer(
     let ctx = host.ctx(&dialog, &contact)?;
     let engine = host
         .config()
-        .campaign(&dialog.campaign)
-        .map(|c| c.engine.clone())
-        .unwrap_or_default();
+        .runs_on(&dialog.campaign, dialog.variant.as_ref())
+        .engine;
     let call = Call::Response {
         text: msg.text.clone(),
         at: msg.at.as_secs_f64(),
@@ -248,7 +247,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
     let window = if kind.answers() {
         None
     } else {
-        host.window(&dialog.campaign)
+        host.window(&dialog.campaign, &contact)
     };
     let mut attempt = 0u32;
     loop {

@@ -131,7 +131,7 @@ fn serve_one(host: &Arc<Host>, token: &str, sock: TcpStream) {
                 "{}",
                 serde_json::json!({"ok": true, "text": "", "stream": true})
             );
-            if let Err(e) = crate::export::write(&host.store, &export, &mut out) {
+            if let Err(e) = crate::export::write(&host.config(), &host.store, &export, &mut out) {
                 tracing::error!("an export stopped: {e}");
             }
             let _ = out.flush();

@@ -35,7 +35,8 @@ use crate::config::{Config, SendWindow, TransportKind};
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
 use crate::engine::{Ctx, EngineRuntime};
 use crate::model::{
-    Contact, Delivery, Dialog, DialogId, Direction, IdempotencyKey, Message, MessageKind,
+    Contact, Delivery, Dialog, DialogId, DialogVariant, Direction, IdempotencyKey, Message,
+    MessageKind,
 };
 use crate::safety::alerts::{Alert, AlertKind, Alerts};
 use crate::safety::AccountSafety;
@@ -137,11 +138,11 @@ impl Host {
             .collect()
     }
 
-    /// The send window of a campaign, if it has one.
-    pub fn window(&self, campaign: &str) -> Option<SendWindow> {
+    /// The send window of a campaign for a contact, if it has one.
+    pub fn window(&self, campaign: &str, contact: &Contact) -> Option<SendWindow> {
         self.config()
             .campaign(campaign)
-            .and_then(|c| c.send_window.clone())
+            .and_then(|c| c.window_for(contact))
     }
 
     /// Makes sure a conductor works on the dialog: starts one, or tells the
@@ -185,7 +186,13 @@ impl Host {
     pub fn ctx(&self, dialog: &Dialog, contact: &Contact) -> Result<Ctx, StoreError> {
         let config = self.config();
         let history = history_of(self.store.messages(dialog.id)?);
-        let mut ctx = self.base_ctx(&config, &dialog.campaign, &dialog.account, contact);
+        let mut ctx = self.base_ctx(
+            &config,
+            &dialog.campaign,
+            dialog.variant.as_ref(),
+            &dialog.account,
+            contact,
+        );
         ctx.dialog = dialog_view(dialog);
         ctx.history = Arc::new(history);
         ctx.state = dialog.state.clone();
@@ -197,10 +204,11 @@ impl Host {
         &self,
         config: &Config,
         campaign: &str,
+        variant: Option<&DialogVariant>,
         account: &str,
         contact: &Contact,
     ) -> Ctx {
-        let (campaign, prompt_template) = self.campaign_view(config, campaign);
+        let (campaign, prompt_template) = self.campaign_view(config, campaign, variant);
         Ctx {
             dialog: DialogView {
                 status: "active".into(),
@@ -215,15 +223,23 @@ impl Host {
             now: self.clock.now().as_secs_f64(),
             state: serde_json::json!({}),
             history: Arc::new(Vec::new()),
+            variant: variant.map(|v| v.name.clone()),
         }
     }
 
-    /// A campaign as engines see it, with its prompt template.
-    fn campaign_view(&self, config: &Config, campaign: &str) -> (CampaignView, Option<Arc<str>>) {
+    /// A campaign as engines see it, with the prompt template of the
+    /// dialog's variant.
+    fn campaign_view(
+        &self,
+        config: &Config,
+        campaign: &str,
+        variant: Option<&DialogVariant>,
+    ) -> (CampaignView, Option<Arc<str>>) {
         let camp = config.campaign(campaign);
-        let template = camp
-            .and_then(|c| c.prompt_template.as_ref())
-            .map(|t| config.resolve(t))
+        let template = config
+            .runs_on(campaign, variant)
+            .prompt_template
+            .map(|t| config.resolve(&t))
             .and_then(|p| self.engines.snapshot().templates.get(&p).cloned());
         let view = CampaignView {
             name: campaign.to_string(),

@@ -91,9 +91,8 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
     };
     let config = host.config();
     let engine = config
-        .campaign(&dialog.campaign)
-        .map(|c| c.engine.clone())
-        .unwrap_or_default();
+        .runs_on(&dialog.campaign, dialog.variant.as_ref())
+        .engine;
     let allowance = config
         .account_safety(&dialog.account)
         .max_follow_ups

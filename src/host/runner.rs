@@ -8,15 +8,19 @@ use super::conductor::ending_of;
 use super::Host;
 use crate::config::CampaignStatus;
 use crate::engine::Call;
-use crate::model::{DialogStatus, MessageKind};
+use crate::model::{DialogStatus, DialogVariant, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
+use crate::safety::decide::window_open_at;
 use crate::safety::Decision;
 use crate::store::{NewDialog, Outbound, StoreError};
+use crate::variants::{self, Tally};
+use rand::SeedableRng;
 
 pub async fn run(host: Arc<Host>, campaign: String) {
     let mut exhausted_logged = false;
     let mut paused_alerted = false;
     let mut turn = 0usize;
+    let mut allocator = Allocator::default();
     // A pause of its own from an earlier run: running again clears it.
     let mut engine = EngineWatch {
         paused_itself: matches!(super::pause::reason(&host.store, &campaign), Ok(Some(_))),
@@ -40,7 +44,11 @@ pub async fn run(host: Arc<Host>, campaign: String) {
                 tracing::error!(campaign, "cannot clear the campaign's pause: {e}");
             }
         }
-        if let Some(e) = host.engines.load_error(&camp.engine) {
+        if let Some(e) = camp
+            .engines()
+            .into_iter()
+            .find_map(|engine| host.engines.load_error(engine))
+        {
             // Nothing is picked while the engine does not load.
             if !engine.load_reported {
                 host.alerts.raise(
@@ -61,51 +69,55 @@ pub async fn run(host: Arc<Host>, campaign: String) {
             continue;
         }
         engine.load_reported = false;
-        let window = camp.send_window.clone();
         let mut earliest = None;
         let mut opened = false;
         let mut exhausted = false;
         let n = camp.accounts.len();
         for i in 0..n {
             let account = &camp.accounts[(turn + i) % n];
-            match host
-                .safety
-                .check(account, MessageKind::Opening, window.as_ref())
-            {
-                Ok(Decision::Allow) => match open_one(&host, &camp, account).await {
-                    Ok(Opened::Yes) => {
-                        engine.failures = 0;
-                        opened = true;
-                        turn = (turn + i + 1) % n;
-                        break;
-                    }
-                    Ok(Opened::EngineFailed(e)) => {
-                        engine.failures += 1;
-                        let limit = config.file.engines.pause_after_failures.max(1);
-                        tracing::error!(
+            // The send window is the contact's: it binds at the pick.
+            match host.safety.check(account, MessageKind::Opening, None) {
+                Ok(Decision::Allow) => {
+                    match open_one(&host, &camp, account, &mut allocator).await {
+                        Ok(Opened::Yes) => {
+                            engine.failures = 0;
+                            opened = true;
+                            turn = (turn + i + 1) % n;
+                            break;
+                        }
+                        Ok(Opened::EngineFailed(e)) => {
+                            engine.failures += 1;
+                            let limit = config.file.engines.pause_after_failures.max(1);
+                            tracing::error!(
                             campaign,
                             account,
                             "{e}; the contact stays in the audience ({} of {limit} failures in a row)",
                             engine.failures
                         );
-                        if engine.failures >= limit {
-                            super::pause::pause_itself(&host, &campaign, &e.to_string());
-                            engine.failures = 0;
-                            engine.paused_itself = true;
+                            if engine.failures >= limit {
+                                super::pause::pause_itself(&host, &campaign, &e.to_string());
+                                engine.failures = 0;
+                                engine.paused_itself = true;
+                            }
+                            opened = true;
+                            break;
                         }
-                        opened = true;
-                        break;
+                        Ok(Opened::NoContactLeft) => {
+                            exhausted = true;
+                            break;
+                        }
+                        Ok(Opened::Retry) => {
+                            opened = true;
+                            break;
+                        }
+                        Ok(Opened::NotBefore(t)) => {
+                            earliest =
+                                Some(earliest.map_or(t, |e: crate::clock::Timestamp| e.min(t)));
+                            break;
+                        }
+                        Err(e) => tracing::error!(campaign, "opening a dialog failed: {e}"),
                     }
-                    Ok(Opened::NoContactLeft) => {
-                        exhausted = true;
-                        break;
-                    }
-                    Ok(Opened::Retry) => {
-                        opened = true;
-                        break;
-                    }
-                    Err(e) => tracing::error!(campaign, "opening a dialog failed: {e}"),
-                },
+                }
                 Ok(Decision::NotBefore(t)) => {
                     earliest = Some(earliest.map_or(t, |e: crate::clock::Timestamp| e.min(t)))
                 }
@@ -166,12 +178,108 @@ struct EngineWatch {
     paused_itself: bool,
 }
 
+/// The runner's view of its variants' results, recounted from the store
+/// as openings add up (every [`Allocator::RECOUNT`] openings, or a fiftieth
+/// of those counted, whichever is more), so that a count costs little
+/// beside the openings it follows.
+#[derive(Default)]
+struct Allocator {
+    tallies: Vec<Tally>,
+    /// Openings since the last count; `None` before the first.
+    since: Option<u64>,
+}
+
+impl Allocator {
+    const RECOUNT: u64 = 10;
+
+    /// The variant a new dialog of `camp` gets.
+    async fn choose(
+        &mut self,
+        host: &Arc<Host>,
+        camp: &crate::config::Campaign,
+    ) -> Result<Option<DialogVariant>, StoreError> {
+        if camp.variants.is_empty() {
+            return Ok(None);
+        }
+        let counted: u64 = self.tallies.iter().map(|t| t.trials).sum();
+        let due = self
+            .since
+            .is_none_or(|n| n >= Self::RECOUNT.max(counted / 50));
+        if due || self.tallies.len() != camp.variants.len() {
+            let (h, c) = (host.clone(), camp.clone());
+            self.tallies = tokio::task::spawn_blocking(move || {
+                crate::report::variant_tallies(&h.config(), &h.store, &c)
+            })
+            .await
+            .map_err(|e| StoreError::Storage(format!("counting the variants failed: {e}")))??;
+            self.since = Some(0);
+        }
+        self.since = self.since.map(|n| n + 1);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(host.rng.next_u64());
+        let i = variants::choose(camp, &self.tallies, &mut rng).unwrap_or(0);
+        let v = &camp.variants[i];
+        Ok(Some(DialogVariant {
+            name: v.name.clone(),
+            engine: v.engine.clone().unwrap_or_else(|| camp.engine.clone()),
+        }))
+    }
+}
+
 enum Opened {
     Yes,
     /// The engine failed; nothing was claimed.
     EngineFailed(crate::engine::EngineError),
     /// Another try may succeed (the contact was taken, or the slot).
     Retry,
+    /// No contact looked at is inside its send window before then.
+    NotBefore(crate::clock::Timestamp),
+    NoContactLeft,
+}
+
+/// How many uncontacted contacts a pick looks at for one inside its send
+/// window before it waits for the earliest window among them to open.
+const WINDOW_SCAN: usize = 256;
+
+/// A random uncontacted contact of `camp` inside its send window now.
+/// Contacts outside theirs are passed over (never claimed), walking on
+/// from the random start in the audience's pick order.
+fn pick(host: &Host, camp: &crate::config::Campaign) -> Result<Picked, StoreError> {
+    let mut audiences = camp.audiences.clone();
+    let n = audiences.len();
+    if n > 1 {
+        audiences.rotate_left((host.rng.next_u64() as usize) % n);
+    }
+    let now = host.clock.now();
+    let mut later: Option<crate::clock::Timestamp> = None;
+    for a in &audiences {
+        let mut r = host.rng.next_u64();
+        for _ in 0..WINDOW_SCAN {
+            let Some(id) = host.store.pick_uncontacted(a, r)? else {
+                break;
+            };
+            let Some(contact) = host.store.contact(id)? else {
+                return Ok(Picked::Retry);
+            };
+            let opens = camp
+                .window_for(&contact)
+                .map_or(now, |w| window_open_at(&w, now));
+            if opens <= now {
+                return Ok(Picked::Contact(Box::new(contact)));
+            }
+            later = Some(later.map_or(opens, |l| l.min(opens)));
+            r = contact.pick_key.wrapping_add(1);
+        }
+    }
+    Ok(match later {
+        Some(t) => Picked::NotBefore(t),
+        None => Picked::NoContactLeft,
+    })
+}
+
+enum Picked {
+    Contact(Box<crate::model::Contact>),
+    Retry,
+    NotBefore(crate::clock::Timestamp),
     NoContactLeft,
 }
 
@@ -182,34 +290,27 @@ async fn open_one(
     host: &Arc<Host>,
     camp: &crate::config::Campaign,
     account: &str,
+    allocator: &mut Allocator,
 ) -> Result<Opened, StoreError> {
-    let mut audiences = camp.audiences.clone();
-    let n = audiences.len();
-    if n > 1 {
-        audiences.rotate_left((host.rng.next_u64() as usize) % n);
-    }
-    let mut picked = None;
-    for a in &audiences {
-        if let Some(id) = host.store.pick_uncontacted(a, host.rng.next_u64())? {
-            picked = Some(id);
-            break;
-        }
-    }
-    let Some(contact_id) = picked else {
-        return Ok(Opened::NoContactLeft);
+    let contact = match pick(host, camp)? {
+        Picked::Contact(c) => c,
+        Picked::Retry => return Ok(Opened::Retry),
+        Picked::NotBefore(t) => return Ok(Opened::NotBefore(t)),
+        Picked::NoContactLeft => return Ok(Opened::NoContactLeft),
     };
-    let Some(contact) = host.store.contact(contact_id)? else {
-        return Ok(Opened::Retry);
-    };
+    let contact_id = contact.id;
     let config = host.config();
-    let ctx = host.base_ctx(&config, &camp.name, account, &contact);
+    let variant = allocator.choose(host, camp).await?;
+    let engine = camp.runs_on(variant.as_ref()).engine;
+    let ctx = host.base_ctx(&config, &camp.name, variant.as_ref(), account, &contact);
     let new = NewDialog {
         campaign: camp.name.clone(),
         account: account.to_string(),
         contact: contact_id,
         at: host.clock.now(),
+        variant,
     };
-    let reply = match host.engines.call(&camp.engine, Call::Opening, ctx).await {
+    let reply = match host.engines.call(&engine, Call::Opening, ctx).await {
         Ok(r) => r,
         // The contact is not claimed: it stays for a working engine.
         Err(e) => return Ok(Opened::EngineFailed(e)),
@@ -237,7 +338,7 @@ async fn open_one(
         text: first,
         key,
     };
-    let window = camp.send_window.clone();
+    let window = camp.window_for(&contact);
     let reserve = host.safety.opening_reserver(account, window, key);
     match host.store.open_dialog(&new, Some(&opening), &reserve) {
         Ok((d, _)) => {

@@ -140,6 +140,7 @@ fn dialog_with(store: &Store, account: &str) -> (DialogId, ContactId) {
         account: account.into(),
         contact,
         at: START,
+        variant: None,
     };
     (
         store.open_dialog(&nd, None, &|_| Ok(())).unwrap().0.id,
@@ -242,6 +243,7 @@ async fn the_opening_reservation_is_part_of_the_claim() {
             account: "a".into(),
             contact,
             at: g.now(),
+            variant: None,
         };
         if store
             .open_dialog(

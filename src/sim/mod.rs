@@ -265,7 +265,7 @@ impl Inner {
         if timed_out {
             self.fault(&msg.account, &msg.contact, "timeout_delivered", None);
         }
-        if self.rng.chance(self.cfg.reply_probability) {
+        if self.rng.chance(self.cfg.reply_probability_of(&msg.text)) {
             self.schedule_reply(&msg, delivered.at).await;
         }
         if timed_out {

@@ -202,6 +202,7 @@ pub struct NewDialog {
     pub account: String,
     pub contact: ContactId,
     pub at: Timestamp,
+    pub variant: Option<crate::model::DialogVariant>,
 }
 
 /// What handling one event of a dialog changed; see [`Store::apply`].
@@ -1389,6 +1390,7 @@ impl Store {
                 ending: None,
                 indexed_at: None,
                 max_incoming_id: None,
+                variant: new.variant.clone(),
             };
             let msg = match opening {
                 Some(out) => Some(tx.append(&mut dialog, outbound_message(out, new.at))?),

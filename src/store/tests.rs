@@ -21,6 +21,7 @@ fn new_dialog(contact: ContactId) -> NewDialog {
         account: "a".into(),
         contact,
         at: Timestamp(1_000),
+        variant: None,
     }
 }
 

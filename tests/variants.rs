@@ -1,0 +1,199 @@
+//! Variants on the simulated Telegram, on tokio's paused clock: simulated
+//! contacts answer one variant's wording more readily, and the bandit moves
+//! most new dialogs to it; each dialog keeps its variant, the engine sees
+//! it, and the funnel splits by it.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use colloquy::config::Config;
+use colloquy::host;
+use colloquy::report;
+use colloquy::sim::SimTransport;
+use colloquy::store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Three variants: a name, an opening, words only that opening has, and
+/// the probability that a contact answers it.
+const VARIANTS: [(&str, &str, &str, f64); 3] = [
+    (
+        "plain",
+        "Hello {{contact.first_name}}, a quick note about our CRM.",
+        "quick note",
+        0.10,
+    ),
+    (
+        "question",
+        "{Quick|Short} question, {{contact.first_name}}: how do you track customer chats?",
+        "track customer",
+        0.40,
+    ),
+    (
+        "offer",
+        "Hi {{contact.first_name}}, we give a free month of our CRM.",
+        "free month",
+        0.15,
+    ),
+];
+
+fn config(method: &str) -> String {
+    let variants: Vec<String> = VARIANTS
+        .iter()
+        .map(|(name, _, _, _)| {
+            format!("{{ name = \"{name}\", prompt_template = \"engines/prompts/{name}.md\" }}")
+        })
+        .collect();
+    let rates: Vec<String> = VARIANTS
+        .iter()
+        .map(|(_, _, marker, p)| format!("{{ contains = \"{marker}\", probability = {p} }}"))
+        .collect();
+    common::quick_config(
+        5,
+        "variant_echo",
+        &format!(
+            "variants = [{}]\nallocation = {{ method = \"{method}\", goal = \"reply\", floor = 0.05 }}",
+            variants.join(", ")
+        ),
+    )
+    .replace(
+        "reply_probability = 0.0",
+        &format!(
+            "reply_probability = 0.0\nreply_delay = \"1m..10m\"\nreply_rates = [{}]",
+            rates.join(", ")
+        ),
+    )
+}
+
+/// Runs `hours` of simulated time; returns the openings' variants in order
+/// and the campaign's variant reports.
+async fn run(
+    method: &str,
+    contacts: usize,
+    hours: u64,
+) -> (Vec<String>, Vec<report::VariantReport>) {
+    let dir = common::project(contacts, &config(method));
+    let d = dir.path();
+    for (name, text, _, _) in VARIANTS {
+        std::fs::write(d.join(format!("engines/prompts/{name}.md")), text).unwrap();
+    }
+    // Says which variant it runs on, so the test sees ctx.variant.
+    std::fs::write(
+        d.join("engines/variant_echo.lua"),
+        "return { get_response = function(ctx, m) return 'variant ' .. ctx.variant end }",
+    )
+    .unwrap();
+    let config = Arc::new(Config::load(&d.join("config.toml")).unwrap());
+    let store = Store::open(&config.data_dir()).unwrap();
+    let rows = colloquy::audience::read(&d.join("leads.csv")).rows;
+    let rng = colloquy::clock::SeededRng::new(1);
+    store
+        .import_audience("leads", &rows, &mut || rng.next_u64())
+        .unwrap();
+    let sim = SimTransport::open(&config).unwrap();
+    sim.hold_paused_clock(true);
+    store.hold_paused_clock(true);
+    let clock = sim.clock();
+    let h = host::build(
+        config.clone(),
+        store.clone(),
+        Arc::new(sim),
+        clock,
+        CancellationToken::new(),
+    );
+    h.engines.hold_paused_clock(true);
+    host::start(&h).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(hours * 3600)).await;
+    host::stop(&h).await;
+
+    let wire = common::read_wire(&config.data_dir().join("sim/wire.jsonl"));
+    let variant_of = |text: &str| {
+        VARIANTS
+            .iter()
+            .find(|(_, _, marker, _)| text.contains(marker))
+            .map(|(n, _, _, _)| n.to_string())
+            .unwrap_or_else(|| panic!("an opening of no variant: {text}"))
+    };
+    let openings: Vec<String> = wire
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("opening"))
+        .map(|l| variant_of(&l.text))
+        .collect();
+    // Every reply names the variant its dialog was opened on.
+    for l in wire.iter().filter(|l| l.kind.as_deref() == Some("reply")) {
+        let opening = wire
+            .iter()
+            .find(|o| o.kind.as_deref() == Some("opening") && o.contact == l.contact)
+            .unwrap();
+        assert_eq!(l.text, format!("variant {}", variant_of(&opening.text)));
+    }
+    let funnels = report::funnels(&config, &store).unwrap();
+    let camp = config.campaign("spring").unwrap();
+    let reports = report::variant_reports(camp, &funnels[0]);
+    (openings, reports)
+}
+
+fn shares(openings: &[String]) -> Vec<f64> {
+    VARIANTS
+        .iter()
+        .map(|(n, _, _, _)| {
+            openings.iter().filter(|o| o == n).count() as f64 / openings.len() as f64
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bandit_moves_new_dialogs_to_the_variant_contacts_answer() {
+    let (openings, reports) = run("bandit", 1500, 3).await;
+    assert_eq!(openings.len(), 1500, "every contact opened");
+    let first = shares(&openings[..300]);
+    let last = shares(&openings[1200..]);
+    println!("shares of the first 300 openings {first:.2?}, of the last 300 {last:.2?}");
+    for (i, chunk) in openings.chunks(150).enumerate() {
+        println!(
+            "openings {:>4}..{:>4}: {:.2?}",
+            i * 150,
+            i * 150 + chunk.len(),
+            shares(chunk)
+        );
+    }
+    for r in &reports {
+        println!(
+            "{}: opened {} reply rate {:.3} [{:.3}, {:.3}] best {:.3}",
+            r.name,
+            r.funnel.opened,
+            r.reply_rate.rate,
+            r.reply_rate.low,
+            r.reply_rate.high,
+            r.probability_best
+        );
+    }
+    assert!(first[1] < 0.6, "early on no variant dominates: {first:?}");
+    assert!(
+        last[1] > 0.75,
+        "the better variant gets most new dialogs by the end: {last:?}"
+    );
+    assert!(
+        last[0] >= 0.02 && last[2] >= 0.02,
+        "the floor keeps exploring: {last:?}"
+    );
+    // The estimates bracket the true rates, and the best is known.
+    for (r, (_, _, _, p)) in reports.iter().zip(VARIANTS) {
+        assert!(
+            r.reply_rate.low <= p && p <= r.reply_rate.high,
+            "{} {p}: {r:?}",
+            r.name
+        );
+    }
+    assert!(reports[1].probability_best > 0.95, "{reports:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fixed_allocation_keeps_the_weights() {
+    let (openings, reports) = run("fixed", 600, 1).await;
+    assert_eq!(openings.len(), 600);
+    let s = shares(&openings);
+    assert!(s.iter().all(|x| (0.25..0.42).contains(x)), "{s:?}");
+    assert_eq!(reports.iter().map(|r| r.funnel.opened).sum::<usize>(), 600);
+}
