@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use validate::{is_env_name, is_module_name};
-pub use values::{ByteSize, Dur, DurRange, TimeOfDay, Zone};
+pub use values::{ByteSize, Dur, DurRange, Moment, TimeOfDay, Zone};
 
 /// One thing wrong with the user's input, printed as one sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +168,9 @@ pub struct Sim {
     pub reply_delay: DurRange,
     /// Lua file that writes the contacts' replies.
     pub persona: Option<PathBuf>,
+    /// When a new simulated world's clock starts (Monday 2026-01-05 08:00
+    /// UTC by default).
+    pub start: Option<Moment>,
     pub faults: SimFaults,
     /// Contacts that answer some texts more readily: the first entry whose
     /// `contains` is in a message sets its reply probability.
@@ -201,6 +204,7 @@ impl Default for Sim {
             reply_probability: 0.6,
             reply_delay: DurRange::between(30, 1200),
             persona: None,
+            start: None,
             faults: SimFaults::default(),
             reply_rates: Vec::new(),
         }

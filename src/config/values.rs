@@ -157,6 +157,20 @@ impl FromStr for Zone {
     }
 }
 
+/// A moment in UTC, written in RFC 3339: `"2026-03-07T00:00:00Z"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment(pub crate::clock::Timestamp);
+
+impl FromStr for Moment {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Moment, String> {
+        chrono::DateTime::parse_from_rfc3339(s.trim())
+            .map(|t| Moment(crate::clock::Timestamp(t.timestamp_millis())))
+            .map_err(|_| format!("\"{s}\" is not a time like \"2026-03-07T00:00:00Z\""))
+    }
+}
+
 /// Deserializes any `FromStr` value from a TOML string.
 macro_rules! deserialize_from_str {
     ($($ty:ty => $what:literal),* $(,)?) => {$(
@@ -173,6 +187,7 @@ deserialize_from_str! {
     DurRange => "a duration range like \"30s..20m\"",
     TimeOfDay => "a time of day like \"09:00\"",
     Zone => "a time zone name like \"Europe/Berlin\"",
+    Moment => "a time like \"2026-03-07T00:00:00Z\"",
     ByteSize => "a size like \"64MiB\" or a number of bytes",
 }
 

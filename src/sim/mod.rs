@@ -57,7 +57,8 @@ impl SimTransport {
     pub fn open(config: &Config) -> Result<SimTransport, String> {
         let dir = config.data_dir().join("sim");
         let (files, world) = world::open(&dir)?;
-        let start = world.last_time.map_or(WORLD_START, |t| t.max(WORLD_START));
+        let first = config.file.sim.start.map_or(WORLD_START, |m| m.0);
+        let start = world.last_time.map_or(first, |t| t.max(first));
         let clock = Arc::new(TokioClock::new(start, config.file.sim.time_scale));
         let persona = match &config.file.sim.persona {
             Some(p) => Some(start_persona(config, &config.resolve(p), clock.clone())?),
