@@ -363,3 +363,104 @@ async fn b_url(b: &browser::Browser) -> String {
         .unwrap()
         .to_string()
 }
+
+/// The README's three-variant bandit example, run by the real binary:
+/// the console's "By variant" table shows the simulated contacts' favourite
+/// wording taking most new dialogs, and `status --json` and `export --what
+/// variants` say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_watches_the_bandit_move_traffic_in_the_console() {
+    let Some((chromium, chromedriver)) = browser::available() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "chromium and chromedriver are needed under CI"
+        );
+        eprintln!("skipped: install chromium and chromium-driver to run the console in a browser");
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("examples/variants");
+    std::fs::create_dir_all(example.join("prompts")).unwrap();
+    std::fs::create_dir_all(dir.path().join("tests/personas")).unwrap();
+    for f in [
+        "leads.csv",
+        "prompts/plain.md",
+        "prompts/question.md",
+        "prompts/offer.md",
+    ] {
+        std::fs::copy(root.join("examples/variants").join(f), example.join(f)).unwrap();
+    }
+    for (from, to) in [("engines", "engines"), ("scripts", "scripts")] {
+        std::fs::create_dir_all(dir.path().join(to).join("prompts")).unwrap();
+        for e in std::fs::read_dir(root.join(from)).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), dir.path().join(to).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    std::fs::copy(
+        root.join("tests/personas/default.lua"),
+        dir.path().join("tests/personas/default.lua"),
+    )
+    .unwrap();
+    let port = common::free_port();
+    let config = std::fs::read_to_string(root.join("examples/variants/config.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8751", &format!("127.0.0.1:{port}"))
+        .replace("time_scale = 600.0", "time_scale = 3000.0");
+    std::fs::write(example.join("config.toml"), config).unwrap();
+    let d = example.as_path();
+    let host = run(d);
+    until("the console's token", || {
+        d.join("data/console.token").exists()
+    })
+    .await;
+    let token = std::fs::read_to_string(d.join("data/console.token")).unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let b = browser::Browser::start(&chromium, &chromedriver, profile.path()).await;
+    b.goto(&format!("http://127.0.0.1:{port}/")).await;
+    b.fill("input[name=token]", token.trim()).await;
+    b.click("button").await;
+    b.wait_text("h1", "Campaigns").await;
+
+    // Poll the page until the favourite wording takes most new dialogs.
+    let share = |row: &str| -> f64 {
+        row.split_whitespace()
+            .find(|w| w.ends_with('%'))
+            .and_then(|w| w.trim_end_matches('%').parse().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        b.goto(&format!("http://127.0.0.1:{port}/")).await;
+        b.wait_text("table.variants", "question").await;
+        let row = b.text("tr[data-variant=question]").await;
+        if share(&row) >= 70.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "traffic never moved: {row}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let table = b.text("table.variants").await;
+    assert!(
+        table.contains("plain") && table.contains("offer"),
+        "{table}"
+    );
+    b.screenshot(&shots().join("variants.png")).await;
+
+    let status: serde_json::Value =
+        serde_json::from_str(&text(&colloquy(d, &["status", "--json"]))).unwrap();
+    let variants = status["campaigns"][0]["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 3, "{status}");
+    assert_eq!(status["campaigns"][0]["allocation"]["method"], "bandit");
+    let best = |v: &serde_json::Value| v["probability_best"].as_f64().unwrap();
+    assert!(best(&variants[1]) > 0.9, "{variants:?}");
+    let exported = text(&colloquy(d, &["export", "--what", "variants"]));
+    assert!(
+        exported.starts_with("campaign,variant,declared,opened,delivered,replied,reply_rate,"),
+        "{exported}"
+    );
+    assert_eq!(exported.lines().count(), 4, "{exported}");
+    stop(host);
+}
