@@ -85,7 +85,7 @@ fn assert_bad(p: &Project, expect: &[&str]) {
     assert!(!stderr.contains("panicked"), "{stderr}");
     for line in stderr.lines() {
         assert!(
-            line.contains("config.toml") || line.contains(".csv"),
+            line.contains("config.toml") || line.contains(".csv") || line.contains(".md:"),
             "no location in {line:?}"
         );
     }
@@ -179,6 +179,73 @@ fn inconsistent_limits_are_all_reported() {
             "accounts[0].safety.max_new_dialogs_per_day: is 45 but max_per_day is 40",
         ],
     );
+}
+
+/// Variants, allocation, spintax and contact time zones: each mistake,
+/// (the text added to the good config's campaign, files written beside
+/// it, the sentence expected).
+#[test]
+fn variant_allocation_spintax_and_timezone_mistakes() {
+    let variant = |body: &str| format!("\n[[campaigns.variants]]\n{body}");
+    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+        (
+            variant("name = \"a\"\nengine = \"nope\""),
+            vec![],
+            "campaigns[0].variants[0].engine: engine \"nope\" has no file",
+        ),
+        (
+            variant("name = \"a\"") + &variant("name = \"a\""),
+            vec![],
+            "campaigns[0].variants[1].name: \"a\" is declared twice",
+        ),
+        (
+            variant("name = \"a\"\nweight = 0"),
+            vec![],
+            "campaigns[0].variants[0].weight: is 0; a weight must be a number above 0",
+        ),
+        (
+            variant("name = \"a\"\nprompt_template = \"gone.md\""),
+            vec![],
+            "campaigns[0].variants[0].prompt_template: prompt template",
+        ),
+        (
+            "\n[campaigns.allocation]\nmethod = \"bandit\"".to_string() + &variant("name = \"a\""),
+            vec![],
+            "campaigns[0].allocation.method: \"bandit\" shares dialogs among variants, and the campaign declares 1",
+        ),
+        (
+            "\n[campaigns.allocation]\nfloor = 0.6".to_string()
+                + &variant("name = \"a\"")
+                + &variant("name = \"b\""),
+            vec![],
+            "campaigns[0].allocation.floor: is 0.6; it is each variant's least share",
+        ),
+        (
+            "\n[campaigns.allocation]\ngoal = \"booked\"".to_string(),
+            vec![],
+            "goal \"booked\" is neither \"reply\" nor \"finish:LABEL\"",
+        ),
+        (
+            "\nprompt_template = \"hello.md\"".to_string(),
+            vec![("hello.md", "Hi there.\n{Hello|Hey {{contact.first_name}}\n")],
+            "hello.md:2: spintax: this { is never closed; write \\{ for a literal brace (column 1)",
+        ),
+        (
+            String::new(),
+            vec![("leads.csv", "username,timezone\nalice_a,Asia/Tokyo\nbobby_b,Mars/Olympus\n")],
+            "leads.csv:3: timezone \"Mars/Olympus\" is not a known time zone (an IANA name like Europe/Berlin); row skipped",
+        ),
+    ];
+    let end = "timezone = \"Europe/Berlin\" }";
+    assert!(GOOD.contains(end), "test setup");
+    for (added, files, expect) in cases {
+        let config = GOOD.replacen(end, &format!("{end}{added}"), 1);
+        let p = Project::new(&config);
+        for (name, text) in files {
+            std::fs::write(p.path(name), text).unwrap();
+        }
+        assert_bad(&p, &[expect]);
+    }
 }
 
 #[test]

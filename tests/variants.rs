@@ -197,3 +197,93 @@ async fn fixed_allocation_keeps_the_weights() {
     assert!(s.iter().all(|x| (0.25..0.42).contains(x)), "{s:?}");
     assert_eq!(reports.iter().map(|r| r.funnel.opened).sum::<usize>(), 600);
 }
+
+/// A variant removed from config.toml keeps its open dialogs on the engine
+/// they were opened with, as long as that engine's file is there; when it
+/// is gone too, `check` says what to do. `chat --variant` tries one.
+#[test]
+fn a_removed_variant_keeps_its_dialogs_on_its_engine() {
+    use common::{colloquy, eventually, run, stop, text};
+    let config = common::quick_config(
+        8,
+        "echo",
+        "variants = [{ name = \"a\" }, { name = \"b\", engine = \"warm\" }]",
+    )
+    .replace("time_scale = 100", "time_scale = 1000")
+    .replace(
+        "reply_probability = 0.0",
+        "reply_probability = 1.0\nreply_delay = \"4h..5h\"",
+    );
+    let dir = common::project(40, &config);
+    let d = dir.path();
+    std::fs::write(
+        d.join("engines/warm.lua"),
+        "return { get_opening = function(ctx) return 'warm hello' end, get_response = function(ctx, m) return 'warm: ' .. m.text end }",
+    )
+    .unwrap();
+    let wire = || common::read_wire(&d.join("data/sim/wire.jsonl"));
+    let host = run(d);
+    eventually("every contact opened", || {
+        wire()
+            .iter()
+            .filter(|l| l.kind.as_deref() == Some("opening"))
+            .count()
+            == 40
+    });
+    stop(host);
+    assert!(
+        !wire().iter().any(|l| l.direction.as_deref() == Some("in")),
+        "replies came too early for this test"
+    );
+    let on_b: Vec<String> = wire()
+        .iter()
+        .filter(|l| l.text == "warm hello")
+        .map(|l| l.contact.clone())
+        .collect();
+    assert!(!on_b.is_empty());
+    let out = colloquy(d, &["chat", "--campaign", "spring", "--variant", "b"]);
+    assert!(text(&out).contains("warm hello"), "{}", text(&out));
+
+    // b leaves the config: check passes, and its dialogs are answered by warm.
+    let edited = config.replace(", { name = \"b\", engine = \"warm\" }", "");
+    assert_ne!(edited, config);
+    std::fs::write(d.join("config.toml"), &edited).unwrap();
+    let out = colloquy(d, &["check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let host = run(d);
+    eventually("b's dialogs answered by warm", || {
+        let w = wire();
+        on_b.iter().all(|c| {
+            w.iter()
+                .any(|l| &l.contact == c && l.text.starts_with("warm: "))
+        })
+    });
+    stop(host);
+    assert!(
+        !wire()
+            .iter()
+            .any(|l| !on_b.contains(&l.contact) && l.text.starts_with("warm")),
+        "a's dialogs stay on echo"
+    );
+
+    // With warm's file gone too, check says what to do.
+    std::fs::remove_file(d.join("engines/warm.lua")).unwrap();
+    let out = colloquy(d, &["check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("config.toml: campaigns[0].variants: ")
+            && said.contains("on variant \"b\", which is no longer declared, and its engine \"warm\" has no file")
+            && said.contains("declare the variant again, or put the engine file back"),
+        "{said}"
+    );
+
+    // chat tries the variant asked for, and names the ones there are.
+    let out = colloquy(d, &["chat", "--campaign", "spring", "--variant", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("campaign spring has no variant \"nope\"; it has a"),
+        "{}",
+        text(&out)
+    );
+}
