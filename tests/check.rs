@@ -181,13 +181,17 @@ fn inconsistent_limits_are_all_reported() {
     );
 }
 
+/// A mistake: the text added to the good config's campaign, files written
+/// beside it, the sentence expected.
+type Case = (String, Vec<(&'static str, &'static str)>, &'static str);
+
 /// Variants, allocation, spintax and contact time zones: each mistake,
 /// (the text added to the good config's campaign, files written beside
 /// it, the sentence expected).
 #[test]
 fn variant_allocation_spintax_and_timezone_mistakes() {
     let variant = |body: &str| format!("\n[[campaigns.variants]]\n{body}");
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             variant("name = \"a\"\nengine = \"nope\""),
             vec![],
