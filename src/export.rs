@@ -86,6 +86,8 @@ struct VariantRow<'a> {
     goal_rate: f64,
     goal_rate_low: f64,
     goal_rate_high: f64,
+    /// `label=rate (low–high)` for each finish label, `; `-separated.
+    outcome_rates: String,
     probability_best: f64,
     latest_openings_share: f64,
 }
@@ -174,6 +176,12 @@ fn variants(
                 goal_rate: v.goal_rate.rate,
                 goal_rate_low: v.goal_rate.low,
                 goal_rate_high: v.goal_rate.high,
+                outcome_rates: v
+                    .outcome_rates
+                    .iter()
+                    .map(|(label, r)| format!("{label}={:.4} ({:.4}–{:.4})", r.rate, r.low, r.high))
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 probability_best: v.probability_best,
                 latest_openings_share: v.recent_share,
             };

@@ -446,6 +446,8 @@ pub struct VariantReport {
     pub reply_rate: Rate,
     /// The rate of the campaign's allocation goal.
     pub goal_rate: Rate,
+    /// Each finish label's rate among delivered dialogs.
+    pub outcome_rates: std::collections::BTreeMap<String, Rate>,
     pub probability_best: f64,
     /// Its share of the campaign's latest [`RECENT_OPENINGS`] openings.
     pub recent_share: f64,
@@ -503,6 +505,11 @@ pub fn variant_reports(camp: &crate::config::Campaign, f: &CampaignFunnel) -> Ve
             declared: camp.variant(name).is_some(),
             reply_rate: Rate::of(funnel.replied as u64, funnel.delivered as u64),
             goal_rate: Rate::of(t.successes, t.trials),
+            outcome_rates: funnel
+                .outcomes
+                .iter()
+                .map(|(label, n)| (label.clone(), Rate::of(*n as u64, funnel.delivered as u64)))
+                .collect(),
             probability_best: best,
             recent_share: share_of(&f.recent_variants, name),
             funnel,
@@ -514,8 +521,9 @@ pub fn variant_reports(camp: &crate::config::Campaign, f: &CampaignFunnel) -> Ve
 pub const PROBABILITY_BEST_METHOD: &str =
     "Thompson: share of 20,000 joint draws from Beta(1 + successes, 1 + failures) posteriors in which the variant is best at the goal";
 
-/// One variant in a line: `variant a: opened 120, replied 30 of 118
-/// delivered (25.4%, 95% CI 18.4–34.0%), goal reply 25.4% (…), best 81%`.
+/// One variant in a line: `variant a: opened 120 (…), replied 30 of 118
+/// delivered, reply rate 25.4% (95% CI 18.4–34.0%), finished:booked …,
+/// goal reply 25.4% (…), probability best 81%`.
 pub fn variant_line(v: &VariantReport, goal: &Goal) -> String {
     let pct = |r: &Rate| {
         format!(
@@ -525,8 +533,13 @@ pub fn variant_line(v: &VariantReport, goal: &Goal) -> String {
             100.0 * r.high
         )
     };
+    let outcomes: String = v
+        .outcome_rates
+        .iter()
+        .map(|(label, r)| format!(", finished:{label} {}", pct(r)))
+        .collect();
     format!(
-        "variant {}{}: opened {} ({:.0}% of the latest openings), replied {} of {} delivered, reply rate {}, goal {goal} {}, probability best {:.0}%",
+        "variant {}{}: opened {} ({:.0}% of the latest openings), replied {} of {} delivered, reply rate {}{outcomes}, goal {goal} {}, probability best {:.0}%",
         v.name,
         if v.declared { "" } else { " (no longer in the config)" },
         v.funnel.opened,

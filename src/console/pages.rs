@@ -221,7 +221,7 @@ fn by_variant(campaign: &crate::config::Campaign, f: &report::CampaignFunnel) ->
     };
     let mut out = format!(
         "<h3>By variant</h3><p class=\"meta\">Allocation: {}. Rates with 95% Wilson intervals; “best” is the probability that the variant has the highest {} rate ({}).</p>\
-         <table class=\"variants\"><tr><th>variant</th><th>latest {} openings</th><th>opened</th><th>delivered</th><th>replied</th><th>reply rate</th><th>goal rate</th><th>best</th></tr>",
+         <table class=\"variants\"><tr><th>variant</th><th>latest {} openings</th><th>opened</th><th>delivered</th><th>replied</th><th>reply rate</th><th>outcomes</th><th>goal rate</th><th>best</th></tr>",
         esc(&method),
         esc(&a.goal.to_string()),
         esc(report::PROBABILITY_BEST_METHOD),
@@ -235,11 +235,16 @@ fn by_variant(campaign: &crate::config::Campaign, f: &report::CampaignFunnel) ->
         };
         let _ = write!(
             out,
-            "<tr data-variant=\"{name}\"><td>{name}{gone}</td><td><span class=\"bar\" style=\"width:{share_px}px\"></span> {share:.0}%</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{best:.0}%</td></tr>",
+            "<tr data-variant=\"{name}\"><td>{name}{gone}</td><td><span class=\"bar\" style=\"width:{share_px}px\"></span> {share:.0}%</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{best:.0}%</td></tr>",
             v.funnel.opened,
             v.funnel.delivered,
             v.funnel.replied,
             pct(&v.reply_rate),
+            v.outcome_rates
+                .iter()
+                .map(|(label, r)| format!("{}: {}", esc(label), pct(r)))
+                .collect::<Vec<_>>()
+                .join("<br>"),
             pct(&v.goal_rate),
             name = esc(&v.name),
             share_px = (100.0 * v.recent_share).round() as u32,
