@@ -179,18 +179,22 @@ struct EngineWatch {
 }
 
 /// The runner's view of its variants' results, recounted from the store
-/// as openings add up (every [`Allocator::RECOUNT`] openings, or a fiftieth
-/// of those counted, whichever is more), so that a count costs little
-/// beside the openings it follows.
+/// after every [`Allocator::RECOUNT`] openings, but never more than a
+/// [`Allocator::COUNT_SHARE`]th of the time: a count is a pass over every
+/// dialog, so a store of a million (2 s) is counted again 20 s later at
+/// the soonest.
 #[derive(Default)]
 struct Allocator {
     tallies: Vec<Tally>,
     /// Openings since the last count; `None` before the first.
     since: Option<u64>,
+    /// When the last count ended, and how long it took.
+    counted: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 impl Allocator {
     const RECOUNT: u64 = 10;
+    const COUNT_SHARE: u32 = 10;
 
     /// The variant a new dialog of `camp` gets.
     async fn choose(
@@ -201,11 +205,14 @@ impl Allocator {
         if camp.variants.is_empty() {
             return Ok(None);
         }
-        let counted: u64 = self.tallies.iter().map(|t| t.trials).sum();
-        let due = self
-            .since
-            .is_none_or(|n| n >= Self::RECOUNT.max(counted / 50));
+        let due = match (self.since, self.counted) {
+            (Some(n), Some((at, took))) => {
+                n >= Self::RECOUNT && at.elapsed() >= took * Self::COUNT_SHARE
+            }
+            _ => true,
+        };
         if due || self.tallies.len() != camp.variants.len() {
+            let started = std::time::Instant::now();
             let (h, c) = (host.clone(), camp.clone());
             self.tallies = tokio::task::spawn_blocking(move || {
                 crate::report::variant_tallies(&h.config(), &h.store, &c)
@@ -213,6 +220,7 @@ impl Allocator {
             .await
             .map_err(|e| StoreError::Storage(format!("counting the variants failed: {e}")))??;
             self.since = Some(0);
+            self.counted = Some((std::time::Instant::now(), started.elapsed()));
         }
         self.since = self.since.map(|n| n + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(host.rng.next_u64());
