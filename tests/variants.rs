@@ -287,3 +287,63 @@ fn a_removed_variant_keeps_its_dialogs_on_its_engine() {
         text(&out)
     );
 }
+
+/// A variant added to config.toml while the host runs opens dialogs with
+/// its own prompt template: the engines follow the templates the config
+/// names.
+#[test]
+fn a_variant_added_while_the_host_runs_uses_its_template() {
+    use common::{eventually, run, stop};
+    let config = common::quick_config(
+        9,
+        "plain",
+        "status = \"paused\"\nvariants = [{ name = \"a\" }]",
+    )
+    .replace("time_scale = 100", "time_scale = 1000");
+    let dir = common::project(30, &config);
+    let d = dir.path();
+    std::fs::write(
+        d.join("engines/plain.lua"),
+        "return { get_response = function(ctx, m) return 'ok' end }",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("engines/prompts/a.md"),
+        "A-text for {{contact.first_name}}",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("engines/prompts/b.md"),
+        "{B-text|B-words} for {{contact.first_name}}",
+    )
+    .unwrap();
+    let host = run(d);
+    // The host serves status once it has started (and watches config.toml).
+    eventually("the host started", || d.join("data/control.json").exists());
+    let edited = config.replace(
+        "status = \"paused\"\nvariants = [{ name = \"a\" }]",
+        "prompt_template = \"engines/prompts/a.md\"\nvariants = [{ name = \"a\" }, { name = \"b\", prompt_template = \"engines/prompts/b.md\" }]",
+    );
+    std::fs::write(d.join("config.toml"), edited).unwrap();
+    let openings = || {
+        common::read_wire(&d.join("data/sim/wire.jsonl"))
+            .into_iter()
+            .filter(|l| l.kind.as_deref() == Some("opening"))
+            .map(|l| l.text)
+            .collect::<Vec<_>>()
+    };
+    eventually("every contact opened", || openings().len() == 30);
+    stop(host);
+    let texts = openings();
+    assert!(
+        texts.iter().any(|t| t.starts_with("A-text for Name")),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|t| t.starts_with("B-")), "{texts:?}");
+    assert!(
+        texts.iter().all(|t| t.starts_with("A-text")
+            || t.starts_with("B-text")
+            || t.starts_with("B-words")),
+        "{texts:?}"
+    );
+}

@@ -129,7 +129,8 @@ struct VmSpec {
 struct Shared {
     /// The live snapshot. A std `RwLock`: held only to clone the `Arc`.
     snapshot: RwLock<Arc<Snapshot>>,
-    dirs: Dirs,
+    /// Where the files come from; the templates change with the config.
+    dirs: RwLock<Dirs>,
     spec: VmSpec,
     /// Errors already logged, so a broken file is reported once, not on
     /// every save or call.
@@ -196,7 +197,7 @@ impl EngineRuntime {
         };
         let shared = Arc::new(Shared {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
-            dirs,
+            dirs: RwLock::new(dirs),
             spec,
             reported: Mutex::new(HashSet::new()),
             reloaded: tokio::sync::Notify::new(),
@@ -248,6 +249,21 @@ impl EngineRuntime {
         self.shared.reloaded.notified()
     }
 
+    /// Takes the prompt templates a new config names (a campaign or variant
+    /// added by an edit), reloading when they changed.
+    pub fn follow_config(&self, config: &Config) {
+        let templates = Dirs::from_config(config).templates;
+        let changed = {
+            let mut dirs = self.shared.dirs.write().unwrap_or_else(|e| e.into_inner());
+            let changed = dirs.templates != templates;
+            dirs.templates = templates;
+            changed
+        };
+        if changed {
+            self.reload();
+        }
+    }
+
     /// Re-reads every file, validates it, and swaps in what passes: a module
     /// that does not compile, or an engine that does not load, keeps its
     /// previous version (or stays absent if it never loaded).
@@ -258,7 +274,13 @@ impl EngineRuntime {
     /// Reads, validates and swaps; new problems are logged when `log`.
     fn swap(&self, log: bool) -> ReloadReport {
         let current = self.snapshot();
-        let (mut next, mut problems) = Snapshot::read(&self.shared.dirs, current.generation + 1);
+        let dirs = self
+            .shared
+            .dirs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (mut next, mut problems) = Snapshot::read(&dirs, current.generation + 1);
         let spec = &self.shared.spec;
         fallback(&mut next, Some(&current), &mut problems, spec);
         // An engine kept at its previous version must still load with the

@@ -32,7 +32,13 @@ pub fn watch(runtime: &EngineRuntime) -> notify::Result<WatchGuard> {
             }
         }
     })?;
-    for dir in runtime.shared.dirs.watched() {
+    let watched = runtime
+        .shared
+        .dirs
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .watched();
+    for dir in watched {
         if dir.is_dir() {
             watcher.watch(&dir, RecursiveMode::Recursive)?;
         }

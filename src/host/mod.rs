@@ -680,6 +680,9 @@ fn watch_config(host: Arc<Host>, path: std::path::PathBuf) -> Option<notify::Rec
             match config {
                 Ok(c) => {
                     let (before, after) = (host.config(), Arc::new(c));
+                    // The templates it names are loaded before anything
+                    // runs on it.
+                    host.engines.follow_config(&after);
                     let (h, c) = (host.clone(), after.clone());
                     rt.spawn(async move { h.set_config(c) });
                     tracing::info!("config.toml reloaded");
