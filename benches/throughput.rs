@@ -14,6 +14,11 @@
 //! (the reply latency then is the host's while a saved audience file is
 //! imported).
 //!
+//! `--idle N` first fills the store with N more dialogs that get no
+//! message (a store that already holds a million dialogs, say) and reports
+//! `store_bytes_per_idle_dialog`; the N dialogs' contacts, claims and
+//! indexes all count.
+//!
 //! `--data DIR` runs in DIR (kept afterwards, with a config.toml) instead
 //! of a temporary directory: a store of that size for other measurements
 //! (the console's pages, `colloquy export`).
@@ -145,6 +150,7 @@ fn main() {
     let accounts = arg("--accounts", (dialogs / 100).max(1));
     let rate = arg("--rate", 0);
     let import = arg("--import", 0);
+    let idle = arg("--idle", 0);
     let temporary = tempfile::tempdir().unwrap();
     let kept = std::env::args()
         .skip_while(|a| a != "--data")
@@ -202,6 +208,29 @@ fn main() {
             store.open_dialog(&new, None, &|_| Ok(())).unwrap();
         }
         store.flush().unwrap();
+        let idle_bytes = (idle > 0).then(|| {
+            let before = bytes_under(&config.data_dir().join("store"));
+            let rows: Vec<_> = (0..idle as i64)
+                .map(|i| colloquy::audience::ContactRow {
+                    line: 0,
+                    identity: Identity::UserId(3_000_000_000 + i),
+                    username: None,
+                    phone: None,
+                    user_id: Some(3_000_000_000 + i),
+                    first_name: None,
+                    last_name: None,
+                    fields: Default::default(),
+                })
+                .collect();
+            store.import_audience("idle", &rows, &mut || rng.next_u64()).unwrap();
+            for (i, row) in rows.iter().enumerate() {
+                let contact = store.contact_by_identity(&row.identity).unwrap().unwrap();
+                let new = NewDialog { campaign: "c".into(), account: names[i % accounts].clone(), contact: contact.id, at: SystemClock.now(), variant: None };
+                store.open_dialog(&new, None, &|_| Ok(())).unwrap();
+            }
+            store.flush().unwrap();
+            bytes_under(&config.data_dir().join("store")).saturating_sub(before) / idle as u64
+        });
         // The host's own state per dialog, as the Python peer measures it:
         // from a store that already holds the dialogs.
         let rss_stored = rss_kib();
@@ -293,13 +322,17 @@ fn main() {
                 "cpu_us_per_msg": (cpu * 1e7 / sent.max(1) as f64).round() / 10.0,
                 "rss_idle_mib": rss_idle as f64 / 1024.0,
                 "peak_rss_mib": status_kib("VmHWM:") as f64 / 1024.0,
-                "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / dialogs as f64,
-                "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / dialogs as f64,
+                "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / (dialogs + idle) as f64,
+                "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / (dialogs + idle) as f64,
+                "idle_dialogs": idle,
+                "store_bytes_per_idle_dialog": idle_bytes,
         });
         host::stop(&h).await;
         // Every message and its reply, on disk once the host stopped.
         let stored = 2 * sent.max(1) as u64;
-        figures["store_bytes_per_message"] = (bytes_under(&config.data_dir().join("store")) / stored).into();
+        let idle_total = idle_bytes.unwrap_or(0) as u64 * idle as u64;
+        let bytes = bytes_under(&config.data_dir().join("store")).saturating_sub(idle_total);
+        figures["store_bytes_per_message"] = (bytes / stored).into();
         println!("{figures}");
     });
 }
