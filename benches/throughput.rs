@@ -330,7 +330,7 @@ fn main() {
         host::stop(&h).await;
         // Every message and its reply, on disk once the host stopped.
         let stored = 2 * sent.max(1) as u64;
-        let idle_total = idle_bytes.unwrap_or(0) as u64 * idle as u64;
+        let idle_total = idle_bytes.unwrap_or(0) * idle as u64;
         let bytes = bytes_under(&config.data_dir().join("store")).saturating_sub(idle_total);
         figures["store_bytes_per_message"] = (bytes / stored).into();
         println!("{figures}");
