@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::conductor::ending_of;
 use super::Host;
+use crate::clock::Timestamp;
 use crate::config::CampaignStatus;
 use crate::engine::Call;
 use crate::model::{DialogStatus, DialogVariant, MessageKind};
@@ -44,23 +45,8 @@ pub async fn run(host: Arc<Host>, campaign: String) {
                 tracing::error!(campaign, "cannot clear the campaign's pause: {e}");
             }
         }
-        if let Some(e) = camp
-            .engines()
-            .into_iter()
-            .find_map(|engine| host.engines.load_error(engine))
-        {
-            // Nothing is picked while the engine does not load.
-            if !engine.load_reported {
-                host.alerts.raise(
-                    Alert::new(
-                        AlertKind::EngineError,
-                        host.clock.now(),
-                        format!("campaign {campaign} opens no dialogs until its engine loads: {e}"),
-                    )
-                    .campaign(&campaign),
-                );
-                engine.load_reported = true;
-            }
+        if !engine.loads(&host, &camp) {
+            // Nothing is picked while an engine does not load.
             tokio::select! {
                 _ = changed => {}
                 _ = reloaded => {}
@@ -68,90 +54,30 @@ pub async fn run(host: Arc<Host>, campaign: String) {
             }
             continue;
         }
-        engine.load_reported = false;
-        let mut earliest = None;
-        let mut opened = false;
-        let mut exhausted = false;
-        let n = camp.accounts.len();
-        for i in 0..n {
-            let account = &camp.accounts[(turn + i) % n];
-            // The send window is the contact's: it binds at the pick.
-            match host.safety.check(account, MessageKind::Opening, None) {
-                Ok(Decision::Allow) => {
-                    match open_one(&host, &camp, account, &mut allocator).await {
-                        Ok(Opened::Yes) => {
-                            engine.failures = 0;
-                            opened = true;
-                            turn = (turn + i + 1) % n;
-                            break;
-                        }
-                        Ok(Opened::EngineFailed(e)) => {
-                            engine.failures += 1;
-                            let limit = config.file.engines.pause_after_failures.max(1);
-                            tracing::error!(
-                            campaign,
-                            account,
-                            "{e}; the contact stays in the audience ({} of {limit} failures in a row)",
-                            engine.failures
-                        );
-                            if engine.failures >= limit {
-                                super::pause::pause_itself(&host, &campaign, &e.to_string());
-                                engine.failures = 0;
-                                engine.paused_itself = true;
-                            }
-                            opened = true;
-                            break;
-                        }
-                        Ok(Opened::NoContactLeft) => {
-                            exhausted = true;
-                            break;
-                        }
-                        Ok(Opened::Retry) => {
-                            opened = true;
-                            break;
-                        }
-                        Ok(Opened::NotBefore(t)) => {
-                            earliest =
-                                Some(earliest.map_or(t, |e: crate::clock::Timestamp| e.min(t)));
-                            break;
-                        }
-                        Err(e) => tracing::error!(campaign, "opening a dialog failed: {e}"),
-                    }
+        let earliest = match round(
+            &host,
+            &camp,
+            &config,
+            &mut turn,
+            &mut allocator,
+            &mut engine,
+        )
+        .await
+        {
+            Round::Again => continue,
+            Round::Exhausted => {
+                if !exhausted_logged {
+                    tracing::info!(
+                        campaign,
+                        "every contact of the campaign's audiences has been contacted"
+                    );
+                    exhausted_logged = true;
                 }
-                Ok(Decision::NotBefore(t)) => {
-                    earliest = Some(earliest.map_or(t, |e: crate::clock::Timestamp| e.min(t)))
-                }
-                Ok(Decision::Deny(_)) => {}
-                Err(e) => tracing::error!(campaign, "cannot read account {account}: {e}"),
+                tokio::select! { _ = changed => continue, _ = host.shutdown.cancelled() => return }
             }
-        }
-        if opened {
-            continue;
-        }
-        if exhausted {
-            if !exhausted_logged {
-                tracing::info!(
-                    campaign,
-                    "every contact of the campaign's audiences has been contacted"
-                );
-                exhausted_logged = true;
-            }
-            tokio::select! { _ = changed => continue, _ = host.shutdown.cancelled() => return }
-        }
-        let all_limited = host.safety.none_can_open(&camp.accounts).unwrap_or(false);
-        if all_limited && !paused_alerted {
-            host.alerts.raise(
-                Alert::new(
-                    AlertKind::CampaignPaused,
-                    host.clock.now(),
-                    format!(
-                        "campaign {campaign} paused itself: none of its accounts may open dialogs"
-                    ),
-                )
-                .campaign(&campaign),
-            );
-        }
-        paused_alerted = all_limited;
+            Round::Wait(t) => t,
+        };
+        paused_alerted = alert_if_all_limited(&host, &camp, paused_alerted);
         match earliest {
             Some(t) => {
                 tokio::select! {
@@ -165,6 +91,58 @@ pub async fn run(host: Arc<Host>, campaign: String) {
             }
         }
     }
+}
+
+/// What one round over a campaign's accounts came to.
+enum Round {
+    /// Something happened (an opening, a failure, a lost race): go again.
+    Again,
+    /// Every contact of the campaign's audiences has been contacted.
+    Exhausted,
+    /// No account may open before this time (before a change, if none).
+    Wait(Option<Timestamp>),
+}
+
+/// Tries the campaign's accounts in turn, from `turn`, until one of them
+/// opens a dialog (the next round starts after it) or none may.
+async fn round(
+    host: &Arc<Host>,
+    camp: &crate::config::Campaign,
+    config: &crate::config::Config,
+    turn: &mut usize,
+    allocator: &mut Allocator,
+    engine: &mut EngineWatch,
+) -> Round {
+    let campaign = camp.name.as_str();
+    let earlier = |e: Option<Timestamp>, t: Timestamp| Some(e.map_or(t, |e| e.min(t)));
+    let mut earliest = None;
+    let n = camp.accounts.len();
+    for i in 0..n {
+        let account = &camp.accounts[(*turn + i) % n];
+        // The send window is the contact's: it binds at the pick.
+        match host.safety.check(account, MessageKind::Opening, None) {
+            Ok(Decision::Allow) => match open_one(host, camp, account, allocator).await {
+                Ok(Opened::Yes) => {
+                    engine.failures = 0;
+                    *turn = (*turn + i + 1) % n;
+                    return Round::Again;
+                }
+                Ok(Opened::EngineFailed(e)) => {
+                    let limit = config.file.engines.pause_after_failures;
+                    engine.failed(host, campaign, account, &e, limit);
+                    return Round::Again;
+                }
+                Ok(Opened::NoContactLeft) => return Round::Exhausted,
+                Ok(Opened::Retry) => return Round::Again,
+                Ok(Opened::NotBefore(t)) => return Round::Wait(earlier(earliest, t)),
+                Err(e) => tracing::error!(campaign, "opening a dialog failed: {e}"),
+            },
+            Ok(Decision::NotBefore(t)) => earliest = earlier(earliest, t),
+            Ok(Decision::Deny(_)) => {}
+            Err(e) => tracing::error!(campaign, "cannot read account {account}: {e}"),
+        }
+    }
+    Round::Wait(earliest)
 }
 
 /// What the runner knows of its campaign's engine.
@@ -233,6 +211,81 @@ impl Allocator {
     }
 }
 
+/// Raises one alert when none of the campaign's accounts may open dialogs
+/// (`alerted`: it was raised already); says whether that is so.
+fn alert_if_all_limited(host: &Host, camp: &crate::config::Campaign, alerted: bool) -> bool {
+    let all_limited = host.safety.none_can_open(&camp.accounts).unwrap_or(false);
+    if all_limited && !alerted {
+        host.alerts.raise(
+            Alert::new(
+                AlertKind::CampaignPaused,
+                host.clock.now(),
+                format!(
+                    "campaign {} paused itself: none of its accounts may open dialogs",
+                    camp.name
+                ),
+            )
+            .campaign(&camp.name),
+        );
+    }
+    all_limited
+}
+
+impl EngineWatch {
+    /// Whether every engine of the campaign (its own, its variants') loads;
+    /// the first time one does not, an alert says why.
+    fn loads(&mut self, host: &Host, camp: &crate::config::Campaign) -> bool {
+        let error = camp
+            .engines()
+            .into_iter()
+            .find_map(|engine| host.engines.load_error(engine));
+        let Some(e) = error else {
+            self.load_reported = false;
+            return true;
+        };
+        if !self.load_reported {
+            host.alerts.raise(
+                Alert::new(
+                    AlertKind::EngineError,
+                    host.clock.now(),
+                    format!(
+                        "campaign {} opens no dialogs until its engine loads: {e}",
+                        camp.name
+                    ),
+                )
+                .campaign(&camp.name),
+            );
+            self.load_reported = true;
+        }
+        false
+    }
+
+    /// One more opening the engine failed; `limit` in a row pause the
+    /// campaign.
+    fn failed(
+        &mut self,
+        host: &Arc<Host>,
+        campaign: &str,
+        account: &str,
+        e: &crate::engine::EngineError,
+        limit: u32,
+    ) {
+        self.failures += 1;
+        let limit = limit.max(1);
+        let failures = self.failures;
+        tracing::error!(
+            campaign,
+            account,
+            "{e}; the contact stays in the audience ({failures} of {limit} failures in a row)"
+        );
+        if failures >= limit {
+            super::pause::pause_itself(host, campaign, &e.to_string());
+            self.failures = 0;
+            self.paused_itself = true;
+        }
+    }
+}
+
 enum Opened {
     Yes,
     /// The engine failed; nothing was claimed.
@@ -240,7 +293,7 @@ enum Opened {
     /// Another try may succeed (the contact was taken, or the slot).
     Retry,
     /// No contact looked at is inside its send window before then.
-    NotBefore(crate::clock::Timestamp),
+    NotBefore(Timestamp),
     NoContactLeft,
 }
 
@@ -258,7 +311,7 @@ fn pick(host: &Host, camp: &crate::config::Campaign) -> Result<Picked, StoreErro
         audiences.rotate_left((host.rng.next_u64() as usize) % n);
     }
     let now = host.clock.now();
-    let mut later: Option<crate::clock::Timestamp> = None;
+    let mut later: Option<Timestamp> = None;
     for a in &audiences {
         let mut r = host.rng.next_u64();
         for _ in 0..WINDOW_SCAN {
@@ -287,7 +340,7 @@ fn pick(host: &Host, camp: &crate::config::Campaign) -> Result<Picked, StoreErro
 enum Picked {
     Contact(Box<crate::model::Contact>),
     Retry,
-    NotBefore(crate::clock::Timestamp),
+    NotBefore(Timestamp),
     NoContactLeft,
 }
 
