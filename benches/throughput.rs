@@ -16,8 +16,9 @@
 //!
 //! `--idle N` first fills the store with N more dialogs that get no
 //! message (a store that already holds a million dialogs, say) and reports
-//! `store_bytes_per_idle_dialog`; the N dialogs' contacts, claims and
-//! indexes all count.
+//! `store_bytes_per_idle_dialog` (the store's files) and
+//! `store_live_bytes_per_idle_dialog` (its keys and values); the N
+//! dialogs' contacts, claims and indexes all count.
 //!
 //! `--data DIR` runs in DIR (kept afterwards, with a config.toml) instead
 //! of a temporary directory: a store of that size for other measurements
@@ -210,6 +211,7 @@ fn main() {
         store.flush().unwrap();
         let idle_bytes = (idle > 0).then(|| {
             let before = bytes_under(&config.data_dir().join("store"));
+            let live_before = store.live_bytes().unwrap();
             let rows: Vec<_> = (0..idle as i64)
                 .map(|i| colloquy::audience::ContactRow {
                     line: 0,
@@ -229,7 +231,9 @@ fn main() {
                 store.open_dialog(&new, None, &|_| Ok(())).unwrap();
             }
             store.flush().unwrap();
-            bytes_under(&config.data_dir().join("store")).saturating_sub(before) / idle as u64
+            let live = store.live_bytes().unwrap().saturating_sub(live_before) / idle as u64;
+            let file = bytes_under(&config.data_dir().join("store")).saturating_sub(before) / idle as u64;
+            (file, live)
         });
         // The host's own state per dialog, as the Python peer measures it:
         // from a store that already holds the dialogs.
@@ -325,12 +329,13 @@ fn main() {
                 "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / (dialogs + idle) as f64,
                 "host_rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_stored)) as f64 / (dialogs + idle) as f64,
                 "idle_dialogs": idle,
-                "store_bytes_per_idle_dialog": idle_bytes,
+                "store_bytes_per_idle_dialog": idle_bytes.map(|(file, _)| file),
+                "store_live_bytes_per_idle_dialog": idle_bytes.map(|(_, live)| live),
         });
         host::stop(&h).await;
         // Every message and its reply, on disk once the host stopped.
         let stored = 2 * sent.max(1) as u64;
-        let idle_total = idle_bytes.unwrap_or(0) * idle as u64;
+        let idle_total = idle_bytes.map_or(0, |(file, _)| file) * idle as u64;
         let bytes = bytes_under(&config.data_dir().join("store")).saturating_sub(idle_total);
         figures["store_bytes_per_message"] = (bytes / stored).into();
         println!("{figures}");

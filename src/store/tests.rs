@@ -1118,3 +1118,19 @@ fn a_search_sieve_keeps_every_contact_that_mentions_the_text() {
     assert_eq!(found("k\\s"), ["alice", "bobby", "carol"]);
     assert!(found("nobody").is_empty());
 }
+
+#[test]
+fn live_bytes_count_what_a_dialog_adds() {
+    let store = Store::temporary().unwrap();
+    import(&store, "l", "username,company\nalice_a,Acme\n");
+    let before = store.live_bytes().unwrap();
+    assert!(before > 0);
+    let id = store
+        .contact_id_of(&Identity::Username("alice_a".into()))
+        .unwrap()
+        .unwrap();
+    store.open_dialog(&new_dialog(id), None, &allow).unwrap();
+    let added = store.live_bytes().unwrap() - before;
+    // The dialog's record and its index entries, no more than a few hundred bytes.
+    assert!((100..1024).contains(&added), "{added}");
+}
