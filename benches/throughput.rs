@@ -145,6 +145,22 @@ impl Dir {
     }
 }
 
+/// `n` audience rows of contacts known by user id, from `first` on.
+fn user_rows(first: i64, n: usize) -> Vec<colloquy::audience::ContactRow> {
+    (first..first + n as i64)
+        .map(|id| colloquy::audience::ContactRow {
+            line: 0,
+            identity: Identity::UserId(id),
+            username: None,
+            phone: None,
+            user_id: Some(id),
+            first_name: None,
+            last_name: None,
+            fields: Default::default(),
+        })
+        .collect()
+}
+
 fn main() {
     let dialogs = arg("--dialogs", 10_000);
     let messages = arg("--messages", 100_000);
@@ -188,18 +204,7 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let store = Store::open(&config.data_dir()).unwrap();
-        let rows: Vec<_> = (0..dialogs as i64)
-            .map(|i| colloquy::audience::ContactRow {
-                line: 0,
-                identity: Identity::UserId(i + 1),
-                username: None,
-                phone: None,
-                user_id: Some(i + 1),
-                first_name: None,
-                last_name: None,
-                fields: Default::default(),
-            })
-            .collect();
+        let rows = user_rows(1, dialogs);
         let rng = SeededRng::new(1);
         store.import_audience("l", &rows, &mut || rng.next_u64()).unwrap();
         let rss_before = rss_kib();
@@ -212,18 +217,7 @@ fn main() {
         let idle_bytes = (idle > 0).then(|| {
             let before = bytes_under(&config.data_dir().join("store"));
             let live_before = store.live_bytes().unwrap();
-            let rows: Vec<_> = (0..idle as i64)
-                .map(|i| colloquy::audience::ContactRow {
-                    line: 0,
-                    identity: Identity::UserId(3_000_000_000 + i),
-                    username: None,
-                    phone: None,
-                    user_id: Some(3_000_000_000 + i),
-                    first_name: None,
-                    last_name: None,
-                    fields: Default::default(),
-                })
-                .collect();
+            let rows = user_rows(3_000_000_000, idle);
             store.import_audience("idle", &rows, &mut || rng.next_u64()).unwrap();
             for (i, row) in rows.iter().enumerate() {
                 let contact = store.contact_by_identity(&row.identity).unwrap().unwrap();
@@ -255,18 +249,10 @@ fn main() {
         let importing = (import > 0).then(|| {
             let store = store.clone();
             tokio::task::spawn_blocking(move || {
-                let rows: Vec<_> = (0..import as i64)
-                    .map(|i| colloquy::audience::ContactRow {
-                        line: 0,
-                        identity: Identity::UserId(1_000_000_000 + i),
-                        username: None,
-                        phone: None,
-                        user_id: Some(1_000_000_000 + i),
-                        first_name: Some(format!("Imported {i}")),
-                        last_name: None,
-                        fields: Default::default(),
-                    })
-                    .collect();
+                let mut rows = user_rows(1_000_000_000, import);
+                for (i, row) in rows.iter_mut().enumerate() {
+                    row.first_name = Some(format!("Imported {i}"));
+                }
                 let began = Instant::now();
                 let rng = SeededRng::new(2);
                 store.import_audience("imported", &rows, &mut || rng.next_u64()).unwrap();

@@ -40,15 +40,7 @@ pub fn run(config_path: &Path, campaign: &str, variant: Option<&str>) -> Result<
         Some(name) => Some(name.to_string()),
         None => camp.variants.first().map(|v| v.name.clone()),
     };
-    let runs = camp.runs_on(
-        variant
-            .as_ref()
-            .map(|name| crate::model::DialogVariant {
-                name: name.clone(),
-                engine: String::new(),
-            })
-            .as_ref(),
-    );
+    let runs = camp.runs_on_declared(variant.as_deref());
     if let Some(name) = &variant {
         eprintln!("[variant {name}: engine {}]", runs.engine);
     }

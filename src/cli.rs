@@ -492,23 +492,22 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
     let mut problems = Vec::new();
     for (i, camp) in config.file.campaigns.iter().enumerate() {
         // The campaign itself, or each of its variants.
-        let mut tried: Vec<(String, Option<crate::model::DialogVariant>)> = camp
+        let mut tried: Vec<(String, Option<&str>)> = camp
             .variants
             .iter()
             .enumerate()
             .map(|(j, v)| {
-                let variant = crate::model::DialogVariant {
-                    name: v.name.clone(),
-                    engine: String::new(),
-                };
-                (format!("campaigns[{i}].variants[{j}]"), Some(variant))
+                (
+                    format!("campaigns[{i}].variants[{j}]"),
+                    Some(v.name.as_str()),
+                )
             })
             .collect();
         if tried.is_empty() {
             tried.push((format!("campaigns[{i}]"), None));
         }
         for (key, variant) in tried {
-            let runs = camp.runs_on(variant.as_ref());
+            let runs = camp.runs_on_declared(variant);
             if engines.load_error(&runs.engine).is_some() {
                 continue; // reported as the engine's load error
             }
@@ -523,7 +522,7 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
                 for row in audience::read(&path).rows.into_iter().take(TRIED_ROWS) {
                     let line = row.line;
                     let mut ctx = crate::chat::trial_ctx(camp, row.into(), &clock);
-                    ctx.variant = variant.as_ref().map(|v| v.name.clone());
+                    ctx.variant = variant.map(str::to_string);
                     ctx.prompt_template = template
                         .as_ref()
                         .and_then(|p| engines.snapshot().templates.get(p).cloned());

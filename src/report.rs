@@ -414,11 +414,10 @@ pub struct Day {
 /// Each of `camp`'s declared variants' tally toward its goal, in the
 /// order of `camp.variants`.
 pub fn variant_tallies(
-    config: &Config,
     store: &Store,
     camp: &crate::config::Campaign,
 ) -> Result<Vec<Tally>, StoreError> {
-    let funnels = funnels(config, store)?;
+    let funnels = count_funnels(std::slice::from_ref(camp), store, false)?;
     let by_variant = funnels
         .iter()
         .find(|f| f.campaign == camp.name)
@@ -561,20 +560,31 @@ fn share_of(recent: &std::collections::VecDeque<String>, name: &str) -> f64 {
 
 /// Every campaign's funnel, in one pass over the dialogs.
 pub fn funnels(config: &Config, store: &Store) -> Result<Vec<CampaignFunnel>, StoreError> {
+    count_funnels(&config.file.campaigns, store, true)
+}
+
+/// The funnels of `campaigns`; `not_contacted` counts their audiences'
+/// uncontacted contacts too (a pass over each audience).
+fn count_funnels(
+    campaigns: &[crate::config::Campaign],
+    store: &Store,
+    not_contacted: bool,
+) -> Result<Vec<CampaignFunnel>, StoreError> {
     let pending: std::collections::HashSet<DialogId> = store
         .pending_outbound()?
         .into_iter()
         .filter(|m| m.kind == Some(crate::model::MessageKind::Opening))
         .map(|m| m.dialog)
         .collect();
-    let mut out: Vec<CampaignFunnel> = config
-        .file
-        .campaigns
+    let mut out: Vec<CampaignFunnel> = campaigns
         .iter()
         .map(|c| CampaignFunnel {
             campaign: c.name.clone(),
             total: Funnel {
-                not_contacted: c.audiences.iter().map(|a| store.uncontacted_count(a)).sum(),
+                not_contacted: match not_contacted {
+                    true => c.audiences.iter().map(|a| store.uncontacted_count(a)).sum(),
+                    false => 0,
+                },
                 ..Funnel::default()
             },
             ..CampaignFunnel::default()

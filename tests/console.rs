@@ -113,12 +113,7 @@ fn shots() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_the_campaign_from_the_console() {
-    let Some((chromium, chromedriver)) = browser::available() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "chromium and chromedriver are needed under CI"
-        );
-        eprintln!("skipped: install chromium and chromium-driver to run the console in a browser");
+    let Some((chromium, chromedriver)) = browser::required() else {
         return;
     };
     let port = common::free_port();
@@ -370,12 +365,7 @@ async fn b_url(b: &browser::Browser) -> String {
 /// variants` say the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_watches_the_bandit_move_traffic_in_the_console() {
-    let Some((chromium, chromedriver)) = browser::available() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "chromium and chromedriver are needed under CI"
-        );
-        eprintln!("skipped: install chromium and chromium-driver to run the console in a browser");
+    let Some((chromium, chromedriver)) = browser::required() else {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

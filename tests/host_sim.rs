@@ -8,10 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use colloquy::config::Config;
-use colloquy::host;
-use colloquy::sim::SimTransport;
-use colloquy::store::Store;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(start_paused = true)]
 async fn a_faulty_multi_day_run_keeps_every_invariant() {
@@ -51,28 +47,9 @@ async fn run_four_days(config_text: &str) -> common::Summary {
     let dir = common::project(120, config_text);
     let config = Config::load(&dir.path().join("config.toml")).unwrap();
     let config = Arc::new(config);
-    let store = Store::open(&config.data_dir()).unwrap();
     let rows = colloquy::audience::read(&dir.path().join("leads.csv")).rows;
-    let rng = colloquy::clock::SeededRng::new(1);
-    store
-        .import_audience("leads", &rows, &mut || rng.next_u64())
-        .unwrap();
-    let sim = SimTransport::open(&config).unwrap();
-    sim.hold_paused_clock(true);
-    store.hold_paused_clock(true);
-    let clock = sim.clock();
-    let h = host::build(
-        config.clone(),
-        store.clone(),
-        Arc::new(sim),
-        clock,
-        CancellationToken::new(),
-    );
-    h.engines.hold_paused_clock(true);
-    host::start(&h).await.unwrap();
     // Four simulated days.
-    tokio::time::sleep(Duration::from_secs(4 * 86_400)).await;
-    host::stop(&h).await;
+    let store = common::run_paused(&config, &rows, Duration::from_secs(4 * 86_400)).await;
     assert_eq!(
         store.deferred(),
         0,

@@ -12,10 +12,6 @@ use std::time::Duration;
 use chrono::{NaiveDate, TimeZone, Timelike};
 use chrono_tz::Tz;
 use colloquy::config::Config;
-use colloquy::host;
-use colloquy::sim::SimTransport;
-use colloquy::store::Store;
-use tokio_util::sync::CancellationToken;
 
 /// Zones of the audience; an empty one falls back to the campaign's.
 const ZONES: [&str; 5] = [
@@ -92,28 +88,10 @@ async fn openings_and_follow_ups_keep_to_each_contacts_local_hours() {
     );
 
     let config = Arc::new(Config::load(&d.join("config.toml")).unwrap());
-    let store = Store::open(&config.data_dir()).unwrap();
-    let rng = colloquy::clock::SeededRng::new(1);
-    store
-        .import_audience("leads", &file.rows, &mut || rng.next_u64())
-        .unwrap();
-    let sim = SimTransport::open(&config).unwrap();
-    sim.hold_paused_clock(true);
-    store.hold_paused_clock(true);
-    let clock = sim.clock();
-    let h = host::build(
-        config.clone(),
-        store.clone(),
-        Arc::new(sim),
-        clock,
-        CancellationToken::new(),
-    );
-    h.engines.hold_paused_clock(true);
-    host::start(&h).await.unwrap();
     // Through 2026-04-07: New York (Mar 8), Europe (Mar 29) and Sydney
     // (Apr 5) change their clocks on the way.
-    tokio::time::sleep(Duration::from_secs(DAYS * 86_400 / TIME_SCALE)).await;
-    host::stop(&h).await;
+    let time = Duration::from_secs(DAYS * 86_400 / TIME_SCALE);
+    common::run_paused(&config, &file.rows, time).await;
 
     let wire = common::read_wire(&config.data_dir().join("sim/wire.jsonl"));
     let mut days: HashMap<(&str, NaiveDate), usize> = HashMap::new();

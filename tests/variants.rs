@@ -9,11 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use colloquy::config::Config;
-use colloquy::host;
 use colloquy::report;
-use colloquy::sim::SimTransport;
-use colloquy::store::Store;
-use tokio_util::sync::CancellationToken;
 
 /// Three variants: a name, an opening, words only that opening has, and
 /// the probability that a contact answers it.
@@ -85,27 +81,8 @@ async fn run(
     )
     .unwrap();
     let config = Arc::new(Config::load(&d.join("config.toml")).unwrap());
-    let store = Store::open(&config.data_dir()).unwrap();
     let rows = colloquy::audience::read(&d.join("leads.csv")).rows;
-    let rng = colloquy::clock::SeededRng::new(1);
-    store
-        .import_audience("leads", &rows, &mut || rng.next_u64())
-        .unwrap();
-    let sim = SimTransport::open(&config).unwrap();
-    sim.hold_paused_clock(true);
-    store.hold_paused_clock(true);
-    let clock = sim.clock();
-    let h = host::build(
-        config.clone(),
-        store.clone(),
-        Arc::new(sim),
-        clock,
-        CancellationToken::new(),
-    );
-    h.engines.hold_paused_clock(true);
-    host::start(&h).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(hours * 3600)).await;
-    host::stop(&h).await;
+    let store = common::run_paused(&config, &rows, Duration::from_secs(hours * 3600)).await;
 
     let wire = common::read_wire(&config.data_dir().join("sim/wire.jsonl"));
     let variant_of = |text: &str| {

@@ -586,18 +586,26 @@ impl Campaign {
     /// template where it sets them, the campaign's otherwise; a variant
     /// no longer in the config keeps the engine it had at its opening.
     pub fn runs_on(&self, variant: Option<&crate::model::DialogVariant>) -> RunsOn {
-        let declared = variant.and_then(|v| self.variant(&v.name));
-        let engine = match (declared, variant) {
-            (Some(d), _) => d.engine.as_ref().unwrap_or(&self.engine),
-            (None, Some(v)) => &v.engine,
-            (None, None) => &self.engine,
-        };
+        match variant {
+            Some(v) if self.variant(&v.name).is_none() => RunsOn {
+                engine: v.engine.clone(),
+                prompt_template: self.prompt_template.clone(),
+            },
+            _ => self.runs_on_declared(variant.map(|v| v.name.as_str())),
+        }
+    }
+
+    /// What a new dialog on the declared variant `name` (`None`: the
+    /// campaign itself) runs on.
+    pub fn runs_on_declared(&self, name: Option<&str>) -> RunsOn {
+        let declared = name.and_then(|n| self.variant(n));
         RunsOn {
-            engine: engine.clone(),
+            engine: declared
+                .and_then(|d| d.engine.clone())
+                .unwrap_or_else(|| self.engine.clone()),
             prompt_template: declared
-                .and_then(|d| d.prompt_template.as_ref())
-                .or(self.prompt_template.as_ref())
-                .cloned(),
+                .and_then(|d| d.prompt_template.clone())
+                .or_else(|| self.prompt_template.clone()),
         }
     }
 

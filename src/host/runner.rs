@@ -192,21 +192,22 @@ impl Allocator {
         if due || self.tallies.len() != camp.variants.len() {
             let started = std::time::Instant::now();
             let (h, c) = (host.clone(), camp.clone());
-            self.tallies = tokio::task::spawn_blocking(move || {
-                crate::report::variant_tallies(&h.config(), &h.store, &c)
-            })
-            .await
-            .map_err(|e| StoreError::Storage(format!("counting the variants failed: {e}")))??;
+            self.tallies =
+                tokio::task::spawn_blocking(move || crate::report::variant_tallies(&h.store, &c))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Storage(format!("counting the variants failed: {e}"))
+                    })??;
             self.since = Some(0);
             self.counted = Some((std::time::Instant::now(), started.elapsed()));
         }
         self.since = self.since.map(|n| n + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(host.rng.next_u64());
         let i = variants::choose(camp, &self.tallies, &mut rng).unwrap_or(0);
-        let v = &camp.variants[i];
+        let name = &camp.variants[i].name;
         Ok(Some(DialogVariant {
-            name: v.name.clone(),
-            engine: v.engine.clone().unwrap_or_else(|| camp.engine.clone()),
+            name: name.clone(),
+            engine: camp.runs_on_declared(Some(name)).engine,
         }))
     }
 }
@@ -216,19 +217,17 @@ impl Allocator {
 fn alert_if_all_limited(host: &Host, camp: &crate::config::Campaign, alerted: bool) -> bool {
     let all_limited = host.safety.none_can_open(&camp.accounts).unwrap_or(false);
     if all_limited && !alerted {
-        host.alerts.raise(
-            Alert::new(
-                AlertKind::CampaignPaused,
-                host.clock.now(),
-                format!(
-                    "campaign {} paused itself: none of its accounts may open dialogs",
-                    camp.name
-                ),
-            )
-            .campaign(&camp.name),
-        );
+        let text = "paused itself: none of its accounts may open dialogs";
+        alert(host, camp, AlertKind::CampaignPaused, text);
     }
     all_limited
+}
+
+/// Raises an alert about `camp`: "campaign NAME " and `text`.
+fn alert(host: &Host, camp: &crate::config::Campaign, kind: AlertKind, text: &str) {
+    let text = format!("campaign {} {text}", camp.name);
+    host.alerts
+        .raise(Alert::new(kind, host.clock.now(), text).campaign(&camp.name));
 }
 
 impl EngineWatch {
@@ -244,17 +243,8 @@ impl EngineWatch {
             return true;
         };
         if !self.load_reported {
-            host.alerts.raise(
-                Alert::new(
-                    AlertKind::EngineError,
-                    host.clock.now(),
-                    format!(
-                        "campaign {} opens no dialogs until its engine loads: {e}",
-                        camp.name
-                    ),
-                )
-                .campaign(&camp.name),
-            );
+            let text = format!("opens no dialogs until its engine loads: {e}");
+            alert(host, camp, AlertKind::EngineError, &text);
             self.load_reported = true;
         }
         false

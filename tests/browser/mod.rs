@@ -20,6 +20,20 @@ pub struct Browser {
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
+/// [`available`], or `None` with a line saying how to get them; under CI
+/// (`CI` set) their absence fails the test instead.
+pub fn required() -> Option<(String, String)> {
+    let found = available();
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "chromium and chromedriver are needed under CI"
+        );
+        eprintln!("skipped: install chromium and chromium-driver to run the console in a browser");
+    }
+    found
+}
+
 /// Where chromium and chromedriver are; `None` where they are not
 /// installed (the suite then says so and skips, except under CI).
 pub fn available() -> Option<(String, String)> {

@@ -466,6 +466,39 @@ accounts = ["alice"]
     )
 }
 
+/// The whole host in this process on the simulated Telegram, on tokio's
+/// paused clock: `config`'s store with `rows` imported as the audience
+/// `leads`, started, run for `time` of tokio time (simulated time is that
+/// times `time_scale`), then stopped. Returns the store.
+pub async fn run_paused(
+    config: &std::sync::Arc<Config>,
+    rows: &[colloquy::audience::ContactRow],
+    time: Duration,
+) -> Store {
+    use colloquy::{host, sim::SimTransport};
+    let store = Store::open(&config.data_dir()).unwrap();
+    let rng = colloquy::clock::SeededRng::new(1);
+    store
+        .import_audience("leads", rows, &mut || rng.next_u64())
+        .unwrap();
+    let sim = SimTransport::open(config).unwrap();
+    sim.hold_paused_clock(true);
+    store.hold_paused_clock(true);
+    let clock = sim.clock();
+    let h = host::build(
+        config.clone(),
+        store.clone(),
+        std::sync::Arc::new(sim),
+        clock,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    h.engines.hold_paused_clock(true);
+    host::start(&h).await.unwrap();
+    tokio::time::sleep(time).await;
+    host::stop(&h).await;
+    store
+}
+
 // The real binary, as a user runs it.
 
 const BIN: &str = env!("CARGO_BIN_EXE_colloquy");
