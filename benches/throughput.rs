@@ -40,7 +40,8 @@ use colloquy::clock::{Clock, SeededRng, SystemClock};
 use colloquy::config::Config;
 use colloquy::host;
 use colloquy::model::Identity;
-use colloquy::store::{NewDialog, Store};
+use colloquy::store::Store;
+use colloquy::transition::NewDialog;
 use colloquy::transport::{Inbound, IncomingMessage, OutgoingMessage};
 use tokio_util::sync::CancellationToken;
 

@@ -13,6 +13,8 @@
 //! - [`audience`]: audience CSV files to contact rows.
 //! - [`model`]: campaigns, accounts, contacts, dialogs, messages, and the
 //!   status transition tables.
+//! - [`transition`]: what an event does to a dialog, the one place where
+//!   a dialog changes.
 //! - [`store`]: the sled store; the only module that names sled.
 //! - [`transport`]: the boundary to Telegram and its classified errors.
 //! - [`safety`]: AccountSafety, the only gate to the transport.
@@ -48,5 +50,6 @@ pub mod safety;
 pub mod sim;
 pub mod store;
 pub mod telegram;
+pub mod transition;
 pub mod transport;
 pub mod variants;

@@ -15,7 +15,8 @@ use colloquy::clock::{Clock, SeededRng, SystemClock};
 use colloquy::config::Config;
 use colloquy::host;
 use colloquy::model::{Delivery, DialogId, DialogStatus, Direction, IdempotencyKey, Identity};
-use colloquy::store::{NewDialog, Store};
+use colloquy::store::Store;
+use colloquy::transition::NewDialog;
 use colloquy::transport::{Inbound, IncomingMessage};
 use tokio_util::sync::CancellationToken;
 

@@ -54,9 +54,8 @@ use crate::engine::{Call, Ctx, EngineError, Reply};
 use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, MessageKind};
 use crate::safety::reaction::Reaction;
 use crate::safety::Failure;
-use crate::store::{
-    self, Answer, Answered, Outbound, PlanCell, Replied, Settle, StoreError, Written,
-};
+use crate::store::{self, Answer, Answered, PlanCell, Replied, Settle, StoreError, Written};
+use crate::transition::Outbound;
 use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
 
 /// The most messages in one batch.

@@ -14,7 +14,8 @@ use crate::safety::alerts::{Alert, AlertKind};
 use crate::safety::decide::window_open_at;
 use crate::safety::reaction::Reaction;
 use crate::safety::{Decision, Failure};
-use crate::store::{Apply, StoreError};
+use crate::store::StoreError;
+use crate::transition::Apply;
 use crate::transport::OutgoingMessage;
 
 pub async fn run(host: Arc<Host>, dialog: DialogId, dirty: Arc<AtomicBool>) {

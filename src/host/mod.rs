@@ -40,7 +40,8 @@ use crate::model::{
 };
 use crate::safety::alerts::{Alert, AlertKind, Alerts};
 use crate::safety::AccountSafety;
-use crate::store::{Outbound, Store, StoreError};
+use crate::store::{Store, StoreError};
+use crate::transition::Outbound;
 use crate::transport::{Inbound, Transport};
 pub use optout::OptOut;
 

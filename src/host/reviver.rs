@@ -7,7 +7,8 @@ use super::conductor::{ending_of, engine_stumbled};
 use super::Host;
 use crate::engine::Call;
 use crate::model::{Dialog, DialogStatus, MessageKind};
-use crate::store::{Apply, StoreError};
+use crate::store::StoreError;
+use crate::transition::Apply;
 
 pub async fn run(host: Arc<Host>) {
     loop {

@@ -13,7 +13,8 @@ use crate::model::{DialogStatus, DialogVariant, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
 use crate::safety::decide::window_open_at;
 use crate::safety::Decision;
-use crate::store::{NewDialog, Outbound, StoreError};
+use crate::store::StoreError;
+use crate::transition::{NewDialog, Outbound};
 use crate::variants::{self, Tally};
 use rand::SeedableRng;
 
@@ -402,7 +403,7 @@ async fn open_one(
                 .collect();
             host.store.apply(
                 d.id,
-                &crate::store::Apply {
+                &crate::transition::Apply {
                     at: host.clock.now(),
                     state: Some(&reply.state),
                     outbound: &rest,

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use super::Host;
 use crate::clock::Timestamp;
 use crate::model::{DialogId, DialogStatus, IdempotencyKey, MessageKind};
-use crate::store::{Outbound, Store};
+use crate::store::Store;
+use crate::transition::Outbound;
 
 /// Records the operator's message in the dialog as pending.
 pub fn queue_human(

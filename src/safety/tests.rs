@@ -1,7 +1,7 @@
 use super::*;
 use crate::audience;
 use crate::clock::TokioClock;
-use crate::store::NewDialog;
+use crate::transition::NewDialog;
 use std::path::Path;
 
 const START: Timestamp = Timestamp(1_768_000_000_000);

@@ -42,10 +42,10 @@ pub struct Flight {
 }
 
 /// The keys in the `outbox` tree, in memory, so that a planned reply's key
-/// is checked without a read under sled's lock. A key goes in inside the
+/// is checked without a read of the tree. A key goes in inside the
 /// transaction that puts it in the tree (transactions run one at a time,
-/// so every later one sees it), and out once the transaction that took it
-/// out committed, unless it was put in again since (each insert gets a new
+/// holding the store's writer, so every later one sees it), and out once
+/// the transaction that took it out committed, unless it was put in again since (each insert gets a new
 /// number, and the removal names the one it saw). So the set may hold a
 /// key the tree no longer does, for a moment or after an aborted
 /// transaction (the plan is then refused, and the transaction's own path
@@ -273,19 +273,15 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
     {
         return None;
     }
-    let mut incoming = incoming_message(a);
-    let mut replies: Vec<Message> = reply
-        .outbound
-        .iter()
-        .map(|out| outbound_message(out, a.now))
-        .collect();
-    let new = answered(
-        old,
-        &mut incoming,
-        &mut replies,
-        reply.state,
-        reply.ending.as_ref(),
-    );
+    let change = transition::answer(old.clone(), a.incoming(), &reply.apply(a.now)).ok()?;
+    let Change {
+        dialog: mut new,
+        appended: mut replies,
+        ..
+    } = change;
+    // Written lazily: see `Tx::put_dialog_lazily`.
+    new.indexed_at = Some(listed_at(old));
+    let incoming = replies.remove(0);
     let Written { touched, page } = written;
     let mut extends = false;
     let mut pages: Vec<([u8; 16], Vec<u8>)> = Vec::with_capacity(1);
@@ -320,44 +316,6 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
     })
 }
 
-/// A dialog after an answer to `old`: the incoming message and the
-/// replies placed (their seqs given), the engine's state and ending taken,
-/// its place in the quiet-dialogs index left where it was. What [`plan`]
-/// works out, and what replaying the store's journal works out again.
-pub(super) fn answered(
-    old: &Dialog,
-    incoming: &mut Message,
-    replies: &mut [Message],
-    state: &serde_json::Value,
-    ending: Option<&DialogStatus>,
-) -> Dialog {
-    let mut new = old.clone();
-    place(&mut new, incoming);
-    new.state = state.clone();
-    for m in replies {
-        place(&mut new, m);
-    }
-    if let Some(ending) = ending {
-        new.ending = Some(ending.clone());
-    }
-    new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
-    new
-}
-
-fn incoming_message(a: &Answer<'_>) -> Message {
-    Message {
-        dialog: a.dialog,
-        seq: 0,
-        direction: Direction::In,
-        kind: None,
-        text: a.text.to_string(),
-        at: a.at,
-        key: None,
-        delivery: None,
-        transport_id: Some(a.transport_id),
-    }
-}
-
 /// The engine's answer to be recorded.
 #[derive(Debug)]
 pub struct Replied<'a> {
@@ -365,6 +323,29 @@ pub struct Replied<'a> {
     pub outbound: &'a [Outbound],
     /// The status to take once the replies are sent.
     pub ending: Option<DialogStatus>,
+}
+
+impl Answer<'_> {
+    fn incoming(&self) -> Incoming<'_> {
+        Incoming {
+            transport_id: self.transport_id,
+            text: self.text,
+            at: self.at,
+        }
+    }
+}
+
+impl Replied<'_> {
+    /// The answer, as a dialog takes it.
+    fn apply(&self, at: Timestamp) -> Apply<'_> {
+        Apply {
+            at,
+            state: Some(self.state),
+            outbound: self.outbound,
+            ending: self.ending.clone(),
+            ..Apply::default()
+        }
+    }
 }
 
 /// What [`Store::answer_batch`] did with one answer.
@@ -454,52 +435,7 @@ impl Store {
             let mut out = Vec::with_capacity(answers.len());
             let mut flight = Vec::new();
             for a in answers {
-                if let Some(done) = tx.as_planned(a, accounts, records, reserve, &mut flight)? {
-                    out.push(done);
-                    continue;
-                }
-                let old = tx.dialog(a.dialog)?;
-                if tx.seen_incoming(&old, a.account, a.transport_id)? {
-                    out.push(Answered::Duplicate);
-                    continue;
-                }
-                let mut new = old.clone();
-                let incoming = tx.append(&mut new, incoming_message(a))?;
-                tx.note_incoming(&old, a.account, a.transport_id, incoming.seq)?;
-                let at_key = pair(u64_key(a.dialog), u64_key(incoming.seq));
-                let fresh = old == *a.seen && old.status.is_live() && old.ending.is_none();
-                let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
-                    // Not answered here (the dialog moved on, or the engine
-                    // failed): the message waits for the dialog's conductor.
-                    tx.unhandled.insert(&at_key, &[])?;
-                    tx.put_dialog_lazily(&old, &mut new)?;
-                    out.push(Answered::Stale);
-                    continue;
-                };
-                let mut slots = 0;
-                if let (true, Ok(i)) = (a.reserve, accounts.binary_search(&new.account.as_str())) {
-                    slots = reply
-                        .outbound
-                        .iter()
-                        .take_while(|o| reserve(&mut records[i], o.key))
-                        .count();
-                }
-                let replies = tx.record_answer(
-                    &mut new,
-                    Some(reply.state),
-                    reply.outbound,
-                    reply.ending.as_ref(),
-                    a.now,
-                    Some((&mut flight, slots)),
-                )?;
-                tx.put_dialog_lazily(&old, &mut new)?;
-                out.push(Answered::Done {
-                    written: tx.written(&new)?,
-                    dialog: Box::new(new),
-                    incoming,
-                    replies,
-                    slots,
-                });
+                out.push(tx.answer(a, accounts, records, reserve, &mut flight)?);
             }
             // Deferred records beyond the bound go to their trees with
             // this batch, the longest deferred first.
@@ -610,6 +546,64 @@ impl Store {
 }
 
 impl Tx<'_> {
+    /// Stores one incoming message of a batch with its answer (see
+    /// [`Store::answer_batch`]): as planned if the plan holds, else worked
+    /// out here from the stored dialog.
+    fn answer(
+        &self,
+        a: &Answer<'_>,
+        accounts: &[&str],
+        records: &mut [AccountRecord],
+        reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
+        flight: &mut Vec<Flying>,
+    ) -> TxResult<Answered> {
+        if let Some(done) = self.as_planned(a, accounts, records, reserve, flight)? {
+            return Ok(done);
+        }
+        let old = self.dialog(a.dialog)?;
+        if self.seen_incoming(&old, a.account, a.transport_id)? {
+            return Ok(Answered::Duplicate);
+        }
+        let fresh = old == *a.seen && old.status.is_live() && old.ending.is_none();
+        let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
+            // Not answered here (the dialog moved on, or the engine
+            // failed): the message waits for the dialog's conductor.
+            let event = Event::Incoming {
+                message: a.incoming(),
+                handled: false,
+            };
+            let mut change = refused(transition::apply(old.clone(), event))?;
+            self.write(Some(&old), &mut change, Queue::Outbox, true)?;
+            self.note_incoming(&old, a.account, a.transport_id, change.appended[0].seq)?;
+            return Ok(Answered::Stale);
+        };
+        let mut slots = 0;
+        if let (true, Ok(i)) = (a.reserve, accounts.binary_search(&old.account.as_str())) {
+            slots = reply
+                .outbound
+                .iter()
+                .take_while(|o| reserve(&mut records[i], o.key))
+                .count();
+        }
+        let answer = transition::answer(old.clone(), a.incoming(), &reply.apply(a.now));
+        let mut change = refused(answer)?;
+        self.write(Some(&old), &mut change, Queue::Flight(flight, slots), true)?;
+        let Change {
+            dialog,
+            appended: mut replies,
+            ..
+        } = change;
+        let incoming = replies.remove(0);
+        self.note_incoming(&old, a.account, a.transport_id, incoming.seq)?;
+        Ok(Answered::Done {
+            written: self.written(&dialog)?,
+            dialog: Box::new(dialog),
+            incoming,
+            replies,
+            slots,
+        })
+    }
+
     /// Writes a planned answer if the dialog and the page it adds to are
     /// still as the plan found them; `None` (nothing written) otherwise.
     fn as_planned(

@@ -17,9 +17,10 @@
 //! - A transaction that touches a deferred dialog any other way (reads it,
 //!   writes it, reads or writes a page of it) first writes the deferred
 //!   records into its own trees ([`Tx::materialize`]); when its closure
-//!   succeeds the dialog leaves the deferred set. sled runs transactions
-//!   one at a time under one lock, and only transactions change this set,
-//!   so every transaction sees the newest version of every record.
+//!   succeeds the dialog leaves the deferred set. Transactions run one at
+//!   a time (each holds the store's writer), and only transactions change
+//!   this set, so every transaction sees the newest version of every
+//!   record.
 //! - A read outside a transaction takes the newer of the deferred version
 //!   and the tree's (see [`newer_dialog`], [`newer_page`]).
 //! - Versions are ordered without timestamps: each planned version of a
@@ -48,7 +49,6 @@ use std::sync::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 use sled::IVec;
 
-use super::batch::answered;
 use super::keys::*;
 use super::*;
 
@@ -364,8 +364,7 @@ impl Tx<'_> {
     /// The end of a transaction's closure that succeeded: journals what it
     /// planned, ends the chains of what it materialized, adds what it
     /// planned to the deferred set, and removes journal records no chain
-    /// holds any more. Runs under sled's transaction lock, before the
-    /// commit.
+    /// holds any more. Runs holding the store's writer, before the commit.
     pub(super) fn finish_deferred(&self) -> Result<(), UnabortableTransactionError> {
         let local = std::mem::take(&mut *self.local.borrow_mut());
         if local.staged.is_empty() && local.ended.is_empty() {
@@ -518,6 +517,47 @@ struct JournalAnswer {
     ending: Option<DialogStatus>,
     incoming: Message,
     replies: Vec<Message>,
+}
+
+/// What a journal's answer does to the dialog it goes on from, worked
+/// out again by [`transition::answer`]; it must place the very messages
+/// the journal holds.
+fn journal_change(old: Dialog, a: JournalAnswer) -> Result<Change, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        what: "journal",
+        reason,
+    };
+    let dialog = a.dialog;
+    let incoming = Incoming {
+        transport_id: a.incoming.transport_id.unwrap_or_default(),
+        text: &a.incoming.text,
+        at: a.incoming.at,
+    };
+    let outbound: Vec<Outbound> = a
+        .replies
+        .iter()
+        .map(|m| Outbound {
+            kind: m.kind.unwrap_or(MessageKind::Reply),
+            text: m.text.clone(),
+            key: m.key.unwrap_or(IdempotencyKey(0)),
+        })
+        .collect();
+    let apply = Apply {
+        at: a.replies.first().map_or(a.incoming.at, |m| m.at),
+        state: Some(&a.state),
+        outbound: &outbound,
+        ending: a.ending.clone(),
+        ..Apply::default()
+    };
+    let change = transition::answer(old, incoming, &apply)
+        .map_err(|e| corrupt(format!("an answer to dialog {dialog}: {e}")))?;
+    let journaled = std::iter::once(&a.incoming).chain(&a.replies);
+    if !change.appended.iter().eq(journaled) {
+        return Err(corrupt(format!(
+            "an answer to dialog {dialog} out of its order"
+        )));
+    }
+    Ok(change)
 }
 
 /// Reads a chunk of answers (after its first byte).
@@ -735,35 +775,11 @@ impl Store {
                 ),
             });
         }
-        let JournalAnswer {
-            state,
-            ending,
-            mut incoming,
-            mut replies,
-            ..
-        } = a;
-        let seqs: Vec<u64> = std::iter::once(&incoming)
-            .chain(&replies)
-            .map(|m| m.seq)
-            .collect();
-        let new = answered(&old, &mut incoming, &mut replies, &state, ending.as_ref());
-        let placed = std::iter::once(&incoming).chain(&replies).map(|m| m.seq);
-        if !placed.eq(seqs.iter().copied()) {
-            return Err(StoreError::Corrupt {
-                what: "journal",
-                reason: format!("an answer to dialog {} out of its order", a.dialog),
-            });
-        }
-        // Pages first: replayed again after a crash, an answer puts its
-        // messages in the same places.
-        for m in std::iter::once(&incoming).chain(&replies) {
-            let page_key = pages::page_key(m.dialog, m.seq);
-            let page = self.t.messages.get(page_key)?;
-            self.t
-                .messages
-                .insert(page_key, pages::put(page.as_deref(), m)?)?;
-        }
-        self.t.dialogs.insert(key, encode(&new))?;
+        let change = journal_change(old.clone(), a)?;
+        self.transact(|tx| {
+            tx.write(Some(&old), &mut change.clone(), Queue::Journaled, true)?;
+            Ok(())
+        })?;
         Ok(true)
     }
 

@@ -55,8 +55,9 @@ use crate::audience::ContactRow;
 use crate::clock::Timestamp;
 use crate::model::{
     AccountRecord, Contact, ContactId, Delivery, Dialog, DialogId, DialogStatus, DialogSummary,
-    Direction, DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
+    DoNotContact, IdempotencyKey, Identity, Message, MessageKind, TransitionError,
 };
+use crate::transition::{self, Apply, Change, Event, Incoming, NewDialog, Outbound};
 pub use backup::{restore, Backup};
 pub use batch::{plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Written};
 use batch::{Flying, InFlight, Touched};
@@ -177,6 +178,29 @@ fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// Where [`Tx::write`] puts the keys of the messages a change records as
+/// pending.
+enum Queue<'f> {
+    /// In the outbox.
+    Outbox,
+    /// The first `n` among a batch's replies in flight, the rest in the
+    /// outbox.
+    Flight(&'f mut Vec<Flying>, usize),
+    /// Nowhere: they were queued when the journal's answer was first
+    /// written.
+    Journaled,
+}
+
+/// An event the dialog cannot take, as the transaction's abort.
+fn refused<T>(r: Result<T, transition::Refused>) -> TxResult<T> {
+    r.or_else(|e| {
+        abort(match e {
+            transition::Refused::Transition(e) => StoreError::Transition(e),
+            e => StoreError::Refused(e.to_string()),
+        })
+    })
+}
+
 fn tx_decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> TxResult<T> {
     decode(what, bytes).map_err(ConflictableTransactionError::Abort)
 }
@@ -193,38 +217,6 @@ pub struct ImportStats {
     pub updated: usize,
     /// Known contacts whose row changed nothing: not written again.
     pub unchanged: usize,
-}
-
-/// A dialog to create for a claimed contact.
-#[derive(Debug, Clone)]
-pub struct NewDialog {
-    pub campaign: String,
-    pub account: String,
-    pub contact: ContactId,
-    pub at: Timestamp,
-    pub variant: Option<crate::model::DialogVariant>,
-}
-
-/// What handling one event of a dialog changed; see [`Store::apply`].
-#[derive(Debug, Default)]
-pub struct Apply<'a> {
-    pub at: Timestamp,
-    /// The incoming message (its seq) that is now handled.
-    pub handled: Option<u64>,
-    pub state: Option<&'a serde_json::Value>,
-    pub outbound: &'a [Outbound],
-    /// The status to take after `outbound` is sent (at once if it is empty).
-    pub ending: Option<DialogStatus>,
-    /// The reviver looked at the dialog.
-    pub reviewed: bool,
-}
-
-/// An outbound message to record before it is sent.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    pub kind: MessageKind,
-    pub text: String,
-    pub key: IdempotencyKey,
 }
 
 /// The host's store. Cheap to clone: all clones share one database.
@@ -257,6 +249,12 @@ pub struct Store {
     /// Every write holds it shared; a backup holds it alone, so that it
     /// copies the store between two writes (see [`Store::backup`]).
     gate: Arc<std::sync::RwLock<()>>,
+    /// The one writer: every transaction runs holding it, so transactions
+    /// run one at a time by our own lock (sled does not promise that its
+    /// transactions do), and the records kept beside the trees in memory
+    /// (the outbox's keys, the replies in flight, the deferred set, the
+    /// counts of writes) change in the order the trees do.
+    writer: Arc<std::sync::Mutex<()>>,
 }
 
 std::thread_local! {
@@ -505,9 +503,7 @@ impl Tx<'_> {
             self.by_status
                 .insert(&status_key(new.status.tag(), new.id), &[])?;
         }
-        let listed = old
-            .filter(|o| o.status.is_live())
-            .map(|o| o.indexed_at.unwrap_or_else(|| o.last_activity()));
+        let listed = old.filter(|o| o.status.is_live()).map(listed_at);
         let list = index_time(&new);
         if listed != list {
             if let Some(t) = listed {
@@ -541,28 +537,32 @@ impl Tx<'_> {
             new.indexed_at = index_time(new);
             return Ok(());
         }
-        new.indexed_at = Some(old.indexed_at.unwrap_or_else(|| old.last_activity()));
+        new.indexed_at = Some(listed_at(old));
         self.materialize(new.id)?;
         self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
         self.touched.touch(new.id);
         Ok(())
     }
 
-    /// Appends a message to a dialog, updating the dialog's counters.
-    fn append(&self, dialog: &mut Dialog, msg: Message) -> TxResult<Message> {
-        self.append_to(dialog, msg, None)
-    }
-
-    /// Appends a message; a pending one goes in the outbox, or among the
-    /// replies in flight when `flight` collects them.
-    fn append_to(
+    /// Writes what an event changed (see [`transition`]): its messages,
+    /// a pending one's key where `queue` says, the marks of messages to
+    /// handle, the do-not-contact entry, and the dialog, which moves in
+    /// the indexes from `old` (or, `lazily`, stays where it was listed in
+    /// the quiet-dialogs index: see [`Dialog::indexed_at`]). The one way a
+    /// transaction changes a dialog.
+    fn write(
         &self,
-        dialog: &mut Dialog,
-        mut msg: Message,
-        flight: Option<&mut Vec<Flying>>,
-    ) -> TxResult<Message> {
-        place(dialog, &mut msg);
-        if let (Some(key), Some(Delivery::Pending)) = (msg.key, &msg.delivery) {
+        old: Option<&Dialog>,
+        change: &mut Change,
+        mut queue: Queue<'_>,
+        lazily: bool,
+    ) -> TxResult<()> {
+        let id = change.dialog.id;
+        for (i, m) in change.pending().enumerate() {
+            let Some(key) = m.key else { continue };
+            if matches!(queue, Queue::Journaled) {
+                break;
+            }
             if self.outbox.get(u64_key(key.0))?.is_some() || self.in_flight.holds(key) {
                 return abort(StoreError::Refused(format!(
                     "idempotency key {key} is already in the outbox"
@@ -570,74 +570,116 @@ impl Tx<'_> {
             }
             let reply = Flying {
                 key,
-                dialog: msg.dialog,
-                seq: msg.seq,
+                dialog: id,
+                seq: m.seq,
             };
-            match flight {
-                Some(flight) => flight.push(reply),
-                None => self.enqueue(&reply)?,
+            match &mut queue {
+                Queue::Flight(flight, n) if i < *n => flight.push(reply),
+                _ => self.enqueue(&reply)?,
             }
         }
-        self.pages().put(&msg)?;
-        Ok(msg)
-    }
-
-    /// Records what an engine answered in a live dialog: its state, its
-    /// messages as pending, and its ending (taken at once if nothing is to
-    /// be sent, else once the messages are). With `flight`, the first
-    /// `n` messages go among the replies in flight rather than the outbox.
-    fn record_answer(
-        &self,
-        dialog: &mut Dialog,
-        state: Option<&serde_json::Value>,
-        outbound: &[Outbound],
-        ending: Option<&DialogStatus>,
-        at: Timestamp,
-        mut flight: Option<(&mut Vec<Flying>, usize)>,
-    ) -> TxResult<Vec<Message>> {
-        if let Some(state) = state {
-            dialog.state = state.clone();
+        for m in &change.appended {
+            debug_assert_eq!(m.dialog, id);
+            self.pages().put(m)?;
         }
-        let mut recorded = Vec::with_capacity(outbound.len());
-        for (i, out) in outbound.iter().enumerate() {
-            let flying = match &mut flight {
-                Some((f, n)) if i < *n => Some(&mut **f),
-                _ => None,
-            };
-            recorded.push(self.append_to(dialog, outbound_message(out, at), flying)?);
+        for m in &change.rewritten {
+            debug_assert_eq!(m.dialog, id);
+            self.rewrite(m)?;
         }
-        if let Some(ending) = ending {
-            if recorded.is_empty() {
-                dialog.status = match dialog.status.transition(ending.clone()) {
-                    Ok(s) => s,
-                    Err(e) => return abort(e.into()),
-                };
-            } else {
-                dialog.ending = Some(ending.clone());
-            }
+        for seq in &change.handled {
+            self.unhandled.remove(&pair(u64_key(id), u64_key(*seq)))?;
         }
-        Ok(recorded)
-    }
-
-    /// Cancels the messages with these keys that still wait to be sent.
-    fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
-        for key in keys {
-            let at = match self.unqueue(*key)? {
-                Some(at) => Some(split_address(&at)),
-                // In flight: its send may already be under way; the
-                // pipeline does not retry a cancelled one.
-                None => self.in_flight.address(*key),
-            };
-            if let Some((dialog, seq)) = at {
-                if let Some(mut msg) = self.pages().get(dialog, seq)? {
-                    msg.delivery = Some(Delivery::Cancelled {
-                        reason: reason.to_string(),
-                    });
-                    self.pages().put(&msg)?;
-                }
+        for seq in &change.unhandled {
+            self.unhandled
+                .insert(&pair(u64_key(id), u64_key(*seq)), &[])?;
+        }
+        if let Some(why) = &change.do_not_contact {
+            self.do_not_contact
+                .insert(&u64_key(change.dialog.contact), encode(why))?;
+        }
+        match old {
+            Some(old) if lazily => self.put_dialog_lazily(old, &mut change.dialog)?,
+            _ => {
+                self.put_dialog(old, &change.dialog)?;
+                change.dialog.indexed_at = index_time(&change.dialog);
             }
         }
         Ok(())
+    }
+
+    /// The messages with these keys that still wait to be sent (in the
+    /// outbox, or among the replies in flight: a send of those may be
+    /// under way, and the pipeline does not retry a cancelled one).
+    fn still_waiting(&self, keys: &[IdempotencyKey]) -> TxResult<Vec<Message>> {
+        let mut waiting = Vec::new();
+        for key in keys {
+            let at = match self.outbox.get(u64_key(key.0))? {
+                Some(at) => Some(split_address(&at)),
+                None => self.in_flight.address(*key),
+            };
+            if let Some((dialog, seq)) = at {
+                if let Some(msg) = self.pages().get(dialog, seq)? {
+                    waiting.push(msg);
+                }
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Cancels the messages with these keys that still wait to be sent.
+    #[cfg(test)]
+    fn cancel(&self, keys: &[IdempotencyKey], reason: &str) -> TxResult<()> {
+        for m in self.still_waiting(keys)? {
+            let why = Delivery::Cancelled {
+                reason: reason.to_string(),
+            };
+            self.rewrite(&transition::settle(m, why, None))?;
+        }
+        Ok(())
+    }
+
+    /// A pending message of the outbox sent or cancelled (see
+    /// [`transition::settle`]), taken out of the outbox.
+    fn settle(
+        &self,
+        key: IdempotencyKey,
+        delivery: Delivery,
+        transport_id: Option<i64>,
+    ) -> TxResult<Message> {
+        let not_found = |what| {
+            abort(StoreError::NotFound {
+                what,
+                id: key.to_string(),
+            })
+        };
+        let Some(at) = self.outbox.get(u64_key(key.0))? else {
+            return not_found("pending message with key");
+        };
+        let (dialog, seq) = split_address(&at);
+        let Some(msg) = self.pages().get(dialog, seq)? else {
+            return not_found("message with key");
+        };
+        let msg = transition::settle(msg, delivery, transport_id);
+        self.rewrite(&msg)?;
+        Ok(msg)
+    }
+
+    /// Writes a message again, out of the outbox.
+    fn rewrite(&self, msg: &Message) -> TxResult<()> {
+        if let Some(key) = msg.key {
+            self.unqueue(key)?;
+        }
+        self.pages().put(msg)?;
+        Ok(())
+    }
+
+    /// What `event` does to the dialog `id`, written; the dialog as it is
+    /// now and the messages it added.
+    fn change(&self, id: DialogId, event: Event<'_>) -> TxResult<(Dialog, Vec<Message>)> {
+        let old = self.dialog(id)?;
+        let mut change = refused(transition::apply(old.clone(), event))?;
+        self.write(Some(&old), &mut change, Queue::Outbox, false)?;
+        Ok((change.dialog, change.appended))
     }
 
     fn unlist_contact(&self, contact: &Contact) -> Result<(), UnabortableTransactionError> {
@@ -649,51 +691,15 @@ impl Tx<'_> {
     }
 }
 
-/// Puts a message at the end of a dialog: gives it its place and moves the
-/// dialog's counters on.
-fn place(dialog: &mut Dialog, msg: &mut Message) {
-    msg.dialog = dialog.id;
-    msg.seq = dialog.next_seq;
-    dialog.next_seq += 1;
-    match msg.direction {
-        Direction::In => {
-            if let Some(id) = msg.transport_id {
-                dialog.max_incoming_id = match dialog.max_incoming_id {
-                    Some(max) => Some(max.max(id)),
-                    None if dialog.last_inbound_at.is_none() => Some(id),
-                    // Stored before the highest id was kept.
-                    None => None,
-                };
-            }
-            dialog.last_inbound_at = Some(msg.at);
-        }
-        Direction::Out => {
-            dialog.last_outbound_at = Some(msg.at);
-            if msg.kind == Some(MessageKind::FollowUp) {
-                dialog.follow_ups_sent += 1;
-            }
-        }
-    }
+/// Where a live dialog is listed in the quiet-dialogs index.
+fn listed_at(dialog: &Dialog) -> Timestamp {
+    dialog.indexed_at.unwrap_or_else(|| dialog.last_activity())
 }
 
 /// Where a dialog belongs in the quiet-dialogs index: at its last activity
 /// while live, nowhere once it ended.
 fn index_time(dialog: &Dialog) -> Option<Timestamp> {
     dialog.status.is_live().then(|| dialog.last_activity())
-}
-
-fn outbound_message(out: &Outbound, at: Timestamp) -> Message {
-    Message {
-        dialog: 0,
-        seq: 0,
-        direction: Direction::Out,
-        kind: Some(out.kind),
-        text: out.text.clone(),
-        at,
-        key: Some(out.key),
-        delivery: Some(Delivery::Pending),
-        transport_id: None,
-    }
 }
 
 /// Makes the store readable by its owner only: it holds Telegram auth
@@ -964,6 +970,7 @@ impl Store {
             witness: None,
             counts: Arc::new(counts),
             gate: Arc::default(),
+            writer: Arc::default(),
         })
     }
 
@@ -1048,6 +1055,7 @@ impl Store {
     /// Runs `f` over the dialog trees in one transaction.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
         let _writing = self.writing();
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let t = &self.t;
         let trees = (
             &t.contacts,
@@ -1387,30 +1395,9 @@ impl Store {
             }
             tx.unlist_contact(&contact)?;
             tx.dialog_of_contact.insert(&ck, &u64_key(id))?;
-            let mut dialog = Dialog {
-                id,
-                campaign: new.campaign.clone(),
-                account: new.account.clone(),
-                contact: new.contact,
-                status: DialogStatus::Active,
-                started_at: new.at,
-                follow_ups_sent: 0,
-                last_inbound_at: None,
-                last_outbound_at: None,
-                state: serde_json::Value::Object(Default::default()),
-                next_seq: 0,
-                reviewed_at: None,
-                ending: None,
-                indexed_at: None,
-                max_incoming_id: None,
-                variant: new.variant.clone(),
-            };
-            let msg = match opening {
-                Some(out) => Some(tx.append(&mut dialog, outbound_message(out, new.at))?),
-                None => None,
-            };
-            tx.put_dialog(None, &dialog)?;
-            Ok((dialog, msg))
+            let mut change = transition::open(id, new, opening);
+            tx.write(None, &mut change, Queue::Outbox, false)?;
+            Ok((change.dialog, change.appended.pop()))
         })?;
         self.counts.claims.fetch_add(1, Ordering::SeqCst);
         Ok(opened)
@@ -1437,31 +1424,7 @@ impl Store {
         id: DialogId,
         next: DialogStatus,
     ) -> Result<Dialog, StoreError> {
-        self.transact(|tx| {
-            let old = tx.dialog(id)?;
-            let mut new = old.clone();
-            new.status = match old.status.transition(next.clone()) {
-                Ok(s) => s,
-                Err(e) => return abort(e.into()),
-            };
-            tx.put_dialog(Some(&old), &new)?;
-            Ok(new)
-        })
-    }
-
-    /// Replaces a dialog's engine state.
-    pub fn set_dialog_state(
-        &self,
-        id: DialogId,
-        state: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        self.transact(|tx| {
-            let old = tx.dialog(id)?;
-            let mut new = old.clone();
-            new.state = state.clone();
-            tx.put_dialog(Some(&old), &new)?;
-            Ok(())
-        })
+        self.transact(|tx| Ok(tx.change(id, Event::Status(&next))?.0))
     }
 
     /// Ids of the dialogs with a status, in id order.
@@ -1584,18 +1547,8 @@ impl Store {
         at: Timestamp,
     ) -> Result<Message, StoreError> {
         self.transact(|tx| {
-            let old = tx.dialog(dialog)?;
-            let human = out.kind == MessageKind::Human && old.status == DialogStatus::Handoff;
-            if !old.status.is_live() && !human {
-                return abort(StoreError::Refused(format!(
-                    "dialog {dialog} is {}; nothing more is sent in it",
-                    old.status.label()
-                )));
-            }
-            let mut new = old.clone();
-            let msg = tx.append(&mut new, outbound_message(out, at))?;
-            tx.put_dialog(Some(&old), &new)?;
-            Ok(msg)
+            let (_, mut appended) = tx.change(dialog, Event::Outbound { out, at })?;
+            Ok(appended.remove(0))
         })
     }
 
@@ -1614,25 +1567,22 @@ impl Store {
             if tx.seen_incoming(&old, account, transport_id)? {
                 return Ok(None);
             }
-            let mut new = old.clone();
-            let msg = tx.append(
-                &mut new,
-                Message {
-                    dialog,
-                    seq: 0,
-                    direction: Direction::In,
-                    kind: None,
-                    text: text.to_string(),
-                    at,
-                    key: None,
-                    delivery: None,
-                    transport_id: Some(transport_id),
-                },
-            )?;
+            let message = Incoming {
+                transport_id,
+                text,
+                at,
+            };
+            let event = Event::Incoming {
+                message,
+                handled: false,
+            };
+            let mut change = refused(transition::apply(old.clone(), event))?;
+            tx.write(Some(&old), &mut change, Queue::Outbox, false)?;
+            let msg = change
+                .appended
+                .pop()
+                .expect("an incoming message appends one");
             tx.note_incoming(&old, account, transport_id, msg.seq)?;
-            tx.unhandled
-                .insert(&pair(u64_key(dialog), u64_key(msg.seq)), &[])?;
-            tx.put_dialog(Some(&old), &new)?;
             Ok(Some(msg))
         })
     }
@@ -1647,46 +1597,13 @@ impl Store {
         dialog: DialogId,
         a: &Apply<'_>,
     ) -> Result<(Dialog, Vec<Message>), StoreError> {
-        self.transact(|tx| {
-            let old = tx.dialog(dialog)?;
-            if let Some(seq) = a.handled {
-                tx.unhandled.remove(&pair(u64_key(dialog), u64_key(seq)))?;
-            }
-            if !old.status.is_live() {
-                return Ok((old, Vec::new()));
-            }
-            let mut new = old.clone();
-            if a.reviewed {
-                new.reviewed_at = Some(a.at);
-            }
-            if old.ending.is_some() {
-                // The dialog is ending: only the review is noted.
-                tx.put_dialog(Some(&old), &new)?;
-                return Ok((new, Vec::new()));
-            }
-            let recorded =
-                tx.record_answer(&mut new, a.state, a.outbound, a.ending.as_ref(), a.at, None)?;
-            tx.put_dialog(Some(&old), &new)?;
-            Ok((new, recorded))
-        })
+        self.transact(|tx| tx.change(dialog, Event::Handled(a)))
     }
 
     /// Takes the status the dialog was waiting to take once its messages
     /// were sent.
     pub fn complete_ending(&self, dialog: DialogId) -> Result<Dialog, StoreError> {
-        self.transact(|tx| {
-            let old = tx.dialog(dialog)?;
-            let Some(ending) = old.ending.clone() else {
-                return Ok(old);
-            };
-            let mut new = old.clone();
-            new.ending = None;
-            if old.status.can_become(&ending) {
-                new.status = ending;
-            }
-            tx.put_dialog(Some(&old), &new)?;
-            Ok(new)
-        })
+        self.transact(|tx| Ok(tx.change(dialog, Event::EndingReached)?.0))
     }
 
     /// The contact opted out: the dialog ends as opted out, the contact goes
@@ -1694,27 +1611,20 @@ impl Store {
     /// in the dialog is cancelled, all at once.
     pub fn opt_out(&self, dialog: DialogId) -> Result<Dialog, StoreError> {
         let waiting = self.pending_keys(dialog)?;
-        let unhandled: Vec<sled::IVec> = self
+        let unhandled: Vec<u64> = self
             .t
             .unhandled
             .scan_prefix(u64_key(dialog))
             .keys()
+            .map(|k| k.map(|k| split_address(&k).1))
             .collect::<Result<_, _>>()?;
         self.transact(|tx| {
-            let old = tx.dialog(dialog)?;
-            let mut new = old.clone();
-            new.ending = None;
-            if old.status.can_become(&DialogStatus::OptedOut) {
-                new.status = DialogStatus::OptedOut;
-            }
-            tx.do_not_contact
-                .insert(&u64_key(old.contact), encode(&DoNotContact::OptedOut))?;
-            tx.cancel(&waiting, "the contact opted out")?;
-            for k in &unhandled {
-                tx.unhandled.remove(k)?;
-            }
-            tx.put_dialog(Some(&old), &new)?;
-            Ok(new)
+            let waiting = tx.still_waiting(&waiting)?;
+            let event = Event::OptedOut {
+                waiting: &waiting,
+                unhandled: &unhandled,
+            };
+            Ok(tx.change(dialog, event)?.0)
         })
     }
 
@@ -1779,25 +1689,7 @@ impl Store {
         delivery: Delivery,
         transport_id: Option<i64>,
     ) -> Result<Message, StoreError> {
-        self.transact(|tx| {
-            let Some(at) = tx.unqueue(key)? else {
-                return abort(StoreError::NotFound {
-                    what: "pending message with key",
-                    id: key.to_string(),
-                });
-            };
-            let (dialog, seq) = split_address(&at);
-            let Some(mut msg) = tx.pages().get(dialog, seq)? else {
-                return abort(StoreError::NotFound {
-                    what: "message with key",
-                    id: key.to_string(),
-                });
-            };
-            msg.delivery = Some(delivery.clone());
-            msg.transport_id = transport_id.or(msg.transport_id);
-            tx.pages().put(&msg)?;
-            Ok(msg)
-        })
+        self.transact(|tx| tx.settle(key, delivery.clone(), transport_id))
     }
 
     /// Marks a pending message sent and updates its account's record (the
@@ -1811,22 +1703,7 @@ impl Store {
         update: &dyn Fn(&mut AccountRecord),
     ) -> Result<Message, StoreError> {
         self.transact_with_account(account, |tx, record| {
-            let Some(at) = tx.unqueue(key)? else {
-                return abort(StoreError::NotFound {
-                    what: "pending message with key",
-                    id: key.to_string(),
-                });
-            };
-            let (dialog, seq) = split_address(&at);
-            let Some(mut msg) = tx.pages().get(dialog, seq)? else {
-                return abort(StoreError::NotFound {
-                    what: "message with key",
-                    id: key.to_string(),
-                });
-            };
-            msg.delivery = Some(Delivery::Sent);
-            msg.transport_id = Some(transport_id);
-            tx.pages().put(&msg)?;
+            let msg = tx.settle(key, Delivery::Sent, Some(transport_id))?;
             update(record);
             Ok(msg)
         })
@@ -1917,16 +1794,17 @@ impl Store {
                 let waiting = self.pending_keys(id)?;
                 let reason = format!("account {account} is out of service");
                 let done = self.transact(|tx| {
-                    let old = tx.dialog(id)?;
-                    if !old.status.can_become(&DialogStatus::Blocked) {
-                        return Ok(false);
+                    let waiting = tx.still_waiting(&waiting)?;
+                    let event = Event::Blocked {
+                        waiting: &waiting,
+                        reason: &reason,
+                    };
+                    match tx.change(id, event) {
+                        Err(ConflictableTransactionError::Abort(StoreError::Transition(_))) => {
+                            Ok(false)
+                        }
+                        done => done.map(|_| true),
                     }
-                    let mut new = old.clone();
-                    new.status = DialogStatus::Blocked;
-                    new.ending = None;
-                    tx.cancel(&waiting, &reason)?;
-                    tx.put_dialog(Some(&old), &new)?;
-                    Ok(true)
                 })?;
                 if done {
                     blocked.push(id);

@@ -1,6 +1,7 @@
 use super::*;
 use crate::audience;
 use crate::clock::SeededRng;
+use crate::model::Direction;
 
 fn rows(csv: &str) -> Vec<ContactRow> {
     let a = audience::parse("t.csv", csv.as_bytes());
@@ -881,19 +882,17 @@ fn a_journal_of_whole_records_from_an_earlier_version_is_replayed() {
         import(&store, "l", "username\nalice\n");
         let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
         let (d, _) = store.open_dialog(&new_dialog(cid), None, &allow).unwrap();
-        let mut ahead = store.dialog(d.id).unwrap().unwrap();
-        let mut m = Message {
-            dialog: d.id,
-            seq: 0,
-            direction: Direction::In,
-            kind: None,
-            text: "hello".into(),
+        let message = Incoming {
+            transport_id: 3,
+            text: "hello",
             at: Timestamp(5),
-            key: None,
-            delivery: None,
-            transport_id: Some(3),
         };
-        place(&mut ahead, &mut m);
+        let event = Event::Incoming {
+            message,
+            handled: true,
+        };
+        let change = transition::apply(store.dialog(d.id).unwrap().unwrap(), event).unwrap();
+        let (ahead, m) = (change.dialog, change.appended[0].clone());
         let page = pages::put(None, &m).unwrap();
         let record = encode(&ahead);
         let mut chunk = Vec::new();
@@ -1133,4 +1132,219 @@ fn live_bytes_count_what_a_dialog_adds() {
     let added = store.live_bytes().unwrap() - before;
     // The dialog's record and its index entries, no more than a few hundred bytes.
     assert!((100..1024).contains(&added), "{added}");
+}
+
+/// Random events on three dialogs through every way the store changes a
+/// dialog (the conductor's one at a time, the pipeline's planned and
+/// deferred answers, sends confirmed, statuses, opt-outs, write-outs) with
+/// crashes between them (the store dropped with answers only in its
+/// journal, then opened again): after every step each dialog's records
+/// are exactly what [`transition::apply`] says of the same events.
+#[test]
+fn the_store_holds_what_the_transitions_say_through_every_path_and_crash() {
+    use crate::transition::tests::{status, Records};
+    const N: usize = 3;
+    for seed in 1..=6 {
+        let dir = tempfile::tempdir().unwrap();
+        let rng = SeededRng::new(seed);
+        let roll = |n: u64| rng.next_u64() % n;
+        let mut store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = (0..60).map(|n| format!("user{n:03}")).collect();
+        import(&store, "l", &format!("username\n{}\n", names.join("\n")));
+        let open = |store: &Store, key: u64| {
+            let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+            let (d, _) = store
+                .open_dialog(&new_dialog(cid), Some(&opening(key)), &allow)
+                .unwrap();
+            Records::new(d.clone(), store.messages(d.id).unwrap())
+        };
+        let mut models: Vec<Records> = (0..N as u64).map(|i| open(&store, 900 + i)).collect();
+        // Which models are the three dialogs in play: an ended one is
+        // replaced by a new dialog, and stays checked.
+        let mut playing: Vec<usize> = (0..N).collect();
+        let mut written: Vec<Option<Box<Written>>> = vec![None; N];
+        let (mut crashes, mut planned) = (0, 0);
+        for step in 1..=200u64 {
+            let i = roll(N as u64) as usize;
+            let ended = models[playing[i]].dialog.status.tag() > 1;
+            if ended {
+                models.push(open(&store, 500_000 + step));
+                playing[i] = models.len() - 1;
+                written[i] = None;
+            }
+            let m = &mut models[playing[i]];
+            let id = m.dialog.id;
+            let at = Timestamp(10_000 + step as i64);
+            let key = 1_000 * step;
+            let outs: Vec<Outbound> = (0..roll(3))
+                .map(|k| Outbound {
+                    kind: MessageKind::Reply,
+                    text: format!("r{step}.{k}"),
+                    key: IdempotencyKey(key + k),
+                })
+                .collect();
+            let message = Incoming {
+                transport_id: step as i64,
+                text: "hello",
+                at,
+            };
+            match roll(14) {
+                0 => {
+                    let stored = store
+                        .record_inbound(id, "a", step as i64, "hello", at)
+                        .unwrap();
+                    let event = Event::Incoming {
+                        message,
+                        handled: false,
+                    };
+                    m.take(transition::apply(m.dialog.clone(), event).unwrap());
+                    assert_eq!(stored.as_ref(), m.messages.last());
+                    written[i] = None;
+                }
+                1 => {
+                    let a = Apply {
+                        at,
+                        handled: m.unhandled.first().copied(),
+                        outbound: &outs,
+                        ending: (roll(6) == 0).then(|| status(roll(7) as u8)),
+                        reviewed: roll(2) == 0,
+                        ..Apply::default()
+                    };
+                    let stored = store.apply(id, &a);
+                    let model = transition::apply(m.dialog.clone(), Event::Handled(&a));
+                    assert_eq!(stored.is_ok(), model.is_ok(), "seed {seed} step {step}");
+                    if let Ok(change) = model {
+                        m.take(change);
+                    }
+                    written[i] = None;
+                }
+                2..=7 => {
+                    let state = serde_json::json!({ "step": step });
+                    let seen = store.dialog(id).unwrap().unwrap();
+                    let mut a = answer(&seen, step as i64, &state, &outs);
+                    a.at = at;
+                    a.now = at;
+                    let plan = written[i].take().and_then(|w| plan(&a, *w));
+                    planned += plan.is_some() as usize;
+                    let cell = PlanCell::new(plan);
+                    a.plan = Some(&cell);
+                    let (done, flight) = store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
+                    let fresh = m.dialog.status.is_live() && m.dialog.ending.is_none();
+                    let applied = Apply {
+                        at,
+                        state: Some(&state),
+                        outbound: &outs,
+                        ..Apply::default()
+                    };
+                    let change = match fresh {
+                        true => transition::answer(m.dialog.clone(), message, &applied).unwrap(),
+                        false => {
+                            let event = Event::Incoming {
+                                message,
+                                handled: false,
+                            };
+                            transition::apply(m.dialog.clone(), event).unwrap()
+                        }
+                    };
+                    m.take(change);
+                    if let Answered::Done { written: w, .. } = &done[0] {
+                        written[i] = Some(w.clone());
+                    }
+                    let sent: Vec<Settle> = flight.replies.iter().map(|r| took(r.key.0)).collect();
+                    store.settle_batch(&flight, &sent, &|_, _| {}).unwrap();
+                    for r in &flight.replies {
+                        let msg = m.messages[r.seq as usize].clone();
+                        m.messages[r.seq as usize] = transition::settle(msg, Delivery::Sent, None);
+                    }
+                }
+                8 => {
+                    if let Some(first) = m.waiting().into_iter().next() {
+                        let key = first.key.unwrap();
+                        store.settle_sent(key, step as i64, "a", &|_| {}).unwrap();
+                        let i = first.seq as usize;
+                        m.messages[i] =
+                            transition::settle(first, Delivery::Sent, Some(step as i64));
+                    }
+                }
+                9 => {
+                    // Mostly a handoff and back, now and then an end.
+                    let next = match roll(4) {
+                        0 => status(roll(7) as u8),
+                        _ => status(roll(2) as u8),
+                    };
+                    let stored = store.set_dialog_status(id, next.clone());
+                    let model = transition::apply(m.dialog.clone(), Event::Status(&next));
+                    assert_eq!(stored.is_ok(), model.is_ok(), "seed {seed} step {step}");
+                    if let Ok(change) = model {
+                        m.take(change);
+                    }
+                    written[i] = None;
+                }
+                10 => {
+                    let kind = [MessageKind::FollowUp, MessageKind::Human][roll(2) as usize];
+                    let out = Outbound {
+                        kind,
+                        ..outs.first().cloned().unwrap_or(opening(key))
+                    };
+                    let stored = store.record_outbound(id, &out, at);
+                    let model =
+                        transition::apply(m.dialog.clone(), Event::Outbound { out: &out, at });
+                    assert_eq!(stored.is_ok(), model.is_ok(), "seed {seed} step {step}");
+                    if let Ok(change) = model {
+                        m.take(change);
+                    }
+                    written[i] = None;
+                }
+                11 if roll(4) == 0 => {
+                    store.opt_out(id).unwrap();
+                    let (waiting, unhandled) = (m.waiting(), m.unhandled.clone());
+                    let event = Event::OptedOut {
+                        waiting: &waiting,
+                        unhandled: &unhandled,
+                    };
+                    m.take(transition::apply(m.dialog.clone(), event).unwrap());
+                    written[i] = None;
+                }
+                11 => {
+                    store.complete_ending(id).unwrap();
+                    m.take(transition::apply(m.dialog.clone(), Event::EndingReached).unwrap());
+                    written[i] = None;
+                }
+                _ if roll(4) != 0 => {
+                    store.write_out_deferred(roll(3) as usize).unwrap();
+                }
+                _ => {
+                    store.flush().unwrap();
+                    drop(store);
+                    store = Store::open(dir.path()).unwrap();
+                    written = vec![None; N];
+                    crashes += 1;
+                }
+            }
+            for m in &models {
+                let mut stored = store.dialog(m.dialog.id).unwrap().unwrap();
+                stored.indexed_at = None;
+                let mut model = m.dialog.clone();
+                model.indexed_at = None;
+                assert_eq!(stored, model, "seed {seed} step {step}");
+                assert_eq!(
+                    store.messages(model.id).unwrap(),
+                    m.messages,
+                    "seed {seed} step {step}"
+                );
+                let unhandled: Vec<u64> = store
+                    .unhandled()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|(d, _)| *d == model.id)
+                    .map(|(_, s)| s)
+                    .collect();
+                assert_eq!(unhandled, m.unhandled, "seed {seed} step {step}");
+            }
+        }
+        assert!(
+            crashes > 3 && planned > 10,
+            "{crashes} crashes, {planned} planned"
+        );
+    }
 }
