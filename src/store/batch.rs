@@ -604,6 +604,30 @@ impl Tx<'_> {
         })
     }
 
+    /// Whether a plan still holds: nothing wrote its dialog since, and its
+    /// replies' keys are pending nowhere yet.
+    fn plan_holds(&self, a: &Answer<'_>, plan: &Plan) -> TxResult<bool> {
+        if self.touched.count(a.dialog) != plan.touched {
+            return Ok(false);
+        }
+        // Unwritten since, so as the plan found them: checked in tests.
+        if let Some(expect_page) = &plan.expect {
+            let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
+            let key = expect_page.as_ref().map_or(last, |(k, _)| *k);
+            let (dialog, page) = self.peek(a.dialog, &key)?;
+            assert_eq!(dialog.as_ref(), Some(a.seen));
+            if let Some((_, expected)) = expect_page {
+                assert_eq!(page.as_deref(), Some(&expected[..]));
+            }
+        }
+        // Refused, if so, as the transaction itself refuses it.
+        Ok(!plan
+            .replies
+            .iter()
+            .filter_map(|m| m.key)
+            .any(|key| self.in_flight.holds(key) || self.outbox_keys.holds(key)))
+    }
+
     /// Writes a planned answer if the dialog and the page it adds to are
     /// still as the plan found them; `None` (nothing written) otherwise.
     fn as_planned(
@@ -620,25 +644,8 @@ impl Tx<'_> {
             let Some(plan) = guard.as_ref() else {
                 return Ok(None);
             };
-            if self.touched.count(a.dialog) != plan.touched {
+            if !self.plan_holds(a, plan)? {
                 return Ok(None);
-            }
-            // Unwritten since, so as the plan found them: checked in tests.
-            if let Some(expect_page) = &plan.expect {
-                let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
-                let key = expect_page.as_ref().map_or(last, |(k, _)| *k);
-                let (dialog, page) = self.peek(a.dialog, &key)?;
-                assert_eq!(dialog.as_ref(), Some(a.seen));
-                if let Some((_, expected)) = expect_page {
-                    assert_eq!(page.as_deref(), Some(&expected[..]));
-                }
-            }
-            for m in &plan.replies {
-                let Some(key) = m.key else { continue };
-                if self.in_flight.holds(key) || self.outbox_keys.holds(key) {
-                    // Refused as the transaction itself refuses it.
-                    return Ok(None);
-                }
             }
             let mut slots = 0;
             if let (true, Ok(i)) = (

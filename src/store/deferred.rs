@@ -114,6 +114,55 @@ struct Inner {
 #[derive(Debug, Default)]
 pub(super) struct Deferred(Mutex<Inner>);
 
+impl Inner {
+    /// Takes the ended dialogs out, and the journal records no chain holds
+    /// (`left`: see [`Tx::end_chains`]).
+    fn forget(&mut self, ended: &FxHashSet<DialogId>, left: HashMap<u64, usize>) {
+        for d in ended {
+            self.dialogs.remove(d);
+        }
+        for (journal, live) in left {
+            if live == 0 {
+                if let Some(gone) = self.journals.remove(&journal) {
+                    self.bytes -= gone.bytes;
+                }
+            } else if let Some(j) = self.journals.get_mut(&journal) {
+                j.live = live;
+            }
+        }
+    }
+
+    /// Holds what a transaction planned, its chains going on with the
+    /// journal record `id`.
+    fn hold(&mut self, id: u64, chunks: u32, bytes: usize, staged: FxHashMap<DialogId, Staged>) {
+        self.next_journal += 1;
+        let members: Vec<DialogId> = staged.keys().copied().collect();
+        self.bytes += bytes;
+        self.journals.insert(
+            id,
+            Journal {
+                chunks,
+                bytes,
+                live: members.len(),
+                members,
+            },
+        );
+        for (dialog, staged) in staged {
+            match self.dialogs.get_mut(&dialog) {
+                Some(held) => {
+                    held.chain.push(id);
+                    held.entry = staged.entry;
+                }
+                None => {
+                    let chain = vec![id];
+                    let entry = staged.entry;
+                    self.dialogs.insert(dialog, Held { chain, entry });
+                }
+            }
+        }
+    }
+}
+
 impl Deferred {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -372,33 +421,63 @@ impl Tx<'_> {
         }
         let mut inner = self.deferred.lock();
         let id = inner.next_journal;
-        let (mut chunks, mut bytes) = (0u32, 0usize);
+        let (chunks, bytes) = self.journal_staged(id, &local.staged)?;
+        let left = self.end_chains(&inner, &local.ended)?;
+        // Nothing fails past this point: the set follows the transaction.
+        inner.forget(&local.ended, left);
         if !local.staged.is_empty() {
-            let fresh = || {
-                let mut chunk = Vec::with_capacity(CHUNK + 1024);
-                chunk.push(ANSWERS);
-                chunk
-            };
-            let mut chunk = fresh();
-            for staged in local.staged.values() {
-                chunk.extend_from_slice(&staged.journal);
-                if chunk.len() >= CHUNK {
-                    bytes += chunk.len();
-                    let full = std::mem::replace(&mut chunk, fresh());
-                    self.journal.insert(&journal_key(id, chunks), full)?;
-                    chunks += 1;
-                }
-            }
-            if chunk.len() > 1 {
+            inner.hold(id, chunks, bytes, local.staged);
+        }
+        if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
+            // Idle again: give the memory back.
+            inner.dialogs = FxHashMap::default();
+        }
+        Ok(())
+    }
+
+    /// Writes the journal record `id` of what this transaction planned, in
+    /// chunks; how many, and their bytes.
+    fn journal_staged(
+        &self,
+        id: u64,
+        staged: &FxHashMap<DialogId, Staged>,
+    ) -> Result<(u32, usize), UnabortableTransactionError> {
+        let (mut chunks, mut bytes) = (0u32, 0usize);
+        if staged.is_empty() {
+            return Ok((chunks, bytes));
+        }
+        let fresh = || {
+            let mut chunk = Vec::with_capacity(CHUNK + 1024);
+            chunk.push(ANSWERS);
+            chunk
+        };
+        let mut chunk = fresh();
+        for staged in staged.values() {
+            chunk.extend_from_slice(&staged.journal);
+            if chunk.len() >= CHUNK {
                 bytes += chunk.len();
-                self.journal.insert(&journal_key(id, chunks), chunk)?;
+                let full = std::mem::replace(&mut chunk, fresh());
+                self.journal.insert(&journal_key(id, chunks), full)?;
                 chunks += 1;
             }
         }
-        // The chains that end here: each record they held loses one; a
-        // record no chain holds goes.
+        if chunk.len() > 1 {
+            bytes += chunk.len();
+            self.journal.insert(&journal_key(id, chunks), chunk)?;
+            chunks += 1;
+        }
+        Ok((chunks, bytes))
+    }
+
+    /// The chains that end here: each journal record they held loses one,
+    /// and a record no chain holds goes. The records' counts left.
+    fn end_chains(
+        &self,
+        inner: &Inner,
+        ended: &FxHashSet<DialogId>,
+    ) -> Result<HashMap<u64, usize>, UnabortableTransactionError> {
         let mut left: HashMap<u64, usize> = HashMap::new();
-        for d in &local.ended {
+        for d in ended {
             if let Some(held) = inner.dialogs.get(d) {
                 for j in &held.chain {
                     let live = left.entry(*j).or_insert(inner.journals[j].live);
@@ -413,55 +492,7 @@ impl Tx<'_> {
                 }
             }
         }
-        // Nothing fails past this point: the set follows the transaction.
-        for d in &local.ended {
-            inner.dialogs.remove(d);
-        }
-        for (journal, live) in left {
-            if live == 0 {
-                if let Some(gone) = inner.journals.remove(&journal) {
-                    inner.bytes -= gone.bytes;
-                }
-            } else if let Some(j) = inner.journals.get_mut(&journal) {
-                j.live = live;
-            }
-        }
-        if !local.staged.is_empty() {
-            inner.next_journal += 1;
-            let members: Vec<DialogId> = local.staged.keys().copied().collect();
-            inner.bytes += bytes;
-            inner.journals.insert(
-                id,
-                Journal {
-                    chunks,
-                    bytes,
-                    live: members.len(),
-                    members,
-                },
-            );
-            for (dialog, staged) in local.staged {
-                match inner.dialogs.get_mut(&dialog) {
-                    Some(held) => {
-                        held.chain.push(id);
-                        held.entry = staged.entry;
-                    }
-                    None => {
-                        inner.dialogs.insert(
-                            dialog,
-                            Held {
-                                chain: vec![id],
-                                entry: staged.entry,
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
-            // Idle again: give the memory back.
-            inner.dialogs = FxHashMap::default();
-        }
-        Ok(())
+        Ok(left)
     }
 }
 

@@ -691,6 +691,36 @@ impl Tx<'_> {
     }
 }
 
+/// A contact first seen in `row`.
+fn new_contact(id: ContactId, row: &ContactRow, pick_key: u64) -> Contact {
+    let mut contact = Contact {
+        id,
+        identity: row.identity.clone(),
+        username: None,
+        phone: None,
+        user_id: None,
+        first_name: None,
+        last_name: None,
+        fields: Default::default(),
+        audiences: Vec::new(),
+        pick_key,
+    };
+    contact.take_row(row);
+    contact
+}
+
+impl Contact {
+    /// Takes the fields of an audience row of this contact.
+    fn take_row(&mut self, row: &ContactRow) {
+        self.username = row.username.clone();
+        self.phone = row.phone.clone();
+        self.user_id = row.user_id;
+        self.first_name = row.first_name.clone();
+        self.last_name = row.last_name.clone();
+        self.fields = row.fields.clone();
+    }
+}
+
 /// Where a live dialog is listed in the quiet-dialogs index.
 fn listed_at(dialog: &Dialog) -> Timestamp {
     dialog.indexed_at.unwrap_or_else(|| dialog.last_activity())
@@ -1164,27 +1194,10 @@ impl Store {
                     let id = self.db.generate_id()? + 1;
                     fresh.insert(ikey.clone(), id);
                     identities.insert(ikey.as_bytes(), &u64_key(id));
-                    let contact = Contact {
-                        id,
-                        identity: row.identity.clone(),
-                        username: None,
-                        phone: None,
-                        user_id: None,
-                        first_name: None,
-                        last_name: None,
-                        fields: Default::default(),
-                        audiences: Vec::new(),
-                        pick_key: pick_keys(),
-                    };
-                    (contact, None)
+                    (new_contact(id, row, pick_keys()), None)
                 }
             };
-            contact.username = row.username.clone();
-            contact.phone = row.phone.clone();
-            contact.user_id = row.user_id;
-            contact.first_name = row.first_name.clone();
-            contact.last_name = row.last_name.clone();
-            contact.fields = row.fields.clone();
+            contact.take_row(row);
             if !contact.audiences.iter().any(|a| a == audience) {
                 contact.audiences.push(audience.to_string());
                 if self.is_contactable(contact.id)? {
@@ -1204,6 +1217,7 @@ impl Store {
         }
         // Contacts first: an identity or index entry never points at nothing.
         let _writing = self.writing();
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.t.contacts.apply_batch(contacts)?;
         self.t.identities.apply_batch(identities)?;
         self.t.uncontacted.apply_batch(uncontacted)?;
