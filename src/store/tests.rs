@@ -1142,209 +1142,273 @@ fn live_bytes_count_what_a_dialog_adds() {
 /// are exactly what [`transition::apply`] says of the same events.
 #[test]
 fn the_store_holds_what_the_transitions_say_through_every_path_and_crash() {
-    use crate::transition::tests::{status, Records};
-    const N: usize = 3;
     for seed in 1..=6 {
-        let dir = tempfile::tempdir().unwrap();
-        let rng = SeededRng::new(seed);
-        let roll = |n: u64| rng.next_u64() % n;
-        let mut store = Store::open(dir.path()).unwrap();
-        let names: Vec<String> = (0..60).map(|n| format!("user{n:03}")).collect();
-        import(&store, "l", &format!("username\n{}\n", names.join("\n")));
-        let open = |store: &Store, key: u64| {
-            let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
-            let (d, _) = store
-                .open_dialog(&new_dialog(cid), Some(&opening(key)), &allow)
-                .unwrap();
-            Records::new(d.clone(), store.messages(d.id).unwrap())
-        };
-        let mut models: Vec<Records> = (0..N as u64).map(|i| open(&store, 900 + i)).collect();
-        // Which models are the three dialogs in play: an ended one is
-        // replaced by a new dialog, and stays checked.
-        let mut playing: Vec<usize> = (0..N).collect();
-        let mut written: Vec<Option<Box<Written>>> = vec![None; N];
-        let (mut crashes, mut planned) = (0, 0);
+        let mut play = Play::new(seed);
         for step in 1..=200u64 {
-            let i = roll(N as u64) as usize;
-            let ended = models[playing[i]].dialog.status.tag() > 1;
-            if ended {
-                models.push(open(&store, 500_000 + step));
-                playing[i] = models.len() - 1;
-                written[i] = None;
-            }
-            let m = &mut models[playing[i]];
-            let id = m.dialog.id;
-            let at = Timestamp(10_000 + step as i64);
-            let key = 1_000 * step;
-            let outs: Vec<Outbound> = (0..roll(3))
-                .map(|k| Outbound {
-                    kind: MessageKind::Reply,
-                    text: format!("r{step}.{k}"),
-                    key: IdempotencyKey(key + k),
-                })
-                .collect();
-            let message = Incoming {
-                transport_id: step as i64,
-                text: "hello",
-                at,
-            };
-            match roll(14) {
-                0 => {
-                    let stored = store
-                        .record_inbound(id, "a", step as i64, "hello", at)
-                        .unwrap();
-                    let event = Event::Incoming {
-                        message,
-                        handled: false,
-                    };
-                    m.take(transition::apply(m.dialog.clone(), event).unwrap());
-                    assert_eq!(stored.as_ref(), m.messages.last());
-                    written[i] = None;
-                }
-                1 => {
-                    let a = Apply {
-                        at,
-                        handled: m.unhandled.first().copied(),
-                        outbound: &outs,
-                        ending: (roll(6) == 0).then(|| status(roll(7) as u8)),
-                        reviewed: roll(2) == 0,
-                        ..Apply::default()
-                    };
-                    let stored = store.apply(id, &a);
-                    let model = transition::apply(m.dialog.clone(), Event::Handled(&a));
-                    assert_eq!(stored.is_ok(), model.is_ok(), "seed {seed} step {step}");
-                    if let Ok(change) = model {
-                        m.take(change);
-                    }
-                    written[i] = None;
-                }
-                2..=7 => {
-                    let state = serde_json::json!({ "step": step });
-                    let seen = store.dialog(id).unwrap().unwrap();
-                    let mut a = answer(&seen, step as i64, &state, &outs);
-                    a.at = at;
-                    a.now = at;
-                    let plan = written[i].take().and_then(|w| plan(&a, *w));
-                    planned += plan.is_some() as usize;
-                    let cell = PlanCell::new(plan);
-                    a.plan = Some(&cell);
-                    let (done, flight) = store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
-                    let fresh = m.dialog.status.is_live() && m.dialog.ending.is_none();
-                    let applied = Apply {
-                        at,
-                        state: Some(&state),
-                        outbound: &outs,
-                        ..Apply::default()
-                    };
-                    let change = match fresh {
-                        true => transition::answer(m.dialog.clone(), message, &applied).unwrap(),
-                        false => {
-                            let event = Event::Incoming {
-                                message,
-                                handled: false,
-                            };
-                            transition::apply(m.dialog.clone(), event).unwrap()
-                        }
-                    };
-                    m.take(change);
-                    if let Answered::Done { written: w, .. } = &done[0] {
-                        written[i] = Some(w.clone());
-                    }
-                    let sent: Vec<Settle> = flight.replies.iter().map(|r| took(r.key.0)).collect();
-                    store.settle_batch(&flight, &sent, &|_, _| {}).unwrap();
-                    for r in &flight.replies {
-                        let msg = m.messages[r.seq as usize].clone();
-                        m.messages[r.seq as usize] = transition::settle(msg, Delivery::Sent, None);
-                    }
-                }
-                8 => {
-                    if let Some(first) = m.waiting().into_iter().next() {
-                        let key = first.key.unwrap();
-                        store.settle_sent(key, step as i64, "a", &|_| {}).unwrap();
-                        let i = first.seq as usize;
-                        m.messages[i] =
-                            transition::settle(first, Delivery::Sent, Some(step as i64));
-                    }
-                }
-                9 => {
-                    // Mostly a handoff and back, now and then an end.
-                    let next = match roll(4) {
-                        0 => status(roll(7) as u8),
-                        _ => status(roll(2) as u8),
-                    };
-                    let stored = store.set_dialog_status(id, next.clone());
-                    let model = transition::apply(m.dialog.clone(), Event::Status(&next));
-                    assert_eq!(stored.is_ok(), model.is_ok(), "seed {seed} step {step}");
-                    if let Ok(change) = model {
-                        m.take(change);
-                    }
-                    written[i] = None;
-                }
-                10 => {
-                    let kind = [MessageKind::FollowUp, MessageKind::Human][roll(2) as usize];
-                    let out = Outbound {
-                        kind,
-                        ..outs.first().cloned().unwrap_or(opening(key))
-                    };
-                    let stored = store.record_outbound(id, &out, at);
-                    let model =
-                        transition::apply(m.dialog.clone(), Event::Outbound { out: &out, at });
-                    assert_eq!(stored.is_ok(), model.is_ok(), "seed {seed} step {step}");
-                    if let Ok(change) = model {
-                        m.take(change);
-                    }
-                    written[i] = None;
-                }
-                11 if roll(4) == 0 => {
-                    store.opt_out(id).unwrap();
-                    let (waiting, unhandled) = (m.waiting(), m.unhandled.clone());
-                    let event = Event::OptedOut {
-                        waiting: &waiting,
-                        unhandled: &unhandled,
-                    };
-                    m.take(transition::apply(m.dialog.clone(), event).unwrap());
-                    written[i] = None;
-                }
-                11 => {
-                    store.complete_ending(id).unwrap();
-                    m.take(transition::apply(m.dialog.clone(), Event::EndingReached).unwrap());
-                    written[i] = None;
-                }
-                _ if roll(4) != 0 => {
-                    store.write_out_deferred(roll(3) as usize).unwrap();
-                }
-                _ => {
-                    store.flush().unwrap();
-                    drop(store);
-                    store = Store::open(dir.path()).unwrap();
-                    written = vec![None; N];
-                    crashes += 1;
-                }
-            }
-            for m in &models {
-                let mut stored = store.dialog(m.dialog.id).unwrap().unwrap();
-                stored.indexed_at = None;
-                let mut model = m.dialog.clone();
-                model.indexed_at = None;
-                assert_eq!(stored, model, "seed {seed} step {step}");
-                assert_eq!(
-                    store.messages(model.id).unwrap(),
-                    m.messages,
-                    "seed {seed} step {step}"
-                );
-                let unhandled: Vec<u64> = store
-                    .unhandled()
-                    .unwrap()
-                    .into_iter()
-                    .filter(|(d, _)| *d == model.id)
-                    .map(|(_, s)| s)
-                    .collect();
-                assert_eq!(unhandled, m.unhandled, "seed {seed} step {step}");
-            }
+            play.step(step);
+            play.check(&format!("seed {seed} step {step}"));
         }
+        let (crashes, planned) = (play.crashes, play.planned);
         assert!(
             crashes > 3 && planned > 10,
             "{crashes} crashes, {planned} planned"
         );
+    }
+}
+
+/// Three dialogs in play in a store, each beside its model: the records
+/// [`transition`] says it has.
+struct Play {
+    dir: tempfile::TempDir,
+    store: Store,
+    rng: SeededRng,
+    models: Vec<crate::transition::tests::Records>,
+    /// The models of the dialogs in play: an ended one is replaced by a
+    /// new dialog, and stays checked.
+    playing: [usize; 3],
+    /// What the pipeline wrote last of each dialog in play, to plan from.
+    written: [Option<Box<Written>>; 3],
+    crashes: usize,
+    planned: usize,
+}
+
+impl Play {
+    fn new(seed: u64) -> Play {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = (0..60).map(|n| format!("user{n:03}")).collect();
+        import(&store, "l", &format!("username\n{}\n", names.join("\n")));
+        let mut play = Play {
+            dir,
+            store,
+            rng: SeededRng::new(seed),
+            models: Vec::new(),
+            playing: [0, 1, 2],
+            written: Default::default(),
+            crashes: 0,
+            planned: 0,
+        };
+        for key in 900..903 {
+            play.open(key);
+        }
+        play
+    }
+
+    fn roll(&self, n: u64) -> u64 {
+        self.rng.next_u64() % n
+    }
+
+    /// Opens a dialog with an opening; its model's index.
+    fn open(&mut self, key: u64) -> usize {
+        let cid = self.store.pick_uncontacted("l", 0).unwrap().unwrap();
+        let (d, _) = self
+            .store
+            .open_dialog(&new_dialog(cid), Some(&opening(key)), &allow)
+            .unwrap();
+        let messages = self.store.messages(d.id).unwrap();
+        self.models
+            .push(crate::transition::tests::Records::new(d, messages));
+        self.models.len() - 1
+    }
+
+    /// One random event on a random dialog in play.
+    fn step(&mut self, step: u64) {
+        let i = self.roll(3) as usize;
+        if self.models[self.playing[i]].dialog.status.tag() > 1 {
+            self.playing[i] = self.open(500_000 + step);
+            self.written[i] = None;
+        }
+        let at = Timestamp(10_000 + step as i64);
+        let outs: Vec<Outbound> = (0..self.roll(3))
+            .map(|k| Outbound {
+                kind: MessageKind::Reply,
+                text: format!("r{step}.{k}"),
+                key: IdempotencyKey(1_000 * step + k),
+            })
+            .collect();
+        match self.roll(14) {
+            2..=7 => self.answer_in_a_batch(i, step, &outs),
+            8 => self.confirm_a_send(i, step),
+            12 | 13 if self.roll(4) != 0 => {
+                let most = self.roll(3) as usize;
+                self.store.write_out_deferred(most).unwrap();
+            }
+            12 | 13 => self.crash(),
+            n => self.one_at_a_time(i, n, step, at, &outs),
+        }
+    }
+
+    /// The conductor's, reviver's and operator's events.
+    fn one_at_a_time(&mut self, i: usize, n: u64, step: u64, at: Timestamp, outs: &[Outbound]) {
+        use crate::transition::tests::status;
+        let id = self.models[self.playing[i]].dialog.id;
+        let model = self.models[self.playing[i]].clone();
+        let (stored, change) = match n {
+            0 => {
+                let stored = self.store.record_inbound(id, "a", step as i64, "hello", at);
+                let message = Incoming {
+                    transport_id: step as i64,
+                    text: "hello",
+                    at,
+                };
+                let event = Event::Incoming {
+                    message,
+                    handled: false,
+                };
+                (stored.is_ok(), transition::apply(model.dialog, event))
+            }
+            1 => {
+                let a = Apply {
+                    at,
+                    handled: model.unhandled.first().copied(),
+                    outbound: outs,
+                    ending: (self.roll(6) == 0).then(|| status(self.roll(7) as u8)),
+                    reviewed: self.roll(2) == 0,
+                    ..Apply::default()
+                };
+                let stored = self.store.apply(id, &a).is_ok();
+                (stored, transition::apply(model.dialog, Event::Handled(&a)))
+            }
+            9 => {
+                // Mostly a handoff and back, now and then an end.
+                let next = match self.roll(4) {
+                    0 => status(self.roll(7) as u8),
+                    _ => status(self.roll(2) as u8),
+                };
+                let stored = self.store.set_dialog_status(id, next.clone()).is_ok();
+                (
+                    stored,
+                    transition::apply(model.dialog, Event::Status(&next)),
+                )
+            }
+            10 => {
+                let kind = [MessageKind::FollowUp, MessageKind::Human][self.roll(2) as usize];
+                let text = format!("by hand {step}");
+                let key = IdempotencyKey(1_000 * step + 999);
+                let out = Outbound { kind, text, key };
+                let stored = self.store.record_outbound(id, &out, at).is_ok();
+                let event = Event::Outbound { out: &out, at };
+                (stored, transition::apply(model.dialog, event))
+            }
+            11 if self.roll(4) == 0 => {
+                let stored = self.store.opt_out(id).is_ok();
+                let (waiting, unhandled) = (model.waiting(), model.unhandled.clone());
+                let event = Event::OptedOut {
+                    waiting: &waiting,
+                    unhandled: &unhandled,
+                };
+                (stored, transition::apply(model.dialog, event))
+            }
+            _ => {
+                let stored = self.store.complete_ending(id).is_ok();
+                (
+                    stored,
+                    transition::apply(model.dialog, Event::EndingReached),
+                )
+            }
+        };
+        assert_eq!(
+            stored,
+            change.is_ok(),
+            "the store and the transition disagree"
+        );
+        if let Ok(change) = change {
+            self.models[self.playing[i]].take(change);
+        }
+        self.written[i] = None;
+    }
+
+    /// The answer pipeline's way: a batch of one, planned from what it
+    /// wrote last when it can, its replies sent and settled.
+    fn answer_in_a_batch(&mut self, i: usize, step: u64, outs: &[Outbound]) {
+        let at = Timestamp(10_000 + step as i64);
+        let state = serde_json::json!({ "step": step });
+        let id = self.models[self.playing[i]].dialog.id;
+        let seen = self.store.dialog(id).unwrap().unwrap();
+        let mut a = answer(&seen, step as i64, &state, outs);
+        (a.at, a.now) = (at, at);
+        let plan = self.written[i].take().and_then(|w| plan(&a, *w));
+        self.planned += plan.is_some() as usize;
+        let cell = PlanCell::new(plan);
+        a.plan = Some(&cell);
+        let (done, flight) = self.store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
+        if let Answered::Done { written, .. } = &done[0] {
+            self.written[i] = Some(written.clone());
+        }
+        let sent: Vec<Settle> = flight.replies.iter().map(|r| took(r.key.0)).collect();
+        self.store.settle_batch(&flight, &sent, &|_, _| {}).unwrap();
+        let m = &mut self.models[self.playing[i]];
+        let message = Incoming {
+            transport_id: step as i64,
+            text: "hello",
+            at,
+        };
+        let change = match m.dialog.status.is_live() && m.dialog.ending.is_none() {
+            true => {
+                let applied = Apply {
+                    at,
+                    state: Some(&state),
+                    outbound: outs,
+                    ..Apply::default()
+                };
+                transition::answer(m.dialog.clone(), message, &applied)
+            }
+            false => {
+                let event = Event::Incoming {
+                    message,
+                    handled: false,
+                };
+                transition::apply(m.dialog.clone(), event)
+            }
+        };
+        m.take(change.unwrap());
+        for r in &flight.replies {
+            let msg = m.messages[r.seq as usize].clone();
+            m.messages[r.seq as usize] = transition::settle(msg, Delivery::Sent, None);
+        }
+    }
+
+    /// The first message waiting in a dialog sent one at a time.
+    fn confirm_a_send(&mut self, i: usize, step: u64) {
+        let m = &mut self.models[self.playing[i]];
+        if let Some(first) = m.waiting().into_iter().next() {
+            let key = first.key.unwrap();
+            self.store
+                .settle_sent(key, step as i64, "a", &|_| {})
+                .unwrap();
+            let seq = first.seq as usize;
+            m.messages[seq] = transition::settle(first, Delivery::Sent, Some(step as i64));
+        }
+    }
+
+    /// The store dropped with whatever it deferred, and opened again.
+    fn crash(&mut self) {
+        self.store.flush().unwrap();
+        drop(std::mem::replace(
+            &mut self.store,
+            Store::temporary().unwrap(),
+        ));
+        self.store = Store::open(self.dir.path()).unwrap();
+        self.written = Default::default();
+        self.crashes += 1;
+    }
+
+    /// Every dialog, its messages and its unhandled marks, as modelled.
+    fn check(&self, at: &str) {
+        let unhandled = self.store.unhandled().unwrap();
+        for m in &self.models {
+            let mut stored = self.store.dialog(m.dialog.id).unwrap().unwrap();
+            stored.indexed_at = None;
+            let mut model = m.dialog.clone();
+            model.indexed_at = None;
+            assert_eq!(stored, model, "{at}");
+            assert_eq!(self.store.messages(model.id).unwrap(), m.messages, "{at}");
+            let marks: Vec<u64> = unhandled
+                .iter()
+                .filter(|(d, _)| *d == model.id)
+                .map(|(_, s)| *s)
+                .collect();
+            assert_eq!(marks, m.unhandled, "{at}");
+        }
     }
 }
