@@ -435,7 +435,12 @@ impl Store {
             let mut out = Vec::with_capacity(answers.len());
             let mut flight = Vec::new();
             for a in answers {
-                out.push(tx.answer(a, accounts, records, reserve, &mut flight)?);
+                let mut slots = Slots {
+                    accounts,
+                    records: &mut *records,
+                    reserve,
+                };
+                out.push(tx.answer(a, &mut slots, &mut flight)?);
             }
             // Deferred records beyond the bound go to their trees with
             // this batch, the longest deferred first.
@@ -545,6 +550,27 @@ impl Store {
     }
 }
 
+/// The slots a batch's replies take on their accounts' records (see
+/// [`Store::answer_batch`]).
+struct Slots<'a> {
+    /// The batch's accounts, sorted; `records` are theirs.
+    accounts: &'a [&'a str],
+    records: &'a mut [AccountRecord],
+    reserve: &'a dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
+}
+
+impl Slots<'_> {
+    /// Takes a slot for each of `keys` in turn, up to the first refused;
+    /// how many it took.
+    fn take(&mut self, account: &str, keys: impl Iterator<Item = IdempotencyKey>) -> usize {
+        let Ok(i) = self.accounts.binary_search(&account) else {
+            return 0;
+        };
+        let record = &mut self.records[i];
+        keys.take_while(|k| (self.reserve)(record, *k)).count()
+    }
+}
+
 impl Tx<'_> {
     /// Stores one incoming message of a batch with its answer (see
     /// [`Store::answer_batch`]): as planned if the plan holds, else worked
@@ -552,12 +578,10 @@ impl Tx<'_> {
     fn answer(
         &self,
         a: &Answer<'_>,
-        accounts: &[&str],
-        records: &mut [AccountRecord],
-        reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
+        slots: &mut Slots<'_>,
         flight: &mut Vec<Flying>,
     ) -> TxResult<Answered> {
-        if let Some(done) = self.as_planned(a, accounts, records, reserve, flight)? {
+        if let Some(done) = self.as_planned(a, slots, flight)? {
             return Ok(done);
         }
         let old = self.dialog(a.dialog)?;
@@ -577,14 +601,12 @@ impl Tx<'_> {
             self.note_incoming(&old, a.account, a.transport_id, change.appended[0].seq)?;
             return Ok(Answered::Stale);
         };
-        let mut slots = 0;
-        if let (true, Ok(i)) = (a.reserve, accounts.binary_search(&old.account.as_str())) {
-            slots = reply
-                .outbound
-                .iter()
-                .take_while(|o| reserve(&mut records[i], o.key))
-                .count();
-        }
+        let keys = reply.outbound.iter().map(|o| o.key);
+        let slots = if a.reserve {
+            slots.take(&old.account, keys)
+        } else {
+            0
+        };
         let answer = transition::answer(old.clone(), a.incoming(), &reply.apply(a.now));
         let mut change = refused(answer)?;
         self.write(Some(&old), &mut change, Queue::Flight(flight, slots), true)?;
@@ -633,9 +655,7 @@ impl Tx<'_> {
     fn as_planned(
         &self,
         a: &Answer<'_>,
-        accounts: &[&str],
-        records: &mut [AccountRecord],
-        reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
+        slots: &mut Slots<'_>,
         flight: &mut Vec<Flying>,
     ) -> TxResult<Option<Answered>> {
         let Some(cell) = a.plan else { return Ok(None) };
@@ -647,18 +667,11 @@ impl Tx<'_> {
             if !self.plan_holds(a, plan)? {
                 return Ok(None);
             }
-            let mut slots = 0;
-            if let (true, Ok(i)) = (
-                a.reserve,
-                accounts.binary_search(&plan.dialog.account.as_str()),
-            ) {
-                slots = plan
-                    .replies
-                    .iter()
-                    .take_while(|m| m.key.is_some_and(|k| reserve(&mut records[i], k)))
-                    .count();
+            let keys = plan.replies.iter().filter_map(|m| m.key);
+            match a.reserve {
+                true => slots.take(&plan.dialog.account, keys),
+                false => 0,
             }
-            slots
         };
         // Written as planned from here on: the plan's parts move into the
         // store and the answer.
