@@ -558,6 +558,11 @@ impl Tx<'_> {
         lazily: bool,
     ) -> TxResult<()> {
         let id = change.dialog.id;
+        let first = old.map_or(0, |o| o.next_seq);
+        debug_assert!(old.is_none_or(|o| o.id == id));
+        debug_assert_eq!(change.dialog.next_seq, first + change.appended.len() as u64);
+        debug_assert!((change.appended.iter().map(|m| (m.dialog, m.seq)))
+            .eq((first..).map(|s| (id, s)).take(change.appended.len())));
         for (i, m) in change.pending().enumerate() {
             let Some(key) = m.key else { continue };
             if matches!(queue, Queue::Journaled) {
@@ -579,7 +584,6 @@ impl Tx<'_> {
             }
         }
         for m in &change.appended {
-            debug_assert_eq!(m.dialog, id);
             self.pages().put(m)?;
         }
         for m in &change.rewritten {
@@ -900,6 +904,7 @@ impl Store {
             .retain(|p| *p != path);
         let mut store = Store::from_db(db)?;
         store._open = Some(Arc::new(OpenHere(path)));
+        store.check_layout(dir)?;
         store.replay_account_log()?;
         store.page_messages()?;
         store.replay_journal()?;
@@ -908,6 +913,21 @@ impl Store {
         let id = store.identity()?;
         store.witness = Some(Arc::new(witness::Witness::check(dir, &id, store.mark())?));
         Ok(store)
+    }
+
+    /// Refuses a store written in a layout newer than this version reads
+    /// (before anything is written to it); an older one is moved on as it
+    /// opens (`page_messages`, the journal's earlier chunks, records on
+    /// read).
+    fn check_layout(&self, dir: &Path) -> Result<(), StoreError> {
+        let stored = self.t.meta.get("record_version")?;
+        match stored.as_deref().and_then(|v| v.first()) {
+            Some(&v) if v > RECORD_VERSION => Err(StoreError::NeedsOperator(format!(
+                "the store in {} was written by a newer colloquy (store layout {v}; this one reads layout {RECORD_VERSION} and older): run that newer version, or restore a backup made with this one with `colloquy restore`; nothing was changed",
+                dir.display()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The store's identity, made when it is first opened.

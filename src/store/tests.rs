@@ -366,6 +366,31 @@ fn a_second_open_of_the_same_directory_is_refused() {
 }
 
 #[test]
+fn a_store_of_a_newer_layout_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .t
+            .meta
+            .insert("record_version", &[RECORD_VERSION + 1])
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let err = Store::open(dir.path()).err().expect("refused");
+    assert!(err.needs_operator(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("was written by a newer colloquy"), "{text}");
+    assert!(
+        text.contains(&format!("layout {}", RECORD_VERSION + 1)),
+        "{text}"
+    );
+    assert!(text.contains("colloquy restore"), "{text}");
+    // Refused again: the refusal wrote nothing over the newer layout.
+    assert!(Store::open(dir.path()).is_err());
+}
+
+#[test]
 fn unknown_record_versions_are_reported() {
     let err = decode::<Dialog>("dialog", &[9, b'{', b'}']).unwrap_err();
     assert_eq!(
