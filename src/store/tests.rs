@@ -1187,7 +1187,7 @@ struct Play {
     dir: tempfile::TempDir,
     store: Store,
     rng: SeededRng,
-    models: Vec<crate::transition::tests::Records>,
+    models: Vec<crate::transition::tests::DialogModel>,
     /// The models of the dialogs in play: an ended one is replaced by a
     /// new dialog, and stays checked.
     playing: [usize; 3],
@@ -1232,7 +1232,7 @@ impl Play {
             .unwrap();
         let messages = self.store.messages(d.id).unwrap();
         self.models
-            .push(crate::transition::tests::Records::new(d, messages));
+            .push(crate::transition::tests::DialogModel::new(d, messages));
         self.models.len() - 1
     }
 

@@ -57,19 +57,19 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// A dialog's records, as a store would keep them, changed only by
+/// A model of a dialog's records, as a store would keep them, changed only by
 /// [`apply`] and [`settle`].
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Records {
+pub(crate) struct DialogModel {
     pub dialog: Dialog,
     pub messages: Vec<Message>,
     pub unhandled: Vec<u64>,
     pub do_not_contact: bool,
 }
 
-impl Records {
-    pub(crate) fn new(dialog: Dialog, messages: Vec<Message>) -> Records {
-        Records {
+impl DialogModel {
+    pub(crate) fn new(dialog: Dialog, messages: Vec<Message>) -> DialogModel {
+        DialogModel {
             dialog,
             messages,
             unhandled: Vec::new(),
@@ -107,7 +107,7 @@ fn outbound(kind: MessageKind, key: u64) -> Outbound {
 }
 
 /// Runs `op` on `r`; `n` numbers keys, transport ids and times.
-fn run(r: &mut Records, op: &Op, n: u64) -> Result<(), Refused> {
+fn run(r: &mut DialogModel, op: &Op, n: u64) -> Result<(), Refused> {
     let at = Timestamp(1_000 + n as i64);
     let message = Incoming {
         transport_id: n as i64,
@@ -184,7 +184,7 @@ fn fresh() -> Dialog {
 }
 
 /// The rules a dialog's records keep, whatever happened to them.
-fn check(before: &Records, after: &Records, op: &Op, result: &Result<(), Refused>) {
+fn check(before: &DialogModel, after: &DialogModel, op: &Op, result: &Result<(), Refused>) {
     let d = &after.dialog;
     assert_eq!(d.next_seq as usize, after.messages.len());
     for (i, m) in after.messages.iter().enumerate() {
@@ -249,7 +249,7 @@ proptest! {
     /// Every rule holds after every event of any sequence.
     #[test]
     fn random_events_keep_every_dialog_rule(ops in proptest::collection::vec(op(), 1..60)) {
-        let mut r = Records::new(fresh(), Vec::new());
+        let mut r = DialogModel::new(fresh(), Vec::new());
         for (n, op) in ops.iter().enumerate() {
             let before = r.clone();
             let result = run(&mut r, op, n as u64 + 1);
@@ -264,7 +264,7 @@ proptest! {
         incoming in proptest::collection::vec(any::<bool>(), 1..6),
         replies in 0..3usize,
     ) {
-        let mut one_by_one = Records::new(fresh(), Vec::new());
+        let mut one_by_one = DialogModel::new(fresh(), Vec::new());
         let mut chained = one_by_one.clone();
         let outs: Vec<Outbound> = (0..replies as u64).map(|k| outbound(MessageKind::Reply, k)).collect();
         let a = Apply { at: Timestamp(2_000), outbound: &outs, ..Apply::default() };
