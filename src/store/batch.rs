@@ -45,8 +45,9 @@ pub struct Flight {
 /// is checked without a read of the tree. A key goes in inside the
 /// transaction that puts it in the tree (transactions run one at a time,
 /// holding the store's writer, so every later one sees it), and out once
-/// the transaction that took it out committed, unless it was put in again since (each insert gets a new
-/// number, and the removal names the one it saw). So the set may hold a
+/// the transaction that took it out committed, unless it was put in again
+/// since (each insert gets a new number, and the removal names the one it
+/// saw). So the set may hold a
 /// key the tree no longer does, for a moment or after an aborted
 /// transaction (the plan is then refused, and the transaction's own path
 /// reads the tree), and never misses one the tree holds.
@@ -592,13 +593,7 @@ impl Tx<'_> {
         let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
             // Not answered here (the dialog moved on, or the engine
             // failed): the message waits for the dialog's conductor.
-            let event = Event::Incoming {
-                message: a.incoming(),
-                handled: false,
-            };
-            let mut change = refused(transition::apply(old.clone(), event))?;
-            self.write(Some(&old), &mut change, Queue::Outbox, true)?;
-            self.note_incoming(&old, a.account, a.transport_id, change.appended[0].seq)?;
+            self.unhandled_incoming(&old, a.account, a.incoming(), true)?;
             return Ok(Answered::Stale);
         };
         let keys = reply.outbound.iter().map(|o| o.key);

@@ -611,6 +611,26 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Stores an incoming message (one not seen before) to be handled by
+    /// the dialog's conductor; `lazily` as in [`Tx::write`].
+    fn unhandled_incoming(
+        &self,
+        old: &Dialog,
+        account: &str,
+        message: Incoming<'_>,
+        lazily: bool,
+    ) -> TxResult<Message> {
+        let event = Event::Incoming {
+            message,
+            handled: false,
+        };
+        let mut change = refused(transition::apply(old.clone(), event))?;
+        self.write(Some(old), &mut change, Queue::Outbox, lazily)?;
+        let msg = change.appended.remove(0);
+        self.note_incoming(old, account, message.transport_id, msg.seq)?;
+        Ok(msg)
+    }
+
     /// The messages with these keys that still wait to be sent (in the
     /// outbox, or among the replies in flight: a send of those may be
     /// under way, and the pipeline does not retry a cancelled one).
@@ -1606,18 +1626,7 @@ impl Store {
                 text,
                 at,
             };
-            let event = Event::Incoming {
-                message,
-                handled: false,
-            };
-            let mut change = refused(transition::apply(old.clone(), event))?;
-            tx.write(Some(&old), &mut change, Queue::Outbox, false)?;
-            let msg = change
-                .appended
-                .pop()
-                .expect("an incoming message appends one");
-            tx.note_incoming(&old, account, transport_id, msg.seq)?;
-            Ok(Some(msg))
+            Ok(Some(tx.unhandled_incoming(&old, account, message, false)?))
         })
     }
 
