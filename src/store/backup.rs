@@ -44,7 +44,7 @@ impl Store {
             (
                 bytes,
                 self.db.checksum()?,
-                Seen::now(&self.identity()?, mark),
+                Seen::now(&self.identity(source)?, mark),
             )
         };
         let copy = sled::Config::new().path(&partial).open()?;

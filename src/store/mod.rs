@@ -930,7 +930,7 @@ impl Store {
         store.replay_journal()?;
         store.land_flights()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
-        let id = store.identity()?;
+        let id = store.identity(dir)?;
         store.witness = Some(Arc::new(witness::Witness::check(dir, &id, store.mark())?));
         Ok(store)
     }
@@ -950,10 +950,17 @@ impl Store {
         }
     }
 
-    /// The store's identity, made when it is first opened.
-    fn identity(&self) -> Result<String, StoreError> {
+    /// The store's identity, made when it is first opened. A store that
+    /// holds records but lost its identity is damaged, not new.
+    fn identity(&self, dir: &Path) -> Result<String, StoreError> {
         if let Some(id) = self.t.meta.get("store_id")? {
             return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        if self.t.contacts.first()?.is_some() || self.t.dialogs.first()?.is_some() {
+            return Err(StoreError::NeedsOperator(format!(
+                "the store in {} is damaged (it holds records but lost its identity); restore a backup with `colloquy restore`",
+                dir.display()
+            )));
         }
         let id = format!(
             "{:016x}{:016x}",

@@ -391,6 +391,25 @@ fn a_store_of_a_newer_layout_is_refused_untouched() {
 }
 
 #[test]
+fn a_store_that_lost_its_identity_is_damaged_not_new() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "a", "username\nalice\n");
+        store.t.meta.remove("store_id").unwrap();
+        store.flush().unwrap();
+    }
+    let err = Store::open(dir.path()).err().expect("refused");
+    assert!(err.needs_operator(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("is damaged (it holds records but lost its identity)"),
+        "{text}"
+    );
+    assert!(text.contains("colloquy restore"), "{text}");
+}
+
+#[test]
 fn unknown_record_versions_are_reported() {
     let err = decode::<Dialog>("dialog", &[9, b'{', b'}']).unwrap_err();
     assert_eq!(
