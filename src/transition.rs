@@ -147,51 +147,7 @@ pub fn open(id: DialogId, new: &NewDialog, opening: Option<&Outbound>) -> Change
 /// What `event` does to `dialog`.
 pub fn apply(dialog: Dialog, event: Event<'_>) -> Result<Change, Refused> {
     let mut c = Change::of(dialog);
-    match event {
-        Event::Incoming { message, handled } => {
-            let seq = c.append(incoming_message(message));
-            if !handled {
-                c.unhandled.push(seq);
-            }
-        }
-        Event::Handled(a) => c.handle(a)?,
-        Event::Outbound { out, at } => {
-            let d = &c.dialog;
-            let human = out.kind == MessageKind::Human && d.status == DialogStatus::Handoff;
-            if !d.status.is_live() && !human {
-                return Err(Refused::Ended {
-                    id: d.id,
-                    status: d.status.label(),
-                });
-            }
-            c.append(outbound_message(out, at));
-        }
-        Event::EndingReached => {
-            let d = &mut c.dialog;
-            if let Some(ending) = d.ending.take() {
-                if d.status.can_become(&ending) {
-                    d.status = ending;
-                }
-            }
-        }
-        Event::Status(next) => c.dialog.status = c.dialog.status.transition(next.clone())?,
-        Event::OptedOut { waiting, unhandled } => {
-            let d = &mut c.dialog;
-            d.ending = None;
-            if d.status.can_become(&DialogStatus::OptedOut) {
-                d.status = DialogStatus::OptedOut;
-            }
-            c.do_not_contact = Some(DoNotContact::OptedOut);
-            c.cancel(waiting, "the contact opted out");
-            c.handled.extend_from_slice(unhandled);
-        }
-        Event::Blocked { waiting, reason } => {
-            let d = &mut c.dialog;
-            d.status = d.status.transition(DialogStatus::Blocked)?;
-            d.ending = None;
-            c.cancel(waiting, reason);
-        }
-    }
+    c.take(event)?;
     Ok(c)
 }
 
@@ -229,28 +185,77 @@ impl Change {
     }
 
     /// This change followed by what `event` does.
-    pub fn then(self, event: Event<'_>) -> Result<Change, Refused> {
-        let Change {
-            dialog,
-            mut appended,
-            mut rewritten,
-            mut handled,
-            mut unhandled,
-            do_not_contact,
-        } = self;
-        let next = apply(dialog, event)?;
-        appended.extend(next.appended);
-        rewritten.extend(next.rewritten);
-        handled.extend(next.handled);
-        unhandled.extend(next.unhandled);
-        Ok(Change {
-            dialog: next.dialog,
-            appended,
-            rewritten,
-            handled,
-            unhandled,
-            do_not_contact: next.do_not_contact.or(do_not_contact),
-        })
+    pub fn then(mut self, event: Event<'_>) -> Result<Change, Refused> {
+        self.take(event)?;
+        Ok(self)
+    }
+
+    /// This change followed by `next`, a change of the dialog as this one
+    /// left it (the journal's answers of one dialog, folded).
+    pub fn and(mut self, next: Change) -> Change {
+        debug_assert_eq!(
+            next.dialog.next_seq,
+            self.dialog.next_seq + next.appended.len() as u64
+        );
+        self.dialog = next.dialog;
+        self.appended.extend(next.appended);
+        self.rewritten.extend(next.rewritten);
+        self.handled.extend(next.handled);
+        self.unhandled.extend(next.unhandled);
+        self.do_not_contact = next.do_not_contact.or(self.do_not_contact);
+        self
+    }
+
+    /// Adds what `event` does to the dialog as this change left it.
+    fn take(&mut self, event: Event<'_>) -> Result<(), Refused> {
+        match event {
+            Event::Incoming { message, handled } => {
+                let seq = self.append(incoming_message(message));
+                if !handled {
+                    self.unhandled.push(seq);
+                }
+            }
+            Event::Handled(a) => self.handle(a)?,
+            Event::Outbound { out, at } => {
+                let d = &self.dialog;
+                let human = out.kind == MessageKind::Human && d.status == DialogStatus::Handoff;
+                if !d.status.is_live() && !human {
+                    return Err(Refused::Ended {
+                        id: d.id,
+                        status: d.status.label(),
+                    });
+                }
+                self.append(outbound_message(out, at));
+            }
+            Event::EndingReached => {
+                let d = &mut self.dialog;
+                if let Some(ending) = d.ending.take() {
+                    if d.status.can_become(&ending) {
+                        d.status = ending;
+                    }
+                }
+            }
+            Event::Status(next) => {
+                self.dialog.status = self.dialog.status.transition(next.clone())?
+            }
+            Event::OptedOut { waiting, unhandled } => {
+                let d = &mut self.dialog;
+                d.ending = None;
+                if d.status.can_become(&DialogStatus::OptedOut) {
+                    d.status = DialogStatus::OptedOut;
+                }
+                self.do_not_contact = Some(DoNotContact::OptedOut);
+                self.cancel(waiting, "the contact opted out");
+                self.handled.extend_from_slice(unhandled);
+            }
+            Event::Blocked { waiting, reason } => {
+                let d = &mut self.dialog;
+                d.status = d.status.transition(DialogStatus::Blocked)?;
+                d.ending = None;
+                self.cancel(waiting, reason);
+            }
+        }
+        Ok(())
     }
 
     /// The outbound messages this change recorded as pending.

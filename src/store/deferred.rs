@@ -53,13 +53,23 @@ use super::keys::*;
 use super::*;
 
 /// Dialogs deferred at most, before the oldest are written out with the
-/// next batch.
-pub(super) const MOST: usize = 16_384;
+/// next batch: enough for every dialog of a 100,000-dialog burst to take
+/// several answers before it is written (see ARCHITECTURE.md, "What the
+/// store's mechanisms pay"); a few in unit tests, so that they write out
+/// often.
+pub(super) const MOST: usize = if cfg!(test) { 4 } else { 131_072 };
 
 /// Journal bytes at most before the dialogs of the oldest record are
 /// written out with the next batch (a few KiB in unit tests, so that they
 /// trim it often).
-pub(super) const JOURNAL_MOST: usize = if cfg!(test) { 8 << 10 } else { 32 << 20 };
+pub(super) const JOURNAL_MOST: usize = if cfg!(test) { 8 << 10 } else { 64 << 20 };
+
+/// Dialogs written per transaction when the journal is replayed.
+const REPLAY_BATCH: usize = 256;
+
+/// The journal's answers folded by dialog: each dialog as stored, and what
+/// its answers since do to it.
+type Folded = FxHashMap<DialogId, (Dialog, Change)>;
 
 /// Bytes of journal per key: sled rewrites a node of sixteen keys whole now
 /// and then, and keeps a value above a few hundred KiB in a file of its own.
@@ -754,25 +764,31 @@ impl Store {
 
     /// Applies every journal record left by a host that stopped with
     /// dialogs deferred, oldest first, then removes them. Run when the
-    /// store opens.
+    /// store opens. Each dialog's answers are folded into one change and
+    /// written once, as the running host writes out a deferred dialog.
     pub(super) fn replay_journal(&self) -> Result<(), StoreError> {
         let journal = &self.t.journal;
         if journal.is_empty() {
             return Ok(());
         }
         let (mut keys, mut replayed) = (Vec::new(), 0usize);
+        let mut folded = Folded::default();
         for item in journal.iter() {
             let (key, bytes) = item?;
             match bytes.split_first() {
                 Some((&ANSWERS, answers)) => {
                     for a in decode_answers(answers)? {
-                        replayed += usize::from(self.replay_answer(a)?);
+                        replayed += usize::from(self.fold_answer(&mut folded, a)?);
                     }
                 }
-                _ => replayed += self.replay_records(&bytes)?,
+                _ => {
+                    self.write_folded(std::mem::take(&mut folded))?;
+                    replayed += self.replay_records(&bytes)?;
+                }
             }
             keys.push(key);
         }
+        self.write_folded(folded)?;
         // The records first, durable, then the journal that held them.
         self.db.flush()?;
         for key in keys {
@@ -783,35 +799,61 @@ impl Store {
         Ok(())
     }
 
-    /// Writes one answer of the journal into the trees, unless the stored
-    /// dialog is past it; true when written.
-    fn replay_answer(&self, a: JournalAnswer) -> Result<bool, StoreError> {
-        let key = u64_key(a.dialog);
-        let Some(stored) = self.t.dialogs.get(key)? else {
-            return Err(StoreError::Corrupt {
-                what: "journal",
-                reason: format!("an answer to dialog {}, which is not stored", a.dialog),
-            });
+    /// Folds one answer of the journal into what its dialog's answers do,
+    /// unless the dialog is already past it; true when folded.
+    fn fold_answer(&self, folded: &mut Folded, a: JournalAnswer) -> Result<bool, StoreError> {
+        let id = a.dialog;
+        let (old, earlier) = match folded.remove(&id) {
+            Some((old, change)) => (old, Some(change)),
+            None => match self.t.dialogs.get(u64_key(id))? {
+                Some(stored) => (decode::<Dialog>("dialog", &stored)?, None),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        what: "journal",
+                        reason: format!("an answer to dialog {id}, which is not stored"),
+                    })
+                }
+            },
         };
-        let old: Dialog = decode("dialog", &stored)?;
-        if a.base < old.next_seq {
-            return Ok(false);
-        }
-        if a.base > old.next_seq {
+        let current = earlier.as_ref().map_or(&old, |c| &c.dialog);
+        let next_seq = current.next_seq;
+        if a.base > next_seq {
             return Err(StoreError::Corrupt {
                 what: "journal",
                 reason: format!(
-                    "dialog {} holds {} messages but its journal goes on from {}",
-                    a.dialog, old.next_seq, a.base
+                    "dialog {id} holds {next_seq} messages but its journal goes on from {}",
+                    a.base
                 ),
             });
         }
-        let change = journal_change(old.clone(), a)?;
-        self.transact(|tx| {
-            tx.write(Some(&old), &mut change.clone(), Queue::Journaled, true)?;
-            Ok(())
-        })?;
-        Ok(true)
+        let next = (a.base == next_seq)
+            .then(|| journal_change(current.clone(), a))
+            .transpose()?;
+        let answered = next.is_some();
+        let change = match (earlier, next) {
+            (Some(earlier), Some(next)) => Some(earlier.and(next)),
+            (earlier, next) => earlier.or(next),
+        };
+        if let Some(change) = change {
+            folded.insert(id, (old, change));
+        }
+        Ok(answered)
+    }
+
+    /// Writes the folded answers, [`REPLAY_BATCH`] dialogs a transaction in
+    /// the order of their keys.
+    fn write_folded(&self, folded: Folded) -> Result<(), StoreError> {
+        let mut changes: Vec<(Dialog, Change)> = folded.into_values().collect();
+        changes.sort_unstable_by_key(|(old, _)| old.id);
+        for batch in changes.chunks(REPLAY_BATCH) {
+            self.transact(|tx| {
+                for (old, change) in batch {
+                    tx.write(Some(old), &mut change.clone(), Queue::Journaled, true)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Applies a journal chunk of whole records (an earlier layout): each

@@ -282,4 +282,27 @@ proptest! {
         chained.take(change.unwrap().then(Event::Handled(&a)).unwrap());
         prop_assert_eq!(one_by_one, chained);
     }
+
+    /// Answers folded into one change (`Change::and`, the journal's
+    /// replay) write the same records as the answers one by one.
+    #[test]
+    fn folded_answers_are_the_answers_one_by_one(replies in proptest::collection::vec(0..3usize, 1..6)) {
+        let mut one_by_one = DialogModel::new(fresh(), Vec::new());
+        let mut folded = one_by_one.clone();
+        let mut change: Option<Change> = None;
+        for (n, k) in replies.iter().enumerate() {
+            let outs: Vec<Outbound> = (0..*k as u64).map(|j| outbound(MessageKind::Reply, 10 * n as u64 + j)).collect();
+            let a = Apply { at: Timestamp(2_000 + n as i64), outbound: &outs, ..Apply::default() };
+            let message = Incoming { transport_id: n as i64, text: "hi", at: Timestamp(1_500) };
+            one_by_one.take(answer(one_by_one.dialog.clone(), message, &a).unwrap());
+            let from = change.as_ref().map_or_else(|| folded.dialog.clone(), |c| c.dialog.clone());
+            let next = answer(from, message, &a).unwrap();
+            change = Some(match change {
+                None => next,
+                Some(c) => c.and(next),
+            });
+        }
+        folded.take(change.unwrap());
+        prop_assert_eq!(one_by_one, folded);
+    }
 }
