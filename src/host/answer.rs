@@ -15,7 +15,7 @@
 //!    store, see [`store::plan`](crate::store::plan)) on a task of their
 //!    own, from the records this path wrote last or, for a dialog it did
 //!    not, read with its ctx parts in one transaction
-//!    ([`Store::dialogs_as_written`](crate::store::Store::dialogs_as_written));
+//!    ([`Store::latest_dialogs`](crate::store::Store::latest_dialogs));
 //! 3. the messages, answers and the replies' slots are stored in one
 //!    transaction (a planned answer as planned, unless its dialog was
 //!    touched since), and one flush makes it durable;
@@ -681,7 +681,7 @@ impl Pipeline {
             return Ok(Vec::new());
         }
         let mut loaded = Vec::with_capacity(ids.len());
-        for found in host.store.dialogs_as_written(ids)? {
+        for found in host.store.latest_dialogs(ids)? {
             loaded.push(match found {
                 Some((dialog, written)) => Self::ctx_parts(host, dialog, written)?,
                 None => None,

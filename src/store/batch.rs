@@ -256,7 +256,7 @@ pub type PlanCell = std::cell::RefCell<Option<Plan>>;
 
 /// Works out what [`Store::answer_batch`] writes for an answer to a
 /// dialog whose records are known (`written`, which `a.seen` decodes: as
-/// the pipeline wrote them last, or as [`Store::dialogs_as_written`] read
+/// the pipeline wrote them last, or as [`Store::latest_dialogs`] read
 /// them):
 /// exactly the records the transaction itself would write, computed
 /// without the store, so the transaction only checks that nothing changed
@@ -518,10 +518,7 @@ impl Store {
     /// from them holds only if nothing wrote the dialog since; `None` for a
     /// dialog not found. For the answer pipeline's first answer to a dialog
     /// it did not write last.
-    pub fn dialogs_as_written(
-        &self,
-        ids: &[DialogId],
-    ) -> Result<Vec<Option<AsWritten>>, StoreError> {
+    pub fn latest_dialogs(&self, ids: &[DialogId]) -> Result<Vec<Option<AsWritten>>, StoreError> {
         self.transact(|tx| ids.iter().map(|&id| tx.as_written(id)).collect())
     }
 
@@ -631,7 +628,7 @@ impl Tx<'_> {
         if let Some(expect_page) = &plan.expect {
             let last = plan.pages.last().map_or([0; 16], |(k, _)| *k);
             let key = expect_page.as_ref().map_or(last, |(k, _)| *k);
-            let (dialog, page) = self.peek(a.dialog, &key)?;
+            let (dialog, page) = self.latest_with_page(a.dialog, &key)?;
             assert_eq!(dialog.as_ref(), Some(a.seen));
             if let Some((_, expected)) = expect_page {
                 assert_eq!(page.as_deref(), Some(&expected[..]));
@@ -743,10 +740,10 @@ impl Tx<'_> {
     }
 
     /// A dialog as it stands for this transaction, with its records to plan
-    /// its next answer from, read without materializing anything; `None`
+    /// its next answer from, read without writing anything out; `None`
     /// if there is no such dialog.
     fn as_written(&self, id: DialogId) -> TxResult<Option<AsWritten>> {
-        let Some((dialog, last)) = self.standing(id)? else {
+        let Some((dialog, last)) = self.latest(id)? else {
             return Ok(None);
         };
         let written = self.written_with(&dialog, last)?;
@@ -755,7 +752,7 @@ impl Tx<'_> {
 
     /// What was just written of a dialog, for planning its next answer.
     fn written(&self, dialog: &Dialog) -> TxResult<Box<Written>> {
-        self.materialize(dialog.id)?;
+        self.write_out_dialog(dialog.id)?;
         self.written_with(dialog, None)
     }
 

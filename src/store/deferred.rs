@@ -16,7 +16,7 @@
 //! The rules that keep this invisible to every other reader and writer:
 //! - A transaction that touches a deferred dialog any other way (reads it,
 //!   writes it, reads or writes a page of it) first writes the deferred
-//!   records into its own trees ([`Tx::materialize`]); when its closure
+//!   records into its own trees ([`Tx::write_out_dialog`]); when its closure
 //!   succeeds the dialog leaves the deferred set. Transactions run one at
 //!   a time (each holds the store's writer), and only transactions change
 //!   this set, so every transaction sees the newest version of every
@@ -26,7 +26,7 @@
 //! - Versions are ordered without timestamps: each planned version of a
 //!   dialog adds messages, so a newer dialog record has a higher `next_seq`
 //!   and a newer last page more entries; anything written over a deferred
-//!   version was built on it (it was materialized first), so it is at
+//!   version was built on it (it was written out first), so it is at
 //!   least as far on. Equal means the same or the tree's is newer.
 //! - A deferred dialog's answers since its records were last written are
 //!   its chain of journal records; a record goes once no deferred dialog's
@@ -93,7 +93,7 @@ pub(super) struct Entry {
 
 /// A deferred dialog: its records and its chain.
 #[derive(Debug)]
-struct Held {
+struct DeferredDialog {
     /// The journal records holding the dialog's answers since its records
     /// were last written, oldest first.
     chain: Vec<u64>,
@@ -113,7 +113,7 @@ struct Journal {
 
 #[derive(Debug, Default)]
 struct Inner {
-    dialogs: FxHashMap<DialogId, Held>,
+    dialogs: FxHashMap<DialogId, DeferredDialog>,
     journals: BTreeMap<u64, Journal>,
     next_journal: u64,
     /// Bytes of every journal record.
@@ -144,9 +144,15 @@ impl Inner {
 
     /// Holds what a transaction planned, its chains going on with the
     /// journal record `id`.
-    fn hold(&mut self, id: u64, chunks: u32, bytes: usize, staged: FxHashMap<DialogId, Staged>) {
+    fn defer(
+        &mut self,
+        id: u64,
+        chunks: u32,
+        bytes: usize,
+        deferring: FxHashMap<DialogId, Deferring>,
+    ) {
         self.next_journal += 1;
-        let members: Vec<DialogId> = staged.keys().copied().collect();
+        let members: Vec<DialogId> = deferring.keys().copied().collect();
         self.bytes += bytes;
         self.journals.insert(
             id,
@@ -157,16 +163,16 @@ impl Inner {
                 members,
             },
         );
-        for (dialog, staged) in staged {
+        for (dialog, deferring) in deferring {
             match self.dialogs.get_mut(&dialog) {
-                Some(held) => {
-                    held.chain.push(id);
-                    held.entry = staged.entry;
+                Some(dialog) => {
+                    dialog.chain.push(id);
+                    dialog.entry = deferring.entry;
                 }
                 None => {
                     let chain = vec![id];
-                    let entry = staged.entry;
-                    self.dialogs.insert(dialog, Held { chain, entry });
+                    let entry = deferring.entry;
+                    self.dialogs.insert(dialog, DeferredDialog { chain, entry });
                 }
             }
         }
@@ -207,7 +213,7 @@ impl Deferred {
 
 /// An answer planned in one transaction, not yet in the deferred set.
 #[derive(Debug)]
-struct Staged {
+struct Deferring {
     entry: Entry,
     /// Its journal entries (see [`journal_entry`]).
     journal: Vec<u8>,
@@ -218,9 +224,9 @@ struct Staged {
 #[derive(Debug, Default)]
 pub(super) struct Local {
     /// Planned this transaction.
-    staged: FxHashMap<DialogId, Staged>,
+    deferring: FxHashMap<DialogId, Deferring>,
     /// Written into this transaction's trees: no longer deferred.
-    materialized: FxHashSet<DialogId>,
+    written_out: FxHashSet<DialogId>,
     /// Written into this transaction's trees at some point: their chains
     /// end here (a dialog planned again after starts a new one).
     ended: FxHashSet<DialogId>,
@@ -228,59 +234,62 @@ pub(super) struct Local {
 
 impl Tx<'_> {
     /// A dialog's records not in this transaction's trees: planned here, or
-    /// deferred before (and not materialized here).
-    fn unwritten_in(
+    /// deferred before (and not written out here).
+    fn deferred_in(
         &self,
         local: &Local,
         dialog: DialogId,
     ) -> Option<(Arc<Dialog>, Option<LastPage>)> {
-        if local.materialized.contains(&dialog) {
+        if local.written_out.contains(&dialog) {
             return None;
         }
-        match local.staged.get(&dialog) {
-            Some(staged) => Some((staged.entry.dialog.clone(), staged.entry.page.clone())),
+        match local.deferring.get(&dialog) {
+            Some(deferring) => Some((deferring.entry.dialog.clone(), deferring.entry.page.clone())),
             None => self.deferred.get(dialog).map(|e| (e.dialog, e.page)),
         }
     }
 
     /// A dialog's record not in this transaction's trees (see
-    /// [`Tx::unwritten`]).
-    pub(super) fn unwritten_dialog(&self, dialog: DialogId) -> Option<Dialog> {
-        self.unwritten(dialog).map(|(d, _)| (*d).clone())
+    /// [`Tx::deferred_records`]).
+    pub(super) fn deferred_dialog(&self, dialog: DialogId) -> Option<Dialog> {
+        self.deferred_records(dialog).map(|(d, _)| (*d).clone())
     }
 
     /// A dialog's record and last page not in this transaction's trees:
-    /// deferred, or staged by it.
-    fn unwritten(&self, dialog: DialogId) -> Option<(Arc<Dialog>, Option<LastPage>)> {
-        self.unwritten_in(&self.local.borrow(), dialog)
+    /// deferred before, or deferred by it.
+    fn deferred_records(&self, dialog: DialogId) -> Option<(Arc<Dialog>, Option<LastPage>)> {
+        self.deferred_in(&self.local.borrow(), dialog)
     }
 
     /// Writes a dialog's deferred records (planned by this transaction or
     /// before) into this transaction's trees, before anything else reads
     /// or writes them here.
-    pub(super) fn materialize(&self, dialog: DialogId) -> Result<(), UnabortableTransactionError> {
+    pub(super) fn write_out_dialog(
+        &self,
+        dialog: DialogId,
+    ) -> Result<(), UnabortableTransactionError> {
         let mut local = self.local.borrow_mut();
-        let Some((record, page)) = self.unwritten_in(&local, dialog) else {
+        let Some((record, page)) = self.deferred_in(&local, dialog) else {
             return Ok(());
         };
-        local.staged.remove(&dialog);
+        local.deferring.remove(&dialog);
         self.dialogs.insert(&u64_key(dialog), encode(&*record))?;
         if let Some((key, page)) = page {
             self.messages.insert(&key, page)?;
         }
-        local.materialized.insert(dialog);
+        local.written_out.insert(dialog);
         local.ended.insert(dialog);
         Ok(())
     }
 
     /// A dialog's record and the page at `key` as they stand for this
-    /// transaction, without materializing them.
-    pub(super) fn peek(
+    /// transaction, without writing them out.
+    pub(super) fn latest_with_page(
         &self,
         dialog: DialogId,
         key: &[u8; 16],
     ) -> TxResult<(Option<Dialog>, Option<IVec>)> {
-        let (record, last) = match self.standing(dialog)? {
+        let (record, last) = match self.latest(dialog)? {
             Some((record, last)) => (Some(record), last),
             None => (None, None),
         };
@@ -288,12 +297,9 @@ impl Tx<'_> {
     }
 
     /// A dialog's record as it stands for this transaction, with its last
-    /// page if that is deferred too, without materializing them.
-    pub(super) fn standing(
-        &self,
-        dialog: DialogId,
-    ) -> TxResult<Option<(Dialog, Option<LastPage>)>> {
-        if let Some((record, last)) = self.unwritten(dialog) {
+    /// page if that is deferred too, without writing them out.
+    pub(super) fn latest(&self, dialog: DialogId) -> TxResult<Option<(Dialog, Option<LastPage>)>> {
+        if let Some((record, last)) = self.deferred_records(dialog) {
             return Ok(Some(((*record).clone(), last)));
         }
         match self.dialogs.get(u64_key(dialog))? {
@@ -335,11 +341,11 @@ impl Tx<'_> {
                     .filter(|(key, _)| key != last_key && !full.iter().any(|(k, _)| k == key))
                     .cloned()
             };
-            let before = if local.materialized.contains(&dialog) {
+            let before = if local.written_out.contains(&dialog) {
                 None
             } else {
-                match local.staged.get(&dialog) {
-                    Some(staged) => starts_page(&staged.entry.page),
+                match local.deferring.get(&dialog) {
+                    Some(deferring) => starts_page(&deferring.entry.page),
                     None => self.deferred.page_if(dialog, starts_page),
                 }
             };
@@ -352,18 +358,18 @@ impl Tx<'_> {
         }
         // Materialized here before: the plan extends what this transaction
         // wrote, and its version is the newest again.
-        local.materialized.remove(&dialog);
+        local.written_out.remove(&dialog);
         let entry = Entry {
             dialog: record,
             page: last,
         };
-        match local.staged.get_mut(&dialog) {
-            Some(staged) => {
-                staged.entry = entry;
-                staged.journal.extend_from_slice(&journal);
+        match local.deferring.get_mut(&dialog) {
+            Some(deferring) => {
+                deferring.entry = entry;
+                deferring.journal.extend_from_slice(&journal);
             }
             None => {
-                local.staged.insert(dialog, Staged { entry, journal });
+                local.deferring.insert(dialog, Deferring { entry, journal });
             }
         }
         Ok(())
@@ -383,15 +389,15 @@ impl Tx<'_> {
                         .dialogs
                         .get(d)
                         .is_some_and(|h| h.chain.first() == Some(id))
-                        && !local.staged.contains_key(d)
-                        && !local.materialized.contains(d)
+                        && !local.deferring.contains_key(d)
+                        && !local.written_out.contains(d)
                 })
                 .map(|(_, d)| d)
                 .take(most)
                 .collect()
         };
         for d in &oldest {
-            self.materialize(*d)?;
+            self.write_out_dialog(*d)?;
         }
         Ok(oldest.len())
     }
@@ -415,28 +421,28 @@ impl Tx<'_> {
                 .collect()
         };
         for d in holding {
-            self.materialize(d)?;
+            self.write_out_dialog(d)?;
         }
         Ok(())
     }
 
     /// The end of a transaction's closure that succeeded: journals what it
-    /// planned, ends the chains of what it materialized, adds what it
+    /// planned, ends the chains of what it wrote out, adds what it
     /// planned to the deferred set, and removes journal records no chain
     /// holds any more. Runs holding the store's writer, before the commit.
     pub(super) fn finish_deferred(&self) -> Result<(), UnabortableTransactionError> {
         let local = std::mem::take(&mut *self.local.borrow_mut());
-        if local.staged.is_empty() && local.ended.is_empty() {
+        if local.deferring.is_empty() && local.ended.is_empty() {
             return Ok(());
         }
         let mut inner = self.deferred.lock();
         let id = inner.next_journal;
-        let (chunks, bytes) = self.journal_staged(id, &local.staged)?;
+        let (chunks, bytes) = self.journal_deferring(id, &local.deferring)?;
         let left = self.end_chains(&inner, &local.ended)?;
         // Nothing fails past this point: the set follows the transaction.
         inner.forget(&local.ended, left);
-        if !local.staged.is_empty() {
-            inner.hold(id, chunks, bytes, local.staged);
+        if !local.deferring.is_empty() {
+            inner.defer(id, chunks, bytes, local.deferring);
         }
         if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
             // Idle again: give the memory back.
@@ -447,13 +453,13 @@ impl Tx<'_> {
 
     /// Writes the journal record `id` of what this transaction planned, in
     /// chunks; how many, and their bytes.
-    fn journal_staged(
+    fn journal_deferring(
         &self,
         id: u64,
-        staged: &FxHashMap<DialogId, Staged>,
+        deferring: &FxHashMap<DialogId, Deferring>,
     ) -> Result<(u32, usize), UnabortableTransactionError> {
         let (mut chunks, mut bytes) = (0u32, 0usize);
-        if staged.is_empty() {
+        if deferring.is_empty() {
             return Ok((chunks, bytes));
         }
         let fresh = || {
@@ -462,8 +468,8 @@ impl Tx<'_> {
             chunk
         };
         let mut chunk = fresh();
-        for staged in staged.values() {
-            chunk.extend_from_slice(&staged.journal);
+        for d in deferring.values() {
+            chunk.extend_from_slice(&d.journal);
             if chunk.len() >= CHUNK {
                 bytes += chunk.len();
                 let full = std::mem::replace(&mut chunk, fresh());
@@ -488,8 +494,8 @@ impl Tx<'_> {
     ) -> Result<HashMap<u64, usize>, UnabortableTransactionError> {
         let mut left: HashMap<u64, usize> = HashMap::new();
         for d in ended {
-            if let Some(held) = inner.dialogs.get(d) {
-                for j in &held.chain {
+            if let Some(dialog) = inner.dialogs.get(d) {
+                for j in &dialog.chain {
                     let live = left.entry(*j).or_insert(inner.journals[j].live);
                     *live -= 1;
                 }

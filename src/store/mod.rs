@@ -473,8 +473,8 @@ impl Tx<'_> {
     }
 
     fn dialog(&self, id: DialogId) -> TxResult<Dialog> {
-        let deferred = self.unwritten_dialog(id);
-        self.materialize(id)?;
+        let deferred = self.deferred_dialog(id);
+        self.write_out_dialog(id)?;
         if let Some(d) = deferred {
             return Ok(d);
         }
@@ -493,7 +493,7 @@ impl Tx<'_> {
         old: Option<&Dialog>,
         new: &Dialog,
     ) -> Result<(), UnabortableTransactionError> {
-        self.materialize(new.id)?;
+        self.write_out_dialog(new.id)?;
         let mut new = std::borrow::Cow::Borrowed(new);
         if old.is_none_or(|o| o.status.tag() != new.status.tag()) {
             if let Some(old) = old {
@@ -538,7 +538,7 @@ impl Tx<'_> {
             return Ok(());
         }
         new.indexed_at = Some(listed_at(old));
-        self.materialize(new.id)?;
+        self.write_out_dialog(new.id)?;
         self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
         self.touched.touch(new.id);
         Ok(())

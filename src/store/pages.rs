@@ -337,13 +337,13 @@ pub fn paged(messages: impl Iterator<Item = Message>) -> Result<Vec<KeyedPage>, 
 }
 
 /// Message pages inside a transaction: a dialog's deferred records are
-/// materialized before its pages are read or written, and a write is
+/// written out before its pages are read or written, and a write is
 /// noted in `touched`.
 pub(super) struct Pages<'t, 'a>(pub &'t Tx<'a>);
 
 impl Pages<'_, '_> {
     fn tree(&self, dialog: DialogId) -> TxResult<&TransactionalTree> {
-        self.0.materialize(dialog)?;
+        self.0.write_out_dialog(dialog)?;
         Ok(self.0.messages)
     }
 

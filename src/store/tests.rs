@@ -858,7 +858,7 @@ fn deferred_answers_are_replayed_from_the_journal_but_never_over_newer_records()
 /// A deferred dialog reads the same through every path, before and after
 /// it is written out, and a write to it builds on its deferred version.
 #[test]
-fn a_deferred_dialog_reads_as_written_and_writes_build_on_it() {
+fn a_deferred_dialog_reads_as_its_latest_and_writes_build_on_it() {
     let store = Store::temporary().unwrap();
     let d = one_dialog(&store);
     let mut dialogs = vec![(d.id, None)];
