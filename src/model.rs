@@ -56,12 +56,18 @@ impl fmt::Display for Identity {
 pub struct Contact {
     pub id: ContactId,
     pub identity: Identity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_name: Option<String>,
     /// Every other column of the audience file.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
     /// Audiences that list this contact.
     pub audiences: Vec<String>,
@@ -247,7 +253,21 @@ pub struct TransitionError {
     pub to: &'static str,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn empty_state() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+fn is_empty_state(state: &serde_json::Value) -> bool {
+    state.as_object().is_some_and(|o| o.is_empty())
+}
+
 /// One conversation between an account and a contact within a campaign.
+/// Fields at their default are left out of its stored record (and of a
+/// contact's): an idle dialog's records are most of a large store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dialog {
     pub id: DialogId,
@@ -256,20 +276,24 @@ pub struct Dialog {
     pub contact: ContactId,
     pub status: DialogStatus,
     pub started_at: Timestamp,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub follow_ups_sent: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_inbound_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_outbound_at: Option<Timestamp>,
     /// The engine's `ctx.state`, as JSON.
+    #[serde(default = "empty_state", skip_serializing_if = "is_empty_state")]
     pub state: serde_json::Value,
     /// Sequence number of the next message of this dialog.
     pub next_seq: u64,
     /// When the reviver last looked at the dialog and left it as it was; a
     /// quiet dialog is looked at again `stuck_after` later.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reviewed_at: Option<Timestamp>,
     /// The status the dialog takes once its pending messages are sent (the
     /// engine finished or handed off with a last message).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ending: Option<DialogStatus>,
     /// The time under which the dialog is listed in the store's
     /// quiet-dialogs index: its last activity, or an earlier one when the

@@ -410,6 +410,48 @@ fn a_store_that_lost_its_identity_is_damaged_not_new() {
 }
 
 #[test]
+fn records_leave_defaults_out_and_read_the_older_form_with_nulls() {
+    let store = Store::temporary().unwrap();
+    import(&store, "a", "username\nalice\n");
+    let contact = store
+        .contact_by_identity(&Identity::Username("alice".into()))
+        .unwrap()
+        .unwrap();
+    let (dialog, _) = store
+        .open_dialog(&new_dialog(contact.id), None, &|_| Ok(()))
+        .unwrap();
+    for (what, bytes) in [
+        (
+            "contact",
+            store.t.contacts.get(u64_key(contact.id)).unwrap().unwrap(),
+        ),
+        (
+            "dialog",
+            store.t.dialogs.get(u64_key(dialog.id)).unwrap().unwrap(),
+        ),
+    ] {
+        let text = String::from_utf8_lossy(&bytes[1..]).into_owned();
+        assert!(
+            !text.contains("null") && !text.contains("{}"),
+            "{what}: {text}"
+        );
+    }
+    // As an earlier version wrote them: every field, nulls included.
+    let mut older = serde_json::to_value(&dialog).unwrap();
+    older["last_inbound_at"] = serde_json::Value::Null;
+    older["reviewed_at"] = serde_json::Value::Null;
+    older["follow_ups_sent"] = 0.into();
+    older["state"] = serde_json::json!({});
+    let bytes = [&[RECORD_VERSION][..], older.to_string().as_bytes()].concat();
+    assert_eq!(decode::<Dialog>("dialog", &bytes).unwrap(), dialog);
+    let mut older = serde_json::to_value(&contact).unwrap();
+    older["phone"] = serde_json::Value::Null;
+    older["fields"] = serde_json::json!({});
+    let bytes = [&[RECORD_VERSION][..], older.to_string().as_bytes()].concat();
+    assert_eq!(decode::<Contact>("contact", &bytes).unwrap(), contact);
+}
+
+#[test]
 fn unknown_record_versions_are_reported() {
     let err = decode::<Dialog>("dialog", &[9, b'{', b'}']).unwrap_err();
     assert_eq!(
