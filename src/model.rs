@@ -368,6 +368,7 @@ pub struct DialogSummary {
     pub contact: ContactId,
     pub status: DialogStatus,
     pub started_at: Timestamp,
+    #[serde(default)]
     pub follow_ups_sent: u32,
     pub last_inbound_at: Option<Timestamp>,
     pub last_outbound_at: Option<Timestamp>,
