@@ -163,16 +163,16 @@ impl Inner {
                 members,
             },
         );
-        for (dialog, deferring) in deferring {
-            match self.dialogs.get_mut(&dialog) {
-                Some(dialog) => {
-                    dialog.chain.push(id);
-                    dialog.entry = deferring.entry;
+        for (dialog_id, planned) in deferring {
+            match self.dialogs.get_mut(&dialog_id) {
+                Some(kept) => {
+                    kept.chain.push(id);
+                    kept.entry = planned.entry;
                 }
                 None => {
-                    let chain = vec![id];
-                    let entry = deferring.entry;
-                    self.dialogs.insert(dialog, DeferredDialog { chain, entry });
+                    let (chain, entry) = (vec![id], planned.entry);
+                    self.dialogs
+                        .insert(dialog_id, DeferredDialog { chain, entry });
                 }
             }
         }
@@ -494,8 +494,8 @@ impl Tx<'_> {
     ) -> Result<HashMap<u64, usize>, UnabortableTransactionError> {
         let mut left: HashMap<u64, usize> = HashMap::new();
         for d in ended {
-            if let Some(dialog) = inner.dialogs.get(d) {
-                for j in &dialog.chain {
+            if let Some(kept) = inner.dialogs.get(d) {
+                for j in &kept.chain {
                     let live = left.entry(*j).or_insert(inner.journals[j].live);
                     *live -= 1;
                 }
