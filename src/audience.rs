@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::config::{io_reason, Problem};
 use crate::model::Identity;
+use crate::problem::{io_reason, Problem};
 
 /// One contact as its audience file describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,8 +221,12 @@ fn row(
     c_phone: Option<usize>,
     c_id: Option<usize>,
 ) -> Result<Ids, String> {
-    let username = get(c_user).map(|u| normalize_username(&u)).transpose()?;
-    let phone = get(c_phone).map(|p| normalize_phone(&p)).transpose()?;
+    let username = get(c_user)
+        .map(|u| Identity::normalize_username(&u))
+        .transpose()?;
+    let phone = get(c_phone)
+        .map(|p| Identity::normalize_phone(&p))
+        .transpose()?;
     let user_id = get(c_id)
         .map(|v| {
             v.parse::<i64>()
@@ -238,70 +242,6 @@ fn row(
         (None, None, None) => return Err("has no username, phone or user_id".into()),
     };
     Ok((identity, username, phone, user_id))
-}
-
-/// `@Name` → `name`; Telegram usernames are 4 to 32 letters, digits and `_`.
-pub fn normalize_username(raw: &str) -> Result<String, String> {
-    let u = raw.trim().trim_start_matches('@');
-    let ok = (4..=32).contains(&u.len())
-        && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && u.starts_with(|c: char| c.is_ascii_alphabetic());
-    if ok {
-        Ok(u.to_ascii_lowercase())
-    } else {
-        Err(format!(
-            "username \"{raw}\" is not a Telegram username (4 to 32 letters, digits or _)"
-        ))
-    }
-}
-
-/// A phone number in international form to E.164: `+1 (555) 000-0001` →
-/// `+15550000001`. The country code is required: a leading `+` or `00`, or a
-/// bare digit string that starts with its country code.
-///
-/// ```
-/// use colloquy::audience::normalize_phone;
-/// assert_eq!(normalize_phone("+1 (555) 000-0001").unwrap(), "+15550000001");
-/// assert_eq!(normalize_phone("0049 30 1234567").unwrap(), "+49301234567");
-/// assert!(normalize_phone("555-0001").is_err());
-/// ```
-pub fn normalize_phone(raw: &str) -> Result<String, String> {
-    let t = raw.trim();
-    let body = t
-        .strip_prefix('+')
-        .or_else(|| t.strip_prefix("00"))
-        .unwrap_or(t);
-    let mut digits = String::with_capacity(16);
-    for c in body.chars() {
-        match c {
-            '0'..='9' => digits.push(c),
-            ' ' | '-' | '(' | ')' | '.' => {}
-            _ => {
-                return Err(format!(
-                    "phone \"{raw}\" has a character that is not a digit: '{c}'"
-                ))
-            }
-        }
-    }
-    if !(8..=15).contains(&digits.len()) || digits.starts_with('0') {
-        return Err(format!(
-            "phone \"{raw}\" is not an international number (country code and 8 to 15 digits, like +15550000001)"
-        ));
-    }
-    Ok(format!("+{digits}"))
-}
-
-/// A contact as an operator types it: `+phone`, a numeric user id, or a
-/// username (with or without `@`).
-pub fn identity_of(text: &str) -> Option<Identity> {
-    let text = text.trim();
-    if text.starts_with('+') {
-        return normalize_phone(text).ok().map(Identity::Phone);
-    }
-    if let Ok(id) = text.parse::<i64>() {
-        return (id > 0).then_some(Identity::UserId(id));
-    }
-    normalize_username(text).ok().map(Identity::Username)
 }
 
 #[cfg(test)]
@@ -401,9 +341,15 @@ mod tests {
 
     #[test]
     fn phones_normalize_to_e164() {
-        assert_eq!(normalize_phone("0049 30 1234567").unwrap(), "+49301234567");
-        assert_eq!(normalize_phone("15550000001").unwrap(), "+15550000001");
-        assert!(normalize_phone("+1 555").is_err());
-        assert!(normalize_phone("+1555abc0001").is_err());
+        assert_eq!(
+            Identity::normalize_phone("0049 30 1234567").unwrap(),
+            "+49301234567"
+        );
+        assert_eq!(
+            Identity::normalize_phone("15550000001").unwrap(),
+            "+15550000001"
+        );
+        assert!(Identity::normalize_phone("+1 555").is_err());
+        assert!(Identity::normalize_phone("+1555abc0001").is_err());
     }
 }

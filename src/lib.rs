@@ -8,8 +8,10 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
+//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`];
+//!   `cli::chat` is `colloquy chat`.
 //! - [`config`]: `config.toml`, parsed with file positions and validated.
+//! - [`problem`]: what is wrong with the user's input, one sentence each.
 //! - [`audience`]: audience CSV files to contact rows.
 //! - [`model`]: campaigns, accounts, contacts, dialogs, messages, and the
 //!   status transition tables.
@@ -23,8 +25,7 @@
 //! - [`sim`]: the simulated Telegram.
 //! - [`telegram`]: the Telegram transport through grammers: sessions,
 //!   login, exactly-once sends, catch-up.
-//! - [`report`], [`chat`]: what `status`/`dialogs`/`dialog` print, and
-//!   `colloquy chat`.
+//! - [`report`]: what `status`/`dialogs`/`dialog` print.
 //! - [`variants`]: which variant a new dialog gets (fixed weights or a
 //!   bandit), and how variants compare.
 //! - [`clock`]: the injected clock and seeded random source.
@@ -33,7 +34,6 @@
 //! - [`logging`]: tracing output.
 
 pub mod audience;
-pub mod chat;
 pub mod cli;
 pub mod clock;
 pub mod concurrent;
@@ -45,6 +45,7 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod problem;
 pub mod report;
 pub mod safety;
 pub mod sim;

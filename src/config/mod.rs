@@ -1,7 +1,8 @@
 //! `config.toml`: its shape (SPEC section 4), parsing with file positions,
 //! and the semantic checks that parsing cannot make.
 //!
-//! [`Config::load`] gives a validated config or every [`Problem`] found.
+//! [`Config::load`] gives a validated config or every
+//! [`Problem`](crate::problem::Problem) found.
 //! Shape errors (syntax, unknown keys, wrong types, bad values) stop parsing
 //! and carry `file:line:column`; semantic problems carry the key path, such
 //! as `campaigns[0].accounts[1]`, and are all reported together.
@@ -16,54 +17,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::problem::{io_reason, Problem, Problems};
+
 pub use validate::{is_env_name, is_module_name};
 pub use values::{ByteSize, Dur, DurRange, Moment, TimeOfDay, Zone};
-
-/// One thing wrong with the user's input, printed as one sentence.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// `file`, `file:line` or `file:line:column`, plus a key path if any.
-    pub location: String,
-    pub message: String,
-}
-
-impl Problem {
-    pub fn new(location: impl Into<String>, message: impl Into<String>) -> Problem {
-        Problem {
-            location: location.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.location.is_empty() {
-            // The message carries its own location (a Lua `file:line`).
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.location, self.message)
-        }
-    }
-}
-
-/// Every problem found in one pass.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Problems(pub Vec<Problem>);
-
-impl fmt::Display for Problems {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Problems {}
 
 /// The validated configuration, with the place it was read from.
 #[derive(Debug, Clone)]
@@ -848,19 +805,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
-}
-
-/// An io error's reason without the OS error number.
-pub(crate) fn io_reason(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file".into(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-        std::io::ErrorKind::InvalidData => "it is not UTF-8 text".into(),
-        _ => {
-            let s = e.to_string();
-            s.split(" (os error").next().unwrap_or(&s).to_lowercase()
-        }
-    }
 }
 
 #[cfg(test)]

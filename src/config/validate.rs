@@ -4,8 +4,9 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use super::{Config, Problem, Safety, TransportKind};
-use crate::audience::normalize_phone;
+use super::{Config, Safety, TransportKind};
+use crate::model::Identity;
+use crate::problem::Problem;
 
 /// Collects problems under the config file's name.
 struct Checker<'a> {
@@ -230,7 +231,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
     c.unique("accounts", f.accounts.iter().map(|a| a.name.as_str()));
     for (i, a) in f.accounts.iter().enumerate() {
         if let Some(phone) = &a.phone {
-            if let Err(why) = normalize_phone(phone) {
+            if let Err(why) = Identity::normalize_phone(phone) {
                 c.fail(format!("accounts[{i}].phone"), why);
             }
         } else if f.transport.kind == TransportKind::Telegram {

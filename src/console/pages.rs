@@ -529,7 +529,7 @@ pub async fn dialogs(
     let store = &host.store;
     // The contacts searched for: one named exactly (a username, a +phone,
     // a user id) through its identity, else those whose names match.
-    let exact = match q.as_deref().and_then(crate::audience::identity_of) {
+    let exact = match q.as_deref().and_then(crate::model::Identity::parse) {
         Some(identity) => store.contact_by_identity(&identity).map_err(failed)?,
         None => None,
     };
@@ -934,7 +934,7 @@ pub async fn dnc_add(
     if let Err(r) = c.require_post(&headers, &form.csrf) {
         return r;
     }
-    let Some(identity) = crate::audience::identity_of(&form.contact) else {
+    let Some(identity) = crate::model::Identity::parse(&form.contact) else {
         return (
             StatusCode::BAD_REQUEST,
             format!(

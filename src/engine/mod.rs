@@ -24,6 +24,7 @@
 pub mod ctx;
 pub mod library;
 pub mod modules;
+pub mod scope;
 pub mod spin;
 pub mod vm;
 mod watch;

@@ -5,18 +5,16 @@
 //! [`super::EngineRuntime`]) and runs many calls concurrently as coroutines.
 //! A global count hook (inherited by every coroutine, including those Lua
 //! code creates) charges the instructions to the call being polled, which
-//! `Metered` records in the VM's app data around each poll.
+//! `Metered` (in `scope.rs`) records in the VM's app data around each
+//! poll.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlua::chunk::ChunkMode;
-use mlua::serde::{DeserializeOptions, SerializeOptions};
 use mlua::state::{GcGenParams, GcMode};
 use mlua::{
     Function, HookTriggers, Lua, LuaOptions, LuaSerdeExt, MultiValue, StdLib, Table, Value, VmState,
@@ -26,6 +24,7 @@ use rustc_hash::FxHashMap;
 use super::ctx::{Call, Ctx, Output, Reply};
 use super::library::{Snapshot, Source};
 use super::modules::{self, HostEnv};
+use super::scope::{self, current_scope, from_lua_options, to_lua_options, CallScope, Metered};
 use super::EngineError;
 
 /// Telegram's limit on one message.
@@ -39,72 +38,6 @@ pub struct Budgets {
     pub instructions: u64,
     pub time: Duration,
     pub memory: usize,
-}
-
-/// The call being run, for the hook and the `log` module.
-#[derive(Debug)]
-pub struct CallScope {
-    pub engine: String,
-    pub dialog: Option<u64>,
-    /// Instructions left.
-    remaining: Cell<u64>,
-    /// Budget given, for the error message.
-    budget: u64,
-    deadline: Instant,
-    /// Set once a budget ran out. The hook raises an error the first time;
-    /// if the script catches it (pcall) and keeps going, every later hook
-    /// yields instead, which hands control back to [`Metered`], and that
-    /// ends the call. A caught error can thus not keep a call alive.
-    exceeded: RefCell<Option<String>>,
-}
-
-/// Which call is being polled on this VM, if any.
-#[derive(Default)]
-struct Current(RefCell<Option<Rc<CallScope>>>);
-
-/// The scope of the call running now on `lua`'s VM.
-pub fn current_scope(lua: &Lua) -> Option<Rc<CallScope>> {
-    lua.app_data_ref::<Current>()?.0.borrow().clone()
-}
-
-pub fn to_lua_options() -> SerializeOptions {
-    SerializeOptions::new()
-        .serialize_none_to_null(false)
-        .serialize_unit_to_null(false)
-}
-
-pub fn from_lua_options() -> DeserializeOptions {
-    DeserializeOptions::new()
-        .deny_unsupported_types(true)
-        .deny_recursive_tables(true)
-}
-
-/// A future that marks its call as current on the VM while it is polled.
-struct Metered<'a, T> {
-    lua: &'a Lua,
-    scope: Rc<CallScope>,
-    inner: Pin<Box<dyn Future<Output = T> + 'a>>,
-}
-
-impl<T> Future for Metered<'_, mlua::Result<T>> {
-    type Output = mlua::Result<T>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<mlua::Result<T>> {
-        let this = &mut *self;
-        set_current(this.lua, Some(this.scope.clone()));
-        let out = this.inner.as_mut().poll(cx);
-        set_current(this.lua, None);
-        if let Some(why) = this.scope.exceeded.borrow().clone() {
-            return Poll::Ready(Err(mlua::Error::runtime(why)));
-        }
-        out
-    }
-}
-
-fn set_current(lua: &Lua, scope: Option<Rc<CallScope>>) {
-    if let Some(cur) = lua.app_data_ref::<Current>() {
-        *cur.0.borrow_mut() = scope;
-    }
 }
 
 /// A sandboxed VM built from one snapshot.
@@ -378,14 +311,12 @@ impl Vm {
     }
 
     fn scope(&self, engine: &str, dialog: Option<u64>) -> Rc<CallScope> {
-        Rc::new(CallScope {
-            engine: engine.to_string(),
+        Rc::new(CallScope::new(
+            engine,
             dialog,
-            remaining: Cell::new(self.budgets.instructions),
-            budget: self.budgets.instructions,
-            deadline: Instant::now() + self.budgets.time,
-            exceeded: RefCell::new(None),
-        })
+            self.budgets.instructions,
+            self.budgets.time,
+        ))
     }
 
     /// Runs `fut` as the call `scope`, within the time budget.
@@ -836,27 +767,12 @@ fn sandbox(
     // A call leaves its ctx, message and strings behind: short-lived
     // garbage, which the generational collector takes for much less work.
     lua.gc_set_mode(GcMode::Generational(GcGenParams::default()));
-    lua.set_app_data(Current::default());
+    scope::install(&lua);
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-        |lua, _debug| {
-            let Some(scope) = current_scope(lua) else {
-                return Ok(VmState::Continue);
-            };
-            if scope.exceeded.borrow().is_some() {
-                return Ok(VmState::Yield);
-            }
-            let left = scope.remaining.get().saturating_sub(HOOK_EVERY as u64);
-            scope.remaining.set(left);
-            let why = if left == 0 {
-                format!("instruction budget of {} exceeded", scope.budget)
-            } else if Instant::now() >= scope.deadline {
-                "time budget exceeded".to_string()
-            } else {
-                return Ok(VmState::Continue);
-            };
-            *scope.exceeded.borrow_mut() = Some(why.clone());
-            Err(mlua::Error::runtime(why))
+        |lua, _debug| match current_scope(lua) {
+            Some(scope) => scope.charge(HOOK_EVERY as u64),
+            None => Ok(VmState::Continue),
         },
     )?;
 

@@ -450,8 +450,17 @@ fn open_store(dir: &std::path::Path) -> Result<Store, RunError> {
 
 /// Builds a host and runs it until `shutdown` is cancelled; returns once
 /// in-flight work has finished or been left reconcilable, with the store
-/// flushed.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+/// flushed. `console` starts the operator's console on the running host
+/// (`console::serve`); the caller passes it, as the console depends on the
+/// host and not the other way round.
+pub async fn run<Console>(
+    config: Config,
+    shutdown: CancellationToken,
+    console: impl FnOnce(Arc<Host>) -> Console,
+) -> Result<(), RunError>
+where
+    Console: std::future::Future<Output = Result<(), String>>,
+{
     let config = Arc::new(config);
     let store = open_store(&config.data_dir())?;
     let refused = audiences::import_all(&config, &store)?;
@@ -491,7 +500,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Err(e) = control::serve(host.clone()).await {
         tracing::warn!("status commands cannot reach this host: {e}");
     }
-    if let Err(e) = crate::console::serve(host.clone()).await {
+    if let Err(e) = console(host.clone()).await {
         tracing::error!("{e}; the host runs without its console");
     }
     host.shutdown.cancelled().await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mlua::{Lua, LuaSerdeExt, Result, Table, Value};
 
-use crate::engine::vm::from_lua_options;
+use crate::engine::scope::from_lua_options;
 
 /// Used when the call gives no `timeout`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

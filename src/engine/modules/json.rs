@@ -2,7 +2,7 @@
 
 use mlua::{Lua, LuaSerdeExt, Result, Table, Value};
 
-use crate::engine::vm::{from_lua_options, to_lua_options};
+use crate::engine::scope::{from_lua_options, to_lua_options};
 
 pub fn register(lua: &Lua) -> Result<Table> {
     let m = lua.create_table()?;

@@ -3,7 +3,7 @@
 
 use mlua::{Lua, MultiValue, Result, Table};
 
-use crate::engine::vm::current_scope;
+use crate::engine::scope::current_scope;
 
 pub fn register(lua: &Lua) -> Result<Table> {
     let m = lua.create_table()?;

@@ -9,13 +9,14 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Arc;
 
+use super::{no_such_campaign, Failure};
 use crate::audience;
-use crate::cli::{no_such_campaign, Failure};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Problem, Problems};
+use crate::config::Config;
 use crate::engine::ctx::{AccountView, CampaignView, ContactView, DialogView, HistoryEntry};
 use crate::engine::{watch, Call, Ctx, EngineRuntime, Output};
 use crate::host::optout::OptOut;
+use crate::problem::{Problem, Problems};
 
 /// Runs a chat until `/quit`, end of input, or the engine ends the dialog;
 /// on `variant` (by name), or the campaign's first variant.

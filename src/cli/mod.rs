@@ -1,20 +1,22 @@
 //! The command line (SPEC section 3): argument parsing and one function per
 //! command. Exit codes: 0 success, 2 bad usage or bad input, 1 anything else.
 
+mod chat;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use std::sync::Arc;
-
 use crate::audience;
 use crate::clock::SystemClock;
-use crate::config::{Config, Problem, Problems};
+use crate::config::Config;
 use crate::engine::EngineRuntime;
 use crate::host::control;
 use crate::logging::{self, LogFormat};
 use crate::model::{DialogId, DialogStatus};
+use crate::problem::{Problem, Problems};
 use crate::report;
 use crate::store::{Store, StoreError};
 
@@ -221,7 +223,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Restore { from, accept_older } => restore(&cli.config, &from, accept_older),
         Command::Eval { file, args } => eval(&cli.config, &file, &args),
         Command::Chat { campaign, variant } => {
-            crate::chat::run(&cli.config, &campaign, variant.as_deref())
+            chat::run(&cli.config, &campaign, variant.as_deref())
         }
         Command::Login {
             account,
@@ -521,7 +523,7 @@ fn try_openings(config: &Config, engines: &EngineRuntime) -> Vec<Problem> {
                 let path = config.resolve(&a.file);
                 for row in audience::read(&path).rows.into_iter().take(TRIED_ROWS) {
                     let line = row.line;
-                    let mut ctx = crate::chat::trial_ctx(camp, row.into(), &clock);
+                    let mut ctx = chat::trial_ctx(camp, row.into(), &clock);
                     ctx.variant = variant.map(str::to_string);
                     ctx.prompt_template = template
                         .as_ref()
@@ -635,7 +637,8 @@ fn run_host(config_path: &Path) -> Result<(), Failure> {
             signal.cancel();
             tracing::info!("stopping: finishing in-flight work");
         });
-        crate::host::run(config, shutdown)
+        let console = |host| async move { crate::console::serve(host).await.map(|_| ()) };
+        crate::host::run(config, shutdown, console)
             .await
             .map_err(|e| match e {
                 crate::host::RunError::Input(text) => input("", text),
@@ -682,7 +685,10 @@ fn eval(config_path: &Path, file: &Path, args: &[String]) -> Result<(), Failure>
     let text = std::fs::read_to_string(file).map_err(|e| {
         Failure::Input(Problems(vec![Problem::new(
             &shown,
-            format!("cannot read the Lua file: {}", crate::config::io_reason(&e)),
+            format!(
+                "cannot read the Lua file: {}",
+                crate::problem::io_reason(&e)
+            ),
         )]))
     })?;
     let (engines, _) = EngineRuntime::start(&config, Arc::new(SystemClock), 1);
