@@ -68,14 +68,6 @@ fn run_check(config: &Path) -> (i32, String, String) {
     )
 }
 
-/// The config with `from` replaced by `to` fails with exit 2 and a message
-/// that contains every one of `expect`.
-fn fails(from: &str, to: &str, expect: &[&str]) {
-    assert!(GOOD.contains(from), "test setup: {from:?} not in GOOD");
-    let p = Project::new(&GOOD.replacen(from, to, 1));
-    assert_bad(&p, expect);
-}
-
 fn assert_bad(p: &Project, expect: &[&str]) {
     let (code, stdout, stderr) = p.check();
     assert_eq!(code, 2, "stdout: {stdout}\nstderr: {stderr}");
@@ -120,247 +112,220 @@ fn missing_config_file() {
     );
 }
 
-#[test]
-fn toml_syntax_error_has_line_and_column() {
-    fails(
-        "name = \"alice\"",
-        "name = \"alice",
-        &["config.toml:6:14", "invalid basic string"],
-    );
+/// A mistake an operator makes: edits to the good config (each `from`
+/// replaced by `to`, once), files written beside it, and the sentences
+/// `check` must print (with exit code 2).
+struct Mistake {
+    edits: &'static [(&'static str, &'static str)],
+    files: &'static [(&'static str, &'static [u8])],
+    expect: &'static [&'static str],
 }
 
-#[test]
-fn unknown_key() {
-    fails(
-        "[host]",
-        "[host]\ncolour = \"blue\"",
-        &["config.toml:3:1", "unknown field `colour`"],
-    );
-}
+/// Where text is added to the good config's campaign.
+const CAMPAIGN_END: &str = "timezone = \"Europe/Berlin\" }";
 
-#[test]
-fn wrong_type() {
-    fails(
-        "[host]",
-        "[safety]\nmax_per_hour = \"many\"\n[host]",
-        &["config.toml:3:16", "invalid type"],
-    );
-}
-
-#[test]
-fn zero_limit() {
-    fails(
-        "[host]",
-        "[safety]\nmax_per_day = 0\n[host]",
-        &["safety.max_per_day: must be positive, got 0"],
-    );
-}
-
-#[test]
-fn negative_limit() {
-    fails(
-        "[host]",
-        "[safety]\nmax_per_day = -5\n[host]",
-        &["config.toml:3:15", "-5"],
-    );
-}
-
-#[test]
-fn inconsistent_limits_are_all_reported() {
-    let p = Project::new(&GOOD.replacen(
-        "phone = \"+15550000001\"",
-        "phone = \"+15550000001\"\n[accounts.safety]\nmax_per_hour = 50\nmax_per_day = 40\nmax_new_dialogs_per_day = 45",
-        1,
-    ));
-    assert_bad(
-        &p,
-        &[
+const MISTAKES: &[Mistake] = &[
+    // Shape: syntax, unknown keys, types and values carry line and column.
+    Mistake {
+        edits: &[("name = \"alice\"", "name = \"alice")],
+        files: &[],
+        expect: &["config.toml:6:14", "invalid basic string"],
+    },
+    Mistake {
+        edits: &[("[host]", "[host]\ncolour = \"blue\"")],
+        files: &[],
+        expect: &["config.toml:3:1", "unknown field `colour`"],
+    },
+    Mistake {
+        edits: &[("[host]", "[safety]\nmax_per_hour = \"many\"\n[host]")],
+        files: &[],
+        expect: &["config.toml:3:16", "invalid type"],
+    },
+    Mistake {
+        edits: &[("[host]", "[safety]\nmax_per_day = -5\n[host]")],
+        files: &[],
+        expect: &["config.toml:3:15", "-5"],
+    },
+    Mistake {
+        edits: &[("[host]", "[safety]\nmin_interval = \"5 fortnights\"\n[host]")],
+        files: &[],
+        expect: &["config.toml:3:16", "invalid duration \"5 fortnights\""],
+    },
+    Mistake {
+        edits: &[("[host]", "[safety]\nreply_delay = \"3m..20s\"\n[host]")],
+        files: &[],
+        expect: &["config.toml:3:15", "range \"3m..20s\" is reversed"],
+    },
+    Mistake {
+        edits: &[("[host]", "[transport]\nkind = \"carrier-pigeon\"\n[host]")],
+        files: &[],
+        expect: &["config.toml:3:8", "carrier-pigeon"],
+    },
+    Mistake {
+        edits: &[(
+            "[host]",
+            "[transport]\nkind = \"telegram\"\n[telegram]\napi_id = 1\napi_hash = \"0123abcd\"\n[host]",
+        )],
+        files: &[],
+        expect: &["unknown field `api_hash`", "api_hash_env"],
+    },
+    Mistake {
+        edits: &[("Europe/Berlin", "Mars/Olympus")],
+        files: &[],
+        expect: &["unknown time zone \"Mars/Olympus\""],
+    },
+    // Meaning: limits, names, references; all of them reported at once.
+    Mistake {
+        edits: &[("[host]", "[safety]\nmax_per_day = 0\n[host]")],
+        files: &[],
+        expect: &["safety.max_per_day: must be positive, got 0"],
+    },
+    Mistake {
+        edits: &[(
+            "phone = \"+15550000001\"",
+            "phone = \"+15550000001\"\n[accounts.safety]\nmax_per_hour = 50\nmax_per_day = 40\nmax_new_dialogs_per_day = 45",
+        )],
+        files: &[],
+        expect: &[
             "accounts[0].safety.max_per_hour: is 50 but max_per_day is 40",
             "accounts[0].safety.max_new_dialogs_per_day: is 45 but max_per_day is 40",
         ],
-    );
-}
-
-/// A mistake: the text added to the good config's campaign, files written
-/// beside it, the sentence expected.
-type Case = (String, Vec<(&'static str, &'static str)>, &'static str);
-
-/// Variants, allocation, spintax and contact time zones: each mistake,
-/// (the text added to the good config's campaign, files written beside
-/// it, the sentence expected).
-#[test]
-fn variant_allocation_spintax_and_timezone_mistakes() {
-    let variant = |body: &str| format!("\n[[campaigns.variants]]\n{body}");
-    let cases: Vec<Case> = vec![
-        (
-            variant("name = \"a\"\nengine = \"nope\""),
-            vec![],
-            "campaigns[0].variants[0].engine: engine \"nope\" has no file",
-        ),
-        (
-            variant("name = \"a\"") + &variant("name = \"a\""),
-            vec![],
-            "campaigns[0].variants[1].name: \"a\" is declared twice",
-        ),
-        (
-            variant("name = \"a\"\nweight = 0"),
-            vec![],
-            "campaigns[0].variants[0].weight: is 0; a weight must be a number above 0",
-        ),
-        (
-            variant("name = \"a\"\nprompt_template = \"gone.md\""),
-            vec![],
-            "campaigns[0].variants[0].prompt_template: prompt template",
-        ),
-        (
-            "\n[campaigns.allocation]\nmethod = \"bandit\"".to_string() + &variant("name = \"a\""),
-            vec![],
-            "campaigns[0].allocation.method: \"bandit\" shares dialogs among variants, and the campaign declares 1",
-        ),
-        (
-            "\n[campaigns.allocation]\nfloor = 0.6".to_string()
-                + &variant("name = \"a\"")
-                + &variant("name = \"b\""),
-            vec![],
-            "campaigns[0].allocation.floor: is 0.6; it is each variant's least share",
-        ),
-        (
-            "\n[campaigns.allocation]\ngoal = \"booked\"".to_string(),
-            vec![],
-            "goal \"booked\" is neither \"reply\" nor \"finish:LABEL\"",
-        ),
-        (
-            "\nprompt_template = \"hello.md\"".to_string(),
-            vec![("hello.md", "Hi there.\n{Hello|Hey {{contact.first_name}}\n")],
-            "hello.md:2: spintax: this { is never closed; write \\{ for a literal brace (column 1)",
-        ),
-        (
-            String::new(),
-            vec![("leads.csv", "username,timezone\nalice_a,Asia/Tokyo\nbobby_b,Mars/Olympus\n")],
-            "leads.csv:3: timezone \"Mars/Olympus\" is not a known time zone (an IANA name like Europe/Berlin); row skipped",
-        ),
-    ];
-    let end = "timezone = \"Europe/Berlin\" }";
-    assert!(GOOD.contains(end), "test setup");
-    for (added, files, expect) in cases {
-        let config = GOOD.replacen(end, &format!("{end}{added}"), 1);
-        let p = Project::new(&config);
-        for (name, text) in files {
-            std::fs::write(p.path(name), text).unwrap();
-        }
-        assert_bad(&p, &[expect]);
-    }
-}
-
-#[test]
-fn unknown_timezone() {
-    fails(
-        "Europe/Berlin",
-        "Mars/Olympus",
-        &["unknown time zone \"Mars/Olympus\""],
-    );
-}
-
-#[test]
-fn unknown_account_audience_and_engine_are_all_reported() {
-    let p = Project::new(
-        &GOOD
-            .replacen(
-                "accounts = [\"alice\"]",
-                "accounts = [\"alice\", \"bob\"]",
-                1,
-            )
-            .replacen("audiences = [\"leads\"]", "audiences = [\"vips\"]", 1)
-            .replacen("engine = \"echo\"", "engine = \"nosuch\"", 1),
-    );
-    assert_bad(
-        &p,
-        &[
+    },
+    Mistake {
+        edits: &[
+            ("accounts = [\"alice\"]", "accounts = [\"alice\", \"bob\"]"),
+            ("audiences = [\"leads\"]", "audiences = [\"vips\"]"),
+            ("engine = \"echo\"", "engine = \"nosuch\""),
+        ],
+        files: &[],
+        expect: &[
             "campaigns[0].accounts[1]: no account named \"bob\"",
             "campaigns[0].audiences[0]: no audience named \"vips\"",
             "campaigns[0].engine: engine \"nosuch\" has no file",
         ],
-    );
-}
-
-#[test]
-fn engine_named_by_path_is_refused() {
-    fails(
-        "engine = \"echo\"",
-        "engine = \"../echo\"",
-        &["is not an engine name"],
-    );
-}
-
-#[test]
-fn missing_audience_file() {
-    fails(
-        "file = \"leads.csv\"",
-        "file = \"gone.csv\"",
-        &[
-            "audiences[0].file: audience file",
-            "gone.csv\" does not exist",
+    },
+    Mistake {
+        edits: &[("engine = \"echo\"", "engine = \"../echo\"")],
+        files: &[],
+        expect: &["is not an engine name"],
+    },
+    Mistake {
+        edits: &[("[[audiences]]", "[[accounts]]\nname = \"alice\"\n\n[[audiences]]")],
+        files: &[],
+        expect: &["accounts[1].name: \"alice\" is declared twice"],
+    },
+    // Variants, allocation, spintax.
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[[campaigns.variants]]\nname = \"a\"\nengine = \"nope\"",
+        )],
+        files: &[],
+        expect: &["campaigns[0].variants[0].engine: engine \"nope\" has no file"],
+    },
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[[campaigns.variants]]\nname = \"a\"\n[[campaigns.variants]]\nname = \"a\"",
+        )],
+        files: &[],
+        expect: &["campaigns[0].variants[1].name: \"a\" is declared twice"],
+    },
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[[campaigns.variants]]\nname = \"a\"\nweight = 0",
+        )],
+        files: &[],
+        expect: &["campaigns[0].variants[0].weight: is 0; a weight must be a number above 0"],
+    },
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[[campaigns.variants]]\nname = \"a\"\nprompt_template = \"gone.md\"",
+        )],
+        files: &[],
+        expect: &["campaigns[0].variants[0].prompt_template: prompt template"],
+    },
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[campaigns.allocation]\nmethod = \"bandit\"\n[[campaigns.variants]]\nname = \"a\"",
+        )],
+        files: &[],
+        expect: &["campaigns[0].allocation.method: \"bandit\" shares dialogs among variants, and the campaign declares 1"],
+    },
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[campaigns.allocation]\nfloor = 0.6\n[[campaigns.variants]]\nname = \"a\"\n[[campaigns.variants]]\nname = \"b\"",
+        )],
+        files: &[],
+        expect: &["campaigns[0].allocation.floor: is 0.6; it is each variant's least share"],
+    },
+    Mistake {
+        edits: &[(
+            CAMPAIGN_END,
+            "timezone = \"Europe/Berlin\" }\n[campaigns.allocation]\ngoal = \"booked\"",
+        )],
+        files: &[],
+        expect: &["goal \"booked\" is neither \"reply\" nor \"finish:LABEL\""],
+    },
+    Mistake {
+        edits: &[(CAMPAIGN_END, "timezone = \"Europe/Berlin\" }\nprompt_template = \"hello.md\"")],
+        files: &[("hello.md", b"Hi there.\n{Hello|Hey {{contact.first_name}}\n")],
+        expect: &["hello.md:2: spintax: this { is never closed; write \\{ for a literal brace (column 1)"],
+    },
+    // Audience files.
+    Mistake {
+        edits: &[("file = \"leads.csv\"", "file = \"gone.csv\"")],
+        files: &[],
+        expect: &["audiences[0].file: audience file", "gone.csv\" does not exist"],
+    },
+    Mistake {
+        edits: &[],
+        files: &[("leads.csv", b"")],
+        expect: &["leads.csv: is empty"],
+    },
+    Mistake {
+        edits: &[],
+        files: &[("leads.csv", &[0x89, b'P', b'N', b'G', 0, 0, 1, 2])],
+        expect: &["leads.csv: looks like a binary file"],
+    },
+    Mistake {
+        edits: &[],
+        files: &[("leads.csv", b"username,phone\nalice_a,\n,12ab\n,\nbobby_b,+1555\n")],
+        expect: &[
+            "leads.csv:3: phone \"12ab\" has a character that is not a digit",
+            "leads.csv:5: phone \"+1555\" is not an international number",
         ],
-    );
-}
+    },
+    Mistake {
+        edits: &[],
+        files: &[("leads.csv", b"username,timezone\nalice_a,Asia/Tokyo\nbobby_b,Mars/Olympus\n")],
+        expect: &["leads.csv:3: timezone \"Mars/Olympus\" is not a known time zone (an IANA name like Europe/Berlin); row skipped"],
+    },
+];
 
+/// Every mistake of [`MISTAKES`] gets its sentences, a place on every line
+/// and exit code 2.
 #[test]
-fn duplicate_names() {
-    fails(
-        "[[audiences]]",
-        "[[accounts]]\nname = \"alice\"\n\n[[audiences]]",
-        &["accounts[1].name: \"alice\" is declared twice"],
-    );
-}
-
-#[test]
-fn unparseable_duration() {
-    fails(
-        "[host]",
-        "[safety]\nmin_interval = \"5 fortnights\"\n[host]",
-        &["config.toml:3:16", "invalid duration \"5 fortnights\""],
-    );
-}
-
-#[test]
-fn reversed_range() {
-    fails(
-        "[host]",
-        "[safety]\nreply_delay = \"3m..20s\"\n[host]",
-        &["config.toml:3:15", "range \"3m..20s\" is reversed"],
-    );
-}
-
-#[test]
-fn unknown_transport_kind() {
-    fails(
-        "[host]",
-        "[transport]\nkind = \"carrier-pigeon\"\n[host]",
-        &["config.toml:3:8", "carrier-pigeon"],
-    );
-}
-
-#[test]
-fn secret_in_the_file_is_refused() {
-    fails(
-        "[host]",
-        "[transport]\nkind = \"telegram\"\n[telegram]\napi_id = 1\napi_hash = \"0123abcd\"\n[host]",
-        &["unknown field `api_hash`", "api_hash_env"],
-    );
-}
-
-#[test]
-fn audience_file_empty() {
-    let p = Project::new(GOOD);
-    std::fs::write(p.path("leads.csv"), "").unwrap();
-    assert_bad(&p, &["leads.csv: is empty"]);
-}
-
-#[test]
-fn audience_file_binary() {
-    let p = Project::new(GOOD);
-    std::fs::write(p.path("leads.csv"), [0x89u8, b'P', b'N', b'G', 0, 0, 1, 2]).unwrap();
-    assert_bad(&p, &["leads.csv: looks like a binary file"]);
+fn every_mistake_gets_its_sentence_and_exit_code_2() {
+    for mistake in MISTAKES {
+        let mut config = GOOD.to_string();
+        for (from, to) in mistake.edits {
+            assert!(
+                config.contains(from),
+                "test setup: {from:?} not in the config"
+            );
+            config = config.replacen(from, to, 1);
+        }
+        let p = Project::new(&config);
+        for (name, bytes) in mistake.files {
+            std::fs::write(p.path(name), bytes).unwrap();
+        }
+        assert_bad(&p, mistake.expect);
+    }
 }
 
 #[test]
@@ -374,23 +339,6 @@ fn audience_file_with_bom_and_crlf_is_fine() {
     let (code, stdout, stderr) = p.check();
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("(2 contacts)"), "{stdout}");
-}
-
-#[test]
-fn audience_file_with_bad_rows() {
-    let p = Project::new(GOOD);
-    std::fs::write(
-        p.path("leads.csv"),
-        "username,phone\nalice_a,\n,12ab\n,\nbobby_b,+1555\n",
-    )
-    .unwrap();
-    assert_bad(
-        &p,
-        &[
-            "leads.csv:3: phone \"12ab\" has a character that is not a digit",
-            "leads.csv:5: phone \"+1555\" is not an international number",
-        ],
-    );
 }
 
 /// The reporting commands take bad arguments as `check` takes bad input:
