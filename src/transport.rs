@@ -10,9 +10,12 @@ use tokio::sync::mpsc;
 
 use crate::clock::{BoxFuture, Timestamp};
 use crate::model::{IdempotencyKey, Identity, MessageKind};
+use crate::safety::slot::Granted;
 
 /// A message to send. The key is reused on every retry of the same message,
-/// so a transport can refuse a duplicate (Telegram's `random_id`).
+/// so a transport can refuse a duplicate (Telegram's `random_id`). Only
+/// AccountSafety makes one, from the slot the account's limits gave it
+/// (see [`Granted`]).
 #[derive(Debug, Clone)]
 pub struct OutgoingMessage {
     pub account: String,
@@ -20,6 +23,7 @@ pub struct OutgoingMessage {
     pub text: String,
     pub kind: MessageKind,
     pub key: IdempotencyKey,
+    pub granted: Granted,
 }
 
 /// The transport's receipt for a delivered message.

@@ -383,7 +383,7 @@ pub async fn accounts(State(c): State<Console>, headers: HeaderMap) -> Page {
     let session = c.require(&headers)?;
     let host = &c.host;
     let now = host.clock.now();
-    let links = host.transport.links();
+    let links = host.transport().links();
     let mut body = String::from(
         "<table><tr><th>account</th><th>status</th><th>connection</th><th>sends, last hour</th><th>sends, last day</th><th>openings today</th><th>warm-up</th><th>may send</th><th>why it waits</th></tr>",
     );

@@ -53,10 +53,10 @@ use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
 use crate::engine::{Call, Ctx, EngineError, Reply};
 use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, MessageKind};
 use crate::safety::reaction::Reaction;
-use crate::safety::Failure;
+use crate::safety::{Failure, Slot};
 use crate::store::{self, Answer, Answered, PlanCell, Replied, Settle, StoreError, Written};
 use crate::transition::Outbound;
-use crate::transport::{Inbound, IncomingMessage, OutgoingMessage, SendError};
+use crate::transport::{Inbound, IncomingMessage, SendError};
 
 /// The most messages in one batch.
 const BATCH: usize = 4096;
@@ -234,7 +234,8 @@ struct Sending {
     /// The dialog and its ctx parts, kept for its next ctx if every reply
     /// goes out.
     recent: Box<Recent>,
-    replies: Vec<Message>,
+    /// The replies that took a slot, each with its slot.
+    replies: Vec<(Message, Slot)>,
     /// Some replies (or an ending) are left to the dialog's conductor.
     rest: bool,
 }
@@ -436,8 +437,7 @@ async fn commit(
 
     let (answered, flight) = {
         let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
-        let reserve = host.safety.reply_reserver(&accounts);
-        host.store.answer_batch(&answers, &accounts, &reserve)?
+        host.safety.answer_batch(&answers, &accounts)?
     };
 
     // What to send, and what is left to the conductors.
@@ -446,18 +446,17 @@ async fn commit(
     // A message the engine failed to answer was stored unanswered, as a
     // stale one is: its conductor tries again, and waits for a working
     // engine if it fails too.
-    for (job, answered) in jobs.iter_mut().zip(answered) {
+    for (job, (answered, slots)) in jobs.iter_mut().zip(answered) {
         match answered {
             Answered::Duplicate => {}
             Answered::Stale => later.push(job.recent.dialog.id),
             Answered::Done {
                 dialog,
-                mut replies,
-                slots,
+                replies,
                 written,
                 ..
             } => {
-                let rest = slots < replies.len() || dialog.ending.is_some();
+                let rest = slots.len() < replies.len() || dialog.ending.is_some();
                 // The job's ctx parts (their history holds the answer
                 // already, see `extend_histories`) move on with the dialog
                 // to its next ctx.
@@ -468,7 +467,7 @@ async fn commit(
                     contact: std::mem::take(&mut job.recent.contact),
                     history: std::mem::take(&mut job.recent.history),
                 });
-                replies.truncate(slots);
+                let replies: Vec<(Message, Slot)> = replies.into_iter().zip(slots).collect();
                 if !replies.is_empty() {
                     sending.push(Sending {
                         recent,
@@ -489,7 +488,7 @@ async fn commit(
     for ack in acks {
         let _ = ack.send(());
     }
-    let outcomes = run_all(sending.iter().map(|s| send_in_order(host, s))).await;
+    let outcomes = run_all(sending.iter_mut().map(|s| send_in_order(host, s))).await;
     let mut settled = Vec::with_capacity(sending.len());
     let mut sent_by_account: FxHashMap<String, u64> = FxHashMap::default();
     for (s, (sent, failed)) in sending.into_iter().zip(outcomes) {
@@ -761,31 +760,27 @@ async fn ask_engines(
     host.engines.call_many(calls).await
 }
 
-/// Sends a dialog's replies in order; stops at the first failure.
-async fn send_in_order(host: &Host, s: &Sending) -> (Vec<Settle>, Option<(Message, SendError)>) {
+/// Sends a dialog's replies in order, each on its slot; stops at the
+/// first failure. The replies after it keep their slots in the store, held
+/// by their pending messages, for the dialog's conductor.
+async fn send_in_order(
+    host: &Host,
+    s: &mut Sending,
+) -> (Vec<Settle>, Option<(Message, SendError)>) {
     let Recent {
         dialog, identity, ..
     } = &*s.recent;
     let mut sent = Vec::with_capacity(s.replies.len());
-    for m in &s.replies {
-        let Some(key) = m.key else { continue };
-        let result = host
-            .transport
-            .send(OutgoingMessage {
-                account: dialog.account.clone(),
-                contact: identity.clone(),
-                text: m.text.clone(),
-                kind: MessageKind::Reply,
-                key,
-            })
-            .await;
-        match result {
+    for (m, slot) in s.replies.drain(..) {
+        let key = slot.key();
+        let message = (identity.clone(), m.text.clone(), MessageKind::Reply);
+        match host.safety.send(host.transport(), slot, message).await {
             Ok(delivered) => sent.push(Settle {
                 account: dialog.account.clone(),
                 key,
                 delivered,
             }),
-            Err(e) => return (sent, Some((m.clone(), e))),
+            Err(e) => return (sent, Some((m, e))),
         }
     }
     (sent, None)

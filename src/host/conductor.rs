@@ -11,12 +11,10 @@ use super::Host;
 use crate::engine::Call;
 use crate::model::{Delivery, DialogId, DialogStatus, Message, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
-use crate::safety::decide::window_open_at;
 use crate::safety::reaction::Reaction;
-use crate::safety::{Decision, Failure};
+use crate::safety::{Failure, Gate, Sent};
 use crate::store::StoreError;
 use crate::transition::Apply;
-use crate::transport::OutgoingMessage;
 
 pub async fn run(host: Arc<Host>, dialog: DialogId, dirty: Arc<AtomicBool>) {
     // Keys this process has tried to send: any other pending key may have
@@ -238,7 +236,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
     if tried.insert(key.0) {
         // Possibly sent before a crash: ask before sending again.
         if let Ok(Some(d)) = host
-            .transport
+            .transport()
             .was_delivered(&dialog.account, &contact.identity, key)
             .await
         {
@@ -280,12 +278,12 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
             g = account_lock.lock() => g,
             _ = host.shutdown.cancelled() => return Ok(()),
         };
-        match host
+        let slot = match host
             .safety
             .reserve_now(&dialog.account, kind, window.as_ref(), key)?
         {
-            Decision::Allow => {}
-            Decision::NotBefore(t) => {
+            Gate::Open(slot) => slot,
+            Gate::NotBefore(t) => {
                 crate::metrics::count(
                     "colloquy_safety_waits_total",
                     &[("account", &dialog.account)],
@@ -297,51 +295,40 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
                 }
                 continue;
             }
-            Decision::Deny(d) => {
+            Gate::Deny(d) => {
                 drop(_account);
                 cancel(host, m, d.to_string())?;
                 return fail(host, m.dialog, DialogStatus::Blocked);
             }
-        }
+        };
         // The claim, the message and its slot are durable before it leaves.
         host.store.flush_async().await?;
         let gate = host.gate(m.dialog).lock().await;
         if !host.store.is_pending(key)? {
-            // The answer pipeline sent it meanwhile.
+            // The answer pipeline sent it meanwhile: the slot (the same
+            // key's) is that send's.
+            drop(slot);
             return Ok(());
         }
         if let Some(why) = still_live(host)? {
             drop(gate);
-            host.safety.release(&dialog.account, key)?;
+            host.safety.release(slot)?;
             return cancel(host, m, why);
         }
-        // The slot was taken inside the send window, but the flush or the
-        // gate may have taken long enough for it to close: then the slot goes
-        // back and the send waits for the window to open again.
-        if let Some(w) = &window {
-            let now = host.clock.now();
-            if window_open_at(w, now) > now {
-                drop(gate);
-                host.safety.release(&dialog.account, key)?;
+        let started = std::time::Instant::now();
+        let message = (contact.identity.clone(), m.text.clone(), kind);
+        let sent = host
+            .safety
+            .send_in_window(host.transport(), slot, window.as_ref(), message)
+            .await?;
+        drop(gate);
+        crate::metrics::observe("colloquy_send_seconds", &[], started.elapsed());
+        let error = match sent {
+            Sent::WindowClosed => {
                 drop(_account);
                 continue;
             }
-        }
-        let started = std::time::Instant::now();
-        let result = host
-            .transport
-            .send(OutgoingMessage {
-                account: dialog.account.clone(),
-                contact: contact.identity.clone(),
-                text: m.text.clone(),
-                kind,
-                key,
-            })
-            .await;
-        drop(gate);
-        crate::metrics::observe("colloquy_send_seconds", &[], started.elapsed());
-        let error = match result {
-            Ok(d) => {
+            Sent::Delivered(d) => {
                 crate::metrics::count(
                     "colloquy_messages_sent_total",
                     &[("kind", kind.label()), ("account", &dialog.account)],
@@ -357,7 +344,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
                 }
                 return settle_sent(host, d);
             }
-            Err(e) => e,
+            Sent::Failed(e) => e,
         };
         let reaction = host.safety.report(&Failure {
             account: &dialog.account,
@@ -381,7 +368,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
             }
             Reaction::Reconcile => {
                 match host
-                    .transport
+                    .transport()
                     .was_delivered(&dialog.account, &contact.identity, key)
                     .await
                 {

@@ -169,7 +169,7 @@ fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
     reply(match env.request {
         Request::Status { json } => {
             let live = report::Live {
-                links: host.transport.links(),
+                links: host.transport().links(),
                 engine_errors: config
                     .file
                     .campaigns

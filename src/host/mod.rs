@@ -53,7 +53,8 @@ pub struct Host {
     pub store: Store,
     pub safety: AccountSafety,
     pub engines: EngineRuntime,
-    pub transport: Arc<dyn Transport>,
+    /// Sent to only through [`AccountSafety::send`], on a slot.
+    transport: Arc<dyn Transport>,
     pub clock: Arc<dyn Clock>,
     pub rng: Arc<SeededRng>,
     pub alerts: Alerts,
@@ -80,6 +81,12 @@ pub struct Host {
 }
 
 impl Host {
+    /// The transport: sends go through [`AccountSafety::send`], which
+    /// takes the slot each needs.
+    pub fn transport(&self) -> &dyn Transport {
+        self.transport.as_ref()
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.config
             .read()
@@ -615,7 +622,7 @@ pub async fn start(host: &Arc<Host>) -> Result<(), StoreError> {
         host.activate(id);
     }
     let (tx, rx) = mpsc::channel::<Inbound>(4096);
-    if let Err(e) = host.transport.subscribe(tx).await {
+    if let Err(e) = host.transport().subscribe(tx).await {
         tracing::error!("cannot receive messages: {e}");
     }
     host.tasks.spawn(answer::dispatch(host.clone(), rx));

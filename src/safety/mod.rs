@@ -3,15 +3,19 @@
 //! - [`decide`] is the pure core: limits, windows, pauses, warm-up.
 //! - [`reaction`] is the one table from transport errors to reactions.
 //! - [`alerts`] raises alerts to the log and a webhook.
+//! - [`slot`]: the [`Slot`] a send needs, which only AccountSafety makes.
 //! - [`AccountSafety`] (this file) puts them on the store: reservations are
-//!   atomic store transactions, and waiting is sleeping until the exact
-//!   moment a send becomes possible.
+//!   atomic store transactions, waiting is sleeping until the exact
+//!   moment a send becomes possible, and [`AccountSafety::send`] is the one
+//!   place a message goes to the transport, on its slot.
 
 pub mod alerts;
 pub mod decide;
 pub mod reaction;
+pub mod slot;
 
 pub use decide::{Decision, Denied, Limits, SendRequest};
+pub use slot::Slot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -22,9 +26,11 @@ use tokio::sync::Notify;
 
 use crate::clock::{Clock, SeededRng, Timestamp};
 use crate::config::{Config, SendWindow};
-use crate::model::{AccountStatus, ContactId, DialogId, DoNotContact, IdempotencyKey, MessageKind};
-use crate::store::{Store, StoreError};
-use crate::transport::SendError;
+use crate::model::{
+    AccountStatus, ContactId, DialogId, DoNotContact, IdempotencyKey, Identity, MessageKind,
+};
+use crate::store::{Answer, Answered, Flight, Store, StoreError};
+use crate::transport::{Delivered, OutgoingMessage, SendError, Transport};
 use alerts::{Alert, AlertKind, Alerts};
 use reaction::{AccountEffect, Outcome, Reaction, Situation};
 
@@ -48,6 +54,29 @@ pub struct Failure<'a> {
     /// How many times this message failed before, from 0.
     pub attempt: u32,
     pub error: &'a SendError,
+}
+
+/// An answer of a batch as stored, with the slots its first replies took
+/// ([`AccountSafety::answer_batch`]).
+pub type AnsweredWithSlots = (Answered, Vec<Slot>);
+
+/// Whether a message may go now: its slot, or when to ask again, or why
+/// never.
+#[derive(Debug)]
+pub enum Gate {
+    Open(Slot),
+    NotBefore(Timestamp),
+    Deny(Denied),
+}
+
+/// What became of a send.
+#[derive(Debug)]
+pub enum Sent {
+    Delivered(Delivered),
+    Failed(SendError),
+    /// The send window closed while the send waited for its turn (a flush,
+    /// the dialog's gate): the slot went back and nothing was sent.
+    WindowClosed,
 }
 
 /// The safety gate of every account. Cheap to clone.
@@ -161,8 +190,8 @@ impl AccountSafety {
         kind: MessageKind,
         window: Option<&SendWindow>,
         key: IdempotencyKey,
-    ) -> Result<Decision, StoreError> {
-        self.reserve(
+    ) -> Result<Gate, StoreError> {
+        let decision = self.reserve(
             account,
             SendRequest {
                 kind,
@@ -171,7 +200,81 @@ impl AccountSafety {
             },
             key,
             true,
-        )
+        )?;
+        Ok(match decision {
+            Decision::Allow => Gate::Open(Slot::new(account, key)),
+            Decision::NotBefore(t) => Gate::NotBefore(t),
+            Decision::Deny(d) => Gate::Deny(d),
+        })
+    }
+
+    /// Sends a message on its slot: the one place a message goes to the
+    /// transport.
+    pub async fn send(
+        &self,
+        transport: &dyn Transport,
+        slot: Slot,
+        message: (Identity, String, MessageKind),
+    ) -> Result<Delivered, SendError> {
+        transport.send(outgoing(slot, message)).await
+    }
+
+    /// [`AccountSafety::send`] within a send window. The slot was taken
+    /// inside the window, but the send may have waited since (for a flush,
+    /// for the dialog's gate) long enough for the window to close: then the
+    /// slot goes back and nothing is sent ([`Sent::WindowClosed`]).
+    pub async fn send_in_window(
+        &self,
+        transport: &dyn Transport,
+        slot: Slot,
+        window: Option<&SendWindow>,
+        message: (Identity, String, MessageKind),
+    ) -> Result<Sent, StoreError> {
+        if let Some(w) = window {
+            let now = self.now();
+            if decide::window_open_at(w, now) > now {
+                self.release(slot)?;
+                return Ok(Sent::WindowClosed);
+            }
+        }
+        Ok(match self.send(transport, slot, message).await {
+            Ok(d) => Sent::Delivered(d),
+            Err(e) => Sent::Failed(e),
+        })
+    }
+
+    /// Stores a batch of answers ([`Store::answer_batch`]), taking each new
+    /// reply's slot now if the limits allow, as
+    /// [`AccountSafety::reserve_now`] does; returns each answer with the
+    /// slots of its first replies. Callers hold the accounts' locks until
+    /// the sends are confirmed ([`AccountSafety::settle_batch`]).
+    pub fn answer_batch(
+        &self,
+        answers: &[Answer<'_>],
+        accounts: &[&str],
+    ) -> Result<(Vec<AnsweredWithSlots>, Flight), StoreError> {
+        let reserve = self.reply_reserver(accounts);
+        let (answered, flight) = self.inner.store.answer_batch(answers, accounts, &reserve)?;
+        let with_slots = answered
+            .into_iter()
+            .map(|a| {
+                let slots = match &a {
+                    Answered::Done {
+                        dialog,
+                        replies,
+                        slots,
+                        ..
+                    } => replies[..*slots]
+                        .iter()
+                        .filter_map(|m| m.key)
+                        .map(|key| Slot::new(&dialog.account, key))
+                        .collect(),
+                    Answered::Duplicate | Answered::Stale => Vec::new(),
+                };
+                (a, slots)
+            })
+            .collect();
+        Ok((with_slots, flight))
     }
 
     fn reserve(
@@ -199,12 +302,9 @@ impl AccountSafety {
         })
     }
 
-    /// A reservation step for [`Store::answer_batch`]: takes a new reply's
-    /// slot now if the limits allow, as [`AccountSafety::reserve_now`] does.
-    /// The key is one drawn for the reply: it holds no slot yet.
-    /// Callers hold the account's lock until the send is confirmed
-    /// ([`AccountSafety::settle_batch`]).
-    pub fn reply_reserver<'a>(
+    /// The reservation step of [`AccountSafety::answer_batch`]. The key is
+    /// one drawn for the reply: it holds no slot yet.
+    fn reply_reserver<'a>(
         &'a self,
         accounts: &[&'a str],
     ) -> impl Fn(&mut crate::model::AccountRecord, IdempotencyKey) -> bool + 'a {
@@ -318,9 +418,10 @@ impl AccountSafety {
             .map(|_| ())
     }
 
-    /// Gives a slot back: the send surely did not reach Telegram.
-    pub fn release(&self, account: &str, key: IdempotencyKey) -> Result<(), StoreError> {
-        self.inner.store.update_account(account, &|r| {
+    /// Gives a slot back: the message is not sent on it.
+    pub fn release(&self, slot: Slot) -> Result<(), StoreError> {
+        let key = slot.key();
+        self.inner.store.update_account(slot.account(), &|r| {
             decide::release(r, key);
         })
     }
@@ -519,6 +620,31 @@ impl AccountSafety {
             .map(|r| (r.name.clone(), r))
             .collect())
     }
+}
+
+/// The message a slot sends: the slot's account and key, and the proof
+/// that it holds one.
+fn outgoing(slot: Slot, (contact, text, kind): (Identity, String, MessageKind)) -> OutgoingMessage {
+    let (account, key, granted) = slot.grant();
+    OutgoingMessage {
+        account,
+        contact,
+        text,
+        kind,
+        key,
+        granted,
+    }
+}
+
+/// A message as a send on a slot makes it, for the transports' unit tests,
+/// which send without a host.
+#[cfg(test)]
+pub(crate) fn outgoing_for_tests(
+    account: &str,
+    key: IdempotencyKey,
+    message: (Identity, String, MessageKind),
+) -> OutgoingMessage {
+    outgoing(Slot::new(account, key), message)
 }
 
 #[cfg(test)]

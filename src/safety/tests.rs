@@ -278,7 +278,7 @@ async fn a_message_waiting_for_a_slot_keeps_the_one_it_holds() {
     let d = g
         .reserve_now("a", MessageKind::Opening, None, IdempotencyKey(1))
         .unwrap();
-    assert!(matches!(d, Decision::NotBefore(_)), "{d:?}");
+    assert!(matches!(d, Gate::NotBefore(_)), "{d:?}");
     assert_eq!(store.account("a").unwrap().sends.len(), 2);
     let third = g
         .try_reserve("a", MessageKind::Reply, None, IdempotencyKey(3))
@@ -333,4 +333,102 @@ fn confirming_a_batch_does_not_add_up_the_delays() {
         decide::confirm(&mut record, IdempotencyKey(key), at, &limits);
     }
     assert_eq!(record.next_send_at, Timestamp(START.0 + 30));
+}
+
+/// A transport that notes each message it is given, as (account, key).
+#[derive(Default)]
+struct Noting(std::sync::Mutex<Vec<(String, IdempotencyKey)>>);
+
+impl Transport for Noting {
+    fn send(
+        &self,
+        msg: OutgoingMessage,
+    ) -> crate::clock::BoxFuture<'_, Result<Delivered, SendError>> {
+        self.0.lock().unwrap().push((msg.account.clone(), msg.key));
+        Box::pin(async move {
+            Ok(Delivered {
+                transport_id: msg.key.0 as i64,
+                at: START,
+            })
+        })
+    }
+
+    fn was_delivered(
+        &self,
+        _: &str,
+        _: &Identity,
+        _: IdempotencyKey,
+    ) -> crate::clock::BoxFuture<'_, Result<Option<Delivered>, SendError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn subscribe(
+        &self,
+        _: tokio::sync::mpsc::Sender<crate::transport::Inbound>,
+    ) -> crate::clock::BoxFuture<'_, Result<(), SendError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn message() -> (Identity, String, MessageKind) {
+    (
+        Identity::Username("ann_a".into()),
+        "hi".into(),
+        MessageKind::Reply,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_send_goes_on_its_slot_with_the_slots_account_and_key() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    let transport = Noting::default();
+    let Gate::Open(slot) = g
+        .reserve_now("a", MessageKind::Reply, None, IdempotencyKey(7))
+        .unwrap()
+    else {
+        panic!("a fresh account has room")
+    };
+    assert_eq!((slot.account(), slot.key()), ("a", IdempotencyKey(7)));
+    let sent = g
+        .send_in_window(&transport, slot, None, message())
+        .await
+        .unwrap();
+    assert!(matches!(sent, Sent::Delivered(_)), "{sent:?}");
+    assert_eq!(
+        *transport.0.lock().unwrap(),
+        vec![("a".to_string(), IdempotencyKey(7))]
+    );
+}
+
+/// The send window closes while a send waits (for a flush, a dialog's
+/// gate): nothing is sent and the slot goes back.
+#[tokio::test(start_paused = true)]
+async fn a_window_that_closed_while_a_send_waited_gives_its_slot_back() {
+    let store = Store::temporary().unwrap();
+    let g = gate(&store, TIGHT);
+    let transport = Noting::default();
+    // START is 23:06:40 UTC; the window closes at 23:10.
+    let text = "[[accounts]]\nname = \"a\"\n[[campaigns]]\nname = \"c\"\nengine = \"echo\"\naudiences = [\"l\"]\naccounts = [\"a\"]\nsend_window = { start = \"23:00\", end = \"23:10\", timezone = \"UTC\" }\n";
+    let parsed = Config::parse(Path::new("t.toml"), text).unwrap();
+    let window = parsed.file.campaigns[0].send_window.clone().unwrap();
+    let Gate::Open(slot) = g
+        .reserve_now("a", MessageKind::Opening, Some(&window), IdempotencyKey(1))
+        .unwrap()
+    else {
+        panic!("the window is open and the account has room")
+    };
+    assert_eq!(store.account("a").unwrap().sends.len(), 1);
+    tokio::time::advance(Duration::from_secs(5 * 60)).await;
+    let sent = g
+        .send_in_window(&transport, slot, Some(&window), message())
+        .await
+        .unwrap();
+    assert!(matches!(sent, Sent::WindowClosed), "{sent:?}");
+    assert!(transport.0.lock().unwrap().is_empty(), "nothing was sent");
+    assert_eq!(
+        store.account("a").unwrap().sends.len(),
+        0,
+        "the slot went back"
+    );
 }

@@ -192,13 +192,15 @@ async fn ready(w: &World, account: &str) {
 }
 
 fn msg(kind: MessageKind, contact: &str, key: u64) -> OutgoingMessage {
-    OutgoingMessage {
-        account: "alice".into(),
-        contact: Identity::Username(contact.into()),
-        text: format!("hello {key}"),
-        kind,
-        key: IdempotencyKey(key),
-    }
+    crate::safety::outgoing_for_tests(
+        "alice",
+        IdempotencyKey(key),
+        (
+            Identity::Username(contact.into()),
+            format!("hello {key}"),
+            kind,
+        ),
+    )
 }
 
 #[tokio::test]
