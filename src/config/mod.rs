@@ -1,8 +1,7 @@
 //! `config.toml`: its shape (SPEC section 4), parsing with file positions,
 //! and the semantic checks that parsing cannot make.
 //!
-//! [`Config::load`] gives a validated config or every
-//! [`Problem`](crate::problem::Problem) found.
+//! [`Config::load`] gives a validated config or every [`Problem`] found.
 //! Shape errors (syntax, unknown keys, wrong types, bad values) stop parsing
 //! and carry `file:line:column`; semantic problems carry the key path, such
 //! as `campaigns[0].accounts[1]`, and are all reported together.

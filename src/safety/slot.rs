@@ -1,8 +1,7 @@
 //! The slot a send needs. AccountSafety makes a [`Slot`] when an account's
 //! limits let a message go now, and nothing else can: its fields are
-//! private and its maker is this module's parent's. An
-//! [`OutgoingMessage`](crate::transport::OutgoingMessage) holds a
-//! [`Granted`], which only a slot turns into (in
+//! private and its maker is this module's parent's. A transport's
+//! outgoing message holds a [`Granted`], which only a slot turns into (in
 //! `AccountSafety::send`), so no message reaches a transport without the
 //! slot its account's limits gave it.
 
@@ -41,7 +40,7 @@ impl Slot {
     }
 }
 
-/// The proof an [`OutgoingMessage`](crate::transport::OutgoingMessage)
-/// carries that its slot was taken: made only from a [`Slot`].
+/// The proof a transport's outgoing message carries that its slot was
+/// taken: made only from a [`Slot`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Granted(());

@@ -843,7 +843,7 @@ impl Store {
     /// Opens (or creates) the store under `dir`. sled may panic on a
     /// damaged file while it recovers or reads it, or spin on it for ever:
     /// the open runs on a thread of its own, and a panic, sled's
-    /// `Corruption` or a thread still reading after [`open_deadline`] is
+    /// `Corruption` or a thread still reading after `open_deadline` (10 s and 1 s per 10 MB) is
     /// the damaged store's sentence, not a crash or a hang (the stuck
     /// thread is left to the process's exit).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
