@@ -155,11 +155,16 @@ async fn the_bandit_moves_new_dialogs_to_the_variant_contacts_answer() {
         last[0] >= 0.02 && last[2] >= 0.02,
         "the floor keeps exploring: {last:?}"
     );
-    // The estimates bracket the true rates, and the best is known.
+    // The estimates bracket the true rates, and the best is known. The
+    // reported intervals are 95% ones, so one of three variants misses its
+    // true rate now and then by chance (the engine workers are threads, so
+    // the run's interleaving is not fixed); the test asks the 99.9%
+    // interval of the same counts, which misses one run in a thousand.
     for (r, (_, _, _, p)) in reports.iter().zip(VARIANTS) {
+        let (low, high) = wilson(r.funnel.replied, r.funnel.opened, 3.29);
         assert!(
-            r.reply_rate.low <= p && p <= r.reply_rate.high,
-            "{} {p}: {r:?}",
+            low <= p && p <= high,
+            "{} {p}: [{low:.3}, {high:.3}] {r:?}",
             r.name
         );
     }
@@ -323,4 +328,14 @@ fn a_variant_added_while_the_host_runs_uses_its_template() {
             || t.starts_with("B-words")),
         "{texts:?}"
     );
+}
+
+/// The Wilson interval of `successes` in `trials` at `z` standard errors.
+fn wilson(successes: usize, trials: usize, z: f64) -> (f64, f64) {
+    let n = trials as f64;
+    let p = successes as f64 / n;
+    let centre = p + z * z / (2.0 * n);
+    let spread = z * ((p * (1.0 - p) + z * z / (4.0 * n)) / n).sqrt();
+    let d = 1.0 + z * z / n;
+    ((centre - spread) / d, (centre + spread) / d)
 }

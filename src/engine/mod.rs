@@ -327,18 +327,37 @@ impl EngineRuntime {
             .collect()
     }
 
+    /// The least busy worker, with one more call counted on it. Counted
+    /// by a compare-and-swap of the count it was chosen by, so that two
+    /// calls made at the same moment never both take the same idle worker
+    /// (one stuck call would then hold up the other).
+    fn claim_least_busy(&self) -> Option<Arc<Worker>> {
+        loop {
+            let (worker, seen) = self
+                .workers
+                .iter()
+                .map(|slot| slot.read().unwrap_or_else(|e| e.into_inner()).clone())
+                .map(|w| {
+                    let seen = w.busy.load(Ordering::Acquire);
+                    (w, seen)
+                })
+                .min_by_key(|(_, seen)| *seen)?;
+            let claimed =
+                worker
+                    .busy
+                    .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire);
+            if claimed.is_ok() {
+                return Some(worker);
+            }
+        }
+    }
+
     /// Calls an engine function for one dialog on the least busy worker.
     pub async fn call(&self, engine: &str, call: Call, ctx: Ctx) -> Result<Reply, EngineError> {
-        let worker = self
-            .workers
-            .iter()
-            .map(|slot| slot.read().unwrap_or_else(|e| e.into_inner()).clone())
-            .min_by_key(|w| w.busy.load(Ordering::Relaxed))
-            .ok_or(EngineError::Stopped)?;
+        let worker = self.claim_least_busy().ok_or(EngineError::Stopped)?;
         let (tx, rx) = oneshot::channel();
         let function = call.function();
         let started = std::time::Instant::now();
-        worker.busy.fetch_add(1, Ordering::Relaxed);
         let task = Box::new(Task {
             engine: engine.to_string(),
             call,

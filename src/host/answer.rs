@@ -51,10 +51,11 @@ use crate::concurrent::run_all;
 use crate::config::Config;
 use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
 use crate::engine::{Call, Ctx, EngineError, Reply};
-use crate::model::{Delivery, Dialog, DialogId, DialogStatus, Identity, Message, MessageKind};
-use crate::safety::reaction::Reaction;
-use crate::safety::{Failure, Slot};
-use crate::store::{self, Answer, Answered, PlanCell, Replied, Settle, StoreError, Written};
+use crate::model::{Delivery, Dialog, DialogId, Identity, Message, MessageKind};
+use crate::safety::{AnsweredWithSlots, Failure, Slot};
+use crate::store::{
+    self, Answer, Answered, Flight, PlanCell, Replied, Settle, StoreError, Written,
+};
 use crate::transition::Outbound;
 use crate::transport::{Inbound, IncomingMessage, SendError};
 
@@ -86,20 +87,13 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     loop {
         batch.append(&mut pipeline.carry);
         if batch.is_empty() && answered.is_none() {
-            let deferred = host.store.deferred() > 0;
-            let quiet = if writing_out { Duration::ZERO } else { QUIET };
-            tokio::select! {
-                biased;
-                _ = host.shutdown.cancelled() => break,
-                n = rx.recv_many(&mut batch, BATCH) => if n == 0 { break },
-                _ = tokio::time::sleep(quiet), if deferred => {
+            match wait_for_messages(&host, &mut rx, &mut batch, writing_out).await {
+                Waited::Stop => break,
+                Waited::WroteOut => {
                     writing_out = true;
-                    if let Err(e) = host.store.write_out_deferred(WRITE_OUT) {
-                        tracing::error!("answered dialogs could not be written out: {e}");
-                    }
-                    tokio::task::yield_now().await;
                     continue;
                 }
+                Waited::Messages => {}
             }
         }
         writing_out = false;
@@ -112,61 +106,10 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
         if host.shutdown.is_cancelled() {
             break;
         }
-        let busy: FxHashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
-        if let Err(e) = pipeline.warm(&host, &batch, &busy) {
-            tracing::error!("incoming messages could not be routed: {e}");
-        }
-        // The batch before is stored and sent on a task of its own while
-        // another routes this one and asks the engines: spawned second,
-        // that one takes this worker's next turn and leaves the commit to
-        // the other worker, so the two run on both cores. Whatever routing
-        // reads from the store is read first (`warm`): a read waits for
-        // the commit's transaction.
-        let committing = answered.take().map(|p| {
-            let host = host.clone();
-            tokio::spawn(async move { commit(&host, p).await })
-        });
-        let committing = async move {
-            match committing {
-                Some(task) => match task.await {
-                    Ok(kept) => kept,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    // The runtime is going away: what the batch stored is
-                    // in the store, and its dialogs' conductors take it.
-                    Err(_) => Ok(FxHashMap::default()),
-                },
-                None => Ok(FxHashMap::default()),
-            }
-        };
-        let preparing = {
-            let host = host.clone();
-            // The pipeline goes with the task and comes back with its
-            // answer.
-            let mut taken = std::mem::take(&mut pipeline);
-            let batch = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            tokio::spawn(async move {
-                let prepared = taken.prepare(&host, batch, &busy).await;
-                (taken, prepared)
-            })
-        };
-        let (preparing, committed) = tokio::join!(preparing, committing);
-        let prepared = match preparing {
-            Ok((taken, prepared)) => {
-                pipeline = taken;
-                prepared
-            }
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is going away: what of the batch was not stored
-            // is not acknowledged, and the transport offers it again.
-            Err(_) => break,
-        };
-        match committed {
-            Ok(kept) => pipeline.recent.extend(kept),
-            Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
-        }
-        match prepared {
-            Ok(p) => answered = p,
-            Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
+        let batch = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+        match step(&host, &mut pipeline, batch, answered.take()).await {
+            Some(prepared) => answered = prepared,
+            None => break,
         }
         if pipeline.recent.len() > RECENT || pipeline.dialogs.len() > RECENT {
             pipeline.recent.clear();
@@ -186,6 +129,106 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
         if let Err(e) = host.store.write_out_deferred(4 * WRITE_OUT) {
             tracing::error!("answered dialogs could not be written out: {e}");
             break;
+        }
+    }
+}
+
+/// What came of waiting for messages.
+enum Waited {
+    Messages,
+    /// No message came for `QUIET`: some deferred records were written out.
+    WroteOut,
+    /// Shutdown, or the transport's channel closed.
+    Stop,
+}
+
+/// Waits for messages into `batch`; while none come, writes the store's
+/// deferred records out, [`WRITE_OUT`] dialogs at a time.
+async fn wait_for_messages(
+    host: &Host,
+    rx: &mut mpsc::Receiver<Inbound>,
+    batch: &mut Vec<Inbound>,
+    writing_out: bool,
+) -> Waited {
+    let deferred = host.store.deferred() > 0;
+    let quiet = if writing_out { Duration::ZERO } else { QUIET };
+    tokio::select! {
+        biased;
+        _ = host.shutdown.cancelled() => Waited::Stop,
+        n = rx.recv_many(batch, BATCH) => if n == 0 { Waited::Stop } else { Waited::Messages },
+        _ = tokio::time::sleep(quiet), if deferred => {
+            if let Err(e) = host.store.write_out_deferred(WRITE_OUT) {
+                tracing::error!("answered dialogs could not be written out: {e}");
+            }
+            tokio::task::yield_now().await;
+            Waited::WroteOut
+        }
+    }
+}
+
+/// One step of the pipeline: the batch before (`answered`) is stored and
+/// sent on a task of its own while another routes `batch` and asks the
+/// engines. Returns `batch` prepared, or `None` once the runtime is going
+/// away.
+async fn step(
+    host: &Arc<Host>,
+    pipeline: &mut Pipeline,
+    batch: Vec<Inbound>,
+    answered: Option<Prepared>,
+) -> Option<Option<Prepared>> {
+    let busy: FxHashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
+    if let Err(e) = pipeline.warm(host, &batch, &busy) {
+        tracing::error!("incoming messages could not be routed: {e}");
+    }
+    // Spawned second, the routing takes this worker's next turn and leaves
+    // the commit to the other worker, so the two run on both cores.
+    // Whatever routing reads from the store is read first (`warm`): a read
+    // waits for the commit's transaction.
+    let committing = answered.map(|p| {
+        let host = host.clone();
+        tokio::spawn(async move { commit(&host, p).await })
+    });
+    let committing = async move {
+        match committing {
+            Some(task) => match task.await {
+                Ok(kept) => kept,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The runtime is going away: what the batch stored is in
+                // the store, and its dialogs' conductors take it.
+                Err(_) => Ok(FxHashMap::default()),
+            },
+            None => Ok(FxHashMap::default()),
+        }
+    };
+    let preparing = {
+        let host = host.clone();
+        // The pipeline goes with the task and comes back with its answer.
+        let mut taken = std::mem::take(pipeline);
+        tokio::spawn(async move {
+            let prepared = taken.prepare(&host, batch, &busy).await;
+            (taken, prepared)
+        })
+    };
+    let (preparing, committed) = tokio::join!(preparing, committing);
+    let prepared = match preparing {
+        Ok((taken, prepared)) => {
+            *pipeline = taken;
+            prepared
+        }
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is going away: what of the batch was not stored is
+        // not acknowledged, and the transport offers it again.
+        Err(_) => return None,
+    };
+    match committed {
+        Ok(kept) => pipeline.recent.extend(kept),
+        Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
+    }
+    match prepared {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!("incoming messages could not be stored: {e}");
+            Some(None)
         }
     }
 }
@@ -405,89 +448,152 @@ async fn commit(
         now,
         acks,
     } = prepared;
-    let mut kept: FxHashMap<DialogId, Box<Recent>> =
-        FxHashMap::with_capacity_and_hasher(jobs.len(), Default::default());
-    // The accounts' locks and the dialogs' gates, as a conductor holds
-    // them from taking a slot until the send is confirmed. A dialog whose
-    // lock or gate is busy takes no slot: its conductor sends.
-    let mut locks: FxHashMap<String, Option<OwnedMutexGuard<()>>> = FxHashMap::default();
-    let mut gates: FxHashMap<usize, Option<MutexGuard<'_, ()>>> = FxHashMap::default();
-    let mut may_send = Vec::with_capacity(jobs.len());
-    for (job, reply) in jobs.iter().zip(&replies) {
-        let d = &job.recent.dialog;
-        let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
-        if wants && !locks.contains_key(d.account.as_str()) {
-            let lock = host.account_lock(&d.account).try_lock_owned().ok();
-            locks.insert(d.account.clone(), lock);
-        }
-        let free = wants
-            && locks[d.account.as_str()].is_some()
-            && gates
-                .entry(host.gate_index(d.id))
-                .or_insert_with(|| host.gate(d.id).try_lock().ok())
-                .is_some();
-        may_send.push(free);
-    }
-    let mut accounts: Vec<&str> = locks
-        .iter()
-        .filter(|(_, g)| g.is_some())
-        .map(|(a, _)| a.as_str())
-        .collect();
-    accounts.sort_unstable();
-
+    let held = Held::take(host, &jobs, &replies);
     let (answered, flight) = {
-        let answers = answers(&jobs, &replies, &outbound, now, &may_send, &plans);
-        host.safety.answer_batch(&answers, &accounts)?
+        let answers = answers(&jobs, &replies, &outbound, now, &held.may_send, &plans);
+        host.safety.answer_batch(&answers, &held.accounts())?
     };
-
-    // What to send, and what is left to the conductors.
-    let mut later: Vec<DialogId> = Vec::new();
-    let mut sending: Vec<Sending> = Vec::with_capacity(jobs.len());
-    // A message the engine failed to answer was stored unanswered, as a
-    // stale one is: its conductor tries again, and waits for a working
-    // engine if it fails too.
-    for (job, (answered, slots)) in jobs.iter_mut().zip(answered) {
-        match answered {
-            Answered::Duplicate => {}
-            Answered::Stale => later.push(job.recent.dialog.id),
-            Answered::Done {
-                dialog,
-                replies,
-                written,
-                ..
-            } => {
-                let rest = slots.len() < replies.len() || dialog.ending.is_some();
-                // The job's ctx parts (their history holds the answer
-                // already, see `extend_histories`) move on with the dialog
-                // to its next ctx.
-                let recent = Box::new(Recent {
-                    dialog: *dialog,
-                    written: Some(written),
-                    identity: job.recent.identity.clone(),
-                    contact: std::mem::take(&mut job.recent.contact),
-                    history: std::mem::take(&mut job.recent.history),
-                });
-                let replies: Vec<(Message, Slot)> = replies.into_iter().zip(slots).collect();
-                if !replies.is_empty() {
-                    sending.push(Sending {
-                        recent,
-                        replies,
-                        rest,
-                    });
-                } else if rest {
-                    later.push(recent.dialog.id);
-                } else {
-                    kept.insert(recent.dialog.id, recent);
-                }
-            }
-        }
-    }
-
+    let mut sorted = Sorted::of(&mut jobs, answered);
     // Durable, then acknowledged, then sent.
     host.store.flush_async().await?;
     for ack in acks {
         let _ = ack.send(());
     }
+    send_and_settle(host, &flight, &mut sorted).await?;
+    drop(held);
+    for dialog in sorted.later {
+        host.activate(dialog);
+    }
+    // A large batch is freed on another thread: the next batch waits for
+    // this one to end. A small one costs less than the hand-over.
+    let leftovers = (jobs, replies, outbound, plans);
+    if leftovers.0.len() >= FREE_ELSEWHERE {
+        tokio::task::spawn_blocking(move || drop(leftovers));
+    }
+    Ok(sorted.kept)
+}
+
+/// The accounts' locks and the dialogs' gates a batch holds, as a
+/// conductor holds them from taking a slot until the send is confirmed. A
+/// dialog whose lock or gate is busy takes no slot: its conductor sends.
+struct Held<'h> {
+    locks: FxHashMap<String, Option<OwnedMutexGuard<()>>>,
+    gates: FxHashMap<usize, Option<MutexGuard<'h, ()>>>,
+    /// Per job: whether its replies may be sent here.
+    may_send: Vec<bool>,
+}
+
+impl<'h> Held<'h> {
+    fn take(host: &'h Host, jobs: &[Job], replies: &[Result<Reply, EngineError>]) -> Held<'h> {
+        let mut held = Held {
+            locks: FxHashMap::default(),
+            gates: FxHashMap::default(),
+            may_send: Vec::with_capacity(jobs.len()),
+        };
+        for (job, reply) in jobs.iter().zip(replies) {
+            let d = &job.recent.dialog;
+            let wants = reply.as_ref().is_ok_and(|r| !r.output.messages.is_empty());
+            if wants && !held.locks.contains_key(d.account.as_str()) {
+                let lock = host.account_lock(&d.account).try_lock_owned().ok();
+                held.locks.insert(d.account.clone(), lock);
+            }
+            let free = wants
+                && held.locks[d.account.as_str()].is_some()
+                && held
+                    .gates
+                    .entry(host.gate_index(d.id))
+                    .or_insert_with(|| host.gate(d.id).try_lock().ok())
+                    .is_some();
+            held.may_send.push(free);
+        }
+        held
+    }
+
+    /// The accounts whose locks are held, sorted.
+    fn accounts(&self) -> Vec<&str> {
+        let mut accounts: Vec<&str> = self
+            .locks
+            .iter()
+            .filter(|(_, g)| g.is_some())
+            .map(|(a, _)| a.as_str())
+            .collect();
+        accounts.sort_unstable();
+        accounts
+    }
+}
+
+/// A stored batch sorted by what comes next for each dialog.
+#[derive(Default)]
+struct Sorted {
+    /// Dialogs with replies to send here.
+    sending: Vec<Sending>,
+    /// Dialogs with something left to their conductors.
+    later: Vec<DialogId>,
+    /// Dialogs done, with their ctx parts for their next answer.
+    kept: FxHashMap<DialogId, Box<Recent>>,
+}
+
+impl Sorted {
+    /// A message the engine failed to answer was stored unanswered, as a
+    /// stale one is: its conductor tries again, and waits for a working
+    /// engine if it fails too.
+    fn of(jobs: &mut [Job], answered: Vec<AnsweredWithSlots>) -> Sorted {
+        let mut sorted = Sorted {
+            sending: Vec::with_capacity(jobs.len()),
+            later: Vec::new(),
+            kept: FxHashMap::with_capacity_and_hasher(jobs.len(), Default::default()),
+        };
+        for (job, (answered, slots)) in jobs.iter_mut().zip(answered) {
+            let (dialog, replies, written) = match answered {
+                Answered::Duplicate => continue,
+                Answered::Stale => {
+                    sorted.later.push(job.recent.dialog.id);
+                    continue;
+                }
+                Answered::Done {
+                    dialog,
+                    replies,
+                    written,
+                    ..
+                } => (dialog, replies, written),
+            };
+            let rest = slots.len() < replies.len() || dialog.ending.is_some();
+            // The job's ctx parts (their history holds the answer already,
+            // see `extend_histories`) move on with the dialog to its next
+            // ctx.
+            let recent = Box::new(Recent {
+                dialog: *dialog,
+                written: Some(written),
+                identity: job.recent.identity.clone(),
+                contact: std::mem::take(&mut job.recent.contact),
+                history: std::mem::take(&mut job.recent.history),
+            });
+            let replies: Vec<(Message, Slot)> = replies.into_iter().zip(slots).collect();
+            if !replies.is_empty() {
+                sorted.sending.push(Sending {
+                    recent,
+                    replies,
+                    rest,
+                });
+            } else if rest {
+                sorted.later.push(recent.dialog.id);
+            } else {
+                sorted.kept.insert(recent.dialog.id, recent);
+            }
+        }
+        sorted
+    }
+}
+
+/// Sends the batch's replies (one dialog's in order, dialogs
+/// concurrently), reacts to failures, and confirms what went out in one
+/// transaction.
+async fn send_and_settle(
+    host: &Host,
+    flight: &Flight,
+    sorted: &mut Sorted,
+) -> Result<(), StoreError> {
+    let mut sending = std::mem::take(&mut sorted.sending);
     let outcomes = run_all(sending.iter_mut().map(|s| send_in_order(host, s))).await;
     let mut settled = Vec::with_capacity(sending.len());
     let mut sent_by_account: FxHashMap<String, u64> = FxHashMap::default();
@@ -501,31 +607,20 @@ async fn commit(
         let id = s.recent.dialog.id;
         if let Some((m, error)) = failed {
             if react(host, &s.recent.dialog, &m, &error)? {
-                later.push(id);
+                sorted.later.push(id);
             }
         } else if s.rest {
-            later.push(id);
+            sorted.later.push(id);
         } else {
-            kept.insert(id, s.recent);
+            sorted.kept.insert(id, s.recent);
         }
     }
-    host.safety.settle_batch(&flight, &settled)?;
+    host.safety.settle_batch(flight, &settled)?;
     for (account, n) in &sent_by_account {
         let labels = [("kind", "reply"), ("account", account.as_str())];
         crate::metrics::add("colloquy_messages_sent_total", &labels, *n);
     }
-    drop(gates);
-    drop(locks);
-    for dialog in later {
-        host.activate(dialog);
-    }
-    // A large batch is freed on another thread: the next batch waits for
-    // this one to end. A small one costs less than the hand-over.
-    let leftovers = (jobs, replies, outbound, plans);
-    if leftovers.0.len() >= FREE_ELSEWHERE {
-        tokio::task::spawn_blocking(move || drop(leftovers));
-    }
-    Ok(kept)
+    Ok(())
 }
 
 impl Pipeline {
@@ -799,23 +894,7 @@ fn react(host: &Host, dialog: &Dialog, m: &Message, error: &SendError) -> Result
         attempt: 0,
         error,
     })?;
-    match reaction {
-        Reaction::FailDialog(why) => {
-            conductor::cancel(host, m, why.clone())?;
-            conductor::fail(host, dialog.id, DialogStatus::Error { reason: why })?;
-            Ok(false)
-        }
-        Reaction::Unreachable(why) => {
-            conductor::cancel(host, m, why.clone())?;
-            conductor::fail(
-                host,
-                dialog.id,
-                DialogStatus::Error {
-                    reason: format!("unreachable: {why}"),
-                },
-            )?;
-            Ok(false)
-        }
-        Reaction::RetryAt(_) | Reaction::Reconcile | Reaction::AccountLost => Ok(true),
-    }
+    // The reactions that end the dialog are the conductor's table; the
+    // others leave the message pending for the dialog's conductor.
+    Ok(!conductor::end_on(host, m, &reaction)?)
 }

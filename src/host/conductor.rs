@@ -8,13 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Host;
+use crate::clock::Timestamp;
+use crate::config::SendWindow;
 use crate::engine::Call;
-use crate::model::{Delivery, DialogId, DialogStatus, Message, MessageKind};
+use crate::model::{
+    Contact, Delivery, Dialog, DialogId, DialogStatus, IdempotencyKey, Identity, Message,
+    MessageKind,
+};
 use crate::safety::alerts::{Alert, AlertKind};
 use crate::safety::reaction::Reaction;
-use crate::safety::{Failure, Gate, Sent};
+use crate::safety::{Failure, Gate, Sent, Slot};
 use crate::store::StoreError;
 use crate::transition::Apply;
+use crate::transport::{Delivered, SendError};
 
 pub async fn run(host: Arc<Host>, dialog: DialogId, dirty: Arc<AtomicBool>) {
     // Keys this process has tried to send: any other pending key may have
@@ -216,6 +222,53 @@ pub(super) fn fail(host: &Host, dialog: DialogId, status: DialogStatus) -> Resul
     }
 }
 
+/// Why a message can no longer go to its dialog's contact, if so.
+fn why_not_live(
+    host: &Host,
+    dialog: DialogId,
+    kind: MessageKind,
+) -> Result<Option<String>, StoreError> {
+    Ok(match host.store.dialog(dialog)? {
+        Some(d)
+            if d.status.is_live()
+                || d.ending.is_some()
+                || (kind == MessageKind::Human && d.status == DialogStatus::Handoff) =>
+        {
+            if host.store.do_not_contact(d.contact)?.is_some() {
+                Some("the contact must not be contacted".into())
+            } else {
+                None
+            }
+        }
+        Some(d) => Some(format!("the dialog is {}", d.status.label())),
+        None => Some("the dialog is gone".into()),
+    })
+}
+
+/// What a failed send's reaction does to its message and dialog when it
+/// ends them: the one table of those reactions, for the conductor and the
+/// answer pipeline. True if it ended them; the other reactions (wait,
+/// reconcile, the account lost) are the caller's.
+pub(super) fn end_on(host: &Host, m: &Message, reaction: &Reaction) -> Result<bool, StoreError> {
+    let status = match reaction {
+        Reaction::FailDialog(why) => {
+            cancel(host, m, why.clone())?;
+            DialogStatus::Error {
+                reason: why.clone(),
+            }
+        }
+        Reaction::Unreachable(why) => {
+            cancel(host, m, why.clone())?;
+            DialogStatus::Error {
+                reason: format!("unreachable: {why}"),
+            }
+        }
+        Reaction::RetryAt(_) | Reaction::Reconcile | Reaction::AccountLost => return Ok(false),
+    };
+    fail(host, m.dialog, status)?;
+    Ok(true)
+}
+
 /// Sends one pending message through the safety gate, reacting to every
 /// failure as the reaction table says, until it is sent or cancelled.
 async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result<(), StoreError> {
@@ -227,12 +280,8 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
     let Some(contact) = host.store.contact(dialog.contact)? else {
         return cancel(host, m, "the contact is gone".into());
     };
-    let settle_sent = |host: &Host, d: crate::transport::Delivered| -> Result<(), StoreError> {
-        match host.safety.settle_sent(&dialog.account, key, d) {
-            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
-    };
+    let settle_sent =
+        |host: &Host, d: Delivered| settled(host.safety.settle_sent(&dialog.account, key, d));
     if tried.insert(key.0) {
         // Possibly sent before a crash: ask before sending again.
         if let Ok(Some(d)) = host
@@ -250,25 +299,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
     };
     let mut attempt = 0u32;
     loop {
-        let still_live = |host: &Host| -> Result<Option<String>, StoreError> {
-            let d = host.store.dialog(m.dialog)?;
-            Ok(match d {
-                Some(d)
-                    if d.status.is_live()
-                        || d.ending.is_some()
-                        || (kind == MessageKind::Human && d.status == DialogStatus::Handoff) =>
-                {
-                    if host.store.do_not_contact(d.contact)?.is_some() {
-                        Some("the contact must not be contacted".into())
-                    } else {
-                        None
-                    }
-                }
-                Some(d) => Some(format!("the dialog is {}", d.status.label())),
-                None => Some("the dialog is gone".into()),
-            })
-        };
-        if let Some(why) = still_live(host)? {
+        if let Some(why) = why_not_live(host, m.dialog, kind)? {
             return cancel(host, m, why);
         }
         // The slot is taken, used and confirmed under the account's lock,
@@ -301,38 +332,10 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
                 return fail(host, m.dialog, DialogStatus::Blocked);
             }
         };
-        // The claim, the message and its slot are durable before it leaves.
-        host.store.flush_async().await?;
-        let gate = host.gate(m.dialog).lock().await;
-        if !host.store.is_pending(key)? {
-            // The answer pipeline sent it meanwhile: the slot (the same
-            // key's) is that send's.
-            drop(slot);
-            return Ok(());
-        }
-        if let Some(why) = still_live(host)? {
-            drop(gate);
-            host.safety.release(slot)?;
-            return cancel(host, m, why);
-        }
-        let started = std::time::Instant::now();
-        let message = (contact.identity.clone(), m.text.clone(), kind);
-        let sent = host
-            .safety
-            .send_in_window(host.transport(), slot, window.as_ref(), message)
-            .await?;
-        drop(gate);
-        crate::metrics::observe("colloquy_send_seconds", &[], started.elapsed());
-        let error = match sent {
-            Sent::WindowClosed => {
-                drop(_account);
-                continue;
-            }
-            Sent::Delivered(d) => {
-                crate::metrics::count(
-                    "colloquy_messages_sent_total",
-                    &[("kind", kind.label()), ("account", &dialog.account)],
-                );
+        let error = match send_on_slot(host, m, slot, window.as_ref(), &contact.identity).await? {
+            None => return Ok(()),
+            Some(Sent::WindowClosed) => continue,
+            Some(Sent::Delivered(d)) => {
                 if kind != MessageKind::Opening {
                     tracing::info!(
                         dialog = m.dialog,
@@ -344,7 +347,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
                 }
                 return settle_sent(host, d);
             }
-            Sent::Failed(e) => e,
+            Some(Sent::Failed(e)) => e,
         };
         let reaction = host.safety.report(&Failure {
             account: &dialog.account,
@@ -360,44 +363,99 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         host.store.flush_async().await?;
         drop(_account);
         attempt += 1;
-        match reaction {
-            Reaction::RetryAt(t) => {
-                if !host.sleep_until(t).await {
-                    return Ok(());
-                }
-            }
-            Reaction::Reconcile => {
-                match host
-                    .transport()
-                    .was_delivered(&dialog.account, &contact.identity, key)
-                    .await
-                {
-                    Ok(Some(d)) => return settle_sent(host, d),
-                    _ => {
-                        let backoff = host.clock.now().saturating_add(Duration::from_secs(2));
-                        if !host.sleep_until(backoff).await {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            Reaction::FailDialog(why) => {
-                cancel(host, m, why.clone())?;
-                return fail(host, m.dialog, DialogStatus::Error { reason: why });
-            }
-            Reaction::Unreachable(why) => {
-                cancel(host, m, why.clone())?;
-                return fail(
-                    host,
-                    m.dialog,
-                    DialogStatus::Error {
-                        reason: format!("unreachable: {why}"),
-                    },
-                );
-            }
-            Reaction::AccountLost => {
-                return cancel(host, m, error.to_string());
-            }
+        let Some(retry_at) =
+            after_failure(host, (m, key), &dialog, &contact, reaction, &error).await?
+        else {
+            return Ok(());
+        };
+        if !host.sleep_until(retry_at).await {
+            return Ok(());
         }
     }
+}
+
+/// What follows a failed send once its reaction is durable: the dialog
+/// ended, the message settled as delivered after all or cancelled
+/// (`None`), or the time to try again.
+async fn after_failure(
+    host: &Host,
+    (m, key): (&Message, IdempotencyKey),
+    dialog: &Dialog,
+    contact: &Contact,
+    reaction: Reaction,
+    error: &SendError,
+) -> Result<Option<Timestamp>, StoreError> {
+    if end_on(host, m, &reaction)? {
+        return Ok(None);
+    }
+    match reaction {
+        Reaction::RetryAt(t) => Ok(Some(t)),
+        Reaction::Reconcile => {
+            let asked = host
+                .transport()
+                .was_delivered(&dialog.account, &contact.identity, key);
+            if let Ok(Some(d)) = asked.await {
+                settled(host.safety.settle_sent(&dialog.account, key, d))?;
+                return Ok(None);
+            }
+            Ok(Some(
+                host.clock.now().saturating_add(Duration::from_secs(2)),
+            ))
+        }
+        _ => {
+            cancel(host, m, error.to_string())?;
+            Ok(None)
+        }
+    }
+}
+
+/// A confirmation of a send that found its message gone is no failure.
+fn settled(confirmed: Result<(), StoreError>) -> Result<(), StoreError> {
+    match confirmed {
+        Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends `m` on its slot once its claim, the message and the slot are
+/// durable, under the dialog's gate; `None` when it is not to be sent by
+/// this conductor after all (the answer pipeline sent it meanwhile, or the
+/// dialog moved on, which cancels it).
+async fn send_on_slot(
+    host: &Host,
+    m: &Message,
+    slot: Slot,
+    window: Option<&SendWindow>,
+    contact: &Identity,
+) -> Result<Option<Sent>, StoreError> {
+    let kind = m.kind.unwrap_or(MessageKind::Reply);
+    host.store.flush_async().await?;
+    let _gate = host.gate(m.dialog).lock().await;
+    if !host.store.is_pending(slot.key())? {
+        // The answer pipeline sent it meanwhile: the slot (the same key's)
+        // is that send's.
+        drop(slot);
+        return Ok(None);
+    }
+    if let Some(why) = why_not_live(host, m.dialog, kind)? {
+        drop(_gate);
+        host.safety.release(slot)?;
+        cancel(host, m, why)?;
+        return Ok(None);
+    }
+    let account = slot.account().to_string();
+    let started = std::time::Instant::now();
+    let message = (contact.clone(), m.text.clone(), kind);
+    let sent = host
+        .safety
+        .send_in_window(host.transport(), slot, window, message)
+        .await?;
+    crate::metrics::observe("colloquy_send_seconds", &[], started.elapsed());
+    if let Sent::Delivered(_) = sent {
+        crate::metrics::count(
+            "colloquy_messages_sent_total",
+            &[("kind", kind.label()), ("account", &account)],
+        );
+    }
+    Ok(Some(sent))
 }

@@ -4,21 +4,37 @@
 use std::fmt::Write as _;
 
 use super::Host;
+use crate::config::Config;
 use crate::store::StoreError;
 
 /// The exposition text.
 pub fn render(host: &Host) -> Result<String, StoreError> {
     let mut out = String::new();
     let config = host.config();
-    let now = host.clock.now();
+    store_gauges(&mut out, host, &config)?;
+    account_gauges(&mut out, host, &config)?;
+    family(
+        &mut out,
+        "colloquy_alerts_total",
+        "counter",
+        "Alerts raised since the host started, by kind.",
+    );
+    for (kind, n) in host.alerts.counts() {
+        let _ = writeln!(out, "colloquy_alerts_total{{kind=\"{kind}\"}} {n}");
+    }
+    crate::metrics::render(&mut out);
+    Ok(out)
+}
 
-    family(&mut out, "colloquy_dialogs", "gauge", "Dialogs by status.");
+/// Dialogs by status, contacts not contacted yet, the do-not-contact list.
+fn store_gauges(out: &mut String, host: &Host, config: &Config) -> Result<(), StoreError> {
+    family(out, "colloquy_dialogs", "gauge", "Dialogs by status.");
     for (status, n) in host.store.dialog_counts()? {
         let _ = writeln!(out, "colloquy_dialogs{{status=\"{status}\"}} {n}");
     }
 
     family(
-        &mut out,
+        out,
         "colloquy_contacts_not_contacted",
         "gauge",
         "Contacts of an audience no campaign has written to yet.",
@@ -33,7 +49,7 @@ pub fn render(host: &Host) -> Result<String, StoreError> {
     }
 
     family(
-        &mut out,
+        out,
         "colloquy_do_not_contact",
         "gauge",
         "Contacts on the do-not-contact list.",
@@ -43,7 +59,13 @@ pub fn render(host: &Host) -> Result<String, StoreError> {
         "colloquy_do_not_contact {}",
         host.store.do_not_contact_list()?.len()
     );
+    Ok(())
+}
 
+/// Each account's sends and limits by window, its wait, and whether it may
+/// send at all.
+fn account_gauges(out: &mut String, host: &Host, config: &Config) -> Result<(), StoreError> {
+    let now = host.clock.now();
     // Each family's samples follow its header: one pass per family.
     let mut sends = String::new();
     let mut limit = String::new();
@@ -117,21 +139,10 @@ pub fn render(host: &Host) -> Result<String, StoreError> {
             up,
         ),
     ] {
-        family(&mut out, name, kind, help);
+        family(out, name, kind, help);
         out.push_str(&samples);
     }
-
-    family(
-        &mut out,
-        "colloquy_alerts_total",
-        "counter",
-        "Alerts raised since the host started, by kind.",
-    );
-    for (kind, n) in host.alerts.counts() {
-        let _ = writeln!(out, "colloquy_alerts_total{{kind=\"{kind}\"}} {n}");
-    }
-    crate::metrics::render(&mut out);
-    Ok(out)
+    Ok(())
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -281,6 +281,42 @@ impl Host {
         }
     }
 
+    /// Stores a message from a contact without a dialog (an orphan), and
+    /// puts a known contact who opts out on the do-not-contact list.
+    async fn receive_orphan(
+        &self,
+        inbound: Inbound,
+        contact: Option<&crate::model::Contact>,
+    ) -> Result<(), StoreError> {
+        let m = &inbound.message;
+        let contact_text = m.contact.to_string();
+        if self
+            .store
+            .record_orphan(&m.account, m.transport_id, &contact_text, &m.text, m.at)?
+        {
+            tracing::warn!(
+                account = m.account,
+                contact = contact_text,
+                "a message from a contact without a dialog was stored: {}",
+                m.text
+            );
+        }
+        if let (Some(c), true) = (contact, self.opt_out().matches(&m.text)) {
+            self.store
+                .add_do_not_contact(c.id, crate::model::DoNotContact::OptedOut)?;
+            self.store.audit_do_not_contact(&crate::model::DncChange {
+                at: m.at,
+                contact: c.id,
+                identity: c.identity.to_string(),
+                action: "added".into(),
+                why: "opted out".into(),
+            })?;
+        }
+        self.store.flush_async().await?;
+        let _ = inbound.stored.send(());
+        Ok(())
+    }
+
     /// Stores an incoming message and reacts to an opt-out, under the
     /// dialog's gate; the transport hears back once the message is stored.
     async fn receive(self: &Arc<Self>, inbound: Inbound) -> Result<(), StoreError> {
@@ -291,32 +327,7 @@ impl Host {
             None => None,
         };
         let Some(dialog) = dialog else {
-            let contact_text = m.contact.to_string();
-            if self
-                .store
-                .record_orphan(&m.account, m.transport_id, &contact_text, &m.text, m.at)?
-            {
-                tracing::warn!(
-                    account = m.account,
-                    contact = contact_text,
-                    "a message from a contact without a dialog was stored: {}",
-                    m.text
-                );
-            }
-            if let (Some(c), true) = (&contact, self.opt_out().matches(&m.text)) {
-                self.store
-                    .add_do_not_contact(c.id, crate::model::DoNotContact::OptedOut)?;
-                self.store.audit_do_not_contact(&crate::model::DncChange {
-                    at: m.at,
-                    contact: c.id,
-                    identity: c.identity.to_string(),
-                    action: "added".into(),
-                    why: "opted out".into(),
-                })?;
-            }
-            self.store.flush_async().await?;
-            let _ = inbound.stored.send(());
-            return Ok(());
+            return self.receive_orphan(inbound, contact.as_ref()).await;
         };
         let gate = self.gate(dialog).lock().await;
         let stored =

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use super::conductor::{ending_of, engine_stumbled};
 use super::Host;
+use crate::clock::Timestamp;
 use crate::engine::Call;
-use crate::model::{Dialog, DialogStatus, MessageKind};
+use crate::model::{Contact, Dialog, DialogStatus, MessageKind};
 use crate::store::StoreError;
 use crate::transition::Apply;
 
@@ -72,11 +73,7 @@ pub async fn run(host: Arc<Host>) {
 
 async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
     let now = host.clock.now();
-    let reviewed = Apply {
-        at: now,
-        reviewed: true,
-        ..Apply::default()
-    };
+    let reviewed = reviewed(now);
     // A dialog with work in hand is not quiet: look again later.
     if host.has_conductor(dialog.id)
         || dialog.ending.is_some()
@@ -98,56 +95,83 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
         .account_safety(&dialog.account)
         .max_follow_ups
         .saturating_sub(dialog.follow_ups_sent);
-    if allowance > 0 {
-        let ctx = host.ctx(dialog, &contact)?;
-        match host.engines.call(&engine, Call::FollowUp, ctx).await {
-            Ok(reply)
-                if !reply.output.messages.is_empty()
-                    || reply.output.finish.is_some()
-                    || reply.output.handoff =>
-            {
-                let messages = &reply.output.messages;
-                let allowed = &messages[..messages.len().min(allowance as usize)];
-                let outbound = host.outbound(MessageKind::FollowUp, allowed);
-                host.store.apply(
-                    dialog.id,
-                    &Apply {
-                        at: now,
-                        state: Some(&reply.state),
-                        outbound: &outbound,
-                        ending: ending_of(&reply.output),
-                        reviewed: true,
-                        ..Apply::default()
-                    },
-                )?;
-                host.activate(dialog.id);
-                return Ok(());
-            }
-            Ok(reply) => {
-                host.store.apply(
-                    dialog.id,
-                    &Apply {
-                        at: now,
-                        state: Some(&reply.state),
-                        ..Apply::default()
-                    },
-                )?;
-            }
-            Err(e) => {
-                // No follow-up this time; the dialog stays and is looked at
-                // again after another stuck_after.
-                engine_stumbled(host, dialog, &e.to_string());
-                host.store.apply(dialog.id, &reviewed)?;
-                return Ok(());
-            }
-        }
+    if allowance > 0 && follow_up(host, dialog, &contact, &engine, allowance, now).await? {
+        return Ok(());
     }
     let dialog = host
         .store
         .dialog(dialog.id)?
         .unwrap_or_else(|| dialog.clone());
-    let ctx = host.ctx(&dialog, &contact)?;
-    match host.engines.call(&engine, Call::IsDead, ctx).await {
+    ask_if_dead(host, &dialog, &contact, &engine, now).await
+}
+
+/// Asks the engine for a follow-up (at most `allowance` messages, recorded
+/// at `now`); true
+/// when that settled the dialog for this review (a follow-up, an ending,
+/// a handoff, or an engine that failed).
+async fn follow_up(
+    host: &Arc<Host>,
+    dialog: &Dialog,
+    contact: &Contact,
+    engine: &str,
+    allowance: u32,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let ctx = host.ctx(dialog, contact)?;
+    match host.engines.call(engine, Call::FollowUp, ctx).await {
+        Ok(reply)
+            if !reply.output.messages.is_empty()
+                || reply.output.finish.is_some()
+                || reply.output.handoff =>
+        {
+            let messages = &reply.output.messages;
+            let allowed = &messages[..messages.len().min(allowance as usize)];
+            let outbound = host.outbound(MessageKind::FollowUp, allowed);
+            host.store.apply(
+                dialog.id,
+                &Apply {
+                    at: now,
+                    state: Some(&reply.state),
+                    outbound: &outbound,
+                    ending: ending_of(&reply.output),
+                    reviewed: true,
+                    ..Apply::default()
+                },
+            )?;
+            host.activate(dialog.id);
+            Ok(true)
+        }
+        Ok(reply) => {
+            host.store.apply(
+                dialog.id,
+                &Apply {
+                    at: now,
+                    state: Some(&reply.state),
+                    ..Apply::default()
+                },
+            )?;
+            Ok(false)
+        }
+        Err(e) => {
+            // No follow-up this time; the dialog stays and is looked at
+            // again after another stuck_after.
+            engine_stumbled(host, dialog, &e.to_string());
+            host.store.apply(dialog.id, &reviewed(now))?;
+            Ok(true)
+        }
+    }
+}
+
+/// Asks the engine whether a quiet dialog is dead, and closes it if so.
+async fn ask_if_dead(
+    host: &Arc<Host>,
+    dialog: &Dialog,
+    contact: &Contact,
+    engine: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let ctx = host.ctx(dialog, contact)?;
+    match host.engines.call(engine, Call::IsDead, ctx).await {
         Ok(reply) if reply.output.dead => {
             host.store
                 .set_dialog_status(dialog.id, DialogStatus::Dead)?;
@@ -169,9 +193,18 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
             )?;
         }
         Err(e) => {
-            engine_stumbled(host, &dialog, &e.to_string());
-            host.store.apply(dialog.id, &reviewed)?;
+            engine_stumbled(host, dialog, &e.to_string());
+            host.store.apply(dialog.id, &reviewed(now))?;
         }
     }
     Ok(())
+}
+
+/// The change that marks a dialog reviewed at `now` and nothing else.
+fn reviewed(now: Timestamp) -> Apply<'static> {
+    Apply {
+        at: now,
+        reviewed: true,
+        ..Apply::default()
+    }
 }

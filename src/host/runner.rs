@@ -335,6 +335,24 @@ enum Picked {
     NoContactLeft,
 }
 
+/// Claims a contact the engine chose to skip, with a dialog finished as
+/// "skipped", so that no campaign writes to it.
+fn skip(host: &Host, new: &NewDialog) -> Result<(), StoreError> {
+    match host.store.open_dialog(new, None, &|_| Ok(())) {
+        Ok((d, _)) => {
+            host.store.set_dialog_status(
+                d.id,
+                DialogStatus::Finished {
+                    outcome: "skipped".into(),
+                },
+            )?;
+            Ok(())
+        }
+        Err(StoreError::Claimed(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Picks a random uncontacted contact, asks the engine for the opening, and
 /// claims the contact, creates the dialog, records the opening and takes the
 /// account's slot in one store transaction.
@@ -368,18 +386,7 @@ async fn open_one(
         Err(e) => return Ok(Opened::EngineFailed(e)),
     };
     if reply.output.skip || reply.output.messages.is_empty() {
-        match host.store.open_dialog(&new, None, &|_| Ok(())) {
-            Ok((d, _)) => {
-                host.store.set_dialog_status(
-                    d.id,
-                    DialogStatus::Finished {
-                        outcome: "skipped".into(),
-                    },
-                )?;
-            }
-            Err(StoreError::Claimed(_)) => {}
-            Err(e) => return Err(e),
-        }
+        skip(host, &new)?;
         return Ok(Opened::Retry);
     }
     let mut texts = reply.output.messages.clone().into_iter();
