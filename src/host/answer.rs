@@ -52,9 +52,9 @@ use crate::config::Config;
 use crate::engine::ctx::{AccountView, ContactView, HistoryEntry};
 use crate::engine::{Call, Ctx, EngineError, Reply};
 use crate::model::{Delivery, Dialog, DialogId, Identity, Message, MessageKind};
-use crate::safety::{AnsweredWithSlots, Failure, Slot};
+use crate::safety::{Failure, OutcomeWithSlots, Slot};
 use crate::store::{
-    self, Answer, Answered, Flight, PlanCell, Replied, Settle, StoreError, Written,
+    self, Answer, AnswerOutcome, EngineAnswer, Flight, PlanCell, Settle, StoreError, Written,
 };
 use crate::transition::Outbound;
 use crate::transport::{Inbound, IncomingMessage, SendError};
@@ -116,7 +116,7 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             pipeline.dialogs.clear();
         }
     }
-    // Answered, not yet stored: finish it (nothing of it was acknowledged,
+    // AnswerOutcome, not yet stored: finish it (nothing of it was acknowledged,
     // so dropping it would be safe too, but it is ready).
     if let Some(p) = answered {
         if let Err(e) = commit(&host, p).await {
@@ -422,7 +422,7 @@ fn answers<'a>(
             text: &j.message.text,
             at: j.message.at,
             now,
-            reply: r.as_ref().ok().map(|r| Replied {
+            reply: r.as_ref().ok().map(|r| EngineAnswer {
                 state: &r.state,
                 outbound: out,
                 ending: ending_of(&r.output),
@@ -537,7 +537,7 @@ impl Sorted {
     /// A message the engine failed to answer was stored unanswered, as a
     /// stale one is: its conductor tries again, and waits for a working
     /// engine if it fails too.
-    fn of(jobs: &mut [Job], answered: Vec<AnsweredWithSlots>) -> Sorted {
+    fn of(jobs: &mut [Job], answered: Vec<OutcomeWithSlots>) -> Sorted {
         let mut sorted = Sorted {
             sending: Vec::with_capacity(jobs.len()),
             later: Vec::new(),
@@ -545,12 +545,12 @@ impl Sorted {
         };
         for (job, (answered, slots)) in jobs.iter_mut().zip(answered) {
             let (dialog, replies, written) = match answered {
-                Answered::Duplicate => continue,
-                Answered::Stale => {
+                AnswerOutcome::Duplicate => continue,
+                AnswerOutcome::Stale => {
                     sorted.later.push(job.recent.dialog.id);
                     continue;
                 }
-                Answered::Done {
+                AnswerOutcome::Done {
                     dialog,
                     replies,
                     written,

@@ -29,7 +29,7 @@ use crate::config::{Config, SendWindow};
 use crate::model::{
     AccountStatus, ContactId, DialogId, DoNotContact, IdempotencyKey, Identity, MessageKind,
 };
-use crate::store::{Answer, Answered, Flight, Store, StoreError};
+use crate::store::{Answer, AnswerOutcome, Flight, Store, StoreError};
 use crate::transport::{Delivered, OutgoingMessage, SendError, Transport};
 use alerts::{Alert, AlertKind, Alerts};
 use reaction::{AccountEffect, Outcome, Reaction, Situation};
@@ -58,7 +58,7 @@ pub struct Failure<'a> {
 
 /// An answer of a batch as stored, with the slots its first replies took
 /// ([`AccountSafety::answer_batch`]).
-pub type AnsweredWithSlots = (Answered, Vec<Slot>);
+pub type OutcomeWithSlots = (AnswerOutcome, Vec<Slot>);
 
 /// Whether a message may go now: its slot, or when to ask again, or why
 /// never.
@@ -252,14 +252,14 @@ impl AccountSafety {
         &self,
         answers: &[Answer<'_>],
         accounts: &[&str],
-    ) -> Result<(Vec<AnsweredWithSlots>, Flight), StoreError> {
+    ) -> Result<(Vec<OutcomeWithSlots>, Flight), StoreError> {
         let reserve = self.reply_reserver(accounts);
         let (answered, flight) = self.inner.store.answer_batch(answers, accounts, &reserve)?;
         let with_slots = answered
             .into_iter()
             .map(|a| {
                 let slots = match &a {
-                    Answered::Done {
+                    AnswerOutcome::Done {
                         dialog,
                         replies,
                         slots,
@@ -269,7 +269,7 @@ impl AccountSafety {
                         .filter_map(|m| m.key)
                         .map(|key| Slot::new(&dialog.account, key))
                         .collect(),
-                    Answered::Duplicate | Answered::Stale => Vec::new(),
+                    AnswerOutcome::Duplicate | AnswerOutcome::Stale => Vec::new(),
                 };
                 (a, slots)
             })

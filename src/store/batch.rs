@@ -9,10 +9,10 @@
 //! record for the whole batch instead of an outbox entry each, and its
 //! confirmation takes that record out again: two writes a batch rather than
 //! two a reply. While the batch is out the keys are held in memory
-//! ([`InFlight`]), where every question about a pending key looks too; a
+//! ([`FlightKeys`]), where every question about a pending key looks too; a
 //! reply not sent moves to the outbox when the batch settles, and a store
 //! opened after a crash moves every reply of a flight still recorded there
-//! (see [`Store::land_flights`]), so after a crash an unconfirmed reply is
+//! (see [`Store::flights_to_outbox`]), so after a crash an unconfirmed reply is
 //! reconciled as any other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +27,7 @@ use super::*;
 /// A pending reply's key and place: in a flight, or on its way to the
 /// outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flying {
+pub struct FlightReply {
     pub key: IdempotencyKey,
     pub dialog: DialogId,
     pub seq: u64,
@@ -38,7 +38,7 @@ pub struct Flying {
 #[derive(Debug, Default)]
 pub struct Flight {
     id: u64,
-    pub(super) replies: Vec<Flying>,
+    pub(super) replies: Vec<FlightReply>,
 }
 
 /// The keys in the `outbox` tree, in memory, so that a planned reply's key
@@ -93,14 +93,14 @@ impl OutboxKeys {
 
 /// The keys of the replies in flight, with their places.
 #[derive(Debug, Default)]
-pub(super) struct InFlight {
+pub(super) struct FlightKeys {
     keys: Mutex<FxHashMap<IdempotencyKey, (DialogId, u64)>>,
     /// The next flight's id (the `flights` tree is empty when the store
-    /// opens: see [`Store::land_flights`]).
+    /// opens: see [`Store::flights_to_outbox`]).
     next_id: AtomicU64,
 }
 
-impl InFlight {
+impl FlightKeys {
     fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<IdempotencyKey, (DialogId, u64)>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -113,7 +113,7 @@ impl InFlight {
         self.lock().get(&key).copied()
     }
 
-    fn add(&self, replies: &[Flying]) {
+    fn add(&self, replies: &[FlightReply]) {
         let mut map = self.lock();
         for r in replies {
             map.insert(r.key, (r.dialog, r.seq));
@@ -128,7 +128,7 @@ impl InFlight {
     }
 }
 
-fn encode_flight(replies: &[Flying]) -> Vec<u8> {
+fn encode_flight(replies: &[FlightReply]) -> Vec<u8> {
     let mut out = Vec::with_capacity(replies.len() * 24);
     for r in replies {
         out.extend_from_slice(&r.key.0.to_be_bytes());
@@ -138,7 +138,7 @@ fn encode_flight(replies: &[Flying]) -> Vec<u8> {
     out
 }
 
-fn decode_flight(bytes: &[u8]) -> Result<Vec<Flying>, StoreError> {
+fn decode_flight(bytes: &[u8]) -> Result<Vec<FlightReply>, StoreError> {
     if bytes.len() % 24 != 0 {
         return Err(StoreError::Corrupt {
             what: "flight",
@@ -147,7 +147,7 @@ fn decode_flight(bytes: &[u8]) -> Result<Vec<Flying>, StoreError> {
     }
     Ok(bytes
         .chunks_exact(24)
-        .map(|c| Flying {
+        .map(|c| FlightReply {
             key: IdempotencyKey(read_u64(&c[..8])),
             dialog: read_u64(&c[8..16]),
             seq: read_u64(&c[16..]),
@@ -171,7 +171,7 @@ pub struct Answer<'a> {
     pub now: Timestamp,
     /// What the engine answered; `None` when it failed (the message is
     /// stored unanswered, for the dialog's conductor, as a stale one is).
-    pub reply: Option<Replied<'a>>,
+    pub reply: Option<EngineAnswer<'a>>,
     /// The replies may take their slots now (the caller holds the
     /// account's lock and the dialog's gate).
     pub reserve: bool,
@@ -319,7 +319,7 @@ pub fn plan(a: &Answer<'_>, written: Written) -> Option<Plan> {
 
 /// The engine's answer to be recorded.
 #[derive(Debug)]
-pub struct Replied<'a> {
+pub struct EngineAnswer<'a> {
     pub state: &'a serde_json::Value,
     pub outbound: &'a [Outbound],
     /// The status to take once the replies are sent.
@@ -336,7 +336,7 @@ impl Answer<'_> {
     }
 }
 
-impl Replied<'_> {
+impl EngineAnswer<'_> {
     /// The answer, as a dialog takes it.
     fn apply(&self, at: Timestamp) -> Apply<'_> {
         Apply {
@@ -351,7 +351,7 @@ impl Replied<'_> {
 
 /// What [`Store::answer_batch`] did with one answer.
 #[derive(Debug)]
-pub enum Answered {
+pub enum AnswerOutcome {
     /// The transport id was stored before: nothing was written.
     Duplicate,
     /// The dialog changed since the engine was asked: the message is stored
@@ -399,7 +399,7 @@ impl Store {
 
     /// Whether a message is recorded and not yet sent or cancelled.
     pub fn is_pending(&self, key: IdempotencyKey) -> Result<bool, StoreError> {
-        Ok(self.in_flight.holds(key) || self.t.outbox.contains_key(u64_key(key.0))?)
+        Ok(self.flight_keys.holds(key) || self.t.outbox.contains_key(u64_key(key.0))?)
     }
 
     /// Whether a dialog has incoming messages stored and not yet handled.
@@ -430,8 +430,8 @@ impl Store {
         answers: &[Answer<'_>],
         accounts: &[&str],
         reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
-    ) -> Result<(Vec<Answered>, Flight), StoreError> {
-        let id = self.in_flight.next_id.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<(Vec<AnswerOutcome>, Flight), StoreError> {
+        let id = self.flight_keys.next_id.fetch_add(1, Ordering::Relaxed);
         let result = self.transact_with_accounts(accounts, |tx, records| {
             let mut out = Vec::with_capacity(answers.len());
             let mut flight = Vec::new();
@@ -454,7 +454,7 @@ impl Store {
                 tx.flights.insert(&u64_key(id), encode_flight(&flight))?;
                 // Under the transaction's lock, so no reader sees a reply
                 // of the batch outside both the outbox and the flight.
-                tx.in_flight.add(&flight);
+                tx.flight_keys.add(&flight);
             }
             Ok((out, flight))
         });
@@ -467,7 +467,7 @@ impl Store {
                     .iter()
                     .filter_map(|a| a.reply.as_ref())
                     .flat_map(|r| r.outbound.iter().map(|o| o.key));
-                self.in_flight.remove(keys);
+                self.flight_keys.remove(keys);
                 Err(e)
             }
         }
@@ -495,7 +495,7 @@ impl Store {
                 tx.flights.remove(&u64_key(flight.id))?;
             }
             for r in flight.replies.iter().filter(|r| !done.contains(&r.key)) {
-                tx.land(r)?;
+                tx.to_outbox(r)?;
             }
             for s in sent {
                 // Out of the outbox (or the flight) is sent: the page keeps
@@ -509,7 +509,8 @@ impl Store {
             }
             Ok(())
         })?;
-        self.in_flight.remove(flight.replies.iter().map(|r| r.key));
+        self.flight_keys
+            .remove(flight.replies.iter().map(|r| r.key));
         Ok(())
     }
 
@@ -525,7 +526,7 @@ impl Store {
     /// Moves the replies of every flight still recorded (a batch that was
     /// out when the host stopped) to the outbox, to be reconciled with the
     /// transport like any unconfirmed message. Run when the store opens.
-    pub(super) fn land_flights(&self) -> Result<(), StoreError> {
+    pub(super) fn flights_to_outbox(&self) -> Result<(), StoreError> {
         let mut flights = Vec::new();
         for entry in self.t.flights.iter() {
             let (id, bytes) = entry?;
@@ -538,7 +539,7 @@ impl Store {
             for (id, replies) in &flights {
                 tx.flights.remove(id)?;
                 for r in replies {
-                    tx.land(r)?;
+                    tx.to_outbox(r)?;
                 }
             }
             Ok(())
@@ -577,21 +578,21 @@ impl Tx<'_> {
         &self,
         a: &Answer<'_>,
         slots: &mut Slots<'_>,
-        flight: &mut Vec<Flying>,
-    ) -> TxResult<Answered> {
+        flight: &mut Vec<FlightReply>,
+    ) -> TxResult<AnswerOutcome> {
         if let Some(done) = self.as_planned(a, slots, flight)? {
             return Ok(done);
         }
         let old = self.dialog(a.dialog)?;
         if self.seen_incoming(&old, a.account, a.transport_id)? {
-            return Ok(Answered::Duplicate);
+            return Ok(AnswerOutcome::Duplicate);
         }
         let fresh = old == *a.seen && old.status.is_live() && old.ending.is_none();
         let Some(reply) = a.reply.as_ref().filter(|_| fresh) else {
             // Not answered here (the dialog moved on, or the engine
             // failed): the message waits for the dialog's conductor.
             self.unhandled_incoming(&old, a.account, a.incoming(), true)?;
-            return Ok(Answered::Stale);
+            return Ok(AnswerOutcome::Stale);
         };
         let keys = reply.outbound.iter().map(|o| o.key);
         let slots = if a.reserve {
@@ -609,7 +610,7 @@ impl Tx<'_> {
         } = change;
         let incoming = replies.remove(0);
         self.note_incoming(&old, a.account, a.transport_id, incoming.seq)?;
-        Ok(Answered::Done {
+        Ok(AnswerOutcome::Done {
             written: self.written(&dialog)?,
             dialog: Box::new(dialog),
             incoming,
@@ -639,7 +640,7 @@ impl Tx<'_> {
             .replies
             .iter()
             .filter_map(|m| m.key)
-            .any(|key| self.in_flight.holds(key) || self.outbox_keys.holds(key)))
+            .any(|key| self.flight_keys.holds(key) || self.outbox_keys.holds(key)))
     }
 
     /// Writes a planned answer if the dialog and the page it adds to are
@@ -648,8 +649,8 @@ impl Tx<'_> {
         &self,
         a: &Answer<'_>,
         slots: &mut Slots<'_>,
-        flight: &mut Vec<Flying>,
-    ) -> TxResult<Option<Answered>> {
+        flight: &mut Vec<FlightReply>,
+    ) -> TxResult<Option<AnswerOutcome>> {
         let Some(cell) = a.plan else { return Ok(None) };
         let slots = {
             let guard = cell.borrow();
@@ -685,7 +686,7 @@ impl Tx<'_> {
         self.defer(a.dialog, deferred, pages, last.clone(), journal, extends)?;
         for (i, m) in replies.iter().enumerate() {
             let Some(key) = m.key else { continue };
-            let reply = Flying {
+            let reply = FlightReply {
                 key,
                 dialog: m.dialog,
                 seq: m.seq,
@@ -696,7 +697,7 @@ impl Tx<'_> {
                 self.enqueue(&reply)?;
             }
         }
-        Ok(Some(Answered::Done {
+        Ok(Some(AnswerOutcome::Done {
             dialog: Box::new(dialog),
             incoming,
             replies,
@@ -709,7 +710,7 @@ impl Tx<'_> {
     }
 
     /// Puts a pending message's key in the outbox.
-    pub(super) fn enqueue(&self, m: &Flying) -> Result<(), UnabortableTransactionError> {
+    pub(super) fn enqueue(&self, m: &FlightReply) -> Result<(), UnabortableTransactionError> {
         self.outbox
             .insert(&u64_key(m.key.0), &pair(u64_key(m.dialog), u64_key(m.seq)))?;
         self.outbox_keys.inserted(m.key);
@@ -731,7 +732,7 @@ impl Tx<'_> {
 
     /// Moves a reply of a flight to the outbox, unless it is no longer
     /// pending (cancelled meanwhile).
-    fn land(&self, r: &Flying) -> TxResult<()> {
+    fn to_outbox(&self, r: &FlightReply) -> TxResult<()> {
         let still = self.pages().get(r.dialog, r.seq)?;
         if still.is_some_and(|m| m.delivery == Some(Delivery::Pending)) {
             self.enqueue(r)?;

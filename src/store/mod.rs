@@ -59,8 +59,10 @@ use crate::model::{
 };
 use crate::transition::{self, Apply, Change, Event, Incoming, NewDialog, Outbound};
 pub use backup::{restore, Backup};
-pub use batch::{plan, Answer, Answered, Flight, Plan, PlanCell, Replied, Settle, Written};
-use batch::{Flying, InFlight, Touched};
+pub use batch::{
+    plan, Answer, AnswerOutcome, EngineAnswer, Flight, Plan, PlanCell, Settle, Written,
+};
+use batch::{FlightKeys, FlightReply, Touched};
 use deferred::Deferred;
 use keys::*;
 use pages::{page_key, split_address, Pages};
@@ -185,7 +187,7 @@ enum Queue<'f> {
     Outbox,
     /// The first `n` among a batch's replies in flight, the rest in the
     /// outbox.
-    Flight(&'f mut Vec<Flying>, usize),
+    Flight(&'f mut Vec<FlightReply>, usize),
     /// Nowhere: they were queued when the journal's answer was first
     /// written.
     Journaled,
@@ -226,7 +228,7 @@ pub struct Store {
     t: Trees,
     accounts: Arc<accounts::AccountCache>,
     /// Replies the answer pipeline is sending, by key (see `batch.rs`).
-    in_flight: Arc<InFlight>,
+    flight_keys: Arc<FlightKeys>,
     /// The outbox's keys in memory (see [`batch::OutboxKeys`]).
     outbox_keys: Arc<batch::OutboxKeys>,
     /// The answer pipeline's records not yet in their trees.
@@ -415,8 +417,8 @@ struct Tx<'a> {
     outbox: &'a TransactionalTree,
     flights: &'a TransactionalTree,
     journal: &'a TransactionalTree,
-    /// The replies in flight (see [`InFlight`]).
-    in_flight: &'a InFlight,
+    /// The replies in flight (see [`FlightKeys`]).
+    flight_keys: &'a FlightKeys,
     /// The outbox's keys (see [`batch::OutboxKeys`]), and the removals
     /// this transaction made, to take out of it once committed.
     outbox_keys: &'a batch::OutboxKeys,
@@ -568,12 +570,12 @@ impl Tx<'_> {
             if matches!(queue, Queue::Journaled) {
                 break;
             }
-            if self.outbox.get(u64_key(key.0))?.is_some() || self.in_flight.holds(key) {
+            if self.outbox.get(u64_key(key.0))?.is_some() || self.flight_keys.holds(key) {
                 return abort(StoreError::Refused(format!(
                     "idempotency key {key} is already in the outbox"
                 )));
             }
-            let reply = Flying {
+            let reply = FlightReply {
                 key,
                 dialog: id,
                 seq: m.seq,
@@ -639,7 +641,7 @@ impl Tx<'_> {
         for key in keys {
             let at = match self.outbox.get(u64_key(key.0))? {
                 Some(at) => Some(split_address(&at)),
-                None => self.in_flight.address(*key),
+                None => self.flight_keys.address(*key),
             };
             if let Some((dialog, seq)) = at {
                 if let Some(msg) = self.pages().get(dialog, seq)? {
@@ -928,7 +930,7 @@ impl Store {
         store.replay_account_log()?;
         store.page_messages()?;
         store.replay_journal()?;
-        store.land_flights()?;
+        store.flights_to_outbox()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
         let id = store.identity(dir)?;
         store.witness = Some(Arc::new(witness::Witness::check(dir, &id, store.mark())?));
@@ -1037,7 +1039,7 @@ impl Store {
             db,
             t,
             accounts: Arc::default(),
-            in_flight: Arc::default(),
+            flight_keys: Arc::default(),
             outbox_keys: Arc::new(outbox_keys),
             deferred: Arc::default(),
             touched: Arc::new(Touched::new()),
@@ -1164,7 +1166,7 @@ impl Store {
                     outbox: o,
                     flights: fl,
                     journal: j,
-                    in_flight: &self.in_flight,
+                    flight_keys: &self.flight_keys,
                     outbox_keys: &self.outbox_keys,
                     outbox_removed: Default::default(),
                     deferred: &self.deferred,
@@ -1820,7 +1822,7 @@ impl Store {
     /// was sent. (A cancelled one is rewritten as cancelled.)
     fn settled(&self, mut msg: Message) -> Result<Message, StoreError> {
         if let (Some(Delivery::Pending), Some(key)) = (&msg.delivery, msg.key) {
-            if !self.in_flight.holds(key) && !self.t.outbox.contains_key(u64_key(key.0))? {
+            if !self.flight_keys.holds(key) && !self.t.outbox.contains_key(u64_key(key.0))? {
                 msg.delivery = Some(Delivery::Sent);
             }
         }

@@ -569,7 +569,7 @@ fn answer<'a>(
         text: "hello",
         at: Timestamp(2_000),
         now: Timestamp(2_000),
-        reply: Some(Replied {
+        reply: Some(EngineAnswer {
             state,
             outbound,
             ending: None,
@@ -610,7 +610,7 @@ fn replies_in_flight_are_pending_until_their_batch_settles() {
     let (answered, flight) = store
         .answer_batch(&[answer(&d, 5, &state, &out)], &["a"], &only_first)
         .unwrap();
-    assert!(matches!(answered[0], Answered::Done { slots: 1, .. }));
+    assert!(matches!(answered[0], AnswerOutcome::Done { slots: 1, .. }));
     assert!(store.is_pending(IdempotencyKey(1)).unwrap());
     assert!(store.is_pending(IdempotencyKey(2)).unwrap());
     assert_eq!(store.pending_of(d.id).unwrap().len(), 2);
@@ -741,7 +741,7 @@ fn a_planned_answer_writes_what_the_transaction_would() {
             let plan = plan.map(|p| PlanCell::new(Some(p)));
             a.plan = plan.as_ref();
             let (answered, flight) = store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
-            let Answered::Done { written: w, .. } = &answered[0] else {
+            let AnswerOutcome::Done { written: w, .. } = &answered[0] else {
                 panic!("round {round}: {:?}", answered[0]);
             };
             if n == 0 {
@@ -820,7 +820,7 @@ fn answer_planned(
         .iter()
         .zip(answered)
         .map(|((id, _), a)| match a {
-            Answered::Done { written, .. } => (*id, Some(written)),
+            AnswerOutcome::Done { written, .. } => (*id, Some(written)),
             other => panic!("{other:?}"),
         })
         .collect()
@@ -923,7 +923,7 @@ fn a_deferred_dialog_reads_as_its_latest_and_writes_build_on_it() {
     assert_eq!(messages[6].text, "later");
 }
 
-/// Answered many times over without a write-out, dialogs keep the journal
+/// AnswerOutcome many times over without a write-out, dialogs keep the journal
 /// small: past its bound, the dialogs of the oldest record are written to
 /// their trees with the next batch. What readers see, and what a reopen
 /// replays, stays the same.
@@ -1418,7 +1418,7 @@ impl Play {
         let cell = PlanCell::new(plan);
         a.plan = Some(&cell);
         let (done, flight) = self.store.answer_batch(&[a], &["a"], &|_, _| true).unwrap();
-        if let Answered::Done { written, .. } = &done[0] {
+        if let AnswerOutcome::Done { written, .. } = &done[0] {
             self.written[i] = Some(written.clone());
         }
         let sent: Vec<Settle> = flight.replies.iter().map(|r| took(r.key.0)).collect();
