@@ -111,10 +111,6 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
             Some(prepared) => answered = prepared,
             None => break,
         }
-        if pipeline.recent.len() > RECENT || pipeline.dialogs.len() > RECENT {
-            pipeline.recent.clear();
-            pipeline.dialogs.clear();
-        }
     }
     // AnswerOutcome, not yet stored: finish it (nothing of it was acknowledged,
     // so dropping it would be safe too, but it is ready).
@@ -177,9 +173,10 @@ async fn step(
     answered: Option<Prepared>,
 ) -> Option<Option<Prepared>> {
     let busy: FxHashSet<DialogId> = answered.iter().flat_map(Prepared::dialogs).collect();
-    if let Err(e) = pipeline.warm(host, &batch, &busy) {
+    let warmed = pipeline.warm(host, &batch, &busy).unwrap_or_else(|e| {
         tracing::error!("incoming messages could not be routed: {e}");
-    }
+        Warmed::default()
+    });
     // Spawned second, the routing takes this worker's next turn and leaves
     // the commit to the other worker, so the two run on both cores.
     // Whatever routing reads from the store is read first (`warm`): a read
@@ -205,7 +202,7 @@ async fn step(
         // The pipeline goes with the task and comes back with its answer.
         let mut taken = std::mem::take(pipeline);
         tokio::spawn(async move {
-            let prepared = taken.prepare(&host, batch, &busy).await;
+            let prepared = taken.prepare(&host, batch, &busy, warmed).await;
             (taken, prepared)
         })
     };
@@ -221,7 +218,7 @@ async fn step(
         Err(_) => return None,
     };
     match committed {
-        Ok(kept) => pipeline.recent.extend(kept),
+        Ok(kept) => pipeline.lately.keep(kept),
         Err(e) => tracing::error!("incoming messages could not be stored: {e}"),
     }
     match prepared {
@@ -252,15 +249,62 @@ struct Recent {
 struct Pipeline {
     /// Messages held for the next batch, in arrival order.
     carry: Vec<Inbound>,
+    lately: Lately,
+}
+
+/// What the pipeline keeps of the dialogs it answered lately, across
+/// batches: each one's ctx parts, and the dialog of each contact that
+/// wrote. It starts over once either holds [`RECENT`] entries.
+#[derive(Default)]
+struct Lately {
     recent: FxHashMap<DialogId, Box<Recent>>,
-    /// The dialog of each contact that wrote lately.
     dialogs: FxHashMap<Identity, DialogId>,
-    /// Ctx parts of the batch's dialogs not in `recent`, read from the
-    /// store by [`Pipeline::warm`] for this batch only.
-    warmed: FxHashMap<DialogId, Box<Recent>>,
-    /// Whether an account's replies wait for a reply delay, for the batch
-    /// being routed (the config may change between batches).
+}
+
+impl Lately {
+    /// Keeps what a committed batch gives back.
+    fn keep(&mut self, kept: FxHashMap<DialogId, Box<Recent>>) {
+        self.recent.extend(kept);
+        self.bound();
+    }
+
+    /// Notes the dialog of a contact (which never changes once claimed).
+    fn note_dialog(&mut self, contact: &Identity, dialog: DialogId) {
+        self.dialogs.insert(contact.clone(), dialog);
+        self.bound();
+    }
+
+    fn bound(&mut self) {
+        if self.recent.len() > RECENT || self.dialogs.len() > RECENT {
+            self.recent.clear();
+            self.dialogs.clear();
+        }
+    }
+}
+
+/// Ctx parts of a batch's dialogs that [`Lately`] does not hold, read from
+/// the store by [`Pipeline::warm`] for that batch only.
+#[derive(Default)]
+struct Warmed(FxHashMap<DialogId, Box<Recent>>);
+
+/// What routing one batch looks up once: the ctx parts read ahead, and
+/// whether each account's replies wait for a reply delay under the
+/// batch's config (which may change between batches).
+struct Routing<'c> {
+    config: &'c Config,
+    warmed: Warmed,
     delayed: FxHashMap<String, bool>,
+}
+
+impl Routing<'_> {
+    fn delayed(&mut self, account: &str) -> bool {
+        if let Some(d) = self.delayed.get(account) {
+            return *d;
+        }
+        let d = self.config.account_safety(account).reply_delay.hi > Duration::ZERO;
+        self.delayed.insert(account.to_string(), d);
+        d
+    }
 }
 
 /// A message answered in this batch.
@@ -311,9 +355,15 @@ impl Pipeline {
         host: &Arc<Host>,
         batch: Vec<Inbound>,
         busy: &FxHashSet<DialogId>,
+        warmed: Warmed,
     ) -> Result<Option<Prepared>, StoreError> {
         let config = host.config();
-        let mut jobs = self.route(host, &config, batch, busy).await?;
+        let routing = Routing {
+            config: &config,
+            warmed,
+            delayed: FxHashMap::default(),
+        };
+        let mut jobs = self.route(host, routing, batch, busy).await?;
         if jobs.is_empty() {
             return Ok(None);
         }
@@ -629,12 +679,11 @@ impl Pipeline {
     async fn route(
         &mut self,
         host: &Arc<Host>,
-        config: &Config,
+        mut routing: Routing<'_>,
         batch: Vec<Inbound>,
         busy: &FxHashSet<DialogId>,
     ) -> Result<Vec<Job>, StoreError> {
         let opt_out = host.opt_out();
-        self.delayed.clear();
         // A dialog with an opt-out in the batch goes the one-at-a-time way
         // whole, so that nothing is answered after it.
         let mut one_by_one: FxHashSet<DialogId> = FxHashSet::default();
@@ -661,7 +710,7 @@ impl Pipeline {
                 continue;
             }
             if !one_by_one.contains(&d) && !host.has_conductor(d) {
-                if let Some(recent) = self.idle(host, config, d)? {
+                if let Some(recent) = self.idle(host, &mut routing, d)? {
                     answered.insert(d);
                     jobs.push(Job {
                         message: inbound.message,
@@ -674,7 +723,6 @@ impl Pipeline {
             one_by_one.insert(d);
             host.receive(inbound).await?;
         }
-        self.warmed.clear();
         Ok(jobs)
     }
 
@@ -685,7 +733,7 @@ impl Pipeline {
         host: &Host,
         contact: &Identity,
     ) -> Result<Option<DialogId>, StoreError> {
-        if let Some(d) = self.dialogs.get(contact) {
+        if let Some(d) = self.lately.dialogs.get(contact) {
             return Ok(Some(*d));
         }
         let dialog = match host.store.contact_id_of(contact)? {
@@ -693,7 +741,7 @@ impl Pipeline {
             None => None,
         };
         if let Some(d) = dialog {
-            self.dialogs.insert(contact.clone(), d);
+            self.lately.note_dialog(contact, d);
         }
         Ok(dialog)
     }
@@ -707,24 +755,22 @@ impl Pipeline {
         host: &Host,
         batch: &[Inbound],
         busy: &FxHashSet<DialogId>,
-    ) -> Result<(), StoreError> {
-        self.warmed.clear();
+    ) -> Result<Warmed, StoreError> {
         let mut ids = Vec::new();
         let mut seen = FxHashSet::default();
         for inbound in batch {
             let Some(d) = self.dialog_of(host, &inbound.message.contact)? else {
                 continue;
             };
-            if !busy.contains(&d) && !self.recent.contains_key(&d) && seen.insert(d) {
+            if !busy.contains(&d) && !self.lately.recent.contains_key(&d) && seen.insert(d) {
                 ids.push(d);
             }
         }
-        for (id, recent) in ids.iter().zip(Self::load(host, &ids)?) {
-            if let Some(r) = recent {
-                self.warmed.insert(*id, r);
-            }
-        }
-        Ok(())
+        let loaded = Self::load(host, &ids)?;
+        let warmed = ids.into_iter().zip(loaded);
+        Ok(Warmed(
+            warmed.filter_map(|(id, r)| Some((id, r?))).collect(),
+        ))
     }
 
     /// The dialog and its ctx parts if it can be answered here: live, no
@@ -732,13 +778,13 @@ impl Pipeline {
     fn idle(
         &mut self,
         host: &Host,
-        config: &Config,
+        routing: &mut Routing<'_>,
         id: DialogId,
     ) -> Result<Option<Box<Recent>>, StoreError> {
         // The job takes the parts; the batch gives them back updated.
-        let recent = match self.recent.remove(&id) {
+        let recent = match self.lately.recent.remove(&id) {
             Some(r) => r,
-            None => match self.warmed.remove(&id) {
+            None => match routing.warmed.0.remove(&id) {
                 Some(r) => r,
                 None => match Self::load(host, &[id])?.pop().flatten() {
                     Some(r) => r,
@@ -747,18 +793,10 @@ impl Pipeline {
             },
         };
         let dialog = &recent.dialog;
-        let delayed = match self.delayed.get(&dialog.account) {
-            Some(d) => *d,
-            None => {
-                let d = config.account_safety(&dialog.account).reply_delay.hi > Duration::ZERO;
-                self.delayed.insert(dialog.account.clone(), d);
-                d
-            }
-        };
         if !dialog.status.is_live()
             || dialog.ending.is_some()
-            || config.campaign(&dialog.campaign).is_none()
-            || delayed
+            || routing.config.campaign(&dialog.campaign).is_none()
+            || routing.delayed(&dialog.account)
         {
             return Ok(None);
         }

@@ -299,38 +299,8 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
     };
     let mut attempt = 0u32;
     loop {
-        if let Some(why) = why_not_live(host, m.dialog, kind)? {
-            return cancel(host, m, why);
-        }
-        // The slot is taken, used and confirmed under the account's lock,
-        // so that the limits see every send at its real time.
-        let account_lock = host.account_lock(&dialog.account);
-        let _account = tokio::select! {
-            g = account_lock.lock() => g,
-            _ = host.shutdown.cancelled() => return Ok(()),
-        };
-        let slot = match host
-            .safety
-            .reserve_now(&dialog.account, kind, window.as_ref(), key)?
-        {
-            Gate::Open(slot) => slot,
-            Gate::NotBefore(t) => {
-                crate::metrics::count(
-                    "colloquy_safety_waits_total",
-                    &[("account", &dialog.account)],
-                );
-                drop(_account);
-                tokio::select! {
-                    _ = host.safety.wait_until(t) => {}
-                    _ = host.shutdown.cancelled() => return Ok(()),
-                }
-                continue;
-            }
-            Gate::Deny(d) => {
-                drop(_account);
-                cancel(host, m, d.to_string())?;
-                return fail(host, m.dialog, DialogStatus::Blocked);
-            }
+        let Some((slot, account_lock)) = take_slot(host, m, &dialog, window.as_ref()).await? else {
+            return Ok(());
         };
         let error = match send_on_slot(host, m, slot, window.as_ref(), &contact.identity).await? {
             None => return Ok(()),
@@ -361,7 +331,7 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         // What the failure changed (a pause, a block) is durable before
         // anything else is tried.
         host.store.flush_async().await?;
-        drop(_account);
+        drop(account_lock);
         attempt += 1;
         let Some(retry_at) =
             after_failure(host, (m, key), &dialog, &contact, reaction, &error).await?
@@ -370,6 +340,55 @@ async fn send(host: &Arc<Host>, m: &Message, tried: &mut HashSet<u64>) -> Result
         };
         if !host.sleep_until(retry_at).await {
             return Ok(());
+        }
+    }
+}
+
+/// Waits for `m`'s slot and returns it with its account's lock held: the
+/// slot is taken, used and confirmed under that lock, so that the limits
+/// see every send at its real time. `None` when `m` is not to be sent: its
+/// dialog is no longer live or its account is denied (both cancel it), or
+/// the host stops.
+async fn take_slot(
+    host: &Host,
+    m: &Message,
+    dialog: &Dialog,
+    window: Option<&SendWindow>,
+) -> Result<Option<(Slot, tokio::sync::OwnedMutexGuard<()>)>, StoreError> {
+    let (Some(key), kind) = (m.key, m.kind.unwrap_or(MessageKind::Reply)) else {
+        return Ok(None);
+    };
+    loop {
+        if let Some(why) = why_not_live(host, m.dialog, kind)? {
+            cancel(host, m, why)?;
+            return Ok(None);
+        }
+        let account_lock = tokio::select! {
+            g = host.account_lock(&dialog.account).lock_owned() => g,
+            _ = host.shutdown.cancelled() => return Ok(None),
+        };
+        match host
+            .safety
+            .reserve_now(&dialog.account, kind, window, key)?
+        {
+            Gate::Open(slot) => return Ok(Some((slot, account_lock))),
+            Gate::NotBefore(t) => {
+                crate::metrics::count(
+                    "colloquy_safety_waits_total",
+                    &[("account", &dialog.account)],
+                );
+                drop(account_lock);
+                tokio::select! {
+                    _ = host.safety.wait_until(t) => {}
+                    _ = host.shutdown.cancelled() => return Ok(None),
+                }
+            }
+            Gate::Deny(d) => {
+                drop(account_lock);
+                cancel(host, m, d.to_string())?;
+                fail(host, m.dialog, DialogStatus::Blocked)?;
+                return Ok(None);
+            }
         }
     }
 }
