@@ -98,6 +98,22 @@ pub trait Transport: Send + Sync + 'static {
         key: IdempotencyKey,
     ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>>;
 
+    /// Delivers the contact's messages to the account newer than `after`
+    /// (a transport id) that the chat holds, the way `subscribe`'s sink
+    /// gets every incoming message, and returns once the host stored them.
+    /// The reviver asks before a follow-up, so that a reply whose delivery
+    /// was lost (a gap in Telegram's updates, a session imported again) is
+    /// answered rather than talked over. A transport that cannot lose a
+    /// delivery has nothing to do.
+    fn catch_up(
+        &self,
+        _account: &str,
+        _contact: &Identity,
+        _after: i64,
+    ) -> BoxFuture<'_, Result<(), SendError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Starts delivering incoming messages of every account to `sink`.
     fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>>;
 

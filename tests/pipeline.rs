@@ -3,7 +3,8 @@
 //! limits lifted and no reply delay, every message offered at once. Every
 //! message is answered exactly once, and the store (deferred records
 //! written out at shutdown, or replayed from the journal when the store is
-//! opened again) holds each dialog's messages in order.
+//! opened again) holds each dialog's messages in order. A reply whose
+//! delivery was lost is found by the reviver and answered, not talked over.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,12 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use colloquy::clock::{Clock, SeededRng, SystemClock};
+use colloquy::clock::{Clock, SeededRng, SystemClock, TokioClock};
 use colloquy::config::Config;
 use colloquy::host;
-use colloquy::model::{Delivery, DialogId, DialogStatus, Direction, IdempotencyKey, Identity};
+use colloquy::model::{
+    Delivery, DialogId, DialogStatus, Direction, IdempotencyKey, Identity, MessageKind,
+};
 use colloquy::store::Store;
-use colloquy::transition::NewDialog;
+use colloquy::transition::{NewDialog, Outbound};
 use colloquy::transport::{Inbound, IncomingMessage};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +41,15 @@ return M
 "#;
 
 fn project(dir: &Path, engine: &str, reply_delay: &str) -> Arc<Config> {
+    project_quiet_after(dir, engine, reply_delay, "30days")
+}
+
+fn project_quiet_after(
+    dir: &Path,
+    engine: &str,
+    reply_delay: &str,
+    stuck_after: &str,
+) -> Arc<Config> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir.join("engines")).unwrap();
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
@@ -46,7 +58,7 @@ fn project(dir: &Path, engine: &str, reply_delay: &str) -> Arc<Config> {
     let text = format!(
         "[safety]\nmax_per_hour = 1000000\nmax_per_day = 1000000\n\
          max_new_dialogs_per_day = 1000000\nmin_interval = \"0s\"\njitter = \"0s\"\n\
-         reply_delay = \"{reply_delay}\"\nstuck_after = \"30days\"\n\
+         reply_delay = \"{reply_delay}\"\nstuck_after = \"{stuck_after}\"\n\
          [[accounts]]\nname = \"a0\"\n[[accounts]]\nname = \"a1\"\n\
          [[audiences]]\nname = \"l\"\nfile = \"l.csv\"\n\
          [[campaigns]]\nname = \"c\"\nstatus = \"paused\"\nengine = \"{engine}\"\n\
@@ -101,11 +113,20 @@ async fn start(
     store: &Store,
     transport: &Arc<MemoryTransport>,
 ) -> (Arc<host::Host>, tokio::sync::mpsc::Sender<Inbound>) {
+    start_on(config, store, transport, Arc::new(SystemClock)).await
+}
+
+async fn start_on(
+    config: &Arc<Config>,
+    store: &Store,
+    transport: &Arc<MemoryTransport>,
+    clock: Arc<dyn Clock>,
+) -> (Arc<host::Host>, tokio::sync::mpsc::Sender<Inbound>) {
     let h = host::build(
         config.clone(),
         store.clone(),
         transport.clone(),
-        Arc::new(SystemClock),
+        clock,
         CancellationToken::new(),
     );
     host::start(&h).await.unwrap();
@@ -305,4 +326,88 @@ async fn opt_outs_amid_a_burst_end_their_dialogs_and_the_rest_goes_on() {
             "dialog {id} sent after the opt-out: {messages:?}"
         );
     }
+}
+
+/// A reply that reached the chat but never the host (a lost update) is
+/// found by the reviver when the dialog looks quiet: it is stored and
+/// answered once, and the follow-up comes only after the next quiet spell.
+/// What the contact wrote before the opening is not taken for a reply.
+#[tokio::test(start_paused = true)]
+async fn a_reply_whose_delivery_was_lost_is_answered_before_any_follow_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project_quiet_after(dir.path(), "echo", "0s", "1h");
+    let clock = Arc::new(TokioClock::new(SystemClock.now(), 1.0));
+    let store = Store::open(&config.data_dir()).unwrap();
+    let rows = [colloquy::audience::ContactRow {
+        line: 0,
+        identity: Identity::UserId(1),
+        username: None,
+        phone: None,
+        user_id: Some(1),
+        first_name: Some("Ann".into()),
+        last_name: None,
+        fields: Default::default(),
+    }];
+    store.import_audience("l", &rows, &mut || 1).unwrap();
+    let contact = store
+        .contact_by_identity(&Identity::UserId(1))
+        .unwrap()
+        .unwrap();
+    let opening = Outbound {
+        key: IdempotencyKey(1),
+        text: "hello Ann".into(),
+        kind: MessageKind::Opening,
+    };
+    let new = NewDialog {
+        campaign: "c".into(),
+        account: account(0),
+        contact: contact.id,
+        at: clock.now(),
+        variant: None,
+    };
+    let (dialog, _) = store
+        .open_dialog(&new, Some(&opening), &|_| Ok(()))
+        .unwrap();
+    let sent: Arc<Mutex<Vec<(MessageKind, String)>>> = Arc::default();
+    let transport = Arc::new(MemoryTransport::new(3, {
+        let sent = sent.clone();
+        move |msg| sent.lock().unwrap().push((msg.kind, msg.text.clone()))
+    }));
+    let wrote = |transport_id, text: &str| IncomingMessage {
+        at: clock.now(),
+        ..incoming(0, transport_id, text.into()).message
+    };
+    // Before the opening (id 1 on the wire) and after it.
+    transport
+        .lost
+        .lock()
+        .unwrap()
+        .extend([wrote(0, "hi, old chat"), wrote(7, "Tell me more")]);
+    // Flushes and engine calls hold the paused clock, as in the real run.
+    store.hold_paused_clock(true);
+    let (h, _sink) = start_on(&config, &store, &transport, clock.clone()).await;
+    h.engines.hold_paused_clock(true);
+    let done = tokio::time::timeout(Duration::from_secs(3 * 3600), transport.done.notified()).await;
+    assert!(
+        done.is_ok(),
+        "the opening, the lost reply answered, then a follow-up; sent {:?}",
+        sent.lock().unwrap()
+    );
+    host::stop(&h).await;
+    assert_eq!(
+        *sent.lock().unwrap(),
+        [
+            (MessageKind::Opening, "hello Ann".to_string()),
+            (MessageKind::Reply, "re: Tell me more".to_string()),
+            (MessageKind::FollowUp, "still there?".to_string()),
+        ]
+    );
+    let incoming: Vec<String> = store
+        .messages(dialog.id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.direction == Direction::In)
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(incoming, ["Tell me more"], "stored once");
 }

@@ -638,8 +638,7 @@ pub async fn start(host: &Arc<Host>) -> Result<(), StoreError> {
     }
     host.tasks.spawn(answer::dispatch(host.clone(), rx));
     host.start_runners();
-    let h = host.clone();
-    host.tasks.spawn(async move { reviver::run(h).await });
+    host.tasks.spawn(reviver::run(host.clone()));
     host.tasks.spawn(disk::watch(host.clone()));
     Ok(())
 }

@@ -10,6 +10,7 @@ use crate::engine::Call;
 use crate::model::{Contact, Dialog, DialogStatus, MessageKind};
 use crate::store::StoreError;
 use crate::transition::Apply;
+use crate::transport::SendError;
 
 pub async fn run(host: Arc<Host>) {
     loop {
@@ -87,6 +88,20 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
         host.store.apply(dialog.id, &reviewed)?;
         return Ok(());
     };
+    match caught_up(host, dialog, &contact).await {
+        // The dialog was not quiet: its replies are being answered.
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(
+                dialog = dialog.id,
+                account = dialog.account,
+                "no follow-up yet: the chat could not be checked for replies ({e}); it is looked at again after stuck_after"
+            );
+            host.store.apply(dialog.id, &reviewed)?;
+            return Ok(());
+        }
+    }
     let config = host.config();
     let engine = config
         .runs_on(&dialog.campaign, dialog.variant.as_ref())
@@ -103,6 +118,33 @@ async fn revive(host: &Arc<Host>, dialog: &Dialog) -> Result<(), StoreError> {
         .dialog(dialog.id)?
         .unwrap_or_else(|| dialog.clone());
     ask_if_dead(host, &dialog, &contact, &engine, now).await
+}
+
+/// Has the transport deliver the contact's replies that the chat holds
+/// and the store lacks (their delivery was lost); true when there were
+/// any, which the dialog's conductor now answers.
+async fn caught_up(host: &Host, dialog: &Dialog, contact: &Contact) -> Result<bool, SendError> {
+    let stored = |e: StoreError| SendError::Other(e.to_string());
+    // What came before the dialog's first message on the wire is not a
+    // reply to it; a dialog with none has nothing to look for.
+    let first = host.store.messages(dialog.id).map_err(stored)?;
+    let Some(first) = first.iter().find_map(|m| m.transport_id) else {
+        return Ok(false);
+    };
+    let after = dialog.max_incoming_id.map_or(first, |max| max.max(first));
+    host.transport()
+        .catch_up(&dialog.account, &contact.identity, after)
+        .await?;
+    let now = host.store.dialog(dialog.id).map_err(stored)?;
+    let missed = now.is_some_and(|d| d.last_inbound_at != dialog.last_inbound_at);
+    if missed {
+        tracing::warn!(
+            dialog = dialog.id,
+            account = dialog.account,
+            "a reply that never arrived was found in the chat; answering it instead of following up"
+        );
+    }
+    Ok(missed)
 }
 
 /// Asks the engine for a follow-up (at most `allowance` messages, recorded

@@ -30,13 +30,15 @@ impl Peer {
     }
 }
 
-/// A message this account sent, as history shows it.
+/// A text message of a private chat, as its history shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SentMessage {
+pub struct ChatMessage {
     pub id: i32,
     pub text: String,
     /// Unix seconds.
     pub date: i64,
+    /// Sent by this account (else by the contact).
+    pub out: bool,
 }
 
 pub type ApiResult<T> = Result<T, InvocationError>;
@@ -56,8 +58,8 @@ pub trait Api: Send + Sync + 'static {
     fn send(&self, peer: Peer, text: &str, random_id: i64) -> BoxFuture<'_, ApiResult<i32>>;
     fn typing(&self, peer: Peer) -> BoxFuture<'_, ApiResult<()>>;
     fn read(&self, peer: Peer, max_id: i32) -> BoxFuture<'_, ApiResult<()>>;
-    /// This account's latest messages to the peer, newest first.
-    fn recent_sent(&self, peer: Peer, limit: i32) -> BoxFuture<'_, ApiResult<Vec<SentMessage>>>;
+    /// The chat's latest `limit` text messages, newest first.
+    fn history(&self, peer: Peer, limit: i32) -> BoxFuture<'_, ApiResult<Vec<ChatMessage>>>;
 }
 
 /// Dialogs searched for a contact known only by user id.
@@ -205,7 +207,7 @@ impl Api for GrammersApi {
         Box::pin(async move { self.0.invoke(&req).await.map(|_| ()) })
     }
 
-    fn recent_sent(&self, peer: Peer, limit: i32) -> BoxFuture<'_, ApiResult<Vec<SentMessage>>> {
+    fn history(&self, peer: Peer, limit: i32) -> BoxFuture<'_, ApiResult<Vec<ChatMessage>>> {
         let req = tl::functions::messages::GetHistory {
             peer: peer.input(),
             offset_id: 0,
@@ -227,10 +229,11 @@ impl Api for GrammersApi {
             Ok(messages
                 .into_iter()
                 .filter_map(|m| match m {
-                    tl::enums::Message::Message(m) if m.out => Some(SentMessage {
+                    tl::enums::Message::Message(m) if !m.message.is_empty() => Some(ChatMessage {
                         id: m.id,
                         text: m.message,
                         date: i64::from(m.date),
+                        out: m.out,
                     }),
                     _ => None,
                 })

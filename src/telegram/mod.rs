@@ -62,8 +62,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(120);
 /// a failed attempt: as long as the longest wait between reconnections, so
 /// that a restart or a short outage costs no attempt.
 const LINK_WAIT: Duration = MAX_BACKOFF;
-/// Messages of history searched to reconcile a send.
+/// Messages of history searched to reconcile a send or catch up on a chat.
 const HISTORY: i32 = 50;
+/// How long a catch-up waits for a chat's history.
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An incoming private message from a user, as a connection delivers it.
 #[derive(Debug)]
@@ -146,6 +148,8 @@ struct Inner {
     manners: Manners,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
+    /// Where incoming messages go, once the host subscribed.
+    sink: Mutex<Option<mpsc::Sender<Inbound>>>,
 }
 
 /// The transport; cheap to clone.
@@ -175,6 +179,7 @@ impl TelegramTransport {
             manners,
             clock,
             shutdown,
+            sink: Mutex::new(None),
         })))
     }
 
@@ -217,7 +222,12 @@ impl TelegramTransport {
     /// The account's link once it is ready. While it connects, a send
     /// waits (up to [`LINK_WAIT`]) instead of spending an attempt.
     async fn api(&self, account: &str) -> Result<Arc<dyn Api>, SendError> {
-        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        self.api_within(account, LINK_WAIT).await
+    }
+
+    /// The account's link once it is ready, waiting up to `wait`.
+    async fn api_within(&self, account: &str, wait: Duration) -> Result<Arc<dyn Api>, SendError> {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let changed = self.0.link_changed.notified();
             tokio::pin!(changed);
@@ -317,33 +327,86 @@ impl TelegramTransport {
             };
             let Some(msg) = msg else { return };
             let contact = self.0.resolver.identity_of(account, msg.user_id);
-            let (tx, rx) = oneshot::channel();
-            let inbound = Inbound {
-                message: IncomingMessage {
-                    account: account.to_string(),
-                    contact: contact.clone(),
-                    transport_id: i64::from(msg.id),
-                    text: msg.text,
-                    at: Timestamp(msg.date * 1000),
-                },
-                stored: tx,
+            let message = IncomingMessage {
+                account: account.to_string(),
+                contact: contact.clone(),
+                transport_id: i64::from(msg.id),
+                text: msg.text,
+                at: Timestamp(msg.date * 1000),
             };
-            if sink.send(inbound).await.is_err() {
+            if !hand_over(sink, message).await {
                 return;
             }
             // The update state moves on only once the host has the message.
-            if rx.await.is_err() {
-                return;
-            }
             let _ = msg.stored.send(());
-            if self.0.manners.read_marks {
-                if let Ok(Some(peer)) = self.0.resolver.cached(account, &contact) {
-                    if let Err(e) = conn.api.read(peer, msg.id).await {
-                        tracing::debug!(account, "read mark failed: {}", errors::classify(&e));
-                    }
-                }
+            self.mark_read(conn.api.as_ref(), account, &contact, msg.id)
+                .await;
+        }
+    }
+
+    /// Marks the chat read up to `id`, when the manners say so.
+    async fn mark_read(&self, api: &dyn Api, account: &str, contact: &Identity, id: i32) {
+        if !self.0.manners.read_marks {
+            return;
+        }
+        if let Ok(Some(peer)) = self.0.resolver.cached(account, contact) {
+            if let Err(e) = api.read(peer, id).await {
+                tracing::debug!(account, "read mark failed: {}", errors::classify(&e));
             }
         }
+    }
+
+    /// Hands the host the contact's messages among the chat's latest that
+    /// are newer than `after`, as [`Self::receive`] does.
+    async fn catch_up_on(
+        &self,
+        account: &str,
+        contact: &Identity,
+        after: i64,
+    ) -> Result<(), SendError> {
+        let sink = self
+            .0
+            .sink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(sink) = sink else { return Ok(()) };
+        // The reviver asks for every quiet dialog: an account that is not
+        // connected now is asked again at the next review.
+        let api = self.api_within(account, Duration::ZERO).await?;
+        // Resolved again when an import of the session dropped the cache.
+        let peer = match self.0.resolver.peer(account, api.as_ref(), contact).await {
+            Ok(peer) => peer,
+            // No chat with a contact that cannot be found.
+            Err(SendError::Unreachable(_) | SendError::PeerInvalid) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let history = tokio::time::timeout(HISTORY_TIMEOUT, api.history(peer, HISTORY))
+            .await
+            .map_err(|_| SendError::Transient("the chat's history did not come in time".into()))?
+            .map_err(|e| errors::classify(&e))?;
+        let missed = history
+            .into_iter()
+            .rev()
+            .filter(|m| !m.out && i64::from(m.id) > after);
+        let mut newest = None;
+        for m in missed {
+            let message = IncomingMessage {
+                account: account.to_string(),
+                contact: contact.clone(),
+                transport_id: i64::from(m.id),
+                text: m.text,
+                at: Timestamp(m.date * 1000),
+            };
+            if !hand_over(&sink, message).await {
+                return Ok(());
+            }
+            newest = Some(m.id);
+        }
+        if let Some(id) = newest {
+            self.mark_read(api.as_ref(), account, contact, id).await;
+        }
+        Ok(())
     }
 
     async fn send_now(&self, msg: OutgoingMessage) -> Result<Delivered, SendError> {
@@ -429,12 +492,12 @@ impl TelegramTransport {
         };
         let since = record.at.0 / 1000 - 120;
         let recent = api
-            .recent_sent(peer, HISTORY)
+            .history(peer, HISTORY)
             .await
             .map_err(|e| errors::classify(&e))?;
         let Some(found) = recent
             .into_iter()
-            .find(|m| m.text == record.text && m.date >= since)
+            .find(|m| m.out && m.text == record.text && m.date >= since)
         else {
             return Ok(None);
         };
@@ -462,7 +525,18 @@ impl Transport for TelegramTransport {
         Box::pin(async move { self.reconcile(&account, &contact, key).await })
     }
 
+    fn catch_up(
+        &self,
+        account: &str,
+        contact: &Identity,
+        after: i64,
+    ) -> BoxFuture<'_, Result<(), SendError>> {
+        let (account, contact) = (account.to_string(), contact.clone());
+        Box::pin(async move { self.catch_up_on(&account, &contact, after).await })
+    }
+
     fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>> {
+        *self.0.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink.clone());
         for account in &self.0.accounts {
             tokio::spawn(self.clone().supervise(account.clone(), sink.clone()));
         }
@@ -472,6 +546,13 @@ impl Transport for TelegramTransport {
     fn links(&self) -> Vec<(String, &'static str)> {
         self.link_states()
     }
+}
+
+/// Hands one incoming message to the host and waits until it is stored;
+/// false when the host stopped listening.
+async fn hand_over(sink: &mpsc::Sender<Inbound>, message: IncomingMessage) -> bool {
+    let (stored, done) = oneshot::channel();
+    sink.send(Inbound { message, stored }).await.is_ok() && done.await.is_ok()
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::api::{ApiResult, Peer, SentMessage};
+use super::api::{ApiResult, ChatMessage, Peer};
 use super::errors::rpc;
 use super::*;
 use crate::clock::SystemClock;
@@ -15,6 +15,8 @@ struct FakeApi {
     paid: HashSet<i64>,
     resolves: AtomicUsize,
     sent: Mutex<Vec<(i64, String, i64)>>,
+    /// Messages users wrote to the account: (user id, message id, text).
+    received: Mutex<Vec<(i64, i32, String)>>,
     /// The next send reaches Telegram but its answer is lost.
     lose_answer: AtomicBool,
     panic_on_send: AtomicBool,
@@ -66,22 +68,29 @@ impl Api for FakeApi {
         self.read.lock().unwrap().push(max_id);
         Box::pin(async { Ok(()) })
     }
-    fn recent_sent(&self, peer: Peer, _: i32) -> BoxFuture<'_, ApiResult<Vec<SentMessage>>> {
+    fn history(&self, peer: Peer, _: i32) -> BoxFuture<'_, ApiResult<Vec<ChatMessage>>> {
         let now = SystemClock.now().0 / 1000;
-        let list = self
-            .sent
-            .lock()
-            .unwrap()
+        let sent = self.sent.lock().unwrap();
+        let sent = sent
             .iter()
             .enumerate()
             .filter(|(_, (_, _, u))| *u == peer.user_id)
-            .map(|(i, (_, text, _))| SentMessage {
-                id: i as i32 + 1,
+            .map(|(i, (_, text, _))| (i as i32 + 1, text, true));
+        let received = self.received.lock().unwrap();
+        let received = received
+            .iter()
+            .filter(|(u, _, _)| *u == peer.user_id)
+            .map(|(_, id, text)| (*id, text, false));
+        let mut list: Vec<ChatMessage> = sent
+            .chain(received)
+            .map(|(id, text, out)| ChatMessage {
+                id,
                 text: text.clone(),
                 date: now,
+                out,
             })
-            .rev()
             .collect();
+        list.sort_by_key(|m| std::cmp::Reverse(m.id));
         Box::pin(async move { Ok(list) })
     }
 }
@@ -287,6 +296,52 @@ async fn a_lost_answer_is_reconciled_from_history() {
         .await
         .unwrap();
     assert_eq!(none, None);
+}
+
+/// Catching up on a chat hands the host the contact's messages newer than
+/// the given id, oldest first, as incoming messages are handed over: each
+/// stored before the next, then the chat marked read.
+#[tokio::test]
+async fn a_reply_whose_update_was_lost_is_caught_up_from_the_chat() {
+    let mut w = world(0).await;
+    ready(&w, "alice").await;
+    let ann = Identity::Username("ann".into());
+    // Nothing in the chat yet.
+    w.transport.catch_up("alice", &ann, 0).await.unwrap();
+    assert!(w.inbound.try_recv().is_err());
+    w.transport
+        .send(msg(MessageKind::Opening, "ann", 1))
+        .await
+        .unwrap();
+    let ann_id = w.connector.api.usernames["ann"].user_id;
+    w.connector.api.received.lock().unwrap().extend([
+        (ann_id, 100, "seen before".to_string()),
+        (ann_id, 101, "Tell me more".to_string()),
+        (ann_id, 102, "And the price?".to_string()),
+        (ann_id + 1, 103, "someone else".to_string()),
+    ]);
+    let transport = w.transport.clone();
+    let ann2 = ann.clone();
+    let catching_up = tokio::spawn(async move { transport.catch_up("alice", &ann2, 100).await });
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let inbound = w.inbound.recv().await.unwrap();
+        let m = &inbound.message;
+        got.push((
+            m.account.clone(),
+            m.contact.clone(),
+            m.transport_id,
+            m.text.clone(),
+        ));
+        // The next comes only once this one is stored.
+        tokio::task::yield_now().await;
+        assert!(w.inbound.try_recv().is_err());
+        inbound.stored.send(()).unwrap();
+    }
+    catching_up.await.unwrap().unwrap();
+    let who = |id, text: &str| ("alice".to_string(), ann.clone(), id, text.to_string());
+    assert_eq!(got, [who(101, "Tell me more"), who(102, "And the price?")]);
+    assert_eq!(*w.connector.api.read.lock().unwrap(), vec![102]);
 }
 
 #[tokio::test]

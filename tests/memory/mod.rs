@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use colloquy::clock::{BoxFuture, Clock, SystemClock};
 use colloquy::model::{IdempotencyKey, Identity};
-use colloquy::transport::{Delivered, Inbound, OutgoingMessage, SendError, Transport};
+use colloquy::transport::{
+    Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
+};
 use tokio::sync::mpsc;
 
 type OnSend = Box<dyn Fn(&OutgoingMessage) + Send + Sync>;
@@ -16,6 +18,8 @@ pub struct MemoryTransport {
     /// Where incoming messages go, once the host subscribed.
     pub sink: Mutex<Option<mpsc::Sender<Inbound>>>,
     pub sends: AtomicUsize,
+    /// Replies in the chats that were never delivered to the inbox.
+    pub lost: Mutex<Vec<IncomingMessage>>,
     /// Notified when `expected` messages were sent.
     pub done: tokio::sync::Notify,
     expected: usize,
@@ -30,6 +34,7 @@ impl MemoryTransport {
         MemoryTransport {
             sink: Mutex::new(None),
             sends: AtomicUsize::new(0),
+            lost: Mutex::new(Vec::new()),
             done: tokio::sync::Notify::new(),
             expected,
             on_send: Box::new(on_send),
@@ -71,6 +76,34 @@ impl Transport for MemoryTransport {
         _: IdempotencyKey,
     ) -> BoxFuture<'_, Result<Option<Delivered>, SendError>> {
         Box::pin(async { Ok(None) })
+    }
+
+    fn catch_up(
+        &self,
+        account: &str,
+        contact: &Identity,
+        after: i64,
+    ) -> BoxFuture<'_, Result<(), SendError>> {
+        let missed: Vec<IncomingMessage> = self
+            .lost
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.account == account && &m.contact == contact)
+            .filter(|m| m.transport_id > after)
+            .cloned()
+            .collect();
+        let sink = self.sink.lock().unwrap().clone();
+        Box::pin(async move {
+            let Some(sink) = sink else { return Ok(()) };
+            for message in missed {
+                let (stored, done) = tokio::sync::oneshot::channel();
+                if sink.send(Inbound { message, stored }).await.is_err() || done.await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn subscribe(&self, sink: mpsc::Sender<Inbound>) -> BoxFuture<'_, Result<(), SendError>> {
