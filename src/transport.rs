@@ -84,6 +84,13 @@ pub struct Inbound {
     pub stored: tokio::sync::oneshot::Sender<()>,
 }
 
+/// Hands one incoming message to the host's `sink` and waits until it is
+/// stored; false when the host stopped listening.
+pub async fn hand_over(sink: &mpsc::Sender<Inbound>, message: IncomingMessage) -> bool {
+    let (stored, done) = tokio::sync::oneshot::channel();
+    sink.send(Inbound { message, stored }).await.is_ok() && done.await.is_ok()
+}
+
 /// A way to reach Telegram.
 pub trait Transport: Send + Sync + 'static {
     /// Sends one message.

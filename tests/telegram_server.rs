@@ -308,18 +308,30 @@ fn now_secs() -> i64 {
         .as_secs() as i64
 }
 
-fn crashes(server: &Server, people: &People, contacts: &mut Contacts) {
+/// A project of one account on the `wordy` engine, without typing or read
+/// marks, its session imported; `contacts` are CSV rows of
+/// `username,phone,user_id,first_name`.
+fn wordy_project((account, user): (&str, &User), safety: &str, contacts: &str) -> Project {
     let project = Project::new(
         &config(
-            &["alice"],
+            &[account],
             "engine = \"wordy\"",
             "typing = false\nread_marks = false",
-            "stuck_after = \"1h\"\nreply_delay = \"1s..1s\"",
+            safety,
         ),
-        "username,phone,user_id,first_name\ngina_contact,,,Gina\nhank_contact,,,Hank\nivy_contact,,,Ivy\n",
+        &format!("username,phone,user_id,first_name\n{contacts}"),
     );
     project.add_engine(include_str!("mtproto/wordy.lua"), "wordy");
-    project.import("alice", &people.alice);
+    project.import(account, user);
+    project
+}
+
+fn crashes(server: &Server, people: &People, contacts: &mut Contacts) {
+    let project = wordy_project(
+        ("alice", &people.alice),
+        "stuck_after = \"1h\"\nreply_delay = \"1s..1s\"",
+        "gina_contact,,,Gina\nhank_contact,,,Hank\nivy_contact,,,Ivy\n",
+    );
     let me = &people.alice.username;
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("  {:>5.1}s {what}", t0.elapsed().as_secs_f64());
@@ -419,17 +431,11 @@ fn crashes(server: &Server, people: &People, contacts: &mut Contacts) {
 /// finding the dialog quiet, reads the chat and answers the reply (the
 /// engine has no follow-ups: without that look, nothing would be sent).
 fn reimported(people: &People, contacts: &mut Contacts) {
-    let project = Project::new(
-        &config(
-            &["bob"],
-            "engine = \"wordy\"",
-            "typing = false\nread_marks = false",
-            "stuck_after = \"15s\"\nreply_delay = \"0s\"",
-        ),
-        "username,phone,user_id,first_name\ngina_contact,,,Gina\n",
+    let project = wordy_project(
+        ("bob", &people.bob),
+        "stuck_after = \"15s\"\nreply_delay = \"0s\"",
+        "gina_contact,,,Gina\n",
     );
-    project.add_engine(include_str!("mtproto/wordy.lua"), "wordy");
-    project.import("bob", &people.bob);
     let me = &people.bob.username;
     let mut host = project.run();
     wait_for(contacts, "gina", me, 1);

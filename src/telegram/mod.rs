@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::model::{IdempotencyKey, Identity, MessageKind};
 use crate::store::{Records, Store, StoreError};
 use crate::transport::{
-    Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
+    hand_over, Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
 };
 use api::Api;
 pub use grammers::{client as grammers_client, GrammersConnector};
@@ -327,13 +327,7 @@ impl TelegramTransport {
             };
             let Some(msg) = msg else { return };
             let contact = self.0.resolver.identity_of(account, msg.user_id);
-            let message = IncomingMessage {
-                account: account.to_string(),
-                contact: contact.clone(),
-                transport_id: i64::from(msg.id),
-                text: msg.text,
-                at: Timestamp(msg.date * 1000),
-            };
+            let message = incoming(account, &contact, msg.id, msg.text, msg.date);
             if !hand_over(sink, message).await {
                 return;
             }
@@ -391,13 +385,7 @@ impl TelegramTransport {
             .filter(|m| !m.out && i64::from(m.id) > after);
         let mut newest = None;
         for m in missed {
-            let message = IncomingMessage {
-                account: account.to_string(),
-                contact: contact.clone(),
-                transport_id: i64::from(m.id),
-                text: m.text,
-                at: Timestamp(m.date * 1000),
-            };
+            let message = incoming(account, contact, m.id, m.text, m.date);
             if !hand_over(&sink, message).await {
                 return Ok(());
             }
@@ -548,11 +536,22 @@ impl Transport for TelegramTransport {
     }
 }
 
-/// Hands one incoming message to the host and waits until it is stored;
-/// false when the host stopped listening.
-async fn hand_over(sink: &mpsc::Sender<Inbound>, message: IncomingMessage) -> bool {
-    let (stored, done) = oneshot::channel();
-    sink.send(Inbound { message, stored }).await.is_ok() && done.await.is_ok()
+/// A message from `contact` to `account`, Telegram's id and date (Unix
+/// seconds) as the host's.
+fn incoming(
+    account: &str,
+    contact: &Identity,
+    id: i32,
+    text: String,
+    date: i64,
+) -> IncomingMessage {
+    IncomingMessage {
+        account: account.to_string(),
+        contact: contact.clone(),
+        transport_id: i64::from(id),
+        text,
+        at: Timestamp(date * 1000),
+    }
 }
 
 #[cfg(test)]

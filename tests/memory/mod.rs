@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use colloquy::clock::{BoxFuture, Clock, SystemClock};
 use colloquy::model::{IdempotencyKey, Identity};
 use colloquy::transport::{
-    Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
+    hand_over, Delivered, Inbound, IncomingMessage, OutgoingMessage, SendError, Transport,
 };
 use tokio::sync::mpsc;
 
@@ -97,8 +97,7 @@ impl Transport for MemoryTransport {
         Box::pin(async move {
             let Some(sink) = sink else { return Ok(()) };
             for message in missed {
-                let (stored, done) = tokio::sync::oneshot::channel();
-                if sink.send(Inbound { message, stored }).await.is_err() || done.await.is_err() {
+                if !hand_over(&sink, message).await {
                     break;
                 }
             }
