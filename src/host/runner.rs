@@ -398,7 +398,19 @@ async fn open_one(
         key,
     };
     let window = camp.window_for(&contact);
-    let reserve = host.safety.opening_reserver(account, window, key);
+    let take_slot = host.safety.opening_reserver(account, window, key);
+    // A pause that came while the engine wrote the opening stops it here,
+    // in the transaction that would claim the contact: nothing is claimed.
+    let reserve = |record: &mut crate::model::AccountRecord| {
+        if !host
+            .config()
+            .campaign(&camp.name)
+            .is_some_and(|c| c.status == CampaignStatus::Active)
+        {
+            return Err(format!("campaign {} is paused", camp.name));
+        }
+        take_slot(record)
+    };
     match host.store.open_dialog(&new, Some(&opening), &reserve) {
         Ok((d, _)) => {
             let rest: Vec<Outbound> = texts
