@@ -151,6 +151,10 @@ impl Inner {
         bytes: usize,
         deferring: FxHashMap<DialogId, Deferring>,
     ) {
+        debug_assert!(
+            !self.journals.contains_key(&id),
+            "journal record {id} is deferred twice"
+        );
         self.next_journal += 1;
         let members: Vec<DialogId> = deferring.keys().copied().collect();
         self.bytes += bytes;
@@ -166,6 +170,8 @@ impl Inner {
         for (dialog_id, planned) in deferring {
             match self.dialogs.get_mut(&dialog_id) {
                 Some(kept) => {
+                    // Replay folds a dialog's answers in this order.
+                    debug_assert!(kept.chain.last().is_none_or(|&last| last < id));
                     kept.chain.push(id);
                     kept.entry = planned.entry;
                 }
