@@ -275,6 +275,8 @@ struct StoredRecord<'a> {
     next_send_at: Timestamp,
 }
 
+impl super::Json for StoredRecord<'_> {}
+
 /// Milliseconds of sends per bucket.
 const BUCKET_MS: i64 = 100;
 /// Bytes per mark in a bucket: idempotency key, time, opening.

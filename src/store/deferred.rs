@@ -279,7 +279,8 @@ impl Tx<'_> {
             return Ok(());
         };
         local.deferring.remove(&dialog);
-        self.dialogs.insert(&u64_key(dialog), encode(&*record))?;
+        self.dialogs
+            .insert(&u64_key(dialog), encode_dialog(&record))?;
         if let Some((key, page)) = page {
             self.messages.insert(&key, page)?;
         }
@@ -309,7 +310,7 @@ impl Tx<'_> {
             return Ok(Some(((*record).clone(), last)));
         }
         match self.dialogs.get(u64_key(dialog))? {
-            Some(bytes) => Ok(Some((tx_decode("dialog", &bytes)?, None))),
+            Some(bytes) => Ok(Some((tx_read(decode_dialog, &bytes)?, None))),
             None => Ok(None),
         }
     }
@@ -732,7 +733,7 @@ pub(super) fn newer_than_stored(
     deferred: Option<&Dialog>,
     stored: &[u8],
 ) -> Result<Dialog, StoreError> {
-    let stored: Dialog = decode("dialog", stored)?;
+    let stored = decode_dialog(stored)?;
     Ok(match deferred {
         Some(d) if further_on(d, &stored) => d.clone(),
         _ => stored,
@@ -818,7 +819,7 @@ impl Store {
         let (old, earlier) = match folded.remove(&id) {
             Some((old, change)) => (old, Some(change)),
             None => match self.t.dialogs.get(u64_key(id))? {
-                Some(stored) => (decode::<Dialog>("dialog", &stored)?, None),
+                Some(stored) => (decode_dialog(&stored)?, None),
                 None => {
                     return Err(StoreError::Corrupt {
                         what: "journal",
@@ -876,9 +877,9 @@ impl Store {
         for e in &entries {
             let dialog_key = u64_key(e.dialog);
             let stored = self.t.dialogs.get(dialog_key)?;
-            let record: Dialog = decode("dialog", e.record)?;
+            let record = decode_dialog(e.record)?;
             let ahead = match &stored {
-                Some(s) => further_on(&record, &decode("dialog", s)?),
+                Some(s) => further_on(&record, &decode_dialog(s)?),
                 None => true,
             };
             if ahead {

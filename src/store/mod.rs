@@ -26,7 +26,8 @@
 //! | `meta` | name | value |
 //! | `tg_sessions`, `tg_peers`, `tg_sent`, ... | string key | records of the Telegram transport ([`Records`]) |
 //!
-//! Records are a version byte followed by JSON; [`RECORD_VERSION`] names the
+//! Records are a version byte followed by JSON, except dialogs and contacts:
+//! binary since layout 2 (`records.rs`). [`RECORD_VERSION`] names the
 //! current layout so that a later one can migrate old records on read.
 //! Message pages carry a format byte of their own and binary records (see
 //! `pages.rs`).
@@ -38,6 +39,7 @@ mod batch;
 mod deferred;
 mod keys;
 mod pages;
+mod records;
 pub mod witness;
 
 use std::path::Path;
@@ -66,9 +68,12 @@ use batch::{FlightKeys, FlightReply, Touched};
 use deferred::Deferred;
 use keys::*;
 use pages::{page_key, split_address, Pages};
+use records::{
+    decode_contact, decode_dialog, decode_dialog_summary, encode_contact, encode_dialog,
+};
 
 /// The layout version written in front of every record.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -149,17 +154,37 @@ impl From<TransactionError<StoreError>> for StoreError {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+/// A record stored as a version byte and JSON. Dialogs and contacts, most
+/// of a large store, have a binary layout instead (`records.rs`), so they
+/// are not `Json`: the compiler keeps them off this path.
+trait Json {}
+
+impl Json for AccountRecord {}
+impl Json for DoNotContact {}
+impl Json for Message {}
+impl Json for serde_json::Value {}
+
+fn encode<T: Serialize + Json>(value: &T) -> Vec<u8> {
+    encode_json(value)
+}
+
+/// A record as a version byte and JSON.
+fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    out.push(RECORD_VERSION);
+    out.push(records::JSON);
     // Serializing our own plain data types to JSON cannot fail.
     serde_json::to_writer(&mut out, value).expect("records serialize");
     out
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: DeserializeOwned + Json>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode_json(what, bytes)
+}
+
+/// A record of the first layout: a version byte and JSON.
+fn decode_json<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => {
+        Some((&records::JSON, body)) => {
             serde_json::from_slice(body).map_err(|e| StoreError::Corrupt {
                 what,
                 reason: e.to_string(),
@@ -203,8 +228,9 @@ fn refused<T>(r: Result<T, transition::Refused>) -> TxResult<T> {
     })
 }
 
-fn tx_decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> TxResult<T> {
-    decode(what, bytes).map_err(ConflictableTransactionError::Abort)
+/// A record read inside a transaction.
+fn tx_read<T>(read: fn(&[u8]) -> Result<T, StoreError>, bytes: &[u8]) -> TxResult<T> {
+    read(bytes).map_err(ConflictableTransactionError::Abort)
 }
 
 /// Rows written per batch of an import: large batches make sled copy big
@@ -481,7 +507,7 @@ impl Tx<'_> {
             return Ok(d);
         }
         match self.dialogs.get(u64_key(id))? {
-            Some(bytes) => tx_decode("dialog", &bytes),
+            Some(bytes) => tx_read(decode_dialog, &bytes),
             None => abort(StoreError::NotFound {
                 what: "dialog",
                 id: id.to_string(),
@@ -520,7 +546,7 @@ impl Tx<'_> {
         if new.indexed_at != list {
             new.to_mut().indexed_at = list;
         }
-        self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
+        self.dialogs.insert(&u64_key(new.id), encode_dialog(&new))?;
         self.touched.touch(new.id);
         Ok(())
     }
@@ -541,7 +567,7 @@ impl Tx<'_> {
         }
         new.indexed_at = Some(listed_at(old));
         self.write_out_dialog(new.id)?;
-        self.dialogs.insert(&u64_key(new.id), encode(&*new))?;
+        self.dialogs.insert(&u64_key(new.id), encode_dialog(new))?;
         self.touched.touch(new.id);
         Ok(())
     }
@@ -788,7 +814,7 @@ impl Records {
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         self.tree
             .get(key.as_bytes())?
-            .map(|b| decode(self.what, &b))
+            .map(|b| decode_json(self.what, &b))
             .transpose()
     }
 
@@ -798,7 +824,7 @@ impl Records {
 
     pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let _writing = self.writing();
-        self.tree.insert(key.as_bytes(), encode(value))?;
+        self.tree.insert(key.as_bytes(), encode_json(value))?;
         Ok(())
     }
 
@@ -825,7 +851,7 @@ impl Records {
                 let (k, v) = e?;
                 Ok((
                     String::from_utf8_lossy(&k).into_owned(),
-                    decode(self.what, &v)?,
+                    decode_json(self.what, &v)?,
                 ))
             })
             .collect()
@@ -1262,7 +1288,7 @@ impl Store {
                 }
                 Some(_) => stats.updated += 1,
             }
-            contacts.insert(&u64_key(contact.id), encode(&contact));
+            contacts.insert(&u64_key(contact.id), encode_contact(&contact));
         }
         // Contacts first: an identity or index entry never points at nothing.
         let _writing = self.writing();
@@ -1284,7 +1310,7 @@ impl Store {
         self.t
             .contacts
             .get(u64_key(id))?
-            .map(|b| decode("contact", &b))
+            .map(|b| decode_contact(&b))
             .transpose()
     }
 
@@ -1312,7 +1338,7 @@ impl Store {
                 Ok(v) => needle
                     .as_ref()
                     .is_none_or(|n| n.is_match(&v))
-                    .then(|| decode("contact", &v)),
+                    .then(|| decode_contact(&v)),
             })
     }
 
@@ -1355,7 +1381,7 @@ impl Store {
     pub fn add_do_not_contact(&self, id: ContactId, why: DoNotContact) -> Result<(), StoreError> {
         self.transact(|tx| {
             if let Some(bytes) = tx.contacts.get(u64_key(id))? {
-                let contact: Contact = tx_decode("contact", &bytes)?;
+                let contact: Contact = tx_read(decode_contact, &bytes)?;
                 tx.unlist_contact(&contact)?;
             }
             tx.do_not_contact.insert(&u64_key(id), encode(&why))?;
@@ -1374,7 +1400,7 @@ impl Store {
             }
             if tx.dialog_of_contact.get(key)?.is_none() {
                 if let Some(bytes) = tx.contacts.get(key)? {
-                    let contact: Contact = tx_decode("contact", &bytes)?;
+                    let contact: Contact = tx_read(decode_contact, &bytes)?;
                     for audience in &contact.audiences {
                         tx.uncontacted
                             .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[])?;
@@ -1452,7 +1478,7 @@ impl Store {
                     id: new.contact.to_string(),
                 });
             };
-            let contact: Contact = tx_decode("contact", &bytes)?;
+            let contact: Contact = tx_read(decode_contact, &bytes)?;
             if let Err(why) = reserve(account) {
                 return abort(StoreError::Refused(why));
             }
@@ -1531,7 +1557,7 @@ impl Store {
             tx.dialog_of_contact.remove(&ck)?;
             if tx.do_not_contact.get(ck)?.is_none() {
                 if let Some(bytes) = tx.contacts.get(ck)? {
-                    let contact: Contact = tx_decode("contact", &bytes)?;
+                    let contact: Contact = tx_read(decode_contact, &bytes)?;
                     for audience in &contact.audiences {
                         tx.uncontacted
                             .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[])?;
@@ -1554,7 +1580,7 @@ impl Store {
     ) -> Box<dyn Iterator<Item = Result<DialogSummary, StoreError>> + '_> {
         let read = move |e: sled::Result<(sled::IVec, sled::IVec)>| {
             let (k, v) = e?;
-            let stored: DialogSummary = decode("dialog", &v)?;
+            let stored = decode_dialog_summary(&v)?;
             Ok(match self.deferred.get(read_u64(&k)).map(|e| e.dialog) {
                 Some(d) if d.next_seq > stored.next_seq => DialogSummary::from(&*d),
                 _ => stored,

@@ -410,7 +410,7 @@ fn a_store_that_lost_its_identity_is_damaged_not_new() {
 }
 
 #[test]
-fn records_leave_defaults_out_and_read_the_older_form_with_nulls() {
+fn dialogs_and_contacts_are_stored_binary_and_the_older_json_is_read() {
     let store = Store::temporary().unwrap();
     import(&store, "a", "username\nalice\n");
     let contact = store
@@ -420,40 +420,88 @@ fn records_leave_defaults_out_and_read_the_older_form_with_nulls() {
     let (dialog, _) = store
         .open_dialog(&new_dialog(contact.id), None, &|_| Ok(()))
         .unwrap();
-    for (what, bytes) in [
-        (
-            "contact",
-            store.t.contacts.get(u64_key(contact.id)).unwrap().unwrap(),
-        ),
-        (
-            "dialog",
-            store.t.dialogs.get(u64_key(dialog.id)).unwrap().unwrap(),
-        ),
-    ] {
-        let text = String::from_utf8_lossy(&bytes[1..]).into_owned();
-        assert!(
-            !text.contains("null") && !text.contains("{}"),
-            "{what}: {text}"
-        );
-    }
-    // As an earlier version wrote them: every field, nulls included.
+    let stored = store.t.contacts.get(u64_key(contact.id)).unwrap().unwrap();
+    assert_ne!(stored[0], records::JSON);
+    assert_eq!(decode_contact(&stored).unwrap(), contact);
+    let stored = store.t.dialogs.get(u64_key(dialog.id)).unwrap().unwrap();
+    assert_ne!(stored[0], records::JSON);
+    assert_eq!(decode_dialog(&stored).unwrap(), dialog);
+    // As earlier versions wrote them: JSON, every field, nulls included.
     let mut older = serde_json::to_value(&dialog).unwrap();
     older["last_inbound_at"] = serde_json::Value::Null;
     older["reviewed_at"] = serde_json::Value::Null;
     older["follow_ups_sent"] = 0.into();
     older["state"] = serde_json::json!({});
-    let bytes = [&[RECORD_VERSION][..], older.to_string().as_bytes()].concat();
-    assert_eq!(decode::<Dialog>("dialog", &bytes).unwrap(), dialog);
+    let bytes = [&[records::JSON][..], older.to_string().as_bytes()].concat();
+    assert_eq!(decode_dialog(&bytes).unwrap(), dialog);
     let mut older = serde_json::to_value(&contact).unwrap();
     older["phone"] = serde_json::Value::Null;
     older["fields"] = serde_json::json!({});
-    let bytes = [&[RECORD_VERSION][..], older.to_string().as_bytes()].concat();
-    assert_eq!(decode::<Contact>("contact", &bytes).unwrap(), contact);
+    let bytes = [&[records::JSON][..], older.to_string().as_bytes()].concat();
+    assert_eq!(decode_contact(&bytes).unwrap(), contact);
+}
+
+/// A store of the first layout (every record JSON) opens, reads its
+/// records and rewrites each in binary when it changes.
+#[test]
+fn a_store_of_json_records_is_read_and_moved_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (contact, dialog) = {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "a", "username\nalice\nbobby\n");
+        let alice = store
+            .contact_by_identity(&Identity::Username("alice".into()))
+            .unwrap()
+            .unwrap();
+        let (dialog, _) = store
+            .open_dialog(&new_dialog(alice.id), None, &|_| Ok(()))
+            .unwrap();
+        for c in store.t.contacts.iter().values() {
+            let c = decode_contact(&c.unwrap()).unwrap();
+            store
+                .t
+                .contacts
+                .insert(u64_key(c.id), encode_json(&c))
+                .unwrap();
+        }
+        store
+            .t
+            .dialogs
+            .insert(u64_key(dialog.id), encode_json(&dialog))
+            .unwrap();
+        store.t.meta.insert("record_version", &[1]).unwrap();
+        store.flush().unwrap();
+        (alice, dialog)
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.contact(contact.id).unwrap().unwrap(), contact);
+    assert_eq!(store.dialog(dialog.id).unwrap().unwrap(), dialog);
+    assert_eq!(
+        store.dialog_summaries(false).next().unwrap().unwrap(),
+        DialogSummary::from(&dialog)
+    );
+    let bob = store
+        .contact_by_identity(&Identity::Username("bobby".into()))
+        .unwrap()
+        .unwrap();
+    let (_, _) = store
+        .open_dialog(&new_dialog(bob.id), None, &|_| Ok(()))
+        .unwrap();
+    let changed = store
+        .set_dialog_status(dialog.id, DialogStatus::Dead)
+        .unwrap();
+    let stored = store.t.dialogs.get(u64_key(dialog.id)).unwrap().unwrap();
+    assert_ne!(stored[0], records::JSON);
+    assert_eq!(decode_dialog(&stored).unwrap(), changed);
+    assert_eq!(
+        store.t.meta.get("record_version").unwrap().unwrap()[0],
+        RECORD_VERSION
+    );
 }
 
 #[test]
 fn unknown_record_versions_are_reported() {
-    let err = decode::<Dialog>("dialog", &[9, b'{', b'}']).unwrap_err();
+    let err = decode_dialog(&[9, b'{', b'}']).unwrap_err();
     assert_eq!(
         err.to_string(),
         "a stored dialog record is unreadable (unknown record version 9)"
@@ -980,7 +1028,7 @@ fn a_journal_of_whole_records_from_an_earlier_version_is_replayed() {
         let change = transition::apply(store.dialog(d.id).unwrap().unwrap(), event).unwrap();
         let (ahead, m) = (change.dialog, change.appended[0].clone());
         let page = pages::put(None, &m).unwrap();
-        let record = encode(&ahead);
+        let record = encode_json(&ahead);
         let mut chunk = Vec::new();
         chunk.extend_from_slice(&d.id.to_be_bytes());
         chunk.extend_from_slice(&(record.len() as u32).to_le_bytes());
@@ -1216,8 +1264,8 @@ fn live_bytes_count_what_a_dialog_adds() {
         .unwrap();
     store.open_dialog(&new_dialog(id), None, &allow).unwrap();
     let added = store.live_bytes().unwrap() - before;
-    // The dialog's record and its index entries, no more than a few hundred bytes.
-    assert!((100..1024).contains(&added), "{added}");
+    // The dialog's binary record and its index entries: tens of bytes.
+    assert!((30..128).contains(&added), "{added}");
 }
 
 /// Random events on three dialogs through every way the store changes a
