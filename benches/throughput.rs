@@ -96,7 +96,8 @@ fn status_kib(field: &str) -> u64 {
 }
 
 /// CPU time of the whole process so far (user + system), in seconds.
-fn cpu_seconds() -> f64 {
+/// The process's CPU time so far, in the kernel and in all: `(sys, total)`.
+fn cpu_seconds() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // The fields after the command name, which is in parentheses.
     let fields: Vec<&str> = stat
@@ -112,7 +113,7 @@ fn cpu_seconds() -> f64 {
     // utime and stime are fields 14 and 15 of the line, 11 and 12 here.
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
+    (ticks(12) / hz, (ticks(11) + ticks(12)) / hz)
 }
 
 fn arg(name: &str, default: usize) -> usize {
@@ -288,7 +289,8 @@ fn main() {
         };
         let finished = tokio::time::timeout(Duration::from_secs(300), transport.done.notified()).await.is_ok();
         let elapsed = started.elapsed().as_secs_f64();
-        let cpu = cpu_seconds() - cpu_before;
+        let cpu_after = cpu_seconds();
+        let (cpu_sys, cpu) = (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
         feeder.abort();
         let sent = transport.sends.load(Ordering::SeqCst);
         let mut lat = timing.latency.lock().unwrap().clone();
@@ -311,6 +313,7 @@ fn main() {
                 "p50_ms": p(0.50),
                 "p99_ms": p(0.99),
                 "cpu_us_per_msg": (cpu * 1e7 / sent.max(1) as f64).round() / 10.0,
+                "cpu_sys_us_per_msg": (cpu_sys * 1e7 / sent.max(1) as f64).round() / 10.0,
                 "rss_idle_mib": rss_idle as f64 / 1024.0,
                 "peak_rss_mib": status_kib("VmHWM:") as f64 / 1024.0,
                 "rss_per_idle_dialog_kib": (rss_idle.saturating_sub(rss_before)) as f64 / (dialogs + idle) as f64,

@@ -659,7 +659,7 @@ impl AccountRecord {
 /// marks before [`SendMarks::changed_from`] are the base's, and writing
 /// the record back looks at the changed tail only. Read as a slice;
 /// changed only through these methods, which keep that account.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SendMarks {
     marks: Vec<SendMark>,
     /// Marks before this position are as in the base.
@@ -667,6 +667,20 @@ pub struct SendMarks {
     /// How many marks the base had; `None` for marks made from scratch,
     /// which count as changed whatever the base (they may replace one).
     base_len: Option<usize>,
+}
+
+/// A copy with room for a few more marks: a record is copied to be
+/// changed, and a change most often appends.
+impl Clone for SendMarks {
+    fn clone(&self) -> SendMarks {
+        let mut marks = Vec::with_capacity(self.marks.len() + 16);
+        marks.extend_from_slice(&self.marks);
+        SendMarks {
+            marks,
+            same_up_to: self.same_up_to,
+            base_len: self.base_len,
+        }
+    }
 }
 
 impl Default for SendMarks {

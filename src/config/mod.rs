@@ -10,7 +10,7 @@ pub mod edit;
 mod validate;
 pub mod values;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,10 @@ pub struct Config {
     /// The directory relative paths in the file are resolved against.
     pub base_dir: PathBuf,
     pub file: ConfigFile,
+    /// Each account's place in `file.accounts`, by name: the answer path
+    /// looks up the limits of every account in a batch, and a pool may
+    /// hold thousands.
+    account_places: HashMap<String, usize>,
 }
 
 /// The file as written, with defaults filled in.
@@ -613,10 +617,15 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let mut account_places = HashMap::with_capacity(file.accounts.len());
+        for (i, a) in file.accounts.iter().enumerate() {
+            account_places.entry(a.name.clone()).or_insert(i);
+        }
         Ok(Config {
             path: path.to_path_buf(),
             base_dir,
             file,
+            account_places,
         })
     }
 
@@ -647,7 +656,8 @@ impl Config {
     }
 
     pub fn account(&self, name: &str) -> Option<&Account> {
-        self.file.accounts.iter().find(|a| a.name == name)
+        let place = *self.account_places.get(name)?;
+        self.file.accounts.get(place).filter(|a| a.name == name)
     }
 
     pub fn campaign(&self, name: &str) -> Option<&Campaign> {
