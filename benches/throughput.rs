@@ -24,6 +24,9 @@
 //! of a temporary directory: a store of that size for other measurements
 //! (the console's pages, `colloquy export`).
 //!
+//! CPU: `cpu_us_per_msg` is the process's CPU time over the messages
+//! handled, `cpu_sys_us_per_msg` the kernel's part of it.
+//!
 //! Memory: `rss_per_idle_dialog_kib` counts from before the dialogs are
 //! created, so it includes the store's cache of their records;
 //! `host_rss_per_idle_dialog_kib` counts from a store that already holds
