@@ -49,7 +49,7 @@ const LAST_NAME: u8 = 1 << 4;
 
 pub(super) fn encode_dialog(d: &Dialog) -> Vec<u8> {
     let has_state = d.state.as_object().is_none_or(|o| !o.is_empty());
-    let flags = [
+    let flags = flags([
         (d.last_inbound_at.is_some(), LAST_INBOUND),
         (d.last_outbound_at.is_some(), LAST_OUTBOUND),
         (d.reviewed_at.is_some(), REVIEWED),
@@ -58,10 +58,7 @@ pub(super) fn encode_dialog(d: &Dialog) -> Vec<u8> {
         (d.ending.is_some(), ENDING),
         (d.variant.is_some(), VARIANT),
         (has_state, STATE),
-    ]
-    .iter()
-    .filter(|(set, _)| *set)
-    .fold(0, |flags, (_, bit)| flags | bit);
+    ]);
     let mut w = Writer(Vec::with_capacity(64 + d.campaign.len() + d.account.len()));
     w.0.extend_from_slice(&[BINARY, flags]);
     w.uint(d.id);
@@ -166,16 +163,13 @@ fn read_dialog(r: &mut Reader<'_>, with_state: bool) -> Result<Dialog, StoreErro
 }
 
 pub(super) fn encode_contact(c: &Contact) -> Vec<u8> {
-    let flags = [
+    let flags = flags([
         (c.username.is_some(), USERNAME),
         (c.phone.is_some(), PHONE),
         (c.user_id.is_some(), USER_ID),
         (c.first_name.is_some(), FIRST_NAME),
         (c.last_name.is_some(), LAST_NAME),
-    ]
-    .iter()
-    .filter(|(set, _)| *set)
-    .fold(0, |flags, (_, bit)| flags | bit);
+    ]);
     let mut w = Writer(Vec::with_capacity(64));
     w.0.extend_from_slice(&[BINARY, flags]);
     w.uint(c.id);
@@ -252,6 +246,14 @@ pub(super) fn decode_contact(bytes: &[u8]) -> Result<Contact, StoreError> {
         audiences,
         pick_key,
     })
+}
+
+/// The flag byte: the bits whose fields are present.
+fn flags<const N: usize>(fields: [(bool, u8); N]) -> u8 {
+    fields
+        .iter()
+        .filter(|(present, _)| *present)
+        .fold(0, |flags, (_, bit)| flags | bit)
 }
 
 struct Writer(Vec<u8>);

@@ -412,14 +412,8 @@ fn a_store_that_lost_its_identity_is_damaged_not_new() {
 #[test]
 fn dialogs_and_contacts_are_stored_binary_and_the_older_json_is_read() {
     let store = Store::temporary().unwrap();
-    import(&store, "a", "username\nalice\n");
-    let contact = store
-        .contact_by_identity(&Identity::Username("alice".into()))
-        .unwrap()
-        .unwrap();
-    let (dialog, _) = store
-        .open_dialog(&new_dialog(contact.id), None, &|_| Ok(()))
-        .unwrap();
+    let dialog = one_dialog(&store);
+    let contact = store.contact(dialog.contact).unwrap().unwrap();
     let stored = store.t.contacts.get(u64_key(contact.id)).unwrap().unwrap();
     assert_ne!(stored[0], records::JSON);
     assert_eq!(decode_contact(&stored).unwrap(), contact);
@@ -448,14 +442,9 @@ fn a_store_of_json_records_is_read_and_moved_on() {
     let dir = tempfile::tempdir().unwrap();
     let (contact, dialog) = {
         let store = Store::open(dir.path()).unwrap();
-        import(&store, "a", "username\nalice\nbobby\n");
-        let alice = store
-            .contact_by_identity(&Identity::Username("alice".into()))
-            .unwrap()
-            .unwrap();
-        let (dialog, _) = store
-            .open_dialog(&new_dialog(alice.id), None, &|_| Ok(()))
-            .unwrap();
+        let dialog = one_dialog(&store);
+        let alice = store.contact(dialog.contact).unwrap().unwrap();
+        import(&store, "b", "username\nbobby\n");
         for c in store.t.contacts.iter().values() {
             let c = decode_contact(&c.unwrap()).unwrap();
             store
