@@ -727,9 +727,13 @@ fn watch_workers(workers: std::sync::Weak<Vec<Slot>>, shared: std::sync::Weak<Sh
                     "engine worker {index} has been stuck for {} s inside Lua's C library, where no budget reaches; it is replaced and its calls fail",
                     silent / 1000
                 );
-                worker.lost.cancel();
+                // The fresh worker takes the slot before the stuck one's
+                // callers hear of it: a caller that calls again at once
+                // must not be given the stuck worker (its count of calls
+                // drops to nothing as its callers give up).
                 let fresh = Arc::new(spawn_worker(index, shared.clone()));
                 *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                worker.lost.cancel();
             }
         });
     if let Err(e) = spawned {
