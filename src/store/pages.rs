@@ -23,6 +23,7 @@ use sled::transaction::ConflictableTransactionError::Abort;
 use sled::transaction::TransactionalTree;
 
 use super::keys::{pair, read_u64, u64_key};
+use super::records::Reader;
 use super::{decode, StoreError, Tx, TxResult};
 use crate::clock::Timestamp;
 use crate::model::{Delivery, DialogId, Direction, IdempotencyKey, Message, MessageKind};
@@ -160,14 +161,14 @@ pub(super) fn write_record(out: &mut Vec<u8>, msg: &Message) {
 
 /// Reads what [`write_record`] wrote.
 pub(super) fn read_record(record: &[u8]) -> Result<Message, StoreError> {
-    let mut r = Reader(record);
+    let mut r = Reader::new("message page", record);
     let dialog = r.u64()?;
     let seq = r.u64()?;
     let at = Timestamp(r.u64()? as i64);
     let direction = match r.u8()? {
         0 => Direction::In,
         1 => Direction::Out,
-        _ => return Err(corrupt("unknown message direction")),
+        _ => return Err(r.corrupt("unknown message direction")),
     };
     let kind = match r.u8()? {
         0 => None,
@@ -175,7 +176,7 @@ pub(super) fn read_record(record: &[u8]) -> Result<Message, StoreError> {
         2 => Some(MessageKind::Reply),
         3 => Some(MessageKind::FollowUp),
         4 => Some(MessageKind::Human),
-        _ => return Err(corrupt("unknown message kind")),
+        _ => return Err(r.corrupt("unknown message kind")),
     };
     let key = (r.u8()? == 1, r.u64()?);
     let transport_id = (r.u8()? == 1, r.u64()? as i64);
@@ -189,9 +190,11 @@ pub(super) fn read_record(record: &[u8]) -> Result<Message, StoreError> {
                 reason: r.text(len)?,
             })
         }
-        _ => return Err(corrupt("unknown delivery state")),
+        _ => return Err(r.corrupt("unknown delivery state")),
     };
-    let text = r.text(r.0.len())?;
+    let rest = r.rest();
+    let text =
+        String::from_utf8(rest.to_vec()).map_err(|_| corrupt("message text is not UTF-8"))?;
     Ok(Message {
         dialog,
         seq,
@@ -203,40 +206,6 @@ pub(super) fn read_record(record: &[u8]) -> Result<Message, StoreError> {
         delivery,
         transport_id: transport_id.0.then_some(transport_id.1),
     })
-}
-
-/// Reads a record front to back.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
-        if self.0.len() < n {
-            return Err(corrupt("truncated message record"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8, StoreError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, StoreError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, StoreError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    fn text(&mut self, n: usize) -> Result<String, StoreError> {
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| corrupt("message text is not UTF-8"))
-    }
 }
 
 /// A page's message from its entry.

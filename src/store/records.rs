@@ -216,7 +216,7 @@ pub(super) fn decode_contact(bytes: &[u8]) -> Result<Contact, StoreError> {
     let r = &mut Reader::new("contact", body);
     let flags = r.u8()?;
     let id = r.uint()?;
-    let pick_key = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+    let pick_key = r.u64()?;
     let identity = match r.u8()? {
         0 => Identity::Username(r.str()?),
         1 => Identity::Phone(r.str()?),
@@ -321,6 +321,20 @@ impl<'a> Reader<'a> {
 
     pub(super) fn u8(&mut self) -> Result<u8, StoreError> {
         Ok(self.take(1)?[0])
+    }
+
+    /// A little-endian u32.
+    pub(super) fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    /// A little-endian u64.
+    pub(super) fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     pub(super) fn text(&mut self, n: usize) -> Result<String, StoreError> {
