@@ -653,34 +653,24 @@ impl AccountRecord {
     }
 }
 
-/// An account's send marks, in the order they were taken (oldest first),
-/// which also know where they changed since a base version (the one last
-/// stored): marks are only appended, moved in place or dropped, so the
-/// marks before [`SendMarks::changed_from`] are the base's, and writing
-/// the record back looks at the changed tail only. Read as a slice;
-/// changed only through these methods, which keep that account.
-#[derive(Debug)]
+/// An account's send marks in time order (oldest first; equal times in
+/// the order taken), which also keep their base: the version last stored.
+/// The base is the marks before [`SendMarks::changed_from`] followed by
+/// [`SendMarks::base_rest`]: a change saves the base's marks from the
+/// position it changes before it changes them, so a record changed in
+/// place still knows what to write back, and what it was, without a copy
+/// of all its marks. Read as a slice; changed only through these methods,
+/// which keep the order and the base.
+#[derive(Debug, Clone)]
 pub struct SendMarks {
     marks: Vec<SendMark>,
     /// Marks before this position are as in the base.
     same_up_to: usize,
-    /// How many marks the base had; `None` for marks made from scratch,
-    /// which count as changed whatever the base (they may replace one).
-    base_len: Option<usize>,
-}
-
-/// A copy with room for a few more marks: a record is copied to be
-/// changed, and a change most often appends.
-impl Clone for SendMarks {
-    fn clone(&self) -> SendMarks {
-        let mut marks = Vec::with_capacity(self.marks.len() + 16);
-        marks.extend_from_slice(&self.marks);
-        SendMarks {
-            marks,
-            same_up_to: self.same_up_to,
-            base_len: self.base_len,
-        }
-    }
+    /// The base's marks from `same_up_to` on.
+    base_rest: Vec<SendMark>,
+    /// Whether the base is known: marks made from scratch have none, and
+    /// count as changed whatever was stored (they replace it).
+    based: bool,
 }
 
 impl Default for SendMarks {
@@ -693,7 +683,8 @@ impl SendMarks {
     /// Takes the marks as they are now as the base.
     pub fn rebase(&mut self) {
         self.same_up_to = self.marks.len();
-        self.base_len = Some(self.marks.len());
+        self.base_rest.clear();
+        self.based = true;
     }
 
     /// Where the marks may differ from the base: before this position they
@@ -702,14 +693,31 @@ impl SendMarks {
         self.same_up_to
     }
 
-    /// Whether anything changed since the base.
-    pub fn changed(&self) -> bool {
-        self.same_up_to != self.marks.len() || Some(self.marks.len()) != self.base_len
+    /// The base's marks from [`SendMarks::changed_from`] on; `None` when the
+    /// base is not known.
+    pub fn base_rest(&self) -> Option<&[SendMark]> {
+        self.based.then_some(&self.base_rest[..])
     }
 
+    /// Whether anything changed since the base.
+    pub fn changed(&self) -> bool {
+        !self.based || self.same_up_to != self.marks.len() || !self.base_rest.is_empty()
+    }
+
+    /// Saves the base's marks from `i` on, before a change there.
+    fn changing_from(&mut self, i: usize) {
+        if i < self.same_up_to {
+            let moved = &self.marks[i..self.same_up_to];
+            self.base_rest.splice(0..0, moved.iter().copied());
+            self.same_up_to = i;
+        }
+    }
+
+    /// Adds a mark in its place in time.
     pub fn push(&mut self, mark: SendMark) {
-        self.same_up_to = self.same_up_to.min(self.marks.len());
-        self.marks.push(mark);
+        let i = self.marks.partition_point(|m| m.at <= mark.at);
+        self.changing_from(i);
+        self.marks.insert(i, mark);
     }
 
     /// Keeps the marks `keep` says to keep, in order.
@@ -717,7 +725,7 @@ impl SendMarks {
         let Some(first) = self.marks.iter().position(|m| !keep(m)) else {
             return;
         };
-        self.same_up_to = self.same_up_to.min(first);
+        self.changing_from(first);
         let mut i = 0;
         self.marks.retain(|m| {
             i += 1;
@@ -725,16 +733,36 @@ impl SendMarks {
         });
     }
 
-    /// Moves mark `i` to `at`.
+    /// Moves mark `i` to `at`, and into its place in time.
     pub fn set_at(&mut self, i: usize, at: Timestamp) {
-        self.same_up_to = self.same_up_to.min(i);
-        self.marks[i].at = at;
+        let mut mark = self.marks[i];
+        mark.at = at;
+        let rest = |m: &SendMark| m.at <= at;
+        let to = if at >= self.marks[i].at {
+            i + self.marks[i + 1..].partition_point(rest)
+        } else {
+            self.marks[..i].partition_point(rest)
+        };
+        self.changing_from(i.min(to));
+        if to >= i {
+            self.marks[i..=to].rotate_left(1);
+        } else {
+            self.marks[to..=i].rotate_right(1);
+        }
+        self.marks[to] = mark;
     }
 
-    /// Puts the marks in time order (as read from the store).
-    pub fn sort_by_time(&mut self) {
-        self.same_up_to = 0;
-        self.marks.sort_by_key(|s| s.at);
+    /// Puts the base back: undoes every change since the last
+    /// [`SendMarks::rebase`]. Returns whether it could (the base of marks
+    /// made from scratch is not known).
+    pub fn roll_back(&mut self) -> bool {
+        if !self.based {
+            return false;
+        }
+        self.marks.truncate(self.same_up_to);
+        self.marks.append(&mut self.base_rest);
+        self.same_up_to = self.marks.len();
+        true
     }
 }
 
@@ -755,13 +783,15 @@ impl PartialEq for SendMarks {
 
 impl Eq for SendMarks {}
 
-/// Marks built from a list are all changed.
+/// Marks built from a list (put in time order) are all changed.
 impl From<Vec<SendMark>> for SendMarks {
-    fn from(marks: Vec<SendMark>) -> SendMarks {
+    fn from(mut marks: Vec<SendMark>) -> SendMarks {
+        marks.sort_by_key(|m| m.at);
         SendMarks {
             marks,
             same_up_to: 0,
-            base_len: None,
+            base_rest: Vec::new(),
+            based: false,
         }
     }
 }

@@ -341,13 +341,12 @@ fn read_old_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
     })
 }
 
-/// What changed from `old` to `new`, as writes: the record (a few bytes),
-/// and every bucket in which a mark was added, moved or dropped. `new` is `old`
-/// changed through [`SendMarks`]' methods since its base was `old`'s marks,
-/// so the marks before `new.sends.changed_from()` are `old`'s; from there,
-/// the account operations only drop marks, change them in place and
-/// append, so one ordered pass over the rest finds the difference.
-fn write_diff(writes: &mut Writes, old: &AccountRecord, new: &AccountRecord) {
+/// What changed in `new` since its base, as writes: the record (a few
+/// bytes), and every bucket whose marks changed. The base's marks are
+/// `new.sends[..from]` followed by `old_rest` (both in time order), so only
+/// the buckets of the marks past `from`, old and new, can have changed;
+/// each of those is compared and written if it did.
+fn write_diff(writes: &mut Writes, new: &AccountRecord, from: usize, old_rest: &[SendMark]) {
     writes.push((
         new.name.as_bytes().to_vec(),
         Some(encode(&StoredRecord {
@@ -357,50 +356,70 @@ fn write_diff(writes: &mut Writes, old: &AccountRecord, new: &AccountRecord) {
             next_send_at: new.next_send_at,
         })),
     ));
-    let same = new.sends.changed_from();
-    debug_assert!(old.sends.len() >= same && old.sends[..same] == new.sends[..same]);
-    let mut touched: Vec<u64> = Vec::new();
-    let (mut i, mut j) = (same, same);
-    while i < old.sends.len() && j < new.sends.len() {
-        let (o, n) = (&old.sends[i], &new.sends[j]);
-        if o.key == n.key {
-            if o != n {
-                touched.extend([bucket_of(o), bucket_of(n)]);
-            }
-            i += 1;
-            j += 1;
-        } else {
-            touched.push(bucket_of(o));
-            i += 1;
-        }
-    }
-    touched.extend(old.sends[i..].iter().map(bucket_of));
-    touched.extend(new.sends[j..].iter().map(bucket_of));
+    let (same, fresh) = new.sends.split_at(from);
+    let mut touched: Vec<u64> = old_rest.iter().chain(fresh).map(bucket_of).collect();
     touched.sort_unstable();
     touched.dedup();
-    // Every touched bucket's marks in one pass over the account's marks;
-    // most marks are older than any touched bucket.
-    let mut values: Vec<Vec<u8>> = vec![Vec::new(); touched.len()];
-    let since = match touched.first() {
-        // Bucket 0 holds every mark before 1970 too.
-        Some(0) => i64::MIN,
-        Some(b) => *b as i64 * BUCKET_MS,
-        None => i64::MAX,
-    };
-    for m in new.sends.iter() {
-        if m.at.0 < since {
+    // The marks from the first touched bucket on: most marks are older.
+    let first = touched.first().map_or(new.sends.len(), |b| {
+        new.sends.partition_point(|m| bucket_of(m) < *b)
+    });
+    let (recent, same) = (&new.sends[first..], &same[first.min(from)..]);
+    for bucket in touched {
+        let now = in_bucket(recent, bucket);
+        if in_bucket(same, bucket)
+            .iter()
+            .chain(in_bucket(old_rest, bucket))
+            .eq(now)
+        {
             continue;
         }
-        if let Ok(i) = touched.binary_search(&bucket_of(m)) {
-            let value = &mut values[i];
+        let mut value = Vec::with_capacity(now.len() * MARK);
+        for m in now {
             value.extend_from_slice(&m.key.0.to_be_bytes());
             value.extend_from_slice(&m.at.0.to_be_bytes());
             value.push(u8::from(m.opening));
         }
-    }
-    for (bucket, value) in touched.into_iter().zip(values) {
         let key = bucket_key(&new.name, bucket);
         writes.push((key, (!value.is_empty()).then_some(value)));
+    }
+}
+
+/// The marks of `bucket` among `sends` (in time order).
+fn in_bucket(sends: &[SendMark], bucket: u64) -> &[SendMark] {
+    let start = sends.partition_point(|m| bucket_of(m) < bucket);
+    let len = sends[start..].partition_point(|m| bucket_of(m) == bucket);
+    &sends[start..start + len]
+}
+
+/// [`write_diff`] of a record changed since `old` (its base when known, else
+/// all of `old`'s marks).
+fn write_changes(writes: &mut Writes, old: &AccountRecord, new: &AccountRecord) {
+    match new.sends.base_rest() {
+        Some(rest) => write_diff(writes, new, new.sends.changed_from(), rest),
+        None => write_diff(writes, new, 0, &old.sends),
+    }
+}
+
+/// A record without its marks: what a change in place can be undone to.
+fn head(record: &AccountRecord) -> AccountRecord {
+    AccountRecord {
+        name: record.name.clone(),
+        status: record.status.clone(),
+        sends: SendMarks::default(),
+        first_send_at: record.first_send_at,
+        next_send_at: record.next_send_at,
+    }
+}
+
+/// Puts records changed in place back as they were: their `heads`, and
+/// their marks' bases.
+fn roll_back(records: &mut [AccountRecord], heads: &[AccountRecord]) {
+    for (record, head) in records.iter_mut().zip(heads) {
+        record.status = head.status.clone();
+        record.first_send_at = head.first_send_at;
+        record.next_send_at = head.next_send_at;
+        record.sends.roll_back();
     }
 }
 
@@ -421,42 +440,39 @@ impl Store {
             Some(b) => decode::<AccountRecord>("account", &b)?,
             None => AccountRecord::new(name),
         };
+        let mut marks = record.sends.to_vec();
         let mut old_keys = Vec::new();
-        let mut seen: std::collections::HashSet<_> = record.sends.iter().map(|s| s.key).collect();
+        let mut seen: std::collections::HashSet<_> = marks.iter().map(|s| s.key).collect();
         for e in self.t.accounts.scan_prefix(prefix(name, OLD_MARK)) {
             let (k, v) = e?;
             let mark = read_old_mark(&k, &v)?;
             if seen.insert(mark.key) {
-                record.sends.push(mark);
+                marks.push(mark);
             }
             old_keys.push(k);
         }
-        let mut migrate = !record.sends.is_empty();
+        let mut migrate = !marks.is_empty();
         for e in self.t.accounts.scan_prefix(prefix(name, BUCKET)) {
             let (k, v) = e?;
-            let marks = read_bucket(&v)?;
+            let bucket = read_bucket(&v)?;
             // A bucket of another length: its marks move to their own.
-            if marks
+            if bucket
                 .iter()
                 .any(|m| bucket_key(name, bucket_of(m)) != k[..])
             {
                 migrate = true;
                 old_keys.push(k);
             }
-            for mark in marks {
+            for mark in bucket {
                 if seen.insert(mark.key) {
-                    record.sends.push(mark);
+                    marks.push(mark);
                 }
             }
         }
-        record.sends.sort_by_time();
+        record.sends = marks.into();
         if migrate {
-            let stripped = AccountRecord {
-                sends: SendMarks::default(),
-                ..record.clone()
-            };
             let mut writes: Writes = old_keys.into_iter().map(|k| (k.to_vec(), None)).collect();
-            write_diff(&mut writes, &stripped, &record);
+            write_diff(&mut writes, &record, 0, &[]);
             let _writing = self.writing();
             self.t
                 .accounts
@@ -555,7 +571,7 @@ impl Store {
         let out = f(&mut record);
         if record.differs_from(cached) {
             let mut writes = Writes::new();
-            write_diff(&mut writes, cached, &record);
+            write_changes(&mut writes, cached, &record);
             let log = &accounts.log;
             let _writing = self.writing();
             let retired = self
@@ -582,6 +598,13 @@ impl Store {
 
     /// [`Store::transact_with_account`] over several accounts: `f` gets
     /// their records in the order of `names`.
+    ///
+    /// `f` changes the cached records in place, not copies: their marks
+    /// keep their base (see [`SendMarks`]), so what changed is written from
+    /// them, and a run that fails, or that sled starts again, puts each
+    /// record back as it was first. A record whose base `f` replaced (new
+    /// marks from scratch) cannot be put back: the cache forgets it, to
+    /// read it again.
     pub(super) fn transact_with_accounts<T>(
         &self,
         names: &[&str],
@@ -589,18 +612,28 @@ impl Store {
     ) -> Result<T, StoreError> {
         let mut guard = self.accounts.lock();
         let accounts = &mut *guard;
+        let mut records = Vec::with_capacity(names.len());
+        let mut heads = Vec::with_capacity(names.len());
         for name in names {
             self.cached_account(accounts, name)?;
+            let record = accounts.records.remove(*name).expect("just cached");
+            heads.push(head(&record));
+            records.push(record);
         }
-        let before: Vec<&AccountRecord> = names.iter().map(|n| &accounts.records[*n]).collect();
+        let records = std::cell::RefCell::new(records);
+        let ran = std::cell::Cell::new(false);
         let log = &accounts.log;
-        let (out, after, writes, retired) = self.transact(|tx| {
-            let mut records: Vec<AccountRecord> = before.iter().map(|r| (*r).clone()).collect();
+        let result = self.transact(|tx| {
+            let mut records = records.borrow_mut();
+            if ran.replace(true) {
+                roll_back(&mut records, &heads);
+            }
             let out = f(tx, &mut records)?;
             let mut writes = Writes::new();
-            for (old, new) in before.iter().zip(&records) {
-                if new.differs_from(old) {
-                    write_diff(&mut writes, old, new);
+            for (head, new) in heads.iter().zip(records.iter()) {
+                debug_assert!(new.sends.base_rest().is_some(), "marks replaced in place");
+                if new.differs_from(head) {
+                    write_changes(&mut writes, head, new);
                 }
             }
             let retired = if writes.is_empty() {
@@ -608,15 +641,27 @@ impl Store {
             } else {
                 Some(log.write(tx.accounts, &writes)?)
             };
-            Ok((out, records, writes, retired))
-        })?;
-        if let Some(retired) = retired {
-            accounts.log.committed(writes, retired);
+            Ok((out, writes, retired))
+        });
+        let mut records = records.into_inner();
+        let out = match result {
+            Ok((out, writes, retired)) => {
+                if let Some(retired) = retired {
+                    accounts.log.committed(writes, retired);
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                roll_back(&mut records, &heads);
+                Err(e)
+            }
+        };
+        for record in records {
+            if record.sends.base_rest().is_some() {
+                accounts.records.insert(record.name.clone(), stored(record));
+            }
         }
-        for (name, record) in names.iter().zip(after) {
-            accounts.records.insert((*name).to_string(), stored(record));
-        }
-        Ok(out)
+        out
     }
 
     /// Every stored account record.
@@ -769,25 +814,115 @@ mod tests {
 
     #[test]
     fn tracked_marks_know_where_they_changed() {
-        let mut marks = SendMarks::from(vec![mark(1, 1), mark(2, 2), mark(3, 3)]);
+        let mut marks = SendMarks::from(vec![mark(3, 3), mark(1, 1), mark(2, 2)]);
+        assert_eq!(
+            marks[..],
+            [mark(1, 1), mark(2, 2), mark(3, 3)],
+            "in time order"
+        );
         marks.rebase();
         assert!(!marks.changed());
         marks.set_at(1, Timestamp(5));
+        assert_eq!(marks[..], [mark(1, 1), mark(3, 3), mark_at(5, 2)]);
         assert_eq!(marks.changed_from(), 1);
+        assert_eq!(marks.base_rest(), Some(&[mark(2, 2), mark(3, 3)][..]));
         marks.rebase();
-        marks.retain(|m| m.key != IdempotencyKey(3));
+        marks.retain(|m| m.key != IdempotencyKey(2));
         assert!(marks.changed(), "the last mark dropped");
         assert_eq!(marks.changed_from(), 2);
         marks.rebase();
         marks.push(mark(9, 9));
-        assert_eq!(marks.changed_from(), 2);
+        marks.push(mark(2, 4));
+        assert_eq!(marks.changed_from(), 1);
         marks.retain(|_| true);
-        assert_eq!(marks.changed_from(), 2);
+        assert_eq!(marks.changed_from(), 1);
+        assert!(marks.roll_back());
+        assert_eq!(marks[..], [mark(1, 1), mark(3, 3)]);
+        assert!(!marks.changed());
         // Made from scratch, they replace whatever was there.
         let mut fresh = SendMarks::default();
         assert!(fresh.changed());
+        assert!(!fresh.roll_back());
         fresh.rebase();
         assert!(!fresh.changed());
+    }
+
+    fn mark_at(at: i64, key: u64) -> SendMark {
+        SendMark {
+            at: Timestamp(at),
+            ..mark(0, key)
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever changes the marks take, they stay in time order, their
+        /// base is the marks as they were at the last rebase, and rolling
+        /// back gives those marks again.
+        #[test]
+        fn marks_keep_their_order_and_their_base(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut marks = SendMarks::default();
+            marks.rebase();
+            let mut base: Vec<SendMark> = Vec::new();
+            let mut next_key = 0;
+            for op in ops {
+                match op {
+                    Op::Take { at } => {
+                        next_key += 1;
+                        marks.push(mark(at, next_key));
+                    }
+                    Op::Drop(i) if !marks.is_empty() => {
+                        let key = marks[i % marks.len()].key;
+                        marks.retain(|m| m.key != key);
+                    }
+                    Op::Move(i, at) if !marks.is_empty() => marks.set_at(i % marks.len(), Timestamp(at)),
+                    Op::Reload => {
+                        marks.rebase();
+                        base = marks.to_vec();
+                    }
+                    Op::Reopen => {
+                        proptest::prop_assert!(marks.roll_back());
+                        proptest::prop_assert_eq!(&marks[..], &base[..]);
+                    }
+                    _ => {}
+                }
+                proptest::prop_assert!(marks.windows(2).all(|w| w[0].at <= w[1].at));
+                let from = marks.changed_from();
+                let was: Vec<SendMark> = marks[..from].iter().chain(marks.base_rest().unwrap()).copied().collect();
+                proptest::prop_assert_eq!(&was, &base);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_transaction_leaves_its_accounts_as_they_were() {
+        let store = Store::temporary().unwrap();
+        store
+            .update_account("a", &|r| r.sends.push(mark(1, 1)))
+            .unwrap();
+        let before = store.account("a").unwrap();
+        let failed = store.transact_with_accounts(&["a", "b"], |_, records| {
+            records[0].sends.push(mark(2, 2));
+            records[0].sends.set_at(0, Timestamp(5));
+            records[0].next_send_at = Timestamp(99);
+            records[1].sends.push(mark(3, 3));
+            super::super::abort::<()>(StoreError::Refused("no".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(store.account("a").unwrap(), before, "as cached");
+        assert!(store.account("b").unwrap().sends.is_empty());
+        store.accounts.lock().records.clear();
+        assert_eq!(store.account("a").unwrap(), before, "as stored");
+        store
+            .transact_with_accounts(&["a"], |_, records| {
+                records[0].sends.push(mark(3, 3));
+                Ok(())
+            })
+            .unwrap();
+        store.accounts.lock().records.clear();
+        assert_eq!(
+            store.account("a").unwrap().sends[..],
+            [mark(1, 1), mark(3, 3)]
+        );
     }
 
     #[test]
