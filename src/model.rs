@@ -671,6 +671,9 @@ pub struct SendMarks {
     /// Whether the base is known: marks made from scratch have none, and
     /// count as changed whatever was stored (they replace it).
     based: bool,
+    /// The mark taken last, and the base's (see [`SendMarks::latest`]).
+    latest: Option<IdempotencyKey>,
+    base_latest: Option<IdempotencyKey>,
 }
 
 impl Default for SendMarks {
@@ -685,6 +688,14 @@ impl SendMarks {
         self.same_up_to = self.marks.len();
         self.base_rest.clear();
         self.based = true;
+        self.base_latest = self.latest;
+    }
+
+    /// The key of the mark taken last (the latest in time for marks read
+    /// from the store): a later confirmation can move another mark past
+    /// it in time.
+    pub fn latest(&self) -> Option<IdempotencyKey> {
+        self.latest
     }
 
     /// Where the marks may differ from the base: before this position they
@@ -718,6 +729,7 @@ impl SendMarks {
         let i = self.marks.partition_point(|m| m.at <= mark.at);
         self.changing_from(i);
         self.marks.insert(i, mark);
+        self.latest = Some(mark.key);
     }
 
     /// Keeps the marks `keep` says to keep, in order.
@@ -731,6 +743,9 @@ impl SendMarks {
             i += 1;
             i <= first || keep(m)
         });
+        if !self.marks.iter().any(|m| Some(m.key) == self.latest) {
+            self.latest = self.marks.last().map(|m| m.key);
+        }
     }
 
     /// Moves mark `i` to `at`, and into its place in time.
@@ -762,6 +777,7 @@ impl SendMarks {
         self.marks.truncate(self.same_up_to);
         self.marks.append(&mut self.base_rest);
         self.same_up_to = self.marks.len();
+        self.latest = self.base_latest;
         true
     }
 }
@@ -783,15 +799,19 @@ impl PartialEq for SendMarks {
 
 impl Eq for SendMarks {}
 
-/// Marks built from a list (put in time order) are all changed.
+/// Marks built from a list in the order they were taken (then put in
+/// time order) are all changed.
 impl From<Vec<SendMark>> for SendMarks {
     fn from(mut marks: Vec<SendMark>) -> SendMarks {
+        let latest = marks.last().map(|m| m.key);
         marks.sort_by_key(|m| m.at);
         SendMarks {
             marks,
             same_up_to: 0,
             base_rest: Vec::new(),
             based: false,
+            latest,
+            base_latest: None,
         }
     }
 }

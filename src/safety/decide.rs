@@ -349,8 +349,7 @@ pub fn reserve_new(
     }
     let now = req.now;
     // Marks older than a day count in no window; they go once the oldest
-    // one is (a mark only moves later, to its confirmation, so the first
-    // is at most a little younger than the oldest).
+    // one (the first: marks are in time order) is.
     if record.sends.first().is_some_and(|s| now.0 - s.at.0 >= DAY) {
         record.sends.retain(|s| now.0 - s.at.0 < DAY);
     }
@@ -403,19 +402,19 @@ pub fn spam_limit(record: &mut AccountRecord, until: Timestamp) {
 
 /// Moves a send's mark to the moment the transport says it went out, and
 /// the pause before the next send with it: no send leaves the next one less
-/// than `min_interval` after it, and the account's latest send keeps the
-/// pause it drew (`min_interval` plus its jitter). A batch confirms several
+/// than `min_interval` after it, and the send taken last (even once an
+/// earlier one's confirmation moved past it) keeps the pause it drew
+/// (`min_interval` plus its jitter). A batch confirms several
 /// marks, and a claim may have taken a slot while a send was under way, so
 /// the pause is set from each send's own time, never shifted.
 pub fn confirm(record: &mut AccountRecord, key: IdempotencyKey, at: Timestamp, limits: &Limits) {
-    let latest = record.sends.len().checked_sub(1);
     let Some(i) = record.sends.iter().rposition(|s| s.key == key) else {
         return;
     };
     let reserved_at = record.sends[i].at;
     let at = at.max(reserved_at);
     record.sends.set_at(i, at);
-    let pause = if Some(i) == latest {
+    let pause = if record.sends.latest() == Some(key) {
         let drawn = Duration::from_millis(
             record.next_send_at.0.saturating_sub(reserved_at.0).max(0) as u64,
         );

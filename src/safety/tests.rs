@@ -292,12 +292,12 @@ async fn a_message_waiting_for_a_slot_keeps_the_one_it_holds() {
 #[tokio::test(start_paused = true)]
 async fn a_late_send_keeps_min_interval_to_the_next_one() {
     let store = Store::temporary().unwrap();
-    let g = gate(&store, "min_interval = \"10s\"\njitter = \"0s\"");
+    let g = gate(&store, "min_interval = \"10s\"\njitter = \"5s\"");
     g.acquire("a", MessageKind::Reply, None, IdempotencyKey(1))
         .await
         .unwrap();
     // A claim takes a slot while the first send is under way...
-    tokio::time::advance(std::time::Duration::from_secs(10)).await;
+    tokio::time::advance(std::time::Duration::from_secs(15)).await;
     g.acquire("a", MessageKind::Opening, None, IdempotencyKey(2))
         .await
         .unwrap();
@@ -305,7 +305,10 @@ async fn a_late_send_keeps_min_interval_to_the_next_one() {
     let late = Timestamp(START.0 + 60_000);
     let mut record = store.account("a").unwrap();
     decide::confirm(&mut record, IdempotencyKey(1), late, &g.limits("a"));
+    // Confirmed past the claim's mark, the first send is still not the
+    // latest: its pause is min_interval, not the jitter the claim drew.
     assert_eq!(record.next_send_at, Timestamp(late.0 + 10_000));
+    assert_eq!(record.sends.last().map(|m| m.key), Some(IdempotencyKey(1)));
 }
 
 #[test]

@@ -469,6 +469,7 @@ impl Store {
                 }
             }
         }
+        marks.sort_by_key(|m| m.at);
         record.sends = marks.into();
         if migrate {
             let mut writes: Writes = old_keys.into_iter().map(|k| (k.to_vec(), None)).collect();
@@ -856,35 +857,43 @@ mod tests {
 
     proptest::proptest! {
         /// Whatever changes the marks take, they stay in time order, their
-        /// base is the marks as they were at the last rebase, and rolling
-        /// back gives those marks again.
+        /// base is the marks as they were at the last rebase, rolling back
+        /// gives those marks again, and they know which was taken last.
         #[test]
         fn marks_keep_their_order_and_their_base(ops in proptest::collection::vec(op(), 1..60)) {
             let mut marks = SendMarks::default();
             marks.rebase();
             let mut base: Vec<SendMark> = Vec::new();
+            let (mut latest, mut base_latest) = (None, None);
             let mut next_key = 0;
             for op in ops {
                 match op {
                     Op::Take { at } => {
                         next_key += 1;
                         marks.push(mark(at, next_key));
+                        latest = Some(IdempotencyKey(next_key));
                     }
                     Op::Drop(i) if !marks.is_empty() => {
                         let key = marks[i % marks.len()].key;
                         marks.retain(|m| m.key != key);
+                        if latest == Some(key) {
+                            latest = marks.last().map(|m| m.key);
+                        }
                     }
                     Op::Move(i, at) if !marks.is_empty() => marks.set_at(i % marks.len(), Timestamp(at)),
                     Op::Reload => {
                         marks.rebase();
                         base = marks.to_vec();
+                        base_latest = latest;
                     }
                     Op::Reopen => {
                         proptest::prop_assert!(marks.roll_back());
                         proptest::prop_assert_eq!(&marks[..], &base[..]);
+                        latest = base_latest;
                     }
                     _ => {}
                 }
+                proptest::prop_assert_eq!(marks.latest(), latest, "the mark taken last");
                 proptest::prop_assert!(marks.windows(2).all(|w| w[0].at <= w[1].at));
                 let from = marks.changed_from();
                 let was: Vec<SendMark> = marks[..from].iter().chain(marks.base_rest().unwrap()).copied().collect();
