@@ -127,8 +127,7 @@ async fn caught_up(host: &Host, dialog: &Dialog, contact: &Contact) -> Result<bo
     let stored = |e: StoreError| SendError::Other(e.to_string());
     // What came before the dialog's first message on the wire is not a
     // reply to it; a dialog with none has nothing to look for.
-    let first = host.store.messages(dialog.id).map_err(stored)?;
-    let Some(first) = first.iter().find_map(|m| m.transport_id) else {
+    let Some(first) = host.store.first_transport_id(dialog.id).map_err(stored)? else {
         return Ok(false);
     };
     let after = dialog.max_incoming_id.map_or(first, |max| max.max(first));

@@ -1802,27 +1802,51 @@ impl Store {
 
     /// A dialog's messages, oldest first.
     pub fn messages(&self, dialog: DialogId) -> Result<Vec<Message>, StoreError> {
-        let mut deferred = self.deferred.get(dialog).and_then(|e| e.page);
         let mut out = Vec::new();
-        let mut read = |page: &[u8]| -> Result<(), StoreError> {
+        self.walk_pages(dialog, &mut |page| {
             for msg in pages::read_all(page)? {
                 out.push(self.settled(msg)?);
             }
-            Ok(())
-        };
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// The transport id of a dialog's first message that has one: its
+    /// first on the wire. Reads pages only as far as that message.
+    pub fn first_transport_id(&self, dialog: DialogId) -> Result<Option<i64>, StoreError> {
+        let mut first = None;
+        self.walk_pages(dialog, &mut |page| {
+            first = pages::read_all(page)?.iter().find_map(|m| m.transport_id);
+            Ok(first.is_none())
+        })?;
+        Ok(first)
+    }
+
+    /// Gives `each` a dialog's pages in order, as they stand (a deferred
+    /// page newer than its stored version instead of it), while it says
+    /// to go on.
+    fn walk_pages(
+        &self,
+        dialog: DialogId,
+        each: &mut dyn FnMut(&[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut deferred = self.deferred.get(dialog).and_then(|e| e.page);
         for entry in self.t.messages.scan_prefix(u64_key(dialog)) {
             let (key, page) = entry?;
             let newer = match deferred.take_if(|(k, _)| key == k[..]) {
                 Some((_, d)) => deferred::newer_page(Some(d), Some(page))?.unwrap_or_default(),
                 None => page,
             };
-            read(&newer)?;
+            if !each(&newer)? {
+                return Ok(());
+            }
         }
         // A page started since the last checkpoint.
         if let Some((_, page)) = deferred {
-            read(&page)?;
+            each(&page)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The message at `(dialog, seq)`.

@@ -165,10 +165,16 @@ fn messages_outbox_and_inbound_dedupe() {
         .open_dialog(&new_dialog(cid), Some(&opening(1)), &allow)
         .unwrap();
     assert_eq!(store.pending_outbound().unwrap().len(), 1);
+    assert_eq!(
+        store.first_transport_id(d.id).unwrap(),
+        None,
+        "not on the wire yet"
+    );
     let sent = store
         .settle_outbound(IdempotencyKey(1), Delivery::Sent, Some(55))
         .unwrap();
     assert_eq!(sent.transport_id, Some(55));
+    assert_eq!(store.first_transport_id(d.id).unwrap(), Some(55));
     assert!(store.pending_outbound().unwrap().is_empty());
     // A repeated key is refused while pending.
     let reply = Outbound {
