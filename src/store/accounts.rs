@@ -597,8 +597,8 @@ impl Store {
         self.transact_with_accounts(&[name], |tx, records| f(tx, &mut records[0]))
     }
 
-    /// [`Store::transact_with_account`] over several accounts: `f` gets
-    /// their records in the order of `names`.
+    /// [`Store::transact_with_account`] over several accounts (each named
+    /// once): `f` gets their records in the order of `names`.
     ///
     /// `f` changes the cached records in place, not copies: their marks
     /// keep their base (see [`SendMarks`]), so what changed is written from
@@ -611,6 +611,10 @@ impl Store {
         names: &[&str],
         f: impl Fn(&Tx<'_>, &mut [AccountRecord]) -> TxResult<T>,
     ) -> Result<T, StoreError> {
+        debug_assert!(
+            names.iter().collect::<std::collections::HashSet<_>>().len() == names.len(),
+            "an account named twice"
+        );
         let mut guard = self.accounts.lock();
         let accounts = &mut *guard;
         let mut records = Vec::with_capacity(names.len());
