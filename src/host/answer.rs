@@ -503,9 +503,11 @@ async fn commit(
         let answers = answers(&jobs, &replies, &outbound, now, &held.may_send, &plans);
         host.safety.answer_batch(&answers, &held.accounts())?
     };
+    // Durable, then acknowledged, then sent; the batch is sorted while
+    // the disk syncs.
+    let flushed = host.store.start_flush();
     let mut sorted = Sorted::of(&mut jobs, answered);
-    // Durable, then acknowledged, then sent.
-    host.store.flush_async().await?;
+    flushed.await?;
     for ack in acks {
         let _ = ack.send(());
     }

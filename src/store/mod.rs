@@ -1120,35 +1120,43 @@ impl Store {
     /// is acknowledged to the transport (a received message), so a crash
     /// can never lose a record of something the outside world saw.
     pub async fn flush_async(&self) -> Result<(), StoreError> {
-        let started = std::time::Instant::now();
-        let flushed = self.flush_queued().await;
-        crate::metrics::observe("colloquy_store_flush_seconds", &[], started.elapsed());
-        flushed
+        self.start_flush().await
     }
 
-    async fn flush_queued(&self) -> Result<(), StoreError> {
+    /// [`Store::flush_async`], asked for at once: what the caller does
+    /// before awaiting the result runs while the disk syncs.
+    pub fn start_flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + '_ {
+        let started = std::time::Instant::now();
+        let asked = self.ask_flush();
+        async move {
+            let hold = self.hold_clock.load(Ordering::Relaxed);
+            let answered = match asked {
+                Some(rx) => crate::concurrent::receive(rx, hold).await,
+                None => None,
+            };
+            let flushed = match answered {
+                Some(Flushed::Done) => Ok(()),
+                Some(Flushed::DiskFull) => Err(StoreError::DiskFull),
+                Some(Flushed::Failed(e)) => Err(StoreError::Storage(e)),
+                // No flusher (no thread could be started, or it is gone):
+                // flush here.
+                None => self.db.flush_async().await.map(|_| ()).map_err(Into::into),
+            };
+            crate::metrics::observe("colloquy_store_flush_seconds", &[], started.elapsed());
+            flushed
+        }
+    }
+
+    /// Queues a flush with the store's flusher; `None` when there is none.
+    fn ask_flush(&self) -> Option<tokio::sync::oneshot::Receiver<Flushed>> {
         let queue = self.flusher.get_or_init(|| {
             let (accounts, counts) = (self.accounts.clone(), self.counts.clone());
             let mark = move || mark(&accounts, &counts);
             group_flush(self.db.clone(), mark, self.witness.clone()).ok()
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if let Some(queue) = queue {
-            if queue.send(tx).is_ok() {
-                let hold = self.hold_clock.load(Ordering::Relaxed);
-                if let Some(result) = crate::concurrent::receive(rx, hold).await {
-                    return match result {
-                        Flushed::Done => Ok(()),
-                        Flushed::DiskFull => Err(StoreError::DiskFull),
-                        Flushed::Failed(e) => Err(StoreError::Storage(e)),
-                    };
-                }
-            }
-        }
-        // No flusher (no thread could be started, or it is gone): flush
-        // here.
-        self.db.flush_async().await?;
-        Ok(())
+        queue.as_ref()?.send(tx).ok()?;
+        Some(rx)
     }
 
     /// Held by every write, so that a backup can hold every write off
