@@ -726,7 +726,11 @@ impl SendMarks {
 
     /// Adds a mark in its place in time.
     pub fn push(&mut self, mark: SendMark) {
-        let i = self.marks.partition_point(|m| m.at <= mark.at);
+        // Most marks are the latest: no search through cold marks then.
+        let i = match self.marks.last() {
+            Some(last) if last.at > mark.at => self.marks.partition_point(|m| m.at <= mark.at),
+            _ => self.marks.len(),
+        };
         self.changing_from(i);
         self.marks.insert(i, mark);
         self.latest = Some(mark.key);

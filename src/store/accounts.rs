@@ -9,12 +9,12 @@
 //! A transaction does not write an account's keys itself: it writes one
 //! record of the account log (`0xFF ++ sequence`, every key it changed with
 //! its new value), and the log's newest values wait in memory. Past
-//! [`LOG_MOST`] records the writer also retires the oldest: the keys whose
-//! newest value it holds get that value in place, and it goes, in the
-//! writer's own transaction (see [`AccountLog::write`]). A batch that sends
-//! from a hundred accounts then adds one key instead of two hundred, a key
-//! written in a hundred batches is written to its place about once, and no
-//! transaction writes the whole log at once. Opening the store writes out
+//! [`LOG_MOST`] records the writer then retires the oldest, in one sled
+//! batch of the `accounts` tree after its transaction: the keys whose
+//! newest value it holds get that value in place, and it goes (see
+//! [`Store::retire`]). A batch that sends from a hundred accounts then
+//! adds one key instead of two hundred, a key written in a hundred batches
+//! is written to its place about once, and no write holds the whole log. Opening the store writes out
 //! the log left behind (in one transaction, so a crash then changes
 //! nothing), and so does a read of an account not cached yet, so the trees
 //! are complete whenever they are read. An older layout
@@ -22,9 +22,10 @@
 //! buckets of ten minutes; their marks are moved into the current buckets
 //! on first read.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
@@ -77,7 +78,7 @@ const LOG_BYTES_MOST: usize = 4 << 20;
 /// each key, and the log's records.
 #[derive(Default)]
 struct AccountLog {
-    values: BTreeMap<Vec<u8>, LoggedValue>,
+    values: FxHashMap<Vec<u8>, LoggedValue>,
     /// The log's records in the tree, oldest first.
     records: VecDeque<LogRecord>,
     /// Bytes of the records' writes.
@@ -167,12 +168,11 @@ fn apply<'a>(
 }
 
 impl AccountLog {
-    /// How many of the oldest records a transaction logging `writes` retires,
-    /// so that the log stays within [`LOG_MOST`] records and
-    /// [`LOG_BYTES_MOST`] bytes.
-    fn to_retire(&self, writes: &Writes) -> usize {
-        let mut records = self.records.len() + 1;
-        let mut bytes = self.bytes + writes_bytes(writes);
+    /// How many of the oldest records to retire so that the log is within
+    /// [`LOG_MOST`] records and [`LOG_BYTES_MOST`] bytes.
+    fn to_retire(&self) -> usize {
+        let mut records = self.records.len();
+        let mut bytes = self.bytes;
         let mut n = 0;
         for r in &self.records {
             if records <= LOG_MOST && bytes <= LOG_BYTES_MOST {
@@ -185,31 +185,51 @@ impl AccountLog {
         n
     }
 
-    /// Writes `writes` in a transaction as the log's next record, and
-    /// retires the oldest records the log has no room for: each key whose
-    /// newest value one of them holds gets that value in place, and the
-    /// records go. A key a newer record holds needs nothing: replaying the
-    /// log ends at its newest value all the same. So every transaction
-    /// writes a few keys in place, never the whole log at once. Returns how
-    /// many records it retired; tell [`AccountLog::committed`] once the
-    /// transaction committed.
+    /// Writes `writes` in a transaction as the log's next record; tell
+    /// [`AccountLog::committed`] once the transaction committed.
     fn write(
         &self,
         tree: &TransactionalTree,
         writes: &Writes,
-    ) -> Result<usize, UnabortableTransactionError> {
+    ) -> Result<(), UnabortableTransactionError> {
         tree.insert(&log_key(self.next), encode_writes(writes))?;
-        let retire = self.to_retire(writes);
-        for r in self.records.iter().take(retire) {
+        Ok(())
+    }
+
+    /// The batch that retires the `n` oldest records: each key whose newest
+    /// value one of them holds gets that value in place, and the records
+    /// go. A key a newer record holds needs nothing: replaying the log ends
+    /// at its newest value all the same.
+    fn retiring(&self, n: usize) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for r in self.records.iter().take(n) {
             for key in &r.keys {
                 let newest = &self.values[key];
                 if newest.seq == r.seq {
-                    apply(tree, [(key, &newest.value)])?;
+                    match &newest.value {
+                        Some(v) => batch.insert(&key[..], &v[..]),
+                        None => batch.remove(&key[..]),
+                    }
                 }
             }
-            tree.remove(&log_key(r.seq))?;
+            batch.remove(&log_key(r.seq));
         }
-        Ok(retire)
+        batch
+    }
+
+    /// The `n` oldest records, retired (see [`AccountLog::retiring`]).
+    fn retired(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(r) = self.records.pop_front() else {
+                break;
+            };
+            self.bytes -= r.bytes;
+            for key in r.keys {
+                if self.values.get(&key).is_some_and(|v| v.seq == r.seq) {
+                    self.values.remove(&key);
+                }
+            }
+        }
     }
 
     /// Writes every logged value to its key and drops the log's records.
@@ -223,18 +243,7 @@ impl AccountLog {
     }
 
     /// What [`AccountLog::write`] wrote, now committed.
-    fn committed(&mut self, writes: Writes, retired: usize) {
-        for _ in 0..retired {
-            let Some(r) = self.records.pop_front() else {
-                break;
-            };
-            self.bytes -= r.bytes;
-            for key in r.keys {
-                if self.values.get(&key).is_some_and(|v| v.seq == r.seq) {
-                    self.values.remove(&key);
-                }
-            }
-        }
+    fn committed(&mut self, writes: Writes) {
         let seq = self.next;
         self.next += 1;
         self.add(seq, writes);
@@ -362,7 +371,7 @@ fn write_diff(writes: &mut Writes, new: &AccountRecord, from: usize, old_rest: &
     touched.dedup();
     // The marks from the first touched bucket on: most marks are older.
     let first = touched.first().map_or(new.sends.len(), |b| {
-        new.sends.partition_point(|m| bucket_of(m) < *b)
+        partition_from_end(&new.sends, |m| bucket_of(m) < *b)
     });
     let (recent, same) = (&new.sends[first..], &same[first.min(from)..]);
     for bucket in touched {
@@ -383,6 +392,23 @@ fn write_diff(writes: &mut Writes, new: &AccountRecord, from: usize, old_rest: &
         let key = bucket_key(&new.name, bucket);
         writes.push((key, (!value.is_empty()).then_some(value)));
     }
+}
+
+/// `partition_point` for a predicate that fails only for the newest few
+/// marks: it gallops back from the end, leaving the older, colder marks
+/// untouched.
+fn partition_from_end(sends: &[SendMark], pred: impl Fn(&SendMark) -> bool) -> usize {
+    let mut hi = sends.len();
+    let mut step = 1;
+    while hi > 0 {
+        let lo = hi.saturating_sub(step);
+        if pred(&sends[lo]) {
+            return lo + 1 + sends[lo + 1..hi].partition_point(&pred);
+        }
+        hi = lo;
+        step *= 2;
+    }
+    0
 }
 
 /// The marks of `bucket` among `sends` (in time order).
@@ -500,6 +526,22 @@ impl Store {
         Ok(accounts.records.get_mut(name).expect("just inserted"))
     }
 
+    /// Retires the log's oldest records it has no room for, in one batch
+    /// (see [`AccountLog::retiring`]). A batch that fails leaves them in
+    /// the log, and the next write tries again: whatever happens, the log
+    /// holds every value its keys do not.
+    fn retire(&self, log: &mut AccountLog) {
+        let n = log.to_retire();
+        if n == 0 {
+            return;
+        }
+        let _writing = self.writing();
+        match self.t.accounts.apply_batch(log.retiring(n)) {
+            Ok(()) => log.retired(n),
+            Err(e) => tracing::warn!("the account log could not be shortened: {e}"),
+        }
+    }
+
     /// Writes every logged value to its key and drops the log's records,
     /// in one transaction.
     fn write_out_log(&self, log: &mut AccountLog) -> Result<(), StoreError> {
@@ -574,14 +616,16 @@ impl Store {
             let mut writes = Writes::new();
             write_changes(&mut writes, cached, &record);
             let log = &accounts.log;
-            let _writing = self.writing();
-            let retired = self
-                .t
-                .accounts
-                .transaction(|tree| log.write(tree, &writes).map_err(Into::into))
-                .map_err(StoreError::from)?;
-            accounts.log.committed(writes, retired);
+            {
+                let _writing = self.writing();
+                self.t
+                    .accounts
+                    .transaction(|tree| log.write(tree, &writes).map_err(Into::into))
+                    .map_err(StoreError::from)?;
+            }
+            accounts.log.committed(writes);
             accounts.records.insert(name.to_string(), stored(record));
+            self.retire(&mut accounts.log);
         }
         Ok(out)
     }
@@ -641,18 +685,17 @@ impl Store {
                     write_changes(&mut writes, head, new);
                 }
             }
-            let retired = if writes.is_empty() {
-                None
-            } else {
-                Some(log.write(tx.accounts, &writes)?)
-            };
-            Ok((out, writes, retired))
+            if !writes.is_empty() {
+                log.write(tx.accounts, &writes)?;
+            }
+            Ok((out, writes))
         });
         let mut records = records.into_inner();
         let out = match result {
-            Ok((out, writes, retired)) => {
-                if let Some(retired) = retired {
-                    accounts.log.committed(writes, retired);
+            Ok((out, writes)) => {
+                if !writes.is_empty() {
+                    accounts.log.committed(writes);
+                    self.retire(&mut accounts.log);
                 }
                 Ok(out)
             }
@@ -903,6 +946,23 @@ mod tests {
                 let was: Vec<SendMark> = marks[..from].iter().chain(marks.base_rest().unwrap()).copied().collect();
                 proptest::prop_assert_eq!(&was, &base);
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// Galloping back from the end finds what a binary search finds.
+        #[test]
+        fn partition_from_end_is_partition_point(
+            mut times in proptest::collection::vec(0i64..50, 0..80),
+            cut in 0i64..52,
+        ) {
+            times.sort_unstable();
+            let marks: Vec<SendMark> = times.iter().map(|&t| mark_at(t, 1)).collect();
+            let before = |m: &SendMark| m.at.0 < cut;
+            proptest::prop_assert_eq!(
+                partition_from_end(&marks, before),
+                marks.partition_point(before)
+            );
         }
     }
 
