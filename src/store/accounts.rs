@@ -73,6 +73,13 @@ const LOG_NEXT: [u8; 1] = [LOG];
 const LOG_MOST: usize = if cfg!(test) { 4 } else { 128 };
 /// Bytes of logged writes at most: past it the oldest records are retired.
 const LOG_BYTES_MOST: usize = 4 << 20;
+/// A log past its bounds is retired down to a sixteenth below them, so
+/// that one batch retires several records (a batch each transaction made
+/// small ones slower: see [`Store::retire`]).
+const LOG_RETIRED_TO: (usize, usize) = (
+    LOG_MOST - LOG_MOST / 16,
+    LOG_BYTES_MOST - LOG_BYTES_MOST / 16,
+);
 
 /// The account log as this process wrote it: the newest logged value of
 /// each key, and the log's records.
@@ -168,14 +175,18 @@ fn apply<'a>(
 }
 
 impl AccountLog {
-    /// How many of the oldest records to retire so that the log is within
-    /// [`LOG_MOST`] records and [`LOG_BYTES_MOST`] bytes.
+    /// How many of the oldest records to retire: none while the log is
+    /// within [`LOG_MOST`] records and [`LOG_BYTES_MOST`] bytes, else
+    /// enough to bring it to [`LOG_RETIRED_TO`].
     fn to_retire(&self) -> usize {
         let mut records = self.records.len();
         let mut bytes = self.bytes;
+        if records <= LOG_MOST && bytes <= LOG_BYTES_MOST {
+            return 0;
+        }
         let mut n = 0;
         for r in &self.records {
-            if records <= LOG_MOST && bytes <= LOG_BYTES_MOST {
+            if records <= LOG_RETIRED_TO.0 && bytes <= LOG_RETIRED_TO.1 {
                 break;
             }
             records -= 1;
