@@ -9,18 +9,18 @@
 //! A transaction does not write an account's keys itself: it writes one
 //! record of the account log (`0xFF ++ sequence`, every key it changed with
 //! its new value), and the log's newest values wait in memory. Past
-//! [`LOG_MOST`] records the writer then retires the oldest, in one sled
-//! batch of the `accounts` tree after its transaction: the keys whose
-//! newest value it holds get that value in place, and it goes (see
+//! [`LOG_MOST`] records the writer then retires the oldest few, in one
+//! sled batch of the `accounts` tree after its transaction: the keys whose
+//! newest value they hold get that value in place, and they go (see
 //! [`Store::retire`]). A batch that sends from a hundred accounts then
 //! adds one key instead of two hundred, a key written in a hundred batches
-//! is written to its place about once, and no write holds the whole log. Opening the store writes out
-//! the log left behind (in one transaction, so a crash then changes
-//! nothing), and so does a read of an account not cached yet, so the trees
-//! are complete whenever they are read. An older layout
-//! kept one key per mark (`name ++ 0x00 ++ idempotency key`), a later one
-//! buckets of ten minutes; their marks are moved into the current buckets
-//! on first read.
+//! is written to its place about once, and no write holds the whole log.
+//! Opening the store writes out the log left behind (in one transaction,
+//! so a crash then changes nothing), and so does a read of an account not
+//! cached yet, so the trees are complete whenever they are read. An older
+//! layout kept one key per mark (`name ++ 0x00 ++ idempotency key`), a
+//! later one buckets of ten minutes; their marks are moved into the
+//! current buckets on first read.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
