@@ -26,12 +26,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
-use super::{decode, encode, Store, StoreError, Tx, TxResult};
+use super::records::{decode_account, encode_account};
+use super::{Store, StoreError, Tx, TxResult};
 use crate::clock::Timestamp;
-use crate::model::{AccountRecord, AccountStatus, IdempotencyKey, SendMark, SendMarks};
+use crate::model::{AccountRecord, IdempotencyKey, SendMark, SendMarks};
 
 /// The cached account records, complete with their send marks, and the
 /// account log.
@@ -286,17 +286,6 @@ fn writes_bytes(writes: &Writes) -> usize {
         .sum()
 }
 
-/// The record as stored: everything but the send marks.
-#[derive(Serialize)]
-struct StoredRecord<'a> {
-    name: &'a str,
-    status: &'a AccountStatus,
-    first_send_at: Option<Timestamp>,
-    next_send_at: Timestamp,
-}
-
-impl super::Json for StoredRecord<'_> {}
-
 /// Milliseconds of sends per bucket.
 const BUCKET_MS: i64 = 100;
 /// Bytes per mark in a bucket: idempotency key, time, opening.
@@ -367,15 +356,7 @@ fn read_old_mark(key: &[u8], value: &[u8]) -> Result<SendMark, StoreError> {
 /// the buckets of the marks past `from`, old and new, can have changed;
 /// each of those is compared and written if it did.
 fn write_diff(writes: &mut Writes, new: &AccountRecord, from: usize, old_rest: &[SendMark]) {
-    writes.push((
-        new.name.as_bytes().to_vec(),
-        Some(encode(&StoredRecord {
-            name: &new.name,
-            status: &new.status,
-            first_send_at: new.first_send_at,
-            next_send_at: new.next_send_at,
-        })),
-    ));
+    writes.push((new.name.as_bytes().to_vec(), Some(encode_account(new))));
     let (same, fresh) = new.sends.split_at(from);
     let mut touched: Vec<u64> = old_rest.iter().chain(fresh).map(bucket_of).collect();
     touched.sort_unstable();
@@ -474,7 +455,7 @@ impl Store {
     /// each) are moved into buckets.
     fn load_account(&self, name: &str) -> Result<AccountRecord, StoreError> {
         let mut record = match self.t.accounts.get(name.as_bytes())? {
-            Some(b) => decode::<AccountRecord>("account", &b)?,
+            Some(b) => decode_account(name, &b)?,
             None => AccountRecord::new(name),
         };
         let mut marks = record.sends.to_vec();
@@ -1014,14 +995,22 @@ mod tests {
         let store = Store::temporary().unwrap();
         let mut old = AccountRecord::new("a");
         old.sends = vec![mark(1, 1), mark(2, 2)].into();
-        store.t.accounts.insert("a", encode(&old)).unwrap();
+        store
+            .t
+            .accounts
+            .insert("a", super::super::encode_json(&old))
+            .unwrap();
         assert_eq!(store.account("a").unwrap().sends, old.sends);
-        // The next change moves them out of the record.
+        // The next change moves them out of the record, and the record
+        // into the binary layout.
         store
             .update_account("a", &|r| r.sends.push(mark(3, 3)))
             .unwrap();
         store.accounts.lock().records.clear();
         assert_eq!(store.account("a").unwrap().sends.len(), 3);
+        store.flush().unwrap();
+        let stored = store.t.accounts.get("a").unwrap().unwrap();
+        assert_ne!(stored[0], super::super::records::JSON);
     }
 
     #[test]

@@ -26,8 +26,9 @@
 //! | `meta` | name | value |
 //! | `tg_sessions`, `tg_peers`, `tg_sent`, ... | string key | records of the Telegram transport ([`Records`]) |
 //!
-//! Records are a version byte followed by JSON, except dialogs and contacts:
-//! binary since layout 2 (`records.rs`). [`RECORD_VERSION`] names the
+//! Records are a version byte followed by JSON, except dialogs and contacts
+//! (binary since layout 2) and account records (since layout 3): see
+//! `records.rs`. [`RECORD_VERSION`] names the
 //! current layout so that a later one can migrate old records on read.
 //! Message pages carry a format byte of their own and binary records (see
 //! `pages.rs`).
@@ -73,7 +74,7 @@ use records::{
 };
 
 /// The layout version written in front of every record.
-pub const RECORD_VERSION: u8 = 2;
+pub const RECORD_VERSION: u8 = 3;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -154,12 +155,12 @@ impl From<TransactionError<StoreError>> for StoreError {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
-/// A record stored as a version byte and JSON. Dialogs and contacts, most
-/// of a large store, have a binary layout instead (`records.rs`), so they
-/// are not `Json`: the compiler keeps them off this path.
+/// A record stored as a version byte and JSON. Dialogs, contacts and
+/// account records, most of a large store and most of its writes, have a
+/// binary layout instead (`records.rs`), so they are not `Json`: the
+/// compiler keeps them off this path.
 trait Json {}
 
-impl Json for AccountRecord {}
 impl Json for DoNotContact {}
 impl Json for Message {}
 impl Json for serde_json::Value {}

@@ -1,11 +1,14 @@
-//! The binary layout of the store's two most numerous records, dialogs and
-//! contacts: a store of a million idle dialogs is mostly these, so each is
-//! written in about a third of its JSON (integers as varints, field names
-//! left out, absent fields one bit).
+//! The binary layout of the store's most numerous and most written
+//! records: dialogs and contacts (a store of a million idle dialogs is
+//! mostly these) and account records (a batch of answers rewrites the
+//! record of every account it sends from). Each is written in about a
+//! third of its JSON or less (integers as varints, field names left out,
+//! absent fields one bit).
 //!
 //! A record is [`BINARY`] followed by its body; a record of the first
-//! layout ([`JSON`], every record before store layout 2) is read as JSON
-//! and rewritten in binary the next time it changes.
+//! layout ([`JSON`], dialogs and contacts before store layout 2, account
+//! records before layout 3) is read as JSON and rewritten in binary the
+//! next time it changes.
 //!
 //! Dialog: `flags u8 ++ id ++ contact ++ next_seq ++ follow_ups_sent ++
 //! started_at ++ [last_inbound_at] [last_outbound_at] [reviewed_at]
@@ -17,6 +20,11 @@
 //! Contact: `flags u8 ++ id ++ pick_key u64 LE ++ identity ++ [username]
 //! [phone] [user_id] [first_name] [last_name] ++ audiences ++ fields`.
 //!
+//! Account record: `flags u8 ++ status ++ next_send_at ++ [first_send_at]`,
+//! the status its tag with `until` or `reason` for the three that carry
+//! one. The name is the record's key; the sends are stored beside it (see
+//! `accounts.rs`).
+//!
 //! Unsigned integers are LEB128 varints, signed ones (times, Telegram ids)
 //! zigzag varints; a string is its length as a varint and its UTF-8 bytes;
 //! a list is its length and its items.
@@ -25,7 +33,10 @@ use std::collections::BTreeMap;
 
 use super::StoreError;
 use crate::clock::Timestamp;
-use crate::model::{Contact, Dialog, DialogStatus, DialogSummary, DialogVariant, Identity};
+use crate::model::{
+    AccountRecord, AccountStatus, Contact, Dialog, DialogStatus, DialogSummary, DialogVariant,
+    Identity,
+};
 
 /// The version byte of a JSON record.
 pub(super) const JSON: u8 = 1;
@@ -46,6 +57,8 @@ const PHONE: u8 = 1 << 1;
 const USER_ID: u8 = 1 << 2;
 const FIRST_NAME: u8 = 1 << 3;
 const LAST_NAME: u8 = 1 << 4;
+
+const FIRST_SEND: u8 = 1;
 
 pub(super) fn encode_dialog(d: &Dialog) -> Vec<u8> {
     let has_state = d.state.as_object().is_none_or(|o| !o.is_empty());
@@ -400,6 +413,67 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// An account record without its sends (they are stored apart).
+pub(super) fn encode_account(a: &AccountRecord) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(24));
+    w.0.extend_from_slice(&[BINARY, flags([(a.first_send_at.is_some(), FIRST_SEND)])]);
+    match &a.status {
+        AccountStatus::Active => w.0.push(0),
+        AccountStatus::FloodWait { until } => {
+            w.0.push(1);
+            w.int(until.0);
+        }
+        AccountStatus::SpamLimited { until } => {
+            w.0.push(2);
+            w.int(until.0);
+        }
+        AccountStatus::Blocked { reason } => {
+            w.0.push(3);
+            w.str(reason);
+        }
+        AccountStatus::Unauthorized => w.0.push(4),
+        AccountStatus::Disabled => w.0.push(5),
+    }
+    w.int(a.next_send_at.0);
+    if let Some(t) = a.first_send_at {
+        w.int(t.0);
+    }
+    w.0
+}
+
+/// The record of account `name` (its key), without its sends; a record of
+/// the first layout may hold sends of its own, kept.
+pub(super) fn decode_account(name: &str, bytes: &[u8]) -> Result<AccountRecord, StoreError> {
+    let Some((&BINARY, body)) = bytes.split_first() else {
+        return super::decode_json("account", bytes);
+    };
+    let r = &mut Reader::new("account", body);
+    let flags = r.u8()?;
+    let status = match r.u8()? {
+        0 => AccountStatus::Active,
+        1 => AccountStatus::FloodWait {
+            until: Timestamp(r.int()?),
+        },
+        2 => AccountStatus::SpamLimited {
+            until: Timestamp(r.int()?),
+        },
+        3 => AccountStatus::Blocked { reason: r.str()? },
+        4 => AccountStatus::Unauthorized,
+        5 => AccountStatus::Disabled,
+        _ => return Err(r.corrupt("unknown account status")),
+    };
+    let next_send_at = Timestamp(r.int()?);
+    let first_send_at = r.when(flags & FIRST_SEND != 0, |r| Ok(Timestamp(r.int()?)))?;
+    r.end()?;
+    Ok(AccountRecord {
+        name: name.to_string(),
+        status,
+        sends: Default::default(),
+        first_send_at,
+        next_send_at,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +573,54 @@ mod tests {
             },
         ] {
             assert_eq!(decode_contact(&encode_contact(&c)).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn every_account_field_survives_the_round_trip() {
+        let plain = AccountRecord::new("acc-1");
+        let t = Timestamp(1_733_443_200_123);
+        let statuses = [
+            AccountStatus::Active,
+            AccountStatus::FloodWait { until: t },
+            AccountStatus::SpamLimited {
+                until: Timestamp(-1),
+            },
+            AccountStatus::Blocked {
+                reason: "USER_DEACTIVATED_BAN ✓".into(),
+            },
+            AccountStatus::Unauthorized,
+            AccountStatus::Disabled,
+        ];
+        for status in statuses {
+            let a = AccountRecord {
+                status,
+                first_send_at: Some(Timestamp(i64::MIN)),
+                next_send_at: Timestamp(i64::MAX),
+                ..plain.clone()
+            };
+            assert_eq!(decode_account("acc-1", &encode_account(&a)).unwrap(), a);
+        }
+        assert_eq!(
+            decode_account("acc-1", &encode_account(&plain)).unwrap(),
+            plain
+        );
+        let json = [
+            &[JSON][..],
+            serde_json::to_string(&plain).unwrap().as_bytes(),
+        ]
+        .concat();
+        assert_eq!(decode_account("acc-1", &json).unwrap(), plain);
+        assert!(encode_account(&plain).len() * 10 <= json.len());
+        let bytes = encode_account(&AccountRecord {
+            first_send_at: Some(t),
+            ..plain
+        });
+        for cut in 1..bytes.len() {
+            assert!(
+                decode_account("acc-1", &bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
