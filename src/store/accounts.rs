@@ -7,8 +7,9 @@
 //! cache whose lock also orders the writers of an account.
 //!
 //! A transaction does not write an account's keys itself: it writes one
-//! record of the account log (`0xFF ++ sequence`, every key it changed with
-//! its new value), and the log's newest values wait in memory. Past
+//! record of the account log (`0xFF ++ sequence ++ chunk`, every key it
+//! changed with its new value, in chunks of at most [`CHUNK`] bytes), and
+//! the log's newest values wait in memory. Past
 //! [`LOG_MOST`] records the writer then retires the oldest few, in one
 //! sled batch of the `accounts` tree after its transaction: the keys whose
 //! newest value they hold get that value in place, and they go (see
@@ -29,7 +30,7 @@ use rustc_hash::FxHashMap;
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
 use super::records::{decode_account, encode_account};
-use super::{Store, StoreError, Tx, TxResult};
+use super::{Store, StoreError, Tx, TxResult, CHUNK};
 use crate::clock::Timestamp;
 use crate::model::{AccountRecord, IdempotencyKey, SendMark, SendMarks};
 
@@ -100,22 +101,51 @@ struct LoggedValue {
     seq: u64,
 }
 
-/// A record of the account log: the keys it wrote.
+/// A record of the account log: the keys it wrote, and its chunks in the
+/// tree.
 struct LogRecord {
     seq: u64,
     keys: Vec<Vec<u8>>,
     bytes: usize,
+    chunks: Chunks,
 }
 
-fn log_key(seq: u64) -> [u8; 9] {
-    let mut k = [LOG; 9];
-    k[1..].copy_from_slice(&seq.to_be_bytes());
-    k
+/// How a record of the account log is keyed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Chunks {
+    /// `0xFF ++ sequence ++ chunk` for chunks `0..n`.
+    Of(u32),
+    /// `0xFF ++ sequence`, one value: as layouts before 3 wrote it.
+    Whole,
 }
 
-fn encode_writes(writes: &Writes) -> Vec<u8> {
+fn log_keys(seq: u64, chunks: Chunks) -> impl Iterator<Item = Vec<u8>> {
+    let key = move |chunk: Option<u32>| {
+        let mut k = Vec::with_capacity(13);
+        k.push(LOG);
+        k.extend_from_slice(&seq.to_be_bytes());
+        if let Some(c) = chunk {
+            k.extend_from_slice(&c.to_be_bytes());
+        }
+        k
+    };
+    let (whole, n) = match chunks {
+        Chunks::Whole => (Some(key(None)), 0),
+        Chunks::Of(n) => (None, n),
+    };
+    whole.into_iter().chain((0..n).map(move |c| key(Some(c))))
+}
+
+/// The writes in chunks of about [`CHUNK`] bytes (a single write above it
+/// is a chunk of its own).
+fn encode_writes(writes: &Writes) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
     let mut out = Vec::new();
     for (k, v) in writes {
+        let len = 9 + k.len() + v.as_ref().map_or(0, Vec::len);
+        if !out.is_empty() && out.len() + len > CHUNK {
+            chunks.push(std::mem::take(&mut out));
+        }
         out.extend_from_slice(&(k.len() as u32).to_be_bytes());
         out.extend_from_slice(k);
         match v {
@@ -127,7 +157,10 @@ fn encode_writes(writes: &Writes) -> Vec<u8> {
             None => out.push(0),
         }
     }
-    out
+    if !out.is_empty() {
+        chunks.push(out);
+    }
+    chunks
 }
 
 fn decode_writes(mut bytes: &[u8]) -> Result<Writes, StoreError> {
@@ -197,14 +230,18 @@ impl AccountLog {
     }
 
     /// Writes `writes` in a transaction as the log's next record; tell
-    /// [`AccountLog::committed`] once the transaction committed.
+    /// [`AccountLog::committed`] its chunks once the transaction committed.
     fn write(
         &self,
         tree: &TransactionalTree,
         writes: &Writes,
-    ) -> Result<(), UnabortableTransactionError> {
-        tree.insert(&log_key(self.next), encode_writes(writes))?;
-        Ok(())
+    ) -> Result<Chunks, UnabortableTransactionError> {
+        let chunks = encode_writes(writes);
+        let n = chunks.len() as u32;
+        for (key, chunk) in log_keys(self.next, Chunks::Of(n)).zip(chunks) {
+            tree.insert(key, chunk)?;
+        }
+        Ok(Chunks::Of(n))
     }
 
     /// The batch that retires the `n` oldest records: each key whose newest
@@ -223,7 +260,9 @@ impl AccountLog {
                     }
                 }
             }
-            batch.remove(&log_key(r.seq));
+            for key in log_keys(r.seq, r.chunks) {
+                batch.remove(key);
+            }
         }
         batch
     }
@@ -247,17 +286,19 @@ impl AccountLog {
     fn write_out(&self, tree: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
         apply(tree, self.values.iter().map(|(k, v)| (k, &v.value)))?;
         for r in &self.records {
-            tree.remove(&log_key(r.seq))?;
+            for key in log_keys(r.seq, r.chunks) {
+                tree.remove(key)?;
+            }
         }
         tree.insert(&LOG_NEXT, &self.next.to_be_bytes())?;
         Ok(())
     }
 
     /// What [`AccountLog::write`] wrote, now committed.
-    fn committed(&mut self, writes: Writes) {
+    fn committed(&mut self, writes: Writes, chunks: Chunks) {
         let seq = self.next;
         self.next += 1;
-        self.add(seq, writes);
+        self.add(seq, writes, chunks);
     }
 
     fn written_out(&mut self) {
@@ -266,8 +307,8 @@ impl AccountLog {
         self.bytes = 0;
     }
 
-    /// Notes a record of the log.
-    fn add(&mut self, seq: u64, writes: Writes) {
+    /// Notes a record of the log, or a further chunk of the newest one.
+    fn add(&mut self, seq: u64, writes: Writes, chunks: Chunks) {
         let bytes = writes_bytes(&writes);
         let mut keys = Vec::with_capacity(writes.len());
         for (k, value) in writes {
@@ -275,7 +316,19 @@ impl AccountLog {
             self.values.insert(k, LoggedValue { value, seq });
         }
         self.bytes += bytes;
-        self.records.push_back(LogRecord { seq, keys, bytes });
+        match self.records.back_mut() {
+            Some(r) if r.seq == seq => {
+                r.keys.extend(keys);
+                r.bytes += bytes;
+                r.chunks = chunks;
+            }
+            _ => self.records.push_back(LogRecord {
+                seq,
+                keys,
+                bytes,
+                chunks,
+            }),
+        }
     }
 }
 
@@ -566,16 +619,22 @@ impl Store {
                 })?);
                 continue;
             }
-            let seq = k
-                .get(1..9)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes);
-            let seq = seq.ok_or_else(|| StoreError::Corrupt {
-                what: "account log",
-                reason: "a key is not a sequence number".into(),
-            })?;
+            let (seq, chunks) = match (k.get(1..9), k.get(9..)) {
+                (Some(seq), Some([])) => (seq, Chunks::Whole),
+                (Some(seq), Some(chunk)) if chunk.len() == 4 => {
+                    let chunk = u32::from_be_bytes(chunk.try_into().expect("4 bytes"));
+                    (seq, Chunks::Of(chunk + 1))
+                }
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        what: "account log",
+                        reason: "a key is not a sequence number and a chunk".into(),
+                    })
+                }
+            };
+            let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
             log.next = log.next.max(seq + 1);
-            log.add(seq, decode_writes(&v)?);
+            log.add(seq, decode_writes(&v)?, chunks);
         }
         self.write_out_log(log)
     }
@@ -608,14 +667,14 @@ impl Store {
             let mut writes = Writes::new();
             write_changes(&mut writes, cached, &record);
             let log = &accounts.log;
-            {
+            let chunks = {
                 let _writing = self.writing();
                 self.t
                     .accounts
                     .transaction(|tree| log.write(tree, &writes).map_err(Into::into))
-                    .map_err(StoreError::from)?;
-            }
-            accounts.log.committed(writes);
+                    .map_err(StoreError::from)?
+            };
+            accounts.log.committed(writes, chunks);
             accounts.records.insert(name.to_string(), stored(record));
             self.retire(&mut accounts.log);
         }
@@ -677,16 +736,17 @@ impl Store {
                     write_changes(&mut writes, head, new);
                 }
             }
-            if !writes.is_empty() {
-                log.write(tx.accounts, &writes)?;
-            }
-            Ok((out, writes))
+            let chunks = match writes.is_empty() {
+                true => Chunks::Of(0),
+                false => log.write(tx.accounts, &writes)?,
+            };
+            Ok((out, writes, chunks))
         });
         let mut records = records.into_inner();
         let out = match result {
-            Ok((out, writes)) => {
+            Ok((out, writes, chunks)) => {
                 if !writes.is_empty() {
-                    accounts.log.committed(writes);
+                    accounts.log.committed(writes, chunks);
                     self.retire(&mut accounts.log);
                 }
                 Ok(out)
@@ -988,6 +1048,62 @@ mod tests {
             store.account("a").unwrap().sends[..],
             [mark(1, 1), mark(3, 3)]
         );
+    }
+
+    #[test]
+    fn a_log_record_of_many_accounts_is_chunked_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..400).map(|i| format!("account-{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .transact_with_accounts(&refs, |_, records| {
+                    for (i, r) in records.iter_mut().enumerate() {
+                        r.sends.push(mark(i as i64 * 1000, i as u64));
+                        r.next_send_at = Timestamp(i as i64);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            let log: Vec<_> = store.t.accounts.scan_prefix([LOG]).collect();
+            assert!(log.len() > 3, "{} chunks", log.len());
+            for e in &log {
+                let (k, v) = e.as_ref().unwrap();
+                assert!(v.len() <= CHUNK, "{} bytes under {k:?}", v.len());
+            }
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        for (i, name) in names.iter().enumerate() {
+            let r = store.account(name).unwrap();
+            assert_eq!(r.sends[..], [mark(i as i64 * 1000, i as u64)]);
+            assert_eq!(r.next_send_at, Timestamp(i as i64));
+        }
+        let left: Vec<_> = store.t.accounts.scan_prefix([LOG]).keys().collect();
+        assert_eq!(left.len(), 1, "only the sequence number stays");
+    }
+
+    #[test]
+    fn a_log_record_of_the_older_layout_is_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut record = AccountRecord::new("a");
+            record.next_send_at = Timestamp(42);
+            let mut writes = Writes::new();
+            write_diff(&mut writes, &record, 0, &[]);
+            let [whole] = &encode_writes(&writes)[..] else {
+                panic!("one chunk")
+            };
+            let key = log_keys(7, Chunks::Whole).next().unwrap();
+            store.t.accounts.insert(key, &whole[..]).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.account("a").unwrap().next_send_at, Timestamp(42));
+        assert_eq!(store.t.accounts.scan_prefix([LOG]).count(), 1);
+        assert_eq!(store.accounts.lock().log.next, 8);
     }
 
     #[test]

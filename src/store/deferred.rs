@@ -71,10 +71,6 @@ const REPLAY_BATCH: usize = 256;
 /// its answers since do to it.
 type Folded = FxHashMap<DialogId, (Dialog, Change)>;
 
-/// Bytes of journal per key: sled rewrites a node of sixteen keys whole now
-/// and then, and keeps a value above a few hundred KiB in a file of its own.
-const CHUNK: usize = 7 * 1024;
-
 /// The first byte of a journal chunk of answers. A chunk without it holds
 /// whole dialog records and pages, as an earlier version wrote them.
 const ANSWERS: u8 = 0xFF;

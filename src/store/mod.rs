@@ -22,7 +22,7 @@
 //! | `orphans` | account, 0, transport id | an incoming message from a contact with no dialog |
 //! | `accounts` | account name | [`AccountRecord`] without its sends |
 //! | `accounts` | account name, 1, tenth of a second | the sends of that tenth that count against the limits (key, `at`, opening; see `accounts.rs`) |
-//! | `accounts` | 0xFF, sequence | the account log: keys of this tree with their new values, not yet written to them |
+//! | `accounts` | 0xFF, sequence, chunk | the account log: keys of this tree with their new values, not yet written to them |
 //! | `meta` | name | value |
 //! | `tg_sessions`, `tg_peers`, `tg_sent`, ... | string key | records of the Telegram transport ([`Records`]) |
 //!
@@ -73,6 +73,13 @@ use records::{
     decode_contact, decode_dialog, decode_dialog_summary, encode_contact, encode_dialog,
 };
 
+/// Bytes at most of a value the store writes in chunks (the journal, the
+/// account log). sled keeps a log entry above 128 KiB (a fourth of its
+/// segment), be it a value or a leaf of up to sixteen keys rewritten
+/// whole, in a file of its own, which it never syncs: with chunks of
+/// 7 KiB every leaf stays in sled's log, which `flush` makes durable.
+const CHUNK: usize = 7 * 1024;
+
 /// The layout version written in front of every record.
 pub const RECORD_VERSION: u8 = 3;
 
@@ -92,7 +99,7 @@ pub enum StoreError {
         at: String,
         witness: String,
     },
-    #[error("the store in {dir} is not the one this data_dir held ({witness} names another): it was replaced, and running it could message contacts a second time; put the store back, restore a backup of it with `colloquy restore`, or delete {witness} only if you accept that")]
+    #[error("the store in {dir} is not the one this data_dir held ({witness} names another): it was replaced, or damaged past what sled recovers, and running it could message contacts a second time; put the store back, restore a backup of it with `colloquy restore`, or delete {witness} only if you accept that")]
     NotThisStore { dir: String, witness: String },
     #[error("the store's files are damaged (sled found unreadable data in them); stop the host and restore a backup with `colloquy restore`")]
     Damaged,
@@ -985,7 +992,7 @@ impl Store {
         if let Some(id) = self.t.meta.get("store_id")? {
             return Ok(String::from_utf8_lossy(&id).into_owned());
         }
-        if self.t.contacts.first()?.is_some() || self.t.dialogs.first()?.is_some() {
+        if self.holds_records()? {
             return Err(StoreError::NeedsOperator(format!(
                 "the store in {} is damaged (it holds records but lost its identity); restore a backup with `colloquy restore`",
                 dir.display()
@@ -999,6 +1006,20 @@ impl Store {
         self.t.meta.insert("store_id", id.as_bytes())?;
         self.db.flush()?;
         Ok(id)
+    }
+
+    /// Whether any tree but `meta` holds a record: sled that lost a
+    /// damaged part of its file may have lost some trees and kept others.
+    fn holds_records(&self) -> Result<bool, StoreError> {
+        for name in self.db.tree_names() {
+            if name == "meta" || name == "__sled__default" {
+                continue;
+            }
+            if self.db.open_tree(&name)?.first()?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Moves the messages of the older layout (one key each, in the
