@@ -229,8 +229,9 @@ impl AccountLog {
         n
     }
 
-    /// Writes `writes` in a transaction as the log's next record; tell
-    /// [`AccountLog::committed`] its chunks once the transaction committed.
+    /// Writes `writes` in a transaction as the log's next record (nothing
+    /// for none); tell [`AccountLog::committed`] its chunks once the
+    /// transaction committed.
     fn write(
         &self,
         tree: &TransactionalTree,
@@ -736,10 +737,7 @@ impl Store {
                     write_changes(&mut writes, head, new);
                 }
             }
-            let chunks = match writes.is_empty() {
-                true => Chunks::Of(0),
-                false => log.write(tx.accounts, &writes)?,
-            };
+            let chunks = log.write(tx.accounts, &writes)?;
             Ok((out, writes, chunks))
         });
         let mut records = records.into_inner();
