@@ -72,8 +72,10 @@ const LOG_NEXT: [u8; 1] = [LOG];
 /// Log records at most: past it the oldest are retired (a few in unit
 /// tests, so that they retire records often).
 const LOG_MOST: usize = if cfg!(test) { 4 } else { 128 };
-/// Bytes of logged writes at most: past it the oldest records are retired.
-const LOG_BYTES_MOST: usize = 4 << 20;
+/// Bytes of logged writes at most: past it the oldest records are retired
+/// (at 1,000 accounts a record is about 221 KB: see ARCHITECTURE.md, "What
+/// the store's mechanisms pay").
+const LOG_BYTES_MOST: usize = 16 << 20;
 /// A log past its bounds is retired down to a sixteenth below them, so
 /// that one batch retires several records (a batch each transaction made
 /// small ones slower: see [`Store::retire`]).
