@@ -1630,23 +1630,8 @@ impl Store {
         })
     }
 
-    /// Active dialogs whose last message is older than `before`, quietest
-    /// first: the reviver's scan.
-    pub fn quiet_dialogs(
-        &self,
-        before: Timestamp,
-    ) -> Result<Vec<(Timestamp, DialogId)>, StoreError> {
-        self.t
-            .by_activity
-            .range(..time_key(before).to_vec())
-            .map(|e| {
-                let (k, _) = e?;
-                Ok((read_time(&k[..8]), read_u64(&k[8..])))
-            })
-            .collect()
-    }
-
-    /// The active dialog that has been quiet the longest, if any.
+    /// The active dialog that has been quiet the longest, if any: the
+    /// reviver's next.
     pub fn quietest_dialog(&self) -> Result<Option<(Timestamp, DialogId)>, StoreError> {
         Ok(self
             .t
