@@ -37,10 +37,6 @@ impl Timestamp {
         self.0 as f64 / 1000.0
     }
 
-    pub fn millis(self) -> i64 {
-        self.0
-    }
-
     pub fn saturating_add(self, d: Duration) -> Timestamp {
         Timestamp(
             self.0
@@ -145,12 +141,6 @@ impl SeededRng {
         SeededRng {
             inner: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
         }
-    }
-
-    /// A seed from the operating system, for production runs without a
-    /// configured seed.
-    pub fn from_entropy() -> SeededRng {
-        SeededRng::new(rand::random())
     }
 
     pub fn next_u64(&self) -> u64 {
