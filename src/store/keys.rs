@@ -30,12 +30,22 @@ pub fn pair(a: [u8; 8], b: [u8; 8]) -> [u8; 16] {
     k
 }
 
-/// `[tag] ++ id`: the dialogs-by-status index.
+/// `[tag] ++ id, its bits reversed`: the dialogs-by-status index (since
+/// layout 4). Dialog ids grow, and sled splits a full leaf in half, so
+/// keys written in order leave every leaf half full and rewrite the
+/// newest one again and again; reversed, consecutive ids land all over
+/// the tree as random keys do. The index is only read a status at a
+/// time, so its order within a status does not matter.
 pub fn status_key(tag: u8, id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = tag;
-    k[1..].copy_from_slice(&id.to_be_bytes());
+    k[1..].copy_from_slice(&id.reverse_bits().to_be_bytes());
     k
+}
+
+/// The dialog id of a [`status_key`].
+pub fn status_key_dialog(key: &[u8]) -> u64 {
+    read_u64(&key[1..]).reverse_bits()
 }
 
 /// `name ++ 0x00`: the prefix of one audience in the uncontacted index.
@@ -79,5 +89,14 @@ mod tests {
             assert!(time_key(w[0]) < time_key(w[1]));
         }
         assert_eq!(read_time(&time_key(Timestamp(-5))), Timestamp(-5));
+    }
+
+    #[test]
+    fn status_keys_spread_consecutive_ids_and_read_back() {
+        let (a, b) = (status_key(2, 41), status_key(2, 42));
+        assert_eq!(a[0], 2);
+        assert_eq!((status_key_dialog(&a), status_key_dialog(&b)), (41, 42));
+        // 41 and 42 differ in their low bits: reversed, in their first byte.
+        assert_ne!(a[1], b[1]);
     }
 }

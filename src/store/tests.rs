@@ -397,6 +397,59 @@ fn a_store_of_a_newer_layout_is_refused_untouched() {
     assert!(Store::open(dir.path()).is_err());
 }
 
+/// A store of layout 3 keyed its status index by the dialog id in order:
+/// opening rebuilds the index in the new key layout, and a rebuild done
+/// again (a crash before the store named layout 4) changes nothing.
+#[test]
+fn a_status_index_of_layout_3_is_rebuilt_as_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<DialogId> = {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "l", "username\nalice\nbobby\ncarol\n");
+        let ids: Vec<DialogId> = (0..3)
+            .map(|_| {
+                let cid = store.pick_uncontacted("l", 0).unwrap().unwrap();
+                store
+                    .open_dialog(&new_dialog(cid), None, &allow)
+                    .unwrap()
+                    .0
+                    .id
+            })
+            .collect();
+        let done = DialogStatus::Finished {
+            outcome: "booked".into(),
+        };
+        store.set_dialog_status(ids[1], done).unwrap();
+        let old_key = |tag: u8, id: DialogId| [&[tag][..], &id.to_be_bytes()].concat();
+        let mut batch = sled::Batch::default();
+        for key in store.t.by_status.iter().keys() {
+            let key = key.unwrap();
+            batch.remove(key.clone());
+            batch.insert(old_key(key[0], status_key_dialog(&key)), &[]);
+        }
+        store.t.by_status.apply_batch(batch).unwrap();
+        store.t.meta.insert("record_version", &[3]).unwrap();
+        store.flush().unwrap();
+        ids
+    };
+    for _ in 0..2 {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.dialogs_with_status("active").unwrap(),
+            vec![ids[0], ids[2]]
+        );
+        assert_eq!(store.dialogs_with_status("finished").unwrap(), vec![ids[1]]);
+        assert_eq!(store.t.by_status.len(), 3);
+        assert_eq!(
+            store.t.meta.get("record_version").unwrap().unwrap()[0],
+            RECORD_VERSION
+        );
+        // As if a crash came after the rebuild, before layout 4 was named.
+        store.t.meta.insert("record_version", &[3]).unwrap();
+        store.flush().unwrap();
+    }
+}
+
 #[test]
 fn a_store_that_lost_its_identity_is_damaged_not_new() {
     let dir = tempfile::tempdir().unwrap();
