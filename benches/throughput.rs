@@ -100,7 +100,6 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time of the whole process so far (user + system), in seconds.
 /// The process's CPU time so far, in the kernel and in all: `(sys, total)`.
 fn cpu_seconds() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
