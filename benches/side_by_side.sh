@@ -9,7 +9,8 @@
 #     bash benches/side_by_side.sh 10000 100000 1000000   # 10,000 messaged in a store
 #                                                         # already holding a million more
 # IDLE dialogs are colloquy's only (the peer's workload has no such option):
-# they show whether a message costs more in a bigger store.
+# they show whether a message costs more in a bigger store. A table of the
+# pairs (messages/s, CPU a message, times the peer) closes the output.
 set -euo pipefail
 dialogs=${1:-10000}
 messages=${2:-100000}
@@ -18,6 +19,8 @@ runs=${RUNS:-1}
 here=$(cd "$(dirname "$0")/.." && pwd)
 peer="$here/../shared/bench/python_peer/peer.py"
 cargo bench --quiet --bench throughput --manifest-path "$here/Cargo.toml" --no-run
+lines=$(mktemp)
+trap 'rm -f "$lines"' EXIT
 for _ in $(seq "$runs"); do
     cargo bench --quiet --bench throughput --manifest-path "$here/Cargo.toml" -- \
         --dialogs "$dialogs" --messages "$messages" --idle "$idle" | sed 's/^/colloquy: /'
@@ -30,4 +33,23 @@ for _ in $(seq "$runs"); do
     else
         echo "python peer: not found at $peer"
     fi
-done
+done | tee "$lines"
+# One row a pair: what the sitting's figures say side by side.
+python3 - "$lines" <<'SUMMARY'
+import json, sys
+pairs, pair = [], None
+for line in open(sys.argv[1]):
+    who, _, rest = line.partition(": ")
+    if who == "colloquy" and rest.startswith("{"):
+        pair = {"ours": json.loads(rest)}
+        pairs.append(pair)
+    elif who == "python peer" and rest.startswith("{") and pair:
+        pair["peer"] = json.loads(rest)
+print("\n| run | colloquy msg/s (CPU µs a message) | peer msg/s | times the peer |")
+print("|---|---|---|---|")
+for i, p in enumerate(pairs, 1):
+    ours, peer = p["ours"], p.get("peer")
+    times = f"{ours['msgs_per_s'] / peer['msgs_per_s']:.2f}" if peer else "-"
+    theirs = f"{peer['msgs_per_s']:,.0f}" if peer else "-"
+    print(f"| {i} | {ours['msgs_per_s']:,.0f} ({ours['cpu_us_per_msg']}) | {theirs} | {times} |")
+SUMMARY
