@@ -1,5 +1,6 @@
-//! What sled 0.34 alone costs for the least the store must write, with no
-//! colloquy code around it: the floor under the throughput bench's figures.
+//! What sled 0.34 alone costs for the least the store must write, with none
+//! of colloquy's store around it: the floor under the throughput bench's
+//! figures.
 //!
 //!     cargo bench --bench sled_floor -- --dialogs 100000 --mode answer
 //!
@@ -34,7 +35,8 @@ use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
 mod common;
-use common::bytes_under;
+use colloquy::clock::SeededRng;
+use common::{bytes_under, cpu_seconds};
 
 /// The binary's allocator (see src/main.rs).
 #[global_allocator]
@@ -49,30 +51,6 @@ fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     let at = args.iter().position(|a| a == name)?;
     args.get(at + 1).cloned()
-}
-
-/// The process's CPU time so far (user and system), in seconds.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
-/// xorshift64: the same shuffles on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn page_key(dialog: u64, seq: u64) -> [u8; 16] {
@@ -115,7 +93,7 @@ fn messages(db: &sled::Db, dialogs: u64, mode: &str) -> String {
     db.flush().unwrap();
     let mut next_seq = vec![1u64; dialogs as usize];
     let mut order: Vec<u64> = (0..dialogs).collect();
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let rng = SeededRng::new(1);
     let changed = |record: &[u8], page: Option<&[u8]>| {
         let mut record = record.to_vec();
         record[0] = record[0].wrapping_add(1);
@@ -123,10 +101,10 @@ fn messages(db: &sled::Db, dialogs: u64, mode: &str) -> String {
         page.extend_from_slice(&[3u8; 120]);
         (record, page)
     };
-    let (cpu, started) = (cpu_seconds(), Instant::now());
+    let (cpu, started) = (cpu_seconds().1, Instant::now());
     for _round in 0..10 {
         for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         for batch in order.chunks(BATCH) {
             match mode {
@@ -174,7 +152,7 @@ fn messages(db: &sled::Db, dialogs: u64, mode: &str) -> String {
     let n = (dialogs * 10) as f64;
     format!(
         "\"cpu_us_per_msg\":{:.2},\"msgs_per_s\":{:.0}",
-        (cpu_seconds() - cpu) / n * 1e6,
+        (cpu_seconds().1 - cpu) / n * 1e6,
         n / started.elapsed().as_secs_f64()
     )
 }
@@ -187,7 +165,7 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, transactions: bool) -> String {
     let (by_status, by_activity) = (tree("dialogs_by_status"), tree("dialogs_by_activity"));
     db.flush().unwrap();
     let before = bytes_under(dir);
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let rng = SeededRng::new(2);
     let mut pick_keys = Vec::with_capacity(dialogs as usize);
     for chunk in (0..dialogs).collect::<Vec<_>>().chunks(1_000) {
         let (mut c, mut i, mut u) = (
@@ -196,7 +174,7 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, transactions: bool) -> String {
             sled::Batch::default(),
         );
         for &id in chunk {
-            let pick = rng.next();
+            let pick = rng.next_u64();
             pick_keys.push(pick);
             c.insert(&id.to_be_bytes(), vec![5u8; 24]);
             i.insert(
