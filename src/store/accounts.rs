@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
-use super::records::{decode_account, encode_account};
+use super::records::{decode_account, encode_account, Reader};
 use super::{Store, StoreError, Tx, TxResult, CHUNK};
 use crate::clock::Timestamp;
 use crate::model::{AccountRecord, IdempotencyKey, SendMark, SendMarks};
@@ -165,30 +165,15 @@ fn encode_writes(writes: &Writes) -> Vec<Vec<u8>> {
     chunks
 }
 
-fn decode_writes(mut bytes: &[u8]) -> Result<Writes, StoreError> {
-    let broken = || StoreError::Corrupt {
-        what: "account log",
-        reason: "a write is cut short".into(),
-    };
-    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = (bytes.get(..n)?, bytes.get(n..)?);
-        *bytes = rest;
-        Some(head)
-    }
-    fn len(bytes: &mut &[u8]) -> Option<usize> {
-        Some(u32::from_be_bytes(take(bytes, 4)?.try_into().ok()?) as usize)
-    }
+fn decode_writes(bytes: &[u8]) -> Result<Writes, StoreError> {
+    let mut r = Reader::new("account log", bytes);
     let mut writes = Writes::new();
-    while !bytes.is_empty() {
-        let n = len(&mut bytes).ok_or_else(broken)?;
-        let key = take(&mut bytes, n).ok_or_else(broken)?.to_vec();
-        let value = match take(&mut bytes, 1).ok_or_else(broken)? {
-            [1] => {
-                let n = len(&mut bytes).ok_or_else(broken)?;
-                Some(take(&mut bytes, n).ok_or_else(broken)?.to_vec())
-            }
-            [0] => None,
-            _ => return Err(broken()),
+    while !r.is_empty() {
+        let key = r.with_len_be()?.to_vec();
+        let value = match r.u8()? {
+            1 => Some(r.with_len_be()?.to_vec()),
+            0 => None,
+            _ => return Err(r.corrupt("a write is neither a value nor a removal")),
         };
         writes.push((key, value));
     }

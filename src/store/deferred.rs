@@ -50,6 +50,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use sled::IVec;
 
 use super::keys::*;
+use super::records::Reader;
 use super::*;
 
 /// Dialogs deferred at most, before the oldest are written out with the
@@ -610,49 +611,31 @@ fn journal_change(old: Dialog, a: JournalAnswer) -> Result<Change, StoreError> {
     Ok(change)
 }
 
-/// Reads a chunk of answers (after its first byte).
-fn decode_answers(mut bytes: &[u8]) -> Result<Vec<JournalAnswer>, StoreError> {
-    let corrupt = |reason: &str| StoreError::Corrupt {
+fn journal_json<T: DeserializeOwned>(json: &[u8], field: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(json).map_err(|e| StoreError::Corrupt {
         what: "journal",
-        reason: reason.to_string(),
-    };
-    let take = |bytes: &mut &[u8], n: usize| -> Result<Vec<u8>, StoreError> {
-        if bytes.len() < n {
-            return Err(corrupt("a record ends inside an answer"));
-        }
-        let (head, rest) = bytes.split_at(n);
-        *bytes = rest;
-        Ok(head.to_vec())
-    };
-    let u32_of = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-    let u64_of = |b: &[u8]| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        u64::from_le_bytes(a)
-    };
+        reason: format!("{field}: {e}"),
+    })
+}
+
+/// Reads a chunk of answers (after its first byte).
+fn decode_answers(bytes: &[u8]) -> Result<Vec<JournalAnswer>, StoreError> {
+    let mut r = Reader::new("journal", bytes);
     let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let dialog = u64_of(&take(&mut bytes, 8)?);
-        let base = u64_of(&take(&mut bytes, 8)?);
-        let n = u32_of(&take(&mut bytes, 4)?);
-        let state = serde_json::from_slice(&take(&mut bytes, n)?)
-            .map_err(|e| corrupt(&format!("an answer's state: {e}")))?;
-        let n = u32_of(&take(&mut bytes, 4)?);
-        let ending = match n {
-            0 => None,
-            n => Some(
-                serde_json::from_slice(&take(&mut bytes, n)?)
-                    .map_err(|e| corrupt(&format!("an answer's ending: {e}")))?,
-            ),
+    while !r.is_empty() {
+        let (dialog, base) = (r.u64()?, r.u64()?);
+        let state = journal_json(r.with_len()?, "an answer's state")?;
+        let ending = match r.with_len()? {
+            [] => None,
+            json => Some(journal_json(json, "an answer's ending")?),
         };
-        let count = u32_of(&take(&mut bytes, 4)?);
-        let mut messages = Vec::with_capacity(count);
+        let count = r.u32()?;
+        let mut messages = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let n = u32_of(&take(&mut bytes, 4)?);
-            messages.push(pages::read_record(&take(&mut bytes, n)?)?);
+            messages.push(pages::read_record(r.with_len()?)?);
         }
         if messages.is_empty() {
-            return Err(corrupt("an answer without its message"));
+            return Err(r.corrupt("an answer without its message"));
         }
         let incoming = messages.remove(0);
         out.push(JournalAnswer {
@@ -674,34 +657,15 @@ struct JournalEntry<'a> {
     page: Option<(&'a [u8], &'a [u8])>,
 }
 
-fn decode_entries(mut bytes: &[u8]) -> Result<Vec<JournalEntry<'_>>, StoreError> {
-    fn take<'b>(bytes: &mut &'b [u8], n: usize) -> Result<&'b [u8], StoreError> {
-        if bytes.len() < n {
-            return Err(StoreError::Corrupt {
-                what: "journal",
-                reason: "a record ends inside an entry".to_string(),
-            });
-        }
-        let (head, rest) = bytes.split_at(n);
-        *bytes = rest;
-        Ok(head)
-    }
-    fn len(bytes: &mut &[u8]) -> Result<usize, StoreError> {
-        let b = take(bytes, 4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    }
+fn decode_entries(bytes: &[u8]) -> Result<Vec<JournalEntry<'_>>, StoreError> {
+    let mut r = Reader::new("journal", bytes);
     let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let dialog = read_u64(take(&mut bytes, 8)?);
-        let n = len(&mut bytes)?;
-        let record = take(&mut bytes, n)?;
-        let page = match take(&mut bytes, 1)?[0] {
+    while !r.is_empty() {
+        let dialog = read_u64(r.take(8)?);
+        let record = r.with_len()?;
+        let page = match r.u8()? {
             0 => None,
-            _ => {
-                let key = take(&mut bytes, 16)?;
-                let n = len(&mut bytes)?;
-                Some((key, take(&mut bytes, n)?))
-            }
+            _ => Some((r.take(16)?, r.with_len()?)),
         };
         out.push(JournalEntry {
             dialog,

@@ -742,6 +742,18 @@ impl Tx<'_> {
         Ok((change.dialog, change.appended))
     }
 
+    /// Makes a contact pickable again in its audiences.
+    fn relist_contact(&self, id: ContactId) -> TxResult<()> {
+        if let Some(bytes) = self.contacts.get(u64_key(id))? {
+            let contact = tx_read(decode_contact, &bytes)?;
+            for audience in &contact.audiences {
+                self.uncontacted
+                    .insert(uncontacted_key(audience, contact.pick_key, id), &[])?;
+            }
+        }
+        Ok(())
+    }
+
     fn unlist_contact(&self, contact: &Contact) -> Result<(), UnabortableTransactionError> {
         for audience in &contact.audiences {
             self.uncontacted
@@ -1127,7 +1139,6 @@ impl Store {
         })
     }
 
-    /// Makes everything written so far durable.
     /// The bytes of every key and value the store holds, in all its trees:
     /// what its files would take with no overhead and no garbage. O(n).
     pub fn live_bytes(&self) -> Result<u64, StoreError> {
@@ -1141,6 +1152,7 @@ impl Store {
         Ok(total)
     }
 
+    /// Makes everything written so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         let mark = self.mark();
         self.db.flush()?;
@@ -1455,13 +1467,7 @@ impl Store {
                 return Ok(false);
             }
             if tx.dialog_of_contact.get(key)?.is_none() {
-                if let Some(bytes) = tx.contacts.get(key)? {
-                    let contact: Contact = tx_read(decode_contact, &bytes)?;
-                    for audience in &contact.audiences {
-                        tx.uncontacted
-                            .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[])?;
-                    }
-                }
+                tx.relist_contact(id)?;
             }
             Ok(true)
         })
@@ -1614,13 +1620,7 @@ impl Store {
             let ck = u64_key(d.contact);
             tx.dialog_of_contact.remove(&ck)?;
             if tx.do_not_contact.get(ck)?.is_none() {
-                if let Some(bytes) = tx.contacts.get(ck)? {
-                    let contact: Contact = tx_read(decode_contact, &bytes)?;
-                    for audience in &contact.audiences {
-                        tx.uncontacted
-                            .insert(uncontacted_key(audience, contact.pick_key, contact.id), &[])?;
-                    }
-                }
+                tx.relist_contact(d.contact)?;
             }
             Ok(true)
         })?;

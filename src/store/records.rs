@@ -328,6 +328,23 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Bytes after their length, a little-endian u32.
+    pub(super) fn with_len(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    /// Bytes after their length, a big-endian u32 (as the account log
+    /// writes it).
+    pub(super) fn with_len_be(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes"));
+        self.take(n as usize)
+    }
+
     pub(super) fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.bytes)
     }
