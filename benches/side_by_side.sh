@@ -10,7 +10,8 @@
 #                                                         # already holding a million more
 # IDLE dialogs are colloquy's only (the peer's workload has no such option):
 # they show whether a message costs more in a bigger store. A table of the
-# pairs (messages/s, CPU a message, times the peer) closes the output.
+# pairs (messages/s, CPU a message during the run and until the host
+# stopped, times the peer) closes the output.
 set -euo pipefail
 dialogs=${1:-10000}
 messages=${2:-100000}
@@ -45,11 +46,11 @@ for line in open(sys.argv[1]):
         pairs.append(pair)
     elif who == "python peer" and rest.startswith("{") and pair:
         pair["peer"] = json.loads(rest)
-print("\n| run | colloquy msg/s (CPU µs a message) | peer msg/s | times the peer |")
-print("|---|---|---|---|")
+print("\n| run | colloquy msg/s (CPU µs a message) | CPU µs a message to stopped | peer msg/s | times the peer |")
+print("|---|---|---|---|---|")
 for i, p in enumerate(pairs, 1):
     ours, peer = p["ours"], p.get("peer")
     times = f"{ours['msgs_per_s'] / peer['msgs_per_s']:.2f}" if peer else "-"
     theirs = f"{peer['msgs_per_s']:,.0f}" if peer else "-"
-    print(f"| {i} | {ours['msgs_per_s']:,.0f} ({ours['cpu_us_per_msg']}) | {theirs} | {times} |")
+    print(f"| {i} | {ours['msgs_per_s']:,.0f} ({ours['cpu_us_per_msg']}) | {ours['cpu_us_per_msg_to_stopped']} | {theirs} | {times} |")
 SUMMARY
