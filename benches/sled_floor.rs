@@ -23,6 +23,8 @@
 //!   dialog, as colloquy's idle dialog has 136. Prints the store's file
 //!   bytes and its keys' and values' bytes per dialog.
 //! - `idle-plain`: the openings as five plain inserts and removals each.
+//! - `idle-lean` and `idle-fewest`: layouts the store does not have, for
+//!   what fewer writes and keys in random order would save (see [`Layout`]).
 //!
 //! Prints one JSON object: `cpu_us_per_msg` and `msgs_per_s` (the
 //! message modes), `file_bytes_per_dialog` and `live_bytes_per_dialog`
@@ -72,8 +74,13 @@ fn main() {
         .unwrap();
     let report = match mode.as_str() {
         "answer" | "plain" | "read" => messages(&db, dialogs, &mode),
-        "idle" | "idle-plain" => idle(&db, dir.path(), dialogs, mode == "idle"),
-        other => panic!("--mode {other}: answer, plain, read, idle or idle-plain"),
+        "idle" => idle(&db, dir.path(), dialogs, Layout::Store),
+        "idle-plain" => idle(&db, dir.path(), dialogs, Layout::Plain),
+        "idle-lean" => idle(&db, dir.path(), dialogs, Layout::Lean),
+        "idle-fewest" => idle(&db, dir.path(), dialogs, Layout::Fewest),
+        other => panic!(
+            "--mode {other}: answer, plain, read, idle, idle-plain, idle-lean or idle-fewest"
+        ),
     };
     println!("{{\"dialogs\":{dialogs},\"mode\":\"{mode}\",{report}}}");
 }
@@ -157,12 +164,37 @@ fn messages(db: &sled::Db, dialogs: u64, mode: &str) -> String {
     )
 }
 
-fn idle(db: &sled::Db, dir: &Path, dialogs: u64, transactions: bool) -> String {
+/// How the idle modes lay an idle dialog's records out.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// As the store does (`idle`): eight writes an idle dialog, an opening
+    /// in a transaction of its own.
+    Store,
+    /// The same writes as plain inserts and removals (`idle-plain`).
+    Plain,
+    /// The store's writes but the quiet-dialogs index (kept in memory
+    /// instead), with contact and dialog ids bit-reversed in their keys so
+    /// that they arrive in random order (`idle-lean`): seven writes.
+    Lean,
+    /// The fewest writes (`idle-fewest`): the contact keyed by its
+    /// identity's hash (no identities tree) and its uncontacted entry; an
+    /// opening that removes that entry and writes the dialog keyed by its
+    /// contact (the claim itself) and its status entry: five writes.
+    Fewest,
+}
+
+fn idle(db: &sled::Db, dir: &Path, dialogs: u64, layout: Layout) -> String {
     let tree = |name: &str| db.open_tree(name).unwrap();
     let (contacts, identities, uncontacted) =
         (tree("contacts"), tree("identities"), tree("uncontacted"));
     let (claims, records) = (tree("dialog_of_contact"), tree("dialogs"));
     let (by_status, by_activity) = (tree("dialogs_by_status"), tree("dialogs_by_activity"));
+    let (contact_key, dialog_key): (fn(u64) -> u64, fn(u64) -> u64) = match layout {
+        Layout::Store | Layout::Plain => (|id| id, |id| id),
+        Layout::Lean => (u64::reverse_bits, u64::reverse_bits),
+        // The identity's hash; the dialog takes its contact's key.
+        Layout::Fewest => (|id| id.wrapping_mul(0x9E37_79B9_7F4A_7C15), |id| id),
+    };
     db.flush().unwrap();
     let before = bytes_under(dir);
     let rng = SeededRng::new(2);
@@ -176,7 +208,7 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, transactions: bool) -> String {
         for &id in chunk {
             let pick = rng.next_u64();
             pick_keys.push(pick);
-            c.insert(&id.to_be_bytes(), vec![5u8; 24]);
+            c.insert(&contact_key(id).to_be_bytes(), vec![5u8; 24]);
             i.insert(
                 format!("u:{}", 3_000_000_000 + id).as_bytes(),
                 &id.to_be_bytes(),
@@ -187,34 +219,31 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, transactions: bool) -> String {
             );
         }
         contacts.apply_batch(c).unwrap();
-        identities.apply_batch(i).unwrap();
+        if layout != Layout::Fewest {
+            identities.apply_batch(i).unwrap();
+        }
         uncontacted.apply_batch(u).unwrap();
     }
     // Opened in the order of their pick keys, as the campaign runner picks.
     let mut order: Vec<u64> = (0..dialogs).collect();
     order.sort_by_key(|&id| pick_keys[id as usize]);
     for (n, &contact) in order.iter().enumerate() {
-        let dialog = 1_000_000_000 + n as u64;
+        let id = match layout {
+            Layout::Fewest => contact_key(contact),
+            _ => 1_000_000_000 + n as u64,
+        };
+        let dialog = dialog_key(id);
         let unlisted = [
             &b"idle\0"[..],
             &pick_keys[contact as usize].to_be_bytes(),
             &contact.to_be_bytes(),
         ]
         .concat();
-        let status = [&[1u8][..], &dialog.reverse_bits().to_be_bytes()].concat();
+        let status = [&[1u8][..], &id.reverse_bits().to_be_bytes()].concat();
         let activity = [(n as u64).to_be_bytes(), dialog.to_be_bytes()].concat();
-        if transactions {
-            (&uncontacted, &claims, &records, &by_status, &by_activity)
-                .transaction(|(u, c, r, s, a)| -> TxResult {
-                    u.remove(unlisted.as_slice())?;
-                    c.insert(&contact.to_be_bytes(), &dialog.to_be_bytes())?;
-                    r.insert(&dialog.to_be_bytes(), vec![9u8; 36])?;
-                    s.insert(status.as_slice(), &[])?;
-                    a.insert(activity.as_slice(), &[])?;
-                    Ok(())
-                })
-                .unwrap();
-        } else {
+        let claimed = layout != Layout::Fewest;
+        let listed = matches!(layout, Layout::Store | Layout::Plain);
+        if layout == Layout::Plain {
             uncontacted.remove(unlisted).unwrap();
             claims
                 .insert(contact.to_be_bytes(), &dialog.to_be_bytes())
@@ -222,7 +251,22 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, transactions: bool) -> String {
             records.insert(dialog.to_be_bytes(), vec![9u8; 36]).unwrap();
             by_status.insert(status, &[]).unwrap();
             by_activity.insert(activity, &[]).unwrap();
+            continue;
         }
+        (&uncontacted, &claims, &records, &by_status, &by_activity)
+            .transaction(|(u, c, r, s, a)| -> TxResult {
+                u.remove(unlisted.as_slice())?;
+                if claimed {
+                    c.insert(&contact.to_be_bytes(), &dialog.to_be_bytes())?;
+                }
+                r.insert(&dialog.to_be_bytes(), vec![9u8; 36])?;
+                s.insert(status.as_slice(), &[])?;
+                if listed {
+                    a.insert(activity.as_slice(), &[])?;
+                }
+                Ok(())
+            })
+            .unwrap();
     }
     db.flush().unwrap();
     let live: u64 = db
