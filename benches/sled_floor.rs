@@ -183,18 +183,30 @@ enum Layout {
     Fewest,
 }
 
+impl Layout {
+    fn contact_key(self, id: u64) -> u64 {
+        match self {
+            Layout::Store | Layout::Plain => id,
+            Layout::Lean => id.reverse_bits(),
+            // The identity's hash.
+            Layout::Fewest => id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    fn dialog_key(self, id: u64) -> u64 {
+        match self {
+            Layout::Lean => id.reverse_bits(),
+            _ => id,
+        }
+    }
+}
+
 fn idle(db: &sled::Db, dir: &Path, dialogs: u64, layout: Layout) -> String {
     let tree = |name: &str| db.open_tree(name).unwrap();
     let (contacts, identities, uncontacted) =
         (tree("contacts"), tree("identities"), tree("uncontacted"));
     let (claims, records) = (tree("dialog_of_contact"), tree("dialogs"));
     let (by_status, by_activity) = (tree("dialogs_by_status"), tree("dialogs_by_activity"));
-    let (contact_key, dialog_key): (fn(u64) -> u64, fn(u64) -> u64) = match layout {
-        Layout::Store | Layout::Plain => (|id| id, |id| id),
-        Layout::Lean => (u64::reverse_bits, u64::reverse_bits),
-        // The identity's hash; the dialog takes its contact's key.
-        Layout::Fewest => (|id| id.wrapping_mul(0x9E37_79B9_7F4A_7C15), |id| id),
-    };
     db.flush().unwrap();
     let before = bytes_under(dir);
     let rng = SeededRng::new(2);
@@ -208,7 +220,7 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, layout: Layout) -> String {
         for &id in chunk {
             let pick = rng.next_u64();
             pick_keys.push(pick);
-            c.insert(&contact_key(id).to_be_bytes(), vec![5u8; 24]);
+            c.insert(&layout.contact_key(id).to_be_bytes(), vec![5u8; 24]);
             i.insert(
                 format!("u:{}", 3_000_000_000 + id).as_bytes(),
                 &id.to_be_bytes(),
@@ -229,10 +241,10 @@ fn idle(db: &sled::Db, dir: &Path, dialogs: u64, layout: Layout) -> String {
     order.sort_by_key(|&id| pick_keys[id as usize]);
     for (n, &contact) in order.iter().enumerate() {
         let id = match layout {
-            Layout::Fewest => contact_key(contact),
+            Layout::Fewest => layout.contact_key(contact),
             _ => 1_000_000_000 + n as u64,
         };
-        let dialog = dialog_key(id);
+        let dialog = layout.dialog_key(id);
         let unlisted = [
             &b"idle\0"[..],
             &pick_keys[contact as usize].to_be_bytes(),
