@@ -1,8 +1,6 @@
 //! Key layouts of the store's trees. Integers are big-endian so that byte
 //! order is numeric order and range scans walk them in sequence.
 
-use crate::clock::Timestamp;
-
 pub fn u64_key(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
@@ -11,15 +9,6 @@ pub fn read_u64(bytes: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&bytes[..8]);
     u64::from_be_bytes(b)
-}
-
-/// Time as an ordered u64 (times before the epoch sort first).
-pub fn time_key(t: Timestamp) -> [u8; 8] {
-    ((t.0 as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-pub fn read_time(bytes: &[u8]) -> Timestamp {
-    Timestamp((read_u64(bytes) ^ (1 << 63)) as i64)
 }
 
 /// `a ++ b`, both 8 bytes.
@@ -76,20 +65,6 @@ pub fn inbound_key(account: &str, transport_id: i64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn time_keys_sort_numerically() {
-        let ts = [
-            Timestamp(-5),
-            Timestamp(0),
-            Timestamp(7),
-            Timestamp(1 << 40),
-        ];
-        for w in ts.windows(2) {
-            assert!(time_key(w[0]) < time_key(w[1]));
-        }
-        assert_eq!(read_time(&time_key(Timestamp(-5))), Timestamp(-5));
-    }
 
     #[test]
     fn status_keys_spread_consecutive_ids_and_read_back() {

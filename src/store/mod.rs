@@ -11,7 +11,6 @@
 //! | `do_not_contact` | contact id | [`DoNotContact`] |
 //! | `dialogs` | dialog id | [`Dialog`] |
 //! | `dialogs_by_status` | status tag, dialog id with its bits reversed (see [`status_key`]) | (empty) |
-//! | `dialogs_by_activity` | last activity, dialog id (active dialogs only) | (empty) |
 //! | `dialog_of_contact` | contact id | dialog id: the claim, at most one per contact |
 //! | `message_pages` | dialog id, seq / 16 | up to 16 [`Message`]s of the dialog (see `pages.rs`) |
 //! | `outbox` | idempotency key | dialog id, seq (outbound not yet confirmed) |
@@ -33,6 +32,13 @@
 //! Message pages carry a format byte of their own and binary records (see
 //! `pages.rs`).
 //! Changes that span records run in one sled transaction.
+//!
+//! The quiet-dialogs index (each live dialog at [`listed_at`], the
+//! reviver's order) is kept in memory, not in a tree: built from the
+//! dialogs when the store opens, and moved by each transaction once it
+//! committed (see [`Tx::relist`]). Kept on disk (before layout 5), its keys
+//! arrived in time order, the costliest for sled, and took a third of an
+//! idle dialog's file.
 
 mod accounts;
 mod backup;
@@ -81,7 +87,7 @@ use records::{
 const CHUNK: usize = 7 * 1024;
 
 /// The store's layout, kept in `meta` (see [`Store::check_layout`]).
-pub const RECORD_VERSION: u8 = 4;
+pub const RECORD_VERSION: u8 = 5;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +275,8 @@ pub struct Store {
     deferred: Arc<Deferred>,
     /// Writes to each dialog's records, for the answer pipeline's plans.
     touched: Arc<Touched>,
+    /// The quiet-dialogs index (see the module documentation).
+    quiet: Arc<QuietDialogs>,
     /// Group commit: flush requests that arrive while a flush runs are
     /// served together by the next one.
     flusher: Arc<std::sync::OnceLock<Option<FlushQueue>>>,
@@ -363,6 +371,54 @@ struct Counts {
     claims: AtomicU64,
 }
 
+/// A move in the quiet-dialogs index: out of `from`, into `to`.
+struct Relist {
+    from: Option<(Timestamp, DialogId)>,
+    to: Option<(Timestamp, DialogId)>,
+}
+
+/// The quiet-dialogs index: every live dialog at [`listed_at`], quietest
+/// first.
+#[derive(Default)]
+struct QuietDialogs(std::sync::Mutex<std::collections::BTreeSet<(Timestamp, DialogId)>>);
+
+impl QuietDialogs {
+    /// The index of the dialogs as stored.
+    fn of(dialogs: &sled::Tree) -> Result<QuietDialogs, StoreError> {
+        let mut listed = std::collections::BTreeSet::new();
+        for entry in dialogs.iter().values() {
+            let d = records::decode_dialog_listing(&entry?)?;
+            if d.status.is_live() {
+                listed.insert((listed_at(&d), d.id));
+            }
+        }
+        Ok(QuietDialogs(std::sync::Mutex::new(listed)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(Timestamp, DialogId)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn relist(&self, moves: Vec<Relist>) {
+        if moves.is_empty() {
+            return;
+        }
+        let mut listed = self.lock();
+        for Relist { from, to } in moves {
+            if let Some(from) = from {
+                listed.remove(&from);
+            }
+            if let Some(to) = to {
+                listed.insert(to);
+            }
+        }
+    }
+
+    fn first(&self) -> Option<(Timestamp, DialogId)> {
+        self.lock().first().copied()
+    }
+}
+
 /// A flush's outcome as its waiters get it: a full disk kept apart, so
 /// that it reads as its own sentence.
 #[derive(Clone)]
@@ -425,7 +481,6 @@ struct Trees {
     do_not_contact: sled::Tree,
     dialogs: sled::Tree,
     by_status: sled::Tree,
-    by_activity: sled::Tree,
     dialog_of_contact: sled::Tree,
     messages: sled::Tree,
     outbox: sled::Tree,
@@ -445,7 +500,9 @@ struct Tx<'a> {
     do_not_contact: &'a TransactionalTree,
     dialogs: &'a TransactionalTree,
     by_status: &'a TransactionalTree,
-    by_activity: &'a TransactionalTree,
+    /// The moves in the quiet-dialogs index this transaction made, to make
+    /// once it committed (see [`Tx::relist`]).
+    relisted: std::cell::RefCell<Vec<Relist>>,
     dialog_of_contact: &'a TransactionalTree,
     messages: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
@@ -542,14 +599,7 @@ impl Tx<'_> {
         let listed = old.filter(|o| o.status.is_live()).map(listed_at);
         let list = index_time(&new);
         if listed != list {
-            if let Some(t) = listed {
-                self.by_activity
-                    .remove(&pair(time_key(t), u64_key(new.id)))?;
-            }
-            if let Some(t) = list {
-                self.by_activity
-                    .insert(&pair(time_key(t), u64_key(new.id)), &[])?;
-            }
+            self.relist(new.id, listed, list);
         }
         if new.indexed_at != list {
             new.to_mut().indexed_at = list;
@@ -740,6 +790,15 @@ impl Tx<'_> {
         let mut change = refused(transition::apply(old.clone(), event))?;
         self.write(Some(&old), &mut change, Queue::Outbox, false)?;
         Ok((change.dialog, change.appended))
+    }
+
+    /// Moves a dialog in the quiet-dialogs index from `from` to `to` once
+    /// the transaction committed.
+    fn relist(&self, id: DialogId, from: Option<Timestamp>, to: Option<Timestamp>) {
+        self.relisted.borrow_mut().push(Relist {
+            from: from.map(|t| (t, id)),
+            to: to.map(|t| (t, id)),
+        });
     }
 
     /// Makes a contact pickable again in its audiences.
@@ -981,6 +1040,13 @@ impl Store {
         store.replay_journal()?;
         store.flights_to_outbox()?;
         store.t.meta.insert("record_version", &[RECORD_VERSION])?;
+        if layout < 5 {
+            // The index is in memory since layout 5; the layout is named
+            // first, so that an older version refuses the store rather
+            // than read it without its index.
+            store.db.flush()?;
+            store.db.drop_tree("dialogs_by_activity")?;
+        }
         let id = store.identity(dir)?;
         store.witness = Some(Arc::new(witness::Witness::check(dir, &id, store.mark())?));
         Ok(store)
@@ -1101,7 +1167,6 @@ impl Store {
             do_not_contact: tree("do_not_contact")?,
             dialogs: tree("dialogs")?,
             by_status: tree("dialogs_by_status")?,
-            by_activity: tree("dialogs_by_activity")?,
             dialog_of_contact: tree("dialog_of_contact")?,
             messages: tree("message_pages")?,
             outbox: tree("outbox")?,
@@ -1121,9 +1186,11 @@ impl Store {
         for key in t.outbox.iter().keys() {
             outbox_keys.inserted(IdempotencyKey(read_u64(&key?)));
         }
+        let quiet = QuietDialogs::of(&t.dialogs)?;
         Ok(Store {
             db,
             t,
+            quiet: Arc::new(quiet),
             accounts: Arc::default(),
             flight_keys: Arc::default(),
             outbox_keys: Arc::new(outbox_keys),
@@ -1236,7 +1303,6 @@ impl Store {
             &t.do_not_contact,
             &t.dialogs,
             &t.by_status,
-            &t.by_activity,
             &t.dialog_of_contact,
             &t.messages,
             &t.outbox,
@@ -1246,15 +1312,15 @@ impl Store {
             &t.unhandled,
             &t.accounts,
         );
-        let (out, removed) =
-            trees.transaction(|(c, u, dnc, d, s, a, doc, m, o, fl, j, i, un, acc)| {
+        let (out, removed, relisted) =
+            trees.transaction(|(c, u, dnc, d, s, doc, m, o, fl, j, i, un, acc)| {
                 let tx = Tx {
                     contacts: c,
                     uncontacted: u,
                     do_not_contact: dnc,
                     dialogs: d,
                     by_status: s,
-                    by_activity: a,
+                    relisted: Default::default(),
                     dialog_of_contact: doc,
                     messages: m,
                     outbox: o,
@@ -1272,9 +1338,10 @@ impl Store {
                 };
                 let out = f(&tx)?;
                 tx.finish_deferred()?;
-                Ok((out, tx.outbox_removed.take()))
+                Ok((out, tx.outbox_removed.take(), tx.relisted.take()))
             })?;
         self.outbox_keys.removed(&removed);
+        self.quiet.relist(relisted);
         Ok(out)
     }
 
@@ -1614,9 +1681,7 @@ impl Store {
             }
             tx.dialogs.remove(&u64_key(id))?;
             tx.by_status.remove(&status_key(d.status.tag(), id))?;
-            if let Some(t) = d.indexed_at {
-                tx.by_activity.remove(&pair(time_key(t), u64_key(id)))?;
-            }
+            tx.relist(id, d.indexed_at, None);
             let ck = u64_key(d.contact);
             tx.dialog_of_contact.remove(&ck)?;
             if tx.do_not_contact.get(ck)?.is_none() {
@@ -1662,11 +1727,7 @@ impl Store {
     /// The active dialog that has been quiet the longest, if any: the
     /// reviver's next.
     pub fn quietest_dialog(&self) -> Result<Option<(Timestamp, DialogId)>, StoreError> {
-        Ok(self
-            .t
-            .by_activity
-            .first()?
-            .map(|(k, _)| (read_time(&k[..8]), read_u64(&k[8..]))))
+        Ok(self.quiet.first())
     }
 
     // ----------------------------------------------------------------- messages

@@ -117,11 +117,13 @@ pub(super) fn decode_dialog(bytes: &[u8]) -> Result<Dialog, StoreError> {
 
 /// A dialog's record without its state, for listings.
 pub(super) fn decode_dialog_summary(bytes: &[u8]) -> Result<DialogSummary, StoreError> {
+    Ok(DialogSummary::from(&decode_dialog_listing(bytes)?))
+}
+
+/// A dialog without its state (an empty one instead).
+pub(super) fn decode_dialog_listing(bytes: &[u8]) -> Result<Dialog, StoreError> {
     match bytes.split_first() {
-        Some((&BINARY, body)) => Ok(DialogSummary::from(&read_dialog(
-            &mut Reader::new("dialog", body),
-            false,
-        )?)),
+        Some((&BINARY, body)) => read_dialog(&mut Reader::new("dialog", body), false),
         _ => super::decode_json("dialog", bytes),
     }
 }

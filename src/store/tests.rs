@@ -450,6 +450,71 @@ fn a_status_index_of_layout_3_is_rebuilt_as_the_store_opens() {
     }
 }
 
+/// The quiet-dialogs index is in memory since layout 5: opening a store
+/// lists its live dialogs from their records, and a layout-4 store's index
+/// tree goes once layout 5 is named.
+#[test]
+fn the_quiet_dialogs_index_is_built_from_the_dialogs_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = {
+        let store = Store::open(dir.path()).unwrap();
+        import(&store, "l", "username\nalice\nbobby\ncarol\n");
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let cid = store.pick_uncontacted("l", i).unwrap().unwrap();
+            let mut nd = new_dialog(cid);
+            nd.at = Timestamp(1_000 * (i as i64 + 1));
+            ids.push(store.open_dialog(&nd, None, &|_| Ok(())).unwrap().0.id);
+        }
+        store
+            .record_inbound(ids[0], "a", 1, "x", Timestamp(5_000))
+            .unwrap();
+        let done = DialogStatus::Finished {
+            outcome: "booked".into(),
+        };
+        store.set_dialog_status(ids[1], done).unwrap();
+        // As layout 4 left it: the index in a tree of its own.
+        let old = store.db.open_tree("dialogs_by_activity").unwrap();
+        old.insert([1u8; 16], &[]).unwrap();
+        store.t.meta.insert("record_version", &[4]).unwrap();
+        store.flush().unwrap();
+        ids
+    };
+    for _ in 0..2 {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.quietest_dialog().unwrap(),
+            Some((Timestamp(3_000), ids[2]))
+        );
+        store.set_dialog_status(ids[2], DialogStatus::Dead).unwrap();
+        assert_eq!(
+            store.quietest_dialog().unwrap(),
+            Some((Timestamp(5_000), ids[0]))
+        );
+        assert!(!store
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n == b"dialogs_by_activity"));
+        assert_eq!(
+            store.t.meta.get("record_version").unwrap().unwrap()[0],
+            RECORD_VERSION
+        );
+        // Undone for the second opening, which lists it again.
+        store
+            .t
+            .dialogs
+            .insert(u64_key(ids[2]), {
+                let mut d = store.dialog(ids[2]).unwrap().unwrap();
+                d.status = DialogStatus::Active;
+                d.indexed_at = None;
+                encode_dialog(&d)
+            })
+            .unwrap();
+        store.flush().unwrap();
+    }
+}
+
 #[test]
 fn a_store_that_lost_its_identity_is_damaged_not_new() {
     let dir = tempfile::tempdir().unwrap();
