@@ -247,9 +247,13 @@ fn tx_read<T>(read: fn(&[u8]) -> Result<T, StoreError>, bytes: &[u8]) -> TxResul
     read(bytes).map_err(ConflictableTransactionError::Abort)
 }
 
-/// Rows written per batch of an import: large batches make sled copy big
-/// nodes, small ones pay per-batch overhead.
-const IMPORT_CHUNK: usize = 1024;
+/// Rows written per batch of an import. sled rewrites each leaf a batch
+/// touches once, so larger batches leave less of its log behind: at 8,192
+/// rows an idle dialog's file took 888–992 bytes, at 1,024 1,106–1,170
+/// (its contact's three keys are most of the difference); a batch holds
+/// the store's writer about 30 ms, and 100,000 rows import in 2.9 s
+/// instead of 2.2.
+const IMPORT_CHUNK: usize = 8192;
 
 /// Counts of what an audience import did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -1426,11 +1430,17 @@ impl Store {
             contacts.insert(&u64_key(contact.id), encode_contact(&contact));
         }
         // Contacts first: an identity or index entry never points at nothing.
-        let _writing = self.writing();
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.t.contacts.apply_batch(contacts)?;
-        self.t.identities.apply_batch(identities)?;
-        self.t.uncontacted.apply_batch(uncontacted)?;
+        // Each batch holds the writer on its own: about 30 ms at 8,192 rows.
+        let batches = [
+            (&self.t.contacts, contacts),
+            (&self.t.identities, identities),
+            (&self.t.uncontacted, uncontacted),
+        ];
+        for (tree, batch) in batches {
+            let _writing = self.writing();
+            let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            tree.apply_batch(batch)?;
+        }
         (self.counts.identities).fetch_add(fresh.len() as u64, Ordering::SeqCst);
         Ok(stats)
     }
