@@ -36,7 +36,7 @@
 //! The quiet-dialogs index (each live dialog at [`listed_at`], the
 //! reviver's order) is kept in memory, not in a tree: built from the
 //! dialogs when the store opens, and moved by each transaction once it
-//! committed (see [`Tx::relist`]). Kept on disk (before layout 5), its keys
+//! committed (see [`Tx::move_quiet`]). Kept on disk (before layout 5), its keys
 //! arrived in time order, the costliest for sled, and took a third of an
 //! idle dialog's file.
 
@@ -376,7 +376,7 @@ struct Counts {
 }
 
 /// A move in the quiet-dialogs index: out of `from`, into `to`.
-struct Relist {
+struct QuietMove {
     from: Option<(Timestamp, DialogId)>,
     to: Option<(Timestamp, DialogId)>,
 }
@@ -403,12 +403,12 @@ impl QuietDialogs {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn relist(&self, moves: Vec<Relist>) {
+    fn apply(&self, moves: Vec<QuietMove>) {
         if moves.is_empty() {
             return;
         }
         let mut listed = self.lock();
-        for Relist { from, to } in moves {
+        for QuietMove { from, to } in moves {
             if let Some(from) = from {
                 listed.remove(&from);
             }
@@ -505,8 +505,8 @@ struct Tx<'a> {
     dialogs: &'a TransactionalTree,
     by_status: &'a TransactionalTree,
     /// The moves in the quiet-dialogs index this transaction made, to make
-    /// once it committed (see [`Tx::relist`]).
-    relisted: std::cell::RefCell<Vec<Relist>>,
+    /// once it committed (see [`Tx::move_quiet`]).
+    quiet_moves: std::cell::RefCell<Vec<QuietMove>>,
     dialog_of_contact: &'a TransactionalTree,
     messages: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
@@ -603,7 +603,7 @@ impl Tx<'_> {
         let listed = old.filter(|o| o.status.is_live()).map(listed_at);
         let list = index_time(&new);
         if listed != list {
-            self.relist(new.id, listed, list);
+            self.move_quiet(new.id, listed, list);
         }
         if new.indexed_at != list {
             new.to_mut().indexed_at = list;
@@ -798,8 +798,8 @@ impl Tx<'_> {
 
     /// Moves a dialog in the quiet-dialogs index from `from` to `to` once
     /// the transaction committed.
-    fn relist(&self, id: DialogId, from: Option<Timestamp>, to: Option<Timestamp>) {
-        self.relisted.borrow_mut().push(Relist {
+    fn move_quiet(&self, id: DialogId, from: Option<Timestamp>, to: Option<Timestamp>) {
+        self.quiet_moves.borrow_mut().push(QuietMove {
             from: from.map(|t| (t, id)),
             to: to.map(|t| (t, id)),
         });
@@ -1316,7 +1316,7 @@ impl Store {
             &t.unhandled,
             &t.accounts,
         );
-        let (out, removed, relisted) =
+        let (out, removed, quiet_moves) =
             trees.transaction(|(c, u, dnc, d, s, doc, m, o, fl, j, i, un, acc)| {
                 let tx = Tx {
                     contacts: c,
@@ -1324,7 +1324,7 @@ impl Store {
                     do_not_contact: dnc,
                     dialogs: d,
                     by_status: s,
-                    relisted: Default::default(),
+                    quiet_moves: Default::default(),
                     dialog_of_contact: doc,
                     messages: m,
                     outbox: o,
@@ -1342,10 +1342,10 @@ impl Store {
                 };
                 let out = f(&tx)?;
                 tx.finish_deferred()?;
-                Ok((out, tx.outbox_removed.take(), tx.relisted.take()))
+                Ok((out, tx.outbox_removed.take(), tx.quiet_moves.take()))
             })?;
         self.outbox_keys.removed(&removed);
-        self.quiet.relist(relisted);
+        self.quiet.apply(quiet_moves);
         Ok(out)
     }
 
@@ -1691,7 +1691,7 @@ impl Store {
             }
             tx.dialogs.remove(&u64_key(id))?;
             tx.by_status.remove(&status_key(d.status.tag(), id))?;
-            tx.relist(id, d.indexed_at, None);
+            tx.move_quiet(id, d.indexed_at, None);
             let ck = u64_key(d.contact);
             tx.dialog_of_contact.remove(&ck)?;
             if tx.do_not_contact.get(ck)?.is_none() {
