@@ -387,13 +387,22 @@ struct QuietMove {
 struct QuietDialogs(std::sync::Mutex<std::collections::BTreeSet<(Timestamp, DialogId)>>);
 
 impl QuietDialogs {
-    /// The index of the dialogs as stored.
+    /// The index of the dialogs as stored. A record that cannot be read is
+    /// left out, with its sentence in the log: the other dialogs are
+    /// served, and reading that one fails as it did.
     fn of(dialogs: &sled::Tree) -> Result<QuietDialogs, StoreError> {
         let mut listed = std::collections::BTreeSet::new();
-        for entry in dialogs.iter().values() {
-            let d = records::decode_dialog_listing(&entry?)?;
-            if d.status.is_live() {
-                listed.insert((listed_at(&d), d.id));
+        for entry in dialogs.iter() {
+            let (key, value) = entry?;
+            match records::decode_dialog_listing(&value) {
+                Ok(d) if d.status.is_live() => {
+                    listed.insert((listed_at(&d), d.id));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(
+                    dialog = read_u64(&key),
+                    "the dialog is left out of the quiet-dialogs index: {e}"
+                ),
             }
         }
         Ok(QuietDialogs(std::sync::Mutex::new(listed)))

@@ -515,6 +515,31 @@ fn the_quiet_dialogs_index_is_built_from_the_dialogs_when_the_store_opens() {
     }
 }
 
+/// One unreadable dialog record does not keep the store from opening: the
+/// other dialogs are listed, and reading that one is refused as before.
+#[test]
+fn a_damaged_dialog_record_is_left_out_of_the_quiet_dialogs_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = {
+        let store = Store::open(dir.path()).unwrap();
+        let good = one_dialog(&store);
+        import(&store, "b", "username\nbobby\n");
+        let bob = store.pick_uncontacted("b", 0).unwrap().unwrap();
+        let (bad, _) = store
+            .open_dialog(&new_dialog(bob), None, &|_| Ok(()))
+            .unwrap();
+        store.t.dialogs.insert(u64_key(bad.id), &[2, 0xFF]).unwrap();
+        store.flush().unwrap();
+        (good, bad.id)
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.quietest_dialog().unwrap(),
+        Some((good.last_activity(), good.id))
+    );
+    assert!(store.dialog(bad).is_err());
+}
+
 #[test]
 fn a_store_that_lost_its_identity_is_damaged_not_new() {
     let dir = tempfile::tempdir().unwrap();
