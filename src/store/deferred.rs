@@ -630,7 +630,8 @@ fn decode_answers(bytes: &[u8]) -> Result<Vec<JournalAnswer>, StoreError> {
             json => Some(journal_json(json, "an answer's ending")?),
         };
         let count = r.u32()?;
-        let mut messages = Vec::with_capacity(count as usize);
+        // Not sized by `count`: a damaged one must be refused, not allocated.
+        let mut messages = Vec::new();
         for _ in 0..count {
             messages.push(pages::read_record(r.with_len()?)?);
         }
