@@ -16,13 +16,17 @@
 //! The rules that keep this invisible to every other reader and writer:
 //! - A transaction that touches a deferred dialog any other way (reads it,
 //!   writes it, reads or writes a page of it) first writes the deferred
-//!   records into its own trees ([`Tx::write_out_dialog`]); when its closure
-//!   succeeds the dialog leaves the deferred set. Transactions run one at
-//!   a time (each holds the store's writer), and only transactions change
-//!   this set, so every transaction sees the newest version of every
-//!   record.
+//!   records into its own trees ([`Tx::write_out_dialog`]); once it
+//!   committed the dialog leaves the deferred set. Transactions run one at
+//!   a time (each holds the store's writer), only transactions change this
+//!   set, and only once they committed ([`Deferred::apply`], still holding
+//!   the writer), so every transaction sees the newest version of every
+//!   record, and one that fails changes nothing here.
 //! - A read outside a transaction takes the newer of the deferred version
-//!   and the tree's (see [`newer_dialog`], [`newer_page`]).
+//!   and the tree's (see [`newer_dialog`], [`newer_page`]): a dialog
+//!   planned by a transaction not yet committed reads as stored, one
+//!   written out by it as deferred until the set lets it go, and after
+//!   that as its tree holds it, which is at least as far on.
 //! - Versions are ordered without timestamps: each planned version of a
 //!   dialog adds messages, so a newer dialog record has a higher `next_seq`
 //!   and a newer last page more entries; anything written over a deferred
@@ -187,6 +191,24 @@ impl Deferred {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What a committed transaction did to the set (see
+    /// [`Tx::finish_deferred`]): the chains of what it wrote out end, and
+    /// what it planned is deferred with its journal record.
+    pub(super) fn apply(&self, c: SetChange) {
+        if c.deferring.is_empty() && c.ended.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.forget(&c.ended, c.left);
+        if !c.deferring.is_empty() {
+            inner.defer(c.id, c.chunks, c.bytes, c.deferring);
+        }
+        if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
+            // Idle again: give the memory back.
+            inner.dialogs = FxHashMap::default();
+        }
+    }
+
     pub(super) fn get(&self, dialog: DialogId) -> Option<Entry> {
         self.lock().dialogs.get(&dialog).map(|h| h.entry.clone())
     }
@@ -222,8 +244,7 @@ struct Deferring {
     journal: Vec<u8>,
 }
 
-/// What one transaction did to the deferred set, applied when its closure
-/// succeeds ([`Tx::finish_deferred`]).
+/// What one transaction does to the deferred set, while it runs.
 #[derive(Debug, Default)]
 pub(super) struct Local {
     /// Planned this transaction.
@@ -233,6 +254,20 @@ pub(super) struct Local {
     /// Written into this transaction's trees at some point: their chains
     /// end here (a dialog planned again after starts a new one).
     ended: FxHashSet<DialogId>,
+}
+
+/// What a transaction does to the deferred set, applied once it committed
+/// ([`Deferred::apply`]).
+#[derive(Debug, Default)]
+pub(super) struct SetChange {
+    /// Its journal record: id, chunks and bytes.
+    id: u64,
+    chunks: u32,
+    bytes: usize,
+    deferring: FxHashMap<DialogId, Deferring>,
+    ended: FxHashSet<DialogId>,
+    /// What is left of each journal record the ended chains held.
+    left: HashMap<u64, usize>,
 }
 
 impl Tx<'_> {
@@ -431,28 +466,29 @@ impl Tx<'_> {
     }
 
     /// The end of a transaction's closure that succeeded: journals what it
-    /// planned, ends the chains of what it wrote out, adds what it
-    /// planned to the deferred set, and removes journal records no chain
-    /// holds any more. Runs holding the store's writer, before the commit.
-    pub(super) fn finish_deferred(&self) -> Result<(), UnabortableTransactionError> {
+    /// planned and removes the journal records no chain holds once the
+    /// chains of what it wrote out end. Returns what this does to the
+    /// deferred set, for [`Deferred::apply`] once the transaction
+    /// committed: until then the set is as the last commit left it, so a
+    /// transaction that fails, or that sled runs again, changes nothing in
+    /// it. Runs holding the store's writer, which `apply` still holds.
+    pub(super) fn finish_deferred(&self) -> Result<SetChange, UnabortableTransactionError> {
         let local = std::mem::take(&mut *self.local.borrow_mut());
         if local.deferring.is_empty() && local.ended.is_empty() {
-            return Ok(());
+            return Ok(SetChange::default());
         }
-        let mut inner = self.deferred.lock();
+        let inner = self.deferred.lock();
         let id = inner.next_journal;
         let (chunks, bytes) = self.journal_deferring(id, &local.deferring)?;
         let left = self.end_chains(&inner, &local.ended)?;
-        // Nothing fails past this point: the set follows the transaction.
-        inner.forget(&local.ended, left);
-        if !local.deferring.is_empty() {
-            inner.defer(id, chunks, bytes, local.deferring);
-        }
-        if inner.dialogs.is_empty() && inner.dialogs.capacity() > 1024 {
-            // Idle again: give the memory back.
-            inner.dialogs = FxHashMap::default();
-        }
-        Ok(())
+        Ok(SetChange {
+            id,
+            chunks,
+            bytes,
+            deferring: local.deferring,
+            ended: local.ended,
+            left,
+        })
     }
 
     /// Writes the journal record `id` of what this transaction planned, in

@@ -1325,7 +1325,7 @@ impl Store {
             &t.unhandled,
             &t.accounts,
         );
-        let (out, removed, quiet_moves) =
+        let (out, removed, quiet_moves, deferred) =
             trees.transaction(|(c, u, dnc, d, s, doc, m, o, fl, j, i, un, acc)| {
                 let tx = Tx {
                     contacts: c,
@@ -1350,9 +1350,17 @@ impl Store {
                     accounts: acc,
                 };
                 let out = f(&tx)?;
-                tx.finish_deferred()?;
-                Ok((out, tx.outbox_removed.take(), tx.quiet_moves.take()))
+                let deferred = tx.finish_deferred()?;
+                Ok((
+                    out,
+                    tx.outbox_removed.take(),
+                    tx.quiet_moves.take(),
+                    deferred,
+                ))
             })?;
+        // What the transaction did to the records mirrored in memory, now
+        // that it committed.
+        self.deferred.apply(deferred);
         self.outbox_keys.removed(&removed);
         self.quiet.apply(quiet_moves);
         Ok(out)

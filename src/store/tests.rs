@@ -1144,6 +1144,38 @@ fn the_journal_stays_small_and_replays_what_it_keeps() {
     assert_eq!(snapshot(&store, &ids), before);
 }
 
+/// What a transaction does to the deferred set waits for its commit: one
+/// that wrote deferred dialogs out and journaled, then failed, leaves the
+/// set, the journal and what readers see as they were.
+#[test]
+fn a_transaction_that_fails_leaves_the_deferred_set_as_it_was() {
+    let store = Store::temporary().unwrap();
+    let mut dialogs = open_dialogs(&store, 3);
+    let ids: Vec<DialogId> = dialogs.iter().map(|(id, _)| *id).collect();
+    for round in 1..=3 {
+        dialogs = answer_planned(&store, round, &dialogs);
+    }
+    assert_eq!(store.deferred(), 3);
+    let before = snapshot(&store, &ids);
+    let journal = store.t.journal.len();
+    let failed = store.transact(|tx| {
+        tx.write_out(3)?;
+        tx.finish_deferred()?;
+        abort::<()>(StoreError::Storage("the commit failed".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(store.deferred(), 3);
+    assert_eq!(store.t.journal.len(), journal);
+    assert_eq!(snapshot(&store, &ids), before);
+    // The set still serves the next batch and the next write-out.
+    answer_planned(&store, 4, &dialogs);
+    assert_eq!(store.write_out_deferred(3).unwrap(), 0);
+    let after = snapshot(&store, &ids);
+    assert!(after
+        .iter()
+        .all(|(d, m)| d.as_ref().unwrap().next_seq == 8 && m.len() == 8));
+}
+
 /// A journal left by an earlier version (whole dialog records and pages)
 /// is replayed by its own rule: a record further on than the stored one
 /// is taken.
