@@ -685,8 +685,7 @@ impl Store {
     ///
     /// `f` changes the cached records in place, not copies: their marks
     /// keep their base (see [`SendMarks`]), so what changed is written from
-    /// them, and a run that fails, or that sled starts again, puts each
-    /// record back as it was first. A record whose base `f` replaced (new
+    /// them, and a run that fails puts each record back as it was first. A record whose base `f` replaced (new
     /// marks from scratch) cannot be put back: the cache forgets it, to
     /// read it again.
     pub(super) fn transact_with_accounts<T>(
@@ -709,13 +708,9 @@ impl Store {
             records.push(record);
         }
         let records = std::cell::RefCell::new(records);
-        let ran = std::cell::Cell::new(false);
         let log = &accounts.log;
         let result = self.transact(|tx| {
             let mut records = records.borrow_mut();
-            if ran.replace(true) {
-                roll_back(&mut records, &heads);
-            }
             let out = f(tx, &mut records)?;
             let mut writes = Writes::new();
             for (head, new) in heads.iter().zip(records.iter()) {

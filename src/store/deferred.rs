@@ -470,8 +470,8 @@ impl Tx<'_> {
     /// chains of what it wrote out end. Returns what this does to the
     /// deferred set, for [`Deferred::apply`] once the transaction
     /// committed: until then the set is as the last commit left it, so a
-    /// transaction that fails, or that sled runs again, changes nothing in
-    /// it. Runs holding the store's writer, which `apply` still holds.
+    /// transaction that fails changes nothing in it. Runs holding the
+    /// store's writer, which `apply` still holds.
     pub(super) fn finish_deferred(&self) -> Result<SetChange, UnabortableTransactionError> {
         let local = std::mem::take(&mut *self.local.borrow_mut());
         if local.deferring.is_empty() && local.ended.is_empty() {

@@ -1305,7 +1305,10 @@ impl Store {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` over the dialog trees in one transaction.
+    /// Runs `f` over the dialog trees in one transaction, once: our
+    /// writer runs transactions one at a time, so sled has no conflict to
+    /// run one again for, and a second run is refused rather than let the
+    /// records mirrored in memory follow two runs of it.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
         let _writing = self.writing();
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -1325,8 +1328,14 @@ impl Store {
             &t.unhandled,
             &t.accounts,
         );
+        let ran = std::cell::Cell::new(false);
         let (out, removed, quiet_moves, deferred) =
             trees.transaction(|(c, u, dnc, d, s, doc, m, o, fl, j, i, un, acc)| {
+                if ran.replace(true) {
+                    return abort(StoreError::Storage(
+                        "sled ran a transaction a second time, which the store's single writer rules out".into(),
+                    ));
+                }
                 let tx = Tx {
                     contacts: c,
                     uncontacted: u,

@@ -1176,6 +1176,28 @@ fn a_transaction_that_fails_leaves_the_deferred_set_as_it_was() {
         .all(|(d, m)| d.as_ref().unwrap().next_seq == 8 && m.len() == 8));
 }
 
+/// sled may run a transaction's closure again on a conflict; the store's
+/// single writer leaves it none, so a second run is refused, not let the
+/// records mirrored in memory follow two runs.
+#[test]
+fn a_transaction_runs_once() {
+    let store = Store::temporary().unwrap();
+    let d = one_dialog(&store);
+    let runs = std::cell::Cell::new(0);
+    let result = store.transact(|tx| {
+        runs.set(runs.get() + 1);
+        tx.dialog(d.id)?;
+        if runs.get() == 1 {
+            return Err(ConflictableTransactionError::Conflict);
+        }
+        Ok(())
+    });
+    assert_eq!(runs.get(), 1);
+    let e = result.unwrap_err().to_string();
+    assert!(e.contains("sled ran a transaction a second time"), "{e}");
+    assert_eq!(store.dialog(d.id).unwrap().unwrap(), d);
+}
+
 /// A journal left by an earlier version (whole dialog records and pages)
 /// is replayed by its own rule: a record further on than the stored one
 /// is taken.
