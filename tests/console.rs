@@ -472,5 +472,6 @@ async fn an_operator_watches_the_bandit_move_traffic_in_the_console() {
         "{exported}"
     );
     assert_eq!(exported.lines().count(), 4, "{exported}");
+    b.close().await;
     stop(host);
 }

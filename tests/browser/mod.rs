@@ -5,12 +5,17 @@
 
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+/// A browser session. chromedriver runs in a process group of its own,
+/// with the chromium it starts: dropping the `Browser` (a test that ends
+/// without [`Browser::close`], or fails) kills the group, so no browser
+/// outlives its test.
 pub struct Browser {
     http: reqwest::Client,
     base: String,
@@ -53,6 +58,7 @@ impl Browser {
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         let base = format!("http://127.0.0.1:{port}");
@@ -72,6 +78,7 @@ impl Browser {
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
+                    "--disable-crash-reporter",
                     "--disable-component-update", "--disable-sync",
                     "--window-size=1280,1000",
                     format!("--user-data-dir={}", profile.display()),
@@ -237,13 +244,22 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 
-    pub async fn close(mut self) {
+    /// Ends the session (chromium quits), then chromedriver.
+    pub async fn close(self) {
         let _ = self
             .http
             .delete(format!("{}/session/{}", self.base, self.session))
             .send()
             .await;
-        let _ = self.driver.kill();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // The group chromedriver leads: chromedriver and its chromium.
+        // SAFETY: kill(2) with a process group id and a signal number
+        // touches no memory of this process.
+        unsafe { libc::kill(-(self.driver.id() as i32), libc::SIGKILL) };
         let _ = self.driver.wait();
     }
 }

@@ -513,17 +513,44 @@ pub fn colloquy(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A host started by [`run`]. A test that ends without [`stop`] (a failed
+/// assertion) kills it, so that no host outlives its test.
+pub struct Host(Option<Child>);
+
+impl std::ops::Deref for Host {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a running host")
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a running host")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut host) = self.0.take() {
+            let _ = host.kill();
+            let _ = host.wait();
+        }
+    }
+}
+
 /// Starts `colloquy run` in `dir`, its log in `dir/host.log`.
-pub fn run(dir: &Path) -> Child {
+pub fn run(dir: &Path) -> Host {
     let log = std::fs::File::create(dir.join("host.log")).unwrap();
-    Command::new(BIN)
+    let host = Command::new(BIN)
         .current_dir(dir)
         .arg("run")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Host(Some(host))
 }
 
 /// A loopback port free right now.
@@ -541,7 +568,8 @@ pub fn host_log(dir: &Path) -> String {
 }
 
 /// Stops a host as an operator does (SIGTERM); it exits 0.
-pub fn stop(mut host: Child) {
+pub fn stop(mut host: Host) {
+    let mut host = host.0.take().expect("a running host");
     // SAFETY: signals a process this test started.
     unsafe { libc::kill(host.id() as i32, libc::SIGTERM) };
     let status = host.wait().unwrap();
