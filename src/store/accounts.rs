@@ -685,9 +685,9 @@ impl Store {
     ///
     /// `f` changes the cached records in place, not copies: their marks
     /// keep their base (see [`SendMarks`]), so what changed is written from
-    /// them, and a run that fails puts each record back as it was first. A record whose base `f` replaced (new
-    /// marks from scratch) cannot be put back: the cache forgets it, to
-    /// read it again.
+    /// them, and a run that fails puts each record back as it was first.
+    /// A record whose base `f` replaced (new marks from scratch) cannot be
+    /// put back: the cache forgets it, to read it again.
     pub(super) fn transact_with_accounts<T>(
         &self,
         names: &[&str],
