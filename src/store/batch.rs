@@ -72,8 +72,14 @@ impl OutboxKeys {
     }
 
     /// The insert a removal of `key` takes out, for [`OutboxKeys::removed`].
+    /// Called for a key the tree held: so does the set.
     pub(super) fn removing(&self, key: IdempotencyKey) -> (u64, u64) {
-        (key.0, self.lock().get(&key.0).copied().unwrap_or(0))
+        let n = self.lock().get(&key.0).copied();
+        debug_assert!(
+            n.is_some(),
+            "the outbox held {key} and its keys in memory did not"
+        );
+        (key.0, n.unwrap_or(0))
     }
 
     /// Takes out the keys of a committed transaction's removals, each
@@ -116,7 +122,8 @@ impl FlightKeys {
     fn add(&self, replies: &[FlightReply]) {
         let mut map = self.lock();
         for r in replies {
-            map.insert(r.key, (r.dialog, r.seq));
+            let earlier = map.insert(r.key, (r.dialog, r.seq));
+            debug_assert!(earlier.is_none(), "reply {} is in two flights", r.key);
         }
     }
 
@@ -431,6 +438,11 @@ impl Store {
         accounts: &[&str],
         reserve: &dyn Fn(&mut AccountRecord, IdempotencyKey) -> bool,
     ) -> Result<(Vec<AnswerOutcome>, Flight), StoreError> {
+        // `Slots` finds an account by a binary search.
+        assert!(
+            accounts.windows(2).all(|w| w[0] < w[1]),
+            "answer_batch takes its accounts sorted, each once"
+        );
         let id = self.flight_keys.next_id.fetch_add(1, Ordering::Relaxed);
         let result = self.transact_with_accounts(accounts, |tx, records| {
             let mut out = Vec::with_capacity(answers.len());

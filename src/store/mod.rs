@@ -335,10 +335,12 @@ impl QuietDialogs {
         let mut listed = self.lock();
         for QuietMove { from, to } in moves {
             if let Some(from) = from {
-                listed.remove(&from);
+                let was = listed.remove(&from);
+                debug_assert!(was, "dialog {} moved from where it was not listed", from.1);
             }
             if let Some(to) = to {
-                listed.insert(to);
+                let new = listed.insert(to);
+                debug_assert!(new, "dialog {} listed twice at one time", to.1);
             }
         }
     }

@@ -786,6 +786,15 @@ fn one_flight(store: &Store) -> (Dialog, Flight) {
     (d, flight)
 }
 
+/// A batch's accounts are found by a binary search: out of order, one
+/// would get no slot, so the caller's mistake stops the batch.
+#[test]
+#[should_panic(expected = "sorted, each once")]
+fn a_batch_names_its_accounts_sorted() {
+    let store = Store::temporary().unwrap();
+    let _ = store.answer_batch(&[], &["b", "a"], &|_, _| true);
+}
+
 #[test]
 fn replies_in_flight_are_pending_until_their_batch_settles() {
     let store = Store::temporary().unwrap();
@@ -1052,9 +1061,10 @@ fn deferred_answers_are_replayed_from_the_journal_but_never_over_newer_records()
         let first = ids[0];
         store
             .transact(|tx| {
-                let mut d = tx.dialog(first)?;
+                let old = tx.dialog(first)?;
+                let mut d = old.clone();
                 d.state = serde_json::json!({ "edited": true });
-                tx.put_dialog(None, &d)?;
+                tx.put_dialog(Some(&old), &d)?;
                 Ok(())
             })
             .unwrap();
@@ -1260,9 +1270,10 @@ fn deferred_dialogs_survive_any_order_of_answers_writes_and_crashes() {
                     let d = ids[(rng.next_u64() % N as u64) as usize];
                     store
                         .transact(|tx| {
-                            let mut x = tx.dialog(d)?;
+                            let old = tx.dialog(d)?;
+                            let mut x = old.clone();
                             x.state = serde_json::json!({ "edited": round });
-                            tx.put_dialog(None, &x)?;
+                            tx.put_dialog(Some(&old), &x)?;
                             Ok(())
                         })
                         .unwrap();
