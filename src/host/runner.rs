@@ -8,8 +8,8 @@ use super::conductor::ending_of;
 use super::Host;
 use crate::clock::Timestamp;
 use crate::config::CampaignStatus;
-use crate::engine::Call;
-use crate::model::{DialogStatus, DialogVariant, MessageKind};
+use crate::engine::{Call, Reply};
+use crate::model::{DialogId, DialogStatus, DialogVariant, MessageKind};
 use crate::safety::alerts::{Alert, AlertKind};
 use crate::safety::decide::window_open_at;
 use crate::safety::Decision;
@@ -413,23 +413,7 @@ async fn open_one(
     };
     match host.store.open_dialog(&new, Some(&opening), &reserve) {
         Ok((d, _)) => {
-            let rest: Vec<Outbound> = texts
-                .map(|text| Outbound {
-                    kind: MessageKind::Reply,
-                    text,
-                    key: host.new_key(),
-                })
-                .collect();
-            host.store.apply(
-                d.id,
-                &crate::transition::Apply {
-                    at: host.clock.now(),
-                    state: Some(&reply.state),
-                    outbound: &rest,
-                    ending: ending_of(&reply.output),
-                    ..Default::default()
-                },
-            )?;
+            record_the_rest(host, d.id, texts, &reply)?;
             tracing::info!(dialog = d.id, campaign = camp.name, account, contact = %contact.identity, "dialog opened");
             host.activate(d.id);
             host.activity.notify_one();
@@ -438,4 +422,33 @@ async fn open_one(
         Err(StoreError::Claimed(_)) | Err(StoreError::Refused(_)) => Ok(Opened::Retry),
         Err(e) => Err(e),
     }
+}
+
+/// Records what the opening call answered past its first message (the
+/// replies that follow it, the engine's state, an ending) on the dialog it
+/// opened.
+fn record_the_rest(
+    host: &Host,
+    dialog: DialogId,
+    texts: impl Iterator<Item = String>,
+    reply: &Reply,
+) -> Result<(), StoreError> {
+    let rest: Vec<Outbound> = texts
+        .map(|text| Outbound {
+            kind: MessageKind::Reply,
+            text,
+            key: host.new_key(),
+        })
+        .collect();
+    host.store.apply(
+        dialog,
+        &crate::transition::Apply {
+            at: host.clock.now(),
+            state: Some(&reply.state),
+            outbound: &rest,
+            ending: ending_of(&reply.output),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
 }
