@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 const BROKEN: &str = r#"
 local M = {}
@@ -113,7 +112,7 @@ fn an_opening_that_fails_pauses_the_campaign_and_spends_no_contact() {
     // contacts it would have burned.
     std::fs::write(d.join("engines/broken.lua"), FIXED).unwrap();
     let host = run(d);
-    std::thread::sleep(Duration::from_millis(300));
+    eventually("the host serving", || d.join("data/control.json").exists());
     assert!(status_of(d).contains("(20 contacts not yet contacted)"));
     let resumed = edited.replace("status = \"paused\"", "status = \"active\"");
     std::fs::write(d.join("config.toml"), resumed).unwrap();

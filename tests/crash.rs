@@ -117,23 +117,34 @@ fn kill_restart_and_check(config_text: &str, seed: u64, min_openings: usize) {
             "round {round}: the host exited by itself: {status:?}"
         );
     }
+    let data = Config::load(&dir.path().join("config.toml"))
+        .unwrap()
+        .data_dir();
+    // A killed host leaves its control file behind; the next writes it
+    // anew once it holds the store and serves.
+    let _ = std::fs::remove_file(data.join("control.json"));
     let mut child = start(dir.path());
-    std::thread::sleep(Duration::from_secs(2));
+    // Up again, and over the rounds at least `min_openings` contacts
+    // opened and half as many replies received.
+    common::eventually("the restarted host serving", || {
+        let served = data.join("control.json").exists();
+        let wire = common::read_wire(&data.join("sim/wire.jsonl"));
+        let count = |f: &dyn Fn(&common::Line) -> bool| wire.iter().filter(|l| f(l)).count();
+        served
+            && count(&|l| l.kind.as_deref() == Some("opening")) >= min_openings
+            && count(&|l| l.direction.as_deref() == Some("in")) >= min_openings / 2
+    });
     // The reporting commands reach the running host through its control
     // endpoint.
-    let status = Command::new(BIN)
-        .arg("status")
-        .arg("--config")
-        .arg(dir.path().join("config.toml"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    assert!(text.contains("dialogs: active"), "{text}");
+    common::eventually("`status` from the running host", || {
+        let out = Command::new(BIN)
+            .arg("status")
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .output()
+            .unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("dialogs: active")
+    });
     let listed = Command::new(BIN)
         .arg("dialogs")
         .arg("--config")
