@@ -136,21 +136,19 @@ fn kill_restart_and_check(config_text: &str, seed: u64, min_openings: usize) {
     });
     // The reporting commands reach the running host through its control
     // endpoint.
-    common::eventually("`status` from the running host", || {
-        let out = Command::new(BIN)
-            .arg("status")
+    let report = |command: &str| {
+        Command::new(BIN)
+            .arg(command)
             .arg("--config")
             .arg(dir.path().join("config.toml"))
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    common::eventually("`status` from the running host", || {
+        let out = report("status");
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("dialogs: active")
     });
-    let listed = Command::new(BIN)
-        .arg("dialogs")
-        .arg("--config")
-        .arg(dir.path().join("config.toml"))
-        .output()
-        .unwrap();
+    let listed = report("dialogs");
     assert!(
         listed.status.success() && !listed.stdout.is_empty(),
         "colloquy dialogs: {listed:?}"
@@ -171,9 +169,10 @@ fn kill_restart_and_check(config_text: &str, seed: u64, min_openings: usize) {
     assert!(status.success(), "exit {status:?}: {stderr}");
     assert!(took < Duration::from_secs(5), "took {took:?} to stop");
 
+    // As the host left it (it may have paused a campaign).
     let config = Config::load(&dir.path().join("config.toml")).unwrap();
-    let store = Store::open(&config.data_dir()).unwrap();
-    let wire = common::read_wire(&config.data_dir().join("sim/wire.jsonl"));
+    let store = Store::open(&data).unwrap();
+    let wire = common::read_wire(&data.join("sim/wire.jsonl"));
     let s = common::check(&config, &store, &wire, false);
     println!("{s:?}");
     assert!(s.openings >= min_openings, "{s:?}");
