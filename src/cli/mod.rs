@@ -743,8 +743,8 @@ fn report(config: &Config, request: control::Request) -> Result<(), Failure> {
             Source::Nothing => report_without_store(config, &request)?,
             Source::Store(store) => report_from(config, &store, &request)?,
             Source::Host => match control::ask(&config.data_dir(), request.clone()) {
-                Ok(control::Reply { ok: true, text, .. }) => text,
-                Ok(control::Reply {
+                Ok(control::Response { ok: true, text, .. }) => text,
+                Ok(control::Response {
                     ok: false, text, ..
                 }) => return Err(Failure::Input(Problems(vec![Problem::new("", text)]))),
                 Err(_) if std::time::Instant::now() < deadline => {
@@ -872,8 +872,8 @@ fn export(
                 control::Request::Export(export.clone()),
                 &mut out,
             ) {
-                Ok(control::Reply { ok: true, .. }) => break,
-                Ok(control::Reply { text, .. }) => return Err(input("", text)),
+                Ok(control::Response { ok: true, .. }) => break,
+                Ok(control::Response { text, .. }) => return Err(input("", text)),
                 Err(_) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }

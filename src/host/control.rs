@@ -1,8 +1,10 @@
-//! The control endpoint: `colloquy status`, `dialogs` and `dialog ID` while
-//! a host runs (sled allows one process per store). The host listens on a
-//! loopback port and writes the port and a random token to
-//! `data_dir/control.json`, readable by its owner only (0600); a request
-//! without the token is refused. One JSON line in, one JSON line out.
+//! The control endpoint: `colloquy status`, `dialogs`, `dialog ID`,
+//! `backup`, `reply`, `handback` and `export` while a host runs (sled
+//! allows one process per store). The host listens on a loopback port and
+//! writes the port and a random token to `data_dir/control.json`, readable
+//! by its owner only (0600); a request without the token is refused. One
+//! JSON line in (a [`Request`]), one JSON line out (a [`Response`]), then
+//! an export's records.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -44,7 +46,7 @@ pub enum Request {
     Handback {
         dialog: u64,
     },
-    /// `colloquy export`: the records follow the reply line.
+    /// `colloquy export`: the records follow the response line.
     Export(crate::export::Export),
 }
 
@@ -56,7 +58,7 @@ struct Envelope {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Reply {
+pub struct Response {
     pub ok: bool,
     pub text: String,
     /// Records follow on the connection (an export).
@@ -138,35 +140,35 @@ fn serve_one(host: &Arc<Host>, token: &str, sock: TcpStream) {
             return;
         }
     }
-    let reply = answer(host, token, &line);
-    let mut text = serde_json::to_string(&reply).unwrap_or_default();
+    let response = respond(host, token, &line);
+    let mut text = serde_json::to_string(&response).unwrap_or_default();
     text.push('\n');
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
 }
 
-fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
-    let reply = |result: Result<String, String>| match result {
-        Ok(text) => Reply {
+fn respond(host: &Arc<Host>, token: &str, line: &str) -> Response {
+    let response = |result: Result<String, String>| match result {
+        Ok(text) => Response {
             ok: true,
             text,
             stream: false,
         },
-        Err(text) => Reply {
+        Err(text) => Response {
             ok: false,
             text,
             stream: false,
         },
     };
     let Ok(env) = serde_json::from_str::<Envelope>(line) else {
-        return reply(Err("the request is not understood".into()));
+        return response(Err("the request is not understood".into()));
     };
     if env.token != token {
-        return reply(Err("the control token is wrong".into()));
+        return response(Err("the control token is wrong".into()));
     }
     let config = host.config();
     let store = |r: Result<String, crate::store::StoreError>| r.map_err(|e| e.to_string());
-    reply(match env.request {
+    response(match env.request {
         Request::Status { json } => {
             let live = report::Live {
                 links: host.transport().links(),
@@ -213,9 +215,9 @@ fn answer(host: &Arc<Host>, token: &str, line: &str) -> Reply {
     })
 }
 
-/// Asks the host that runs on `data_dir`; records that follow the reply
+/// Asks the host that runs on `data_dir`; records that follow the response
 /// (an export) are copied to `records`.
-pub fn ask(data_dir: &Path, request: Request) -> Result<Reply, String> {
+pub fn ask(data_dir: &Path, request: Request) -> Result<Response, String> {
     ask_streaming(data_dir, request, &mut std::io::sink())
 }
 
@@ -223,7 +225,7 @@ pub fn ask_streaming(
     data_dir: &Path,
     request: Request,
     records: &mut dyn Write,
-) -> Result<Reply, String> {
+) -> Result<Response, String> {
     let path = control_path(data_dir);
     let unreachable = |why: String| {
         format!(
@@ -252,16 +254,16 @@ pub fn ask_streaming(
     stream
         .write_all(line.as_bytes())
         .map_err(|e| unreachable(e.to_string()))?;
-    let mut answer = String::new();
+    let mut line = String::new();
     let mut reader = BufReader::new(stream);
     reader
-        .read_line(&mut answer)
+        .read_line(&mut line)
         .map_err(|e| unreachable(e.to_string()))?;
-    let reply: Reply = serde_json::from_str(&answer).map_err(|e| unreachable(e.to_string()))?;
-    if reply.stream {
+    let response: Response = serde_json::from_str(&line).map_err(|e| unreachable(e.to_string()))?;
+    if response.stream {
         std::io::copy(&mut reader, records).map_err(|e| format!("the export stopped: {e}"))?;
     }
-    Ok(reply)
+    Ok(response)
 }
 
 /// Writes a file only its owner can read.
