@@ -148,17 +148,10 @@ fn serve_one(host: &Arc<Host>, token: &str, sock: TcpStream) {
 }
 
 fn respond(host: &Arc<Host>, token: &str, line: &str) -> Response {
-    let response = |result: Result<String, String>| match result {
-        Ok(text) => Response {
-            ok: true,
-            text,
-            stream: false,
-        },
-        Err(text) => Response {
-            ok: false,
-            text,
-            stream: false,
-        },
+    let response = |result: Result<String, String>| Response {
+        ok: result.is_ok(),
+        text: result.unwrap_or_else(|why| why),
+        stream: false,
     };
     let Ok(env) = serde_json::from_str::<Envelope>(line) else {
         return response(Err("the request is not understood".into()));
@@ -254,12 +247,13 @@ pub fn ask_streaming(
     stream
         .write_all(line.as_bytes())
         .map_err(|e| unreachable(e.to_string()))?;
-    let mut line = String::new();
+    let mut response_line = String::new();
     let mut reader = BufReader::new(stream);
     reader
-        .read_line(&mut line)
+        .read_line(&mut response_line)
         .map_err(|e| unreachable(e.to_string()))?;
-    let response: Response = serde_json::from_str(&line).map_err(|e| unreachable(e.to_string()))?;
+    let response: Response =
+        serde_json::from_str(&response_line).map_err(|e| unreachable(e.to_string()))?;
     if response.stream {
         std::io::copy(&mut reader, records).map_err(|e| format!("the export stopped: {e}"))?;
     }
