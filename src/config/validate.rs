@@ -134,178 +134,205 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
         problems: Vec::new(),
     };
     let f = &config.file;
-
     if f.host.data_dir.as_os_str().is_empty() {
         c.fail("host.data_dir", "must not be empty");
     }
     c.dir_exists("host.engines_dir", "engines directory", &f.host.engines_dir);
     c.dir_exists("host.scripts_dir", "scripts directory", &f.host.scripts_dir);
-
     match f.transport.kind {
-        TransportKind::Sim => {
-            let sim = &f.sim;
-            if !(sim.time_scale > 0.0 && sim.time_scale <= 100_000.0) {
-                c.fail(
-                    "sim.time_scale",
-                    format!("must be above 0 and at most 100000, got {}", sim.time_scale),
-                );
-            }
-            c.chance("sim.reply_probability", sim.reply_probability);
-            for (i, r) in sim.reply_rates.iter().enumerate() {
-                c.chance(&format!("sim.reply_rates[{i}].probability"), r.probability);
-            }
-            for (name, p) in sim.faults.chances() {
-                c.chance(&format!("sim.faults.{name}"), p);
-            }
-            if let Some(persona) = &sim.persona {
-                c.file_exists("sim.persona", "persona file", persona);
-            }
-        }
-        TransportKind::Telegram => match &f.telegram {
-            None => c.fail(
-                "telegram",
-                "transport.kind is \"telegram\" but there is no [telegram] section with api_id and api_hash_env",
-            ),
-            Some(t) => {
-                if t.api_id <= 0 {
-                    c.fail("telegram.api_id", format!("must be positive, got {}", t.api_id));
-                }
-                if !is_env_name(&t.api_hash_env) {
-                    c.fail(
-                        "telegram.api_hash_env",
-                        format!(
-                            "must name an environment variable (like TG_API_HASH), got \"{}\"",
-                            t.api_hash_env
-                        ),
-                    );
-                }
-            }
-        },
+        TransportKind::Sim => c.sim(&f.sim),
+        TransportKind::Telegram => c.telegram(f.telegram.as_ref()),
     }
-
     c.safety("safety", &f.safety);
-
-    let e = &f.engines;
-    if e.instruction_budget == 0 {
-        c.fail("engines.instruction_budget", "must be positive, got 0");
-    }
-    if e.time_budget.0.is_zero() {
-        c.fail("engines.time_budget", "must be longer than 0s");
-    }
-    if e.memory_limit.0 < (1 << 20) {
-        c.fail(
-            "engines.memory_limit",
-            format!("must be at least 1MiB, got {} bytes", e.memory_limit.0),
-        );
-    }
-    for (i, name) in e.env_allow.iter().enumerate() {
-        if !is_env_name(name) {
-            c.fail(
-                format!("engines.env_allow[{i}]"),
-                format!("\"{name}\" is not an environment variable name"),
-            );
-        }
-    }
-    for (i, p) in e.extra_paths.iter().enumerate() {
-        c.dir_exists(&format!("engines.extra_paths[{i}]"), "module directory", p);
-    }
-
-    if let Some(url) = &f.alerts.webhook_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            c.fail(
-                "alerts.webhook_url",
-                format!("must be an http:// or https:// URL, got \"{url}\""),
-            );
-        }
-    }
-    for (i, p) in f.compliance.opt_out_patterns.iter().enumerate() {
-        let key = format!("compliance.opt_out_patterns[{i}]");
-        if p.trim().is_empty() {
-            c.fail(key, "must not be empty");
-        } else if let Some(Err(e)) = crate::host::optout::regex_of(p) {
-            let e = e.replace('\n', " ");
-            c.fail(key, format!("is not a valid regular expression: {e}"));
-        }
-    }
-
-    c.unique("accounts", f.accounts.iter().map(|a| a.name.as_str()));
-    for (i, a) in f.accounts.iter().enumerate() {
-        if let Some(phone) = &a.phone {
-            if let Err(why) = Identity::normalize_phone(phone) {
-                c.fail(format!("accounts[{i}].phone"), why);
-            }
-        } else if f.transport.kind == TransportKind::Telegram {
-            c.fail(
-                format!("accounts[{i}].phone"),
-                "is required with the telegram transport",
-            );
-        }
-        if let Some(proxy) = &a.proxy {
-            if !proxy.starts_with("socks5://") {
-                c.fail(
-                    format!("accounts[{i}].proxy"),
-                    format!("must be a socks5:// URL, got \"{proxy}\""),
-                );
-            }
-        }
-        // Only an account that changes the defaults can break them anew;
-        // problems of [safety] itself are reported once, above.
-        let merged = f.safety.merged(&a.safety);
-        if merged != f.safety {
-            c.safety(&format!("accounts[{i}].safety"), &merged);
-        }
-    }
-
+    c.engines(&f.engines);
+    c.alerts_and_compliance(f);
+    c.accounts(f);
     c.unique("audiences", f.audiences.iter().map(|a| a.name.as_str()));
     for (i, a) in f.audiences.iter().enumerate() {
         c.file_exists(&format!("audiences[{i}].file"), "audience file", &a.file);
     }
+    c.campaigns(f);
+    c.problems
+}
 
-    c.unique("campaigns", f.campaigns.iter().map(|c| c.name.as_str()));
-    let accounts: HashSet<&str> = f.accounts.iter().map(|a| a.name.as_str()).collect();
-    let audiences: HashSet<&str> = f.audiences.iter().map(|a| a.name.as_str()).collect();
-    for (i, camp) in f.campaigns.iter().enumerate() {
-        let key = format!("campaigns[{i}]");
-        c.engine(&format!("{key}.engine"), &camp.engine);
-        if let Some(t) = &camp.prompt_template {
-            c.file_exists(&format!("{key}.prompt_template"), "prompt template", t);
-        }
-        variants(&mut c, &key, camp);
-        if camp.audiences.is_empty() {
-            c.fail(
-                format!("{key}.audiences"),
-                "must name at least one audience",
+impl Checker<'_> {
+    fn sim(&mut self, sim: &super::Sim) {
+        if !(sim.time_scale > 0.0 && sim.time_scale <= 100_000.0) {
+            self.fail(
+                "sim.time_scale",
+                format!("must be above 0 and at most 100000, got {}", sim.time_scale),
             );
         }
-        for (j, name) in camp.audiences.iter().enumerate() {
-            if !audiences.contains(name.as_str()) {
-                c.fail(
-                    format!("{key}.audiences[{j}]"),
-                    format!("no audience named \"{name}\" is declared in [[audiences]]"),
+        self.chance("sim.reply_probability", sim.reply_probability);
+        for (i, r) in sim.reply_rates.iter().enumerate() {
+            self.chance(&format!("sim.reply_rates[{i}].probability"), r.probability);
+        }
+        for (name, p) in sim.faults.chances() {
+            self.chance(&format!("sim.faults.{name}"), p);
+        }
+        if let Some(persona) = &sim.persona {
+            self.file_exists("sim.persona", "persona file", persona);
+        }
+    }
+
+    fn telegram(&mut self, telegram: Option<&super::Telegram>) {
+        let Some(t) = telegram else {
+            return self.fail(
+                "telegram",
+                "transport.kind is \"telegram\" but there is no [telegram] section with api_id and api_hash_env",
+            );
+        };
+        if t.api_id <= 0 {
+            self.fail(
+                "telegram.api_id",
+                format!("must be positive, got {}", t.api_id),
+            );
+        }
+        if !is_env_name(&t.api_hash_env) {
+            self.fail(
+                "telegram.api_hash_env",
+                format!(
+                    "must name an environment variable (like TG_API_HASH), got \"{}\"",
+                    t.api_hash_env
+                ),
+            );
+        }
+    }
+
+    fn engines(&mut self, e: &super::Engines) {
+        if e.instruction_budget == 0 {
+            self.fail("engines.instruction_budget", "must be positive, got 0");
+        }
+        if e.time_budget.0.is_zero() {
+            self.fail("engines.time_budget", "must be longer than 0s");
+        }
+        if e.memory_limit.0 < (1 << 20) {
+            self.fail(
+                "engines.memory_limit",
+                format!("must be at least 1MiB, got {} bytes", e.memory_limit.0),
+            );
+        }
+        for (i, name) in e.env_allow.iter().enumerate() {
+            if !is_env_name(name) {
+                self.fail(
+                    format!("engines.env_allow[{i}]"),
+                    format!("\"{name}\" is not an environment variable name"),
                 );
             }
         }
-        if camp.accounts.is_empty() {
-            c.fail(format!("{key}.accounts"), "must name at least one account");
+        for (i, p) in e.extra_paths.iter().enumerate() {
+            self.dir_exists(&format!("engines.extra_paths[{i}]"), "module directory", p);
         }
-        for (j, name) in camp.accounts.iter().enumerate() {
-            if !accounts.contains(name.as_str()) {
-                c.fail(
-                    format!("{key}.accounts[{j}]"),
-                    format!("no account named \"{name}\" is declared in [[accounts]]"),
+    }
+
+    fn alerts_and_compliance(&mut self, f: &super::ConfigFile) {
+        if let Some(url) = &f.alerts.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.fail(
+                    "alerts.webhook_url",
+                    format!("must be an http:// or https:// URL, got \"{url}\""),
                 );
             }
         }
-        if let Some(w) = &camp.send_window {
-            if w.start == w.end {
-                c.fail(
-                    format!("{key}.send_window"),
-                    "start and end are equal, which leaves no time to send",
+        for (i, p) in f.compliance.opt_out_patterns.iter().enumerate() {
+            let key = format!("compliance.opt_out_patterns[{i}]");
+            if p.trim().is_empty() {
+                self.fail(key, "must not be empty");
+            } else if let Some(Err(e)) = crate::host::optout::regex_of(p) {
+                let e = e.replace('\n', " ");
+                self.fail(key, format!("is not a valid regular expression: {e}"));
+            }
+        }
+    }
+
+    fn accounts(&mut self, f: &super::ConfigFile) {
+        self.unique("accounts", f.accounts.iter().map(|a| a.name.as_str()));
+        for (i, a) in f.accounts.iter().enumerate() {
+            if let Some(phone) = &a.phone {
+                if let Err(why) = Identity::normalize_phone(phone) {
+                    self.fail(format!("accounts[{i}].phone"), why);
+                }
+            } else if f.transport.kind == TransportKind::Telegram {
+                self.fail(
+                    format!("accounts[{i}].phone"),
+                    "is required with the telegram transport",
+                );
+            }
+            if let Some(proxy) = &a.proxy {
+                if !proxy.starts_with("socks5://") {
+                    self.fail(
+                        format!("accounts[{i}].proxy"),
+                        format!("must be a socks5:// URL, got \"{proxy}\""),
+                    );
+                }
+            }
+            // Only an account that changes the defaults can break them anew;
+            // problems of [safety] itself are reported once, above.
+            let merged = f.safety.merged(&a.safety);
+            if merged != f.safety {
+                self.safety(&format!("accounts[{i}].safety"), &merged);
+            }
+        }
+    }
+
+    fn campaigns(&mut self, f: &super::ConfigFile) {
+        self.unique("campaigns", f.campaigns.iter().map(|c| c.name.as_str()));
+        let accounts: HashSet<&str> = f.accounts.iter().map(|a| a.name.as_str()).collect();
+        let audiences: HashSet<&str> = f.audiences.iter().map(|a| a.name.as_str()).collect();
+        for (i, camp) in f.campaigns.iter().enumerate() {
+            let key = format!("campaigns[{i}]");
+            self.engine(&format!("{key}.engine"), &camp.engine);
+            if let Some(t) = &camp.prompt_template {
+                self.file_exists(&format!("{key}.prompt_template"), "prompt template", t);
+            }
+            variants(self, &key, camp);
+            self.names(
+                &format!("{key}.audiences"),
+                &camp.audiences,
+                &audiences,
+                "audience",
+                "audiences",
+            );
+            self.names(
+                &format!("{key}.accounts"),
+                &camp.accounts,
+                &accounts,
+                "account",
+                "accounts",
+            );
+            if let Some(w) = &camp.send_window {
+                if w.start == w.end {
+                    self.fail(
+                        format!("{key}.send_window"),
+                        "start and end are equal, which leaves no time to send",
+                    );
+                }
+            }
+        }
+    }
+
+    /// A campaign's list of `what`s: at least one, each declared in
+    /// `[[section]]`.
+    fn names(
+        &mut self,
+        key: &str,
+        named: &[String],
+        declared: &HashSet<&str>,
+        what: &str,
+        section: &str,
+    ) {
+        if named.is_empty() {
+            self.fail(key, format!("must name at least one {what}"));
+        }
+        for (j, name) in named.iter().enumerate() {
+            if !declared.contains(name.as_str()) {
+                self.fail(
+                    format!("{key}[{j}]"),
+                    format!("no {what} named \"{name}\" is declared in [[{section}]]"),
                 );
             }
         }
     }
-    c.problems
 }
 
 /// A campaign's `[[campaigns.variants]]` and `[campaigns.allocation]`.

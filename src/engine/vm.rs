@@ -285,7 +285,7 @@ impl Vm {
         text: &str,
         args: &[String],
     ) -> Result<serde_json::Value, String> {
-        let env = self.engine_env().map_err(|e| e.to_string())?;
+        let env = fresh_env(&self.lua).map_err(|e| e.to_string())?;
         let arg = self
             .lua
             .create_sequence_from(args.iter().cloned())
@@ -339,16 +339,6 @@ impl Vm {
         }
     }
 
-    /// A fresh `_ENV` for one engine or chunk: its own globals, falling back
-    /// to the sandbox's.
-    fn engine_env(&self) -> mlua::Result<Table> {
-        let env = self.lua.create_table()?;
-        let meta = self.lua.create_table()?;
-        meta.set("__index", self.lua.globals())?;
-        env.set_metatable(Some(meta))?;
-        Ok(env)
-    }
-
     /// Compiles a source without running it: a syntax check.
     pub fn compile(&self, source: &Source) -> Result<(), String> {
         self.lua
@@ -382,7 +372,7 @@ impl Vm {
             engine: name.to_string(),
             message,
         };
-        let env = self.engine_env().map_err(|e| load_err(e.to_string()))?;
+        let env = fresh_env(&self.lua).map_err(|e| load_err(e.to_string()))?;
         let func = self
             .lua
             .load(&*source.text)
@@ -801,63 +791,8 @@ fn sandbox(
     let randomseed: Function = math.get("randomseed")?;
     randomseed.call::<()>(seed as i64)?;
 
-    // load: text only, in the caller-given environment or a fresh one.
-    g.set(
-        "load",
-        lua.create_function(
-            |lua, (chunk, name, _mode, env): (Value, Option<String>, Value, Option<Table>)| {
-                let text = match chunk {
-                    Value::String(s) => s.as_bytes().to_vec(),
-                    _ => {
-                        return Ok((
-                            Value::Nil,
-                            Some("load: only source text can be loaded".to_string()),
-                        ))
-                    }
-                };
-                if text.first() == Some(&0x1b) {
-                    return Ok((
-                        Value::Nil,
-                        Some("load: binary chunks are not allowed".to_string()),
-                    ));
-                }
-                let env = match env {
-                    Some(e) => e,
-                    None => {
-                        let e = lua.create_table()?;
-                        let meta = lua.create_table()?;
-                        meta.set("__index", lua.globals())?;
-                        e.set_metatable(Some(meta))?;
-                        e
-                    }
-                };
-                let chunk = lua
-                    .load(text)
-                    .set_name(name.unwrap_or_else(|| "=load".into()))
-                    .set_mode(ChunkMode::Text)
-                    .set_environment(env);
-                match chunk.into_function() {
-                    Ok(f) => Ok((Value::Function(f), None)),
-                    Err(e) => Ok((Value::Nil, Some(lua_error_text(&e)))),
-                }
-            },
-        )?,
-    )?;
-    g.set(
-        "collectgarbage",
-        lua.create_function(|lua, opt: Option<String>| {
-            match opt.as_deref().unwrap_or("collect") {
-                "count" => Ok(lua.used_memory() as f64 / 1024.0),
-                "collect" | "step" => {
-                    lua.gc_collect()?;
-                    Ok(0.0)
-                }
-                other => Err(mlua::Error::runtime(format!(
-                    "collectgarbage(\"{other}\") is not allowed in engines"
-                ))),
-            }
-        })?,
-    )?;
+    g.set("load", text_load(&lua)?)?;
+    g.set("collectgarbage", bounded_collectgarbage(&lua)?)?;
 
     let preload = lua.create_table()?;
     modules::register_all(&lua, &preload, host)?;
@@ -865,41 +800,104 @@ fn sandbox(
         let log: Table = preload.get("log")?;
         log.get::<Function>("info")?
     })?;
-    let loaded = lua.create_table()?;
-    let snap = snapshot.clone();
-    g.set(
-        "require",
-        lua.create_function(move |lua, name: String| {
-            if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
-                return Ok(v);
-            }
-            if let Some(m) = preload.raw_get::<Option<Table>>(name.as_str())? {
-                return Ok(Value::Table(m));
-            }
-            if !crate::config::is_module_name(&name) {
-                return Err(mlua::Error::runtime(format!(
-                    "require: \"{name}\" is not a module name; modules are found by name (like \"template\" or \"lib.util\"), never by path"
-                )));
-            }
-            let Some(source) = snap.modules.get(&name) else {
-                return Err(mlua::Error::runtime(format!(
-                    "require: module \"{name}\" not found in scripts_dir, engines_dir or [engines] extra_paths"
-                )));
-            };
-            let env = lua.create_table()?;
-            let meta = lua.create_table()?;
-            meta.set("__index", lua.globals())?;
-            env.set_metatable(Some(meta))?;
-            let value: Value = lua
-                .load(&*source.text)
-                .set_name(format!("@{}", source.shown))
-                .set_mode(ChunkMode::Text)
-                .set_environment(env)
-                .call(name.as_str())?;
-            let value = if value.is_nil() { Value::Boolean(true) } else { value };
-            loaded.raw_set(name.as_str(), value.clone())?;
-            Ok(value)
-        })?,
-    )?;
+    g.set("require", require_from(&lua, snapshot.clone(), preload)?)?;
     Ok(lua)
+}
+
+/// A fresh `_ENV`: a table of its own whose reads fall through to the
+/// sandbox's globals (an engine's, a module's, a chunk `load`ed without
+/// one).
+fn fresh_env(lua: &Lua) -> mlua::Result<Table> {
+    let env = lua.create_table()?;
+    let meta = lua.create_table()?;
+    meta.set("__index", lua.globals())?;
+    env.set_metatable(Some(meta))?;
+    Ok(env)
+}
+
+/// `load`: source text only (never a binary chunk), in the caller-given
+/// environment or a fresh one.
+fn text_load(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(
+        |lua, (chunk, name, _mode, env): (Value, Option<String>, Value, Option<Table>)| {
+            let text = match chunk {
+                Value::String(s) => s.as_bytes().to_vec(),
+                _ => {
+                    return Ok((
+                        Value::Nil,
+                        Some("load: only source text can be loaded".to_string()),
+                    ))
+                }
+            };
+            if text.first() == Some(&0x1b) {
+                return Ok((
+                    Value::Nil,
+                    Some("load: binary chunks are not allowed".to_string()),
+                ));
+            }
+            let env = match env {
+                Some(e) => e,
+                None => fresh_env(lua)?,
+            };
+            let chunk = lua
+                .load(text)
+                .set_name(name.unwrap_or_else(|| "=load".into()))
+                .set_mode(ChunkMode::Text)
+                .set_environment(env);
+            match chunk.into_function() {
+                Ok(f) => Ok((Value::Function(f), None)),
+                Err(e) => Ok((Value::Nil, Some(lua_error_text(&e)))),
+            }
+        },
+    )
+}
+
+/// `collectgarbage`: "count", "collect" and "step" only; an engine cannot
+/// stop or tune the collector.
+fn bounded_collectgarbage(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(
+        |lua, opt: Option<String>| match opt.as_deref().unwrap_or("collect") {
+            "count" => Ok(lua.used_memory() as f64 / 1024.0),
+            "collect" | "step" => {
+                lua.gc_collect()?;
+                Ok(0.0)
+            }
+            other => Err(mlua::Error::runtime(format!(
+                "collectgarbage(\"{other}\") is not allowed in engines"
+            ))),
+        },
+    )
+}
+
+/// `require`: the host's modules (`preload`), then the snapshot's by
+/// name, each run once in an environment of its own.
+fn require_from(lua: &Lua, snapshot: Arc<Snapshot>, preload: Table) -> mlua::Result<Function> {
+    let loaded = lua.create_table()?;
+    lua.create_function(move |lua, name: String| {
+        if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
+            return Ok(v);
+        }
+        if let Some(m) = preload.raw_get::<Option<Table>>(name.as_str())? {
+            return Ok(Value::Table(m));
+        }
+        if !crate::config::is_module_name(&name) {
+            return Err(mlua::Error::runtime(format!(
+                "require: \"{name}\" is not a module name; modules are found by name (like \"template\" or \"lib.util\"), never by path"
+            )));
+        }
+        let Some(source) = snapshot.modules.get(&name) else {
+            return Err(mlua::Error::runtime(format!(
+                "require: module \"{name}\" not found in scripts_dir, engines_dir or [engines] extra_paths"
+            )));
+        };
+        let value: Value = lua
+            .load(&*source.text)
+            .set_name(format!("@{}", source.shown))
+            .set_mode(ChunkMode::Text)
+            .set_environment(fresh_env(lua)?)
+            .call(name.as_str())?;
+        let value = if value.is_nil() { Value::Boolean(true) } else { value };
+        loaded.raw_set(name.as_str(), value.clone())?;
+        Ok(value)
+    })
 }
