@@ -27,163 +27,225 @@ pub fn status(
     live: &Live,
     json: bool,
 ) -> Result<String, StoreError> {
-    let links = &live.links;
-    let engine_error = |engine: &str| {
-        live.engine_errors
-            .iter()
-            .find(|(e, _)| e == engine)
-            .map(|(_, why)| why.clone())
-    };
-    let funnels = match store {
-        Some(s) => funnels(config, s)?,
-        None => Vec::new(),
-    };
-    let mut campaigns = Vec::new();
-    for c in &config.file.campaigns {
-        let paused_itself = match store {
-            Some(s) if c.status != crate::config::CampaignStatus::Active => {
-                crate::host::pause::reason(s, &c.name)?
-            }
-            _ => None,
-        };
-        let counted = funnels.iter().find(|f| f.campaign == c.name);
-        let funnel = counted.map(|f| f.total.clone()).unwrap_or_default();
-        let variants = counted.map_or_else(Vec::new, |f| variant_reports(c, f));
-        campaigns.push((c, paused_itself, funnel, variants));
+    let report = StatusReport::gather(config, store, live)?;
+    Ok(match json {
+        true => format!("{}\n", report.json()),
+        false => report.text(config),
+    })
+}
+
+/// What `status` shows, gathered once for its text and its JSON.
+struct StatusReport<'a> {
+    campaigns: Vec<CampaignStatus<'a>>,
+    accounts: Vec<AccountStatus<'a>>,
+    /// Dialogs by status and the do-not-contact count; none without a store.
+    counts: Option<(Vec<(&'static str, usize)>, usize)>,
+}
+
+struct CampaignStatus<'a> {
+    campaign: &'a crate::config::Campaign,
+    paused_itself: Option<crate::host::pause::Paused>,
+    engine_error: Option<String>,
+    /// None without a store.
+    funnel: Option<Funnel>,
+    variants: Vec<VariantReport>,
+}
+
+struct AccountStatus<'a> {
+    name: &'a str,
+    record: Option<crate::model::AccountRecord>,
+    connection: Option<&'static str>,
+}
+
+impl AccountStatus<'_> {
+    fn label(&self) -> &'static str {
+        self.record.as_ref().map_or("active", |r| r.status.label())
     }
-    let mut accounts = Vec::new();
-    for a in &config.file.accounts {
-        let record = match store {
-            Some(s) => Some(s.account(&a.name)?),
+
+    /// Until when a flood wait or spam limit holds.
+    fn until(&self) -> Option<String> {
+        match &self.record.as_ref()?.status {
+            crate::model::AccountStatus::FloodWait { until }
+            | crate::model::AccountStatus::SpamLimited { until } => Some(until.to_rfc3339()),
+            _ => None,
+        }
+    }
+
+    fn sends_last_day(&self) -> usize {
+        self.record.as_ref().map_or(0, |r| r.sends.len())
+    }
+}
+
+impl<'a> StatusReport<'a> {
+    fn gather(
+        config: &'a Config,
+        store: Option<&Store>,
+        live: &Live,
+    ) -> Result<StatusReport<'a>, StoreError> {
+        let funnels = match store {
+            Some(s) => funnels(config, s)?,
+            None => Vec::new(),
+        };
+        let mut campaigns = Vec::new();
+        for c in &config.file.campaigns {
+            let paused_itself = match store {
+                Some(s) if c.status != crate::config::CampaignStatus::Active => {
+                    crate::host::pause::reason(s, &c.name)?
+                }
+                _ => None,
+            };
+            let counted = funnels.iter().find(|f| f.campaign == c.name);
+            campaigns.push(CampaignStatus {
+                campaign: c,
+                paused_itself,
+                engine_error: live
+                    .engine_errors
+                    .iter()
+                    .find(|(e, _)| *e == c.engine)
+                    .map(|(_, why)| why.clone()),
+                funnel: store.map(|_| counted.map(|f| f.total.clone()).unwrap_or_default()),
+                variants: counted.map_or_else(Vec::new, |f| variant_reports(c, f)),
+            });
+        }
+        let mut accounts = Vec::new();
+        for a in &config.file.accounts {
+            accounts.push(AccountStatus {
+                name: &a.name,
+                record: store.map(|s| s.account(&a.name)).transpose()?,
+                connection: live
+                    .links
+                    .iter()
+                    .find(|(n, _)| *n == a.name)
+                    .map(|(_, l)| *l),
+            });
+        }
+        let counts = match store {
+            Some(s) => Some((s.dialog_counts()?, s.do_not_contact_list()?.len())),
             None => None,
         };
-        let link = links.iter().find(|(n, _)| *n == a.name).map(|(_, l)| *l);
-        accounts.push((a, record, link));
+        Ok(StatusReport {
+            campaigns,
+            accounts,
+            counts,
+        })
     }
-    let counts = match store {
-        Some(s) => Some(s.dialog_counts()?),
-        None => None,
-    };
-    let dnc = match store {
-        Some(s) => Some(s.do_not_contact_list()?.len()),
-        None => None,
-    };
-    if json {
-        let value = serde_json::json!({
-            "campaigns": campaigns.iter().map(|(c, paused, f, variants)| serde_json::json!({
-                "name": c.name,
-                "status": c.status.label(),
-                "paused_itself": paused.as_ref().map(|p| serde_json::json!({"at": p.at.to_rfc3339(), "reason": p.reason})),
-                "engine": c.engine,
-                "engine_error": engine_error(&c.engine),
-                "accounts": c.accounts,
-                "audiences": c.audiences,
-                "funnel": f,
-                "reply_rate": f.reply_rate(),
-                "allocation": (!c.variants.is_empty()).then(|| serde_json::json!({
-                    "method": c.allocation.method,
-                    "goal": c.allocation.goal.to_string(),
-                    "floor": c.allocation.floor,
-                    "probability_best_method": PROBABILITY_BEST_METHOD,
-                })),
-                "variants": variants,
-            })).collect::<Vec<_>>(),
-            "accounts": accounts.iter().map(|(a, r, link)| serde_json::json!({
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "campaigns": self.campaigns.iter().map(|s| {
+                let c = s.campaign;
+                let funnel = s.funnel.clone().unwrap_or_default();
+                serde_json::json!({
+                    "name": c.name,
+                    "status": c.status.label(),
+                    "paused_itself": s.paused_itself.as_ref().map(|p| serde_json::json!({"at": p.at.to_rfc3339(), "reason": p.reason})),
+                    "engine": c.engine,
+                    "engine_error": s.engine_error,
+                    "accounts": c.accounts,
+                    "audiences": c.audiences,
+                    "funnel": &funnel,
+                    "reply_rate": funnel.reply_rate(),
+                    "allocation": (!c.variants.is_empty()).then(|| serde_json::json!({
+                        "method": c.allocation.method,
+                        "goal": c.allocation.goal.to_string(),
+                        "floor": c.allocation.floor,
+                        "probability_best_method": PROBABILITY_BEST_METHOD,
+                    })),
+                    "variants": s.variants,
+                })
+            }).collect::<Vec<_>>(),
+            "accounts": self.accounts.iter().map(|a| serde_json::json!({
                 "name": a.name,
-                "status": r.as_ref().map_or("active", |r| r.status.label()),
-                "until": r.as_ref().and_then(|r| match &r.status {
-                    crate::model::AccountStatus::FloodWait { until }
-                    | crate::model::AccountStatus::SpamLimited { until } => Some(until.to_rfc3339()),
-                    _ => None,
-                }),
-                "sends_last_day": r.as_ref().map_or(0, |r| r.sends.len()),
-                "connection": link,
+                "status": a.label(),
+                "until": a.until(),
+                "sends_last_day": a.sends_last_day(),
+                "connection": a.connection,
             })).collect::<Vec<_>>(),
-            "dialogs": counts.as_ref().map(|c| c.iter().map(|(l, n)| ((*l).to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>()),
-            "do_not_contact": dnc,
-        });
-        return Ok(format!("{value}\n"));
+            "dialogs": self.counts.as_ref().map(|(c, _)| c.iter().map(|(l, n)| ((*l).to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>()),
+            "do_not_contact": self.counts.as_ref().map(|(_, dnc)| dnc),
+        })
     }
-    let mut out = String::new();
-    for (c, paused, f, variants) in &campaigns {
-        let why = paused
-            .as_ref()
-            .map(|p| format!(" (paused itself at {}: {})", p.at.to_rfc3339(), p.reason))
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "campaign {}: {}{why}, engine {}, accounts {}, audiences {} ({} contacts not yet contacted)",
-            c.name,
-            c.status.label(),
-            c.engine,
-            c.accounts.join(", "),
-            c.audiences.join(", "),
-            f.not_contacted
-        );
-        if let Some(why) = engine_error(&c.engine) {
-            let _ = writeln!(out, "  opens no dialogs until its engine loads: {why}");
+
+    fn text(&self, config: &Config) -> String {
+        let mut out = String::new();
+        for s in &self.campaigns {
+            campaign_text(&mut out, s);
         }
-        if store.is_some() {
-            let outcomes: String = f
-                .outcomes
-                .iter()
-                .map(|(label, n)| format!(", finished:{label} {n}"))
-                .collect();
+        for a in &self.accounts {
+            let until = a.until().map(|u| format!(" until {u}")).unwrap_or_default();
+            let link = a
+                .connection
+                .map(|l| format!(", Telegram connection {l}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  funnel: opened {}, delivered {}, replied {} ({:.1}%){outcomes}, handoff {}, dead {}, opted out {}, error {}",
-                f.opened,
-                f.delivered,
-                f.replied,
-                100.0 * f.reply_rate(),
-                f.handoff,
-                f.dead,
-                f.opted_out,
-                f.error
-            );
-            for v in variants {
-                let _ = writeln!(out, "  {}", variant_line(v, &c.allocation.goal));
-            }
-        }
-    }
-    for (a, record, link) in &accounts {
-        let (state, sent) = match record {
-            Some(r) => {
-                let until = match &r.status {
-                    crate::model::AccountStatus::FloodWait { until }
-                    | crate::model::AccountStatus::SpamLimited { until } => {
-                        format!(" until {}", until.to_rfc3339())
-                    }
-                    _ => String::new(),
-                };
-                (format!("{}{until}", r.status.label()), r.sends.len())
-            }
-            None => ("active".to_string(), 0),
-        };
-        let link = link
-            .map(|l| format!(", Telegram connection {l}"))
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "account {}: {state}, {sent} sends in the last day{link}",
-            a.name
-        );
-    }
-    match (counts, dnc) {
-        (Some(counts), Some(dnc)) => {
-            let parts: Vec<String> = counts.iter().map(|(l, n)| format!("{l} {n}")).collect();
-            let _ = writeln!(out, "dialogs: {}", parts.join(", "));
-            let _ = writeln!(out, "do-not-contact: {dnc} contacts");
-        }
-        _ => {
-            let _ = writeln!(
-                out,
-                "dialogs: none yet (no store in {})",
-                config.data_dir().display()
+                "account {}: {}{until}, {} sends in the last day{link}",
+                a.name,
+                a.label(),
+                a.sends_last_day()
             );
         }
+        match &self.counts {
+            Some((counts, dnc)) => {
+                let parts: Vec<String> = counts.iter().map(|(l, n)| format!("{l} {n}")).collect();
+                let _ = writeln!(out, "dialogs: {}", parts.join(", "));
+                let _ = writeln!(out, "do-not-contact: {dnc} contacts");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "dialogs: none yet (no store in {})",
+                    config.data_dir().display()
+                );
+            }
+        }
+        out
     }
-    Ok(out)
+}
+
+/// A campaign's lines of `status`: what it is, why it opens nothing, its
+/// funnel and its variants.
+fn campaign_text(out: &mut String, s: &CampaignStatus) {
+    let c = s.campaign;
+    let why = s
+        .paused_itself
+        .as_ref()
+        .map(|p| format!(" (paused itself at {}: {})", p.at.to_rfc3339(), p.reason))
+        .unwrap_or_default();
+    let not_contacted = s.funnel.as_ref().map_or(0, |f| f.not_contacted);
+    let _ = writeln!(
+        out,
+        "campaign {}: {}{why}, engine {}, accounts {}, audiences {} ({not_contacted} contacts not yet contacted)",
+        c.name,
+        c.status.label(),
+        c.engine,
+        c.accounts.join(", "),
+        c.audiences.join(", "),
+    );
+    if let Some(why) = &s.engine_error {
+        let _ = writeln!(out, "  opens no dialogs until its engine loads: {why}");
+    }
+    let Some(f) = &s.funnel else { return };
+    let outcomes: String = f
+        .outcomes
+        .iter()
+        .map(|(label, n)| format!(", finished:{label} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  funnel: opened {}, delivered {}, replied {} ({:.1}%){outcomes}, handoff {}, dead {}, opted out {}, error {}",
+        f.opened,
+        f.delivered,
+        f.replied,
+        100.0 * f.reply_rate(),
+        f.handoff,
+        f.dead,
+        f.opted_out,
+        f.error
+    );
+    for v in &s.variants {
+        let _ = writeln!(out, "  {}", variant_line(v, &c.allocation.goal));
+    }
 }
 
 /// A status as `dialogs` shows it: `finished:booked`, `error:…`.
