@@ -55,162 +55,234 @@ pub fn read(path: &Path) -> AudienceFile {
 
 /// Parses audience CSV; `shown` names the file in problems.
 pub fn parse(shown: &str, bytes: &[u8]) -> AudienceFile {
-    let mut out = AudienceFile::default();
-    let whole = |msg: String| AudienceFile {
-        rows: Vec::new(),
-        problems: vec![Problem::new(shown, msg)],
-        refused: true,
-    };
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    if bytes.contains(&0) {
-        return whole("looks like a binary file, not CSV text".into());
-    }
-    if let Err(e) = std::str::from_utf8(bytes) {
-        let line = bytes[..e.valid_up_to()]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            + 1;
-        return AudienceFile {
+    match parse_rows(shown, bytes) {
+        Ok(file) => file,
+        Err(problem) => AudienceFile {
             rows: Vec::new(),
-            problems: vec![Problem::new(
-                format!("{shown}:{line}"),
-                "is not UTF-8 text; save the file as UTF-8",
-            )],
+            problems: vec![problem],
             refused: true,
-        };
+        },
     }
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return whole("is empty; it needs a header row such as \"username,first_name\"".into());
-    }
+}
 
+/// The rows and a problem per bad row, or the one problem that refuses
+/// the whole file. The whole file is read before any row counts: a row
+/// that is not what the header promises refuses the file, never a part
+/// of it.
+fn parse_rows(shown: &str, bytes: &[u8]) -> Result<AudienceFile, Problem> {
+    let bytes = text_of(shown, bytes)?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)
         .from_reader(bytes);
-    let headers: Vec<String> = match reader.headers() {
-        Ok(h) => h.iter().map(|s| s.to_ascii_lowercase()).collect(),
-        Err(e) => return whole(format!("has an unreadable header row ({e})")),
+    let columns = match reader.headers() {
+        Ok(h) => Columns::of(h).map_err(|why| Problem::new(shown, why))?,
+        Err(e) => {
+            return Err(Problem::new(
+                shown,
+                format!("has an unreadable header row ({e})"),
+            ))
+        }
     };
-    let col = |name: &str| headers.iter().position(|h| h == name);
-    let (c_user, c_phone, c_id) = (col("username"), col("phone"), col("user_id"));
-    if c_user.is_none() && c_phone.is_none() && c_id.is_none() {
-        return whole(format!(
-            "has no username, phone or user_id column (header: {})",
-            headers.join(",")
-        ));
-    }
-    let (c_first, c_last) = (col("first_name"), col("last_name"));
-
-    // The whole file is read before any row counts: a row that is not what
-    // the header promises refuses the file, never a part of it.
     let records: Vec<_> = reader.records().collect();
-    let line_at = |byte: u64| {
-        let upto = (byte as usize).min(bytes.len());
-        bytes[..upto].iter().filter(|b| **b == b'\n').count() as u64 + 1
-    };
-    let last_line = line_at(bytes.len() as u64) - u64::from(bytes.ends_with(b"\n"));
-    let refuse = |line: u64, why: String| AudienceFile {
-        rows: Vec::new(),
-        problems: vec![Problem::new(
+    let lines = Lines(bytes);
+    let refuse = |line: u64, why: String| {
+        Problem::new(
             format!("{shown}:{line}"),
             format!("{why}; the file is not imported until this is fixed"),
-        )],
-        refused: true,
+        )
     };
-    // A quote opened in the last record and never closed runs to the end
-    // of the file, whatever the count of fields it leaves.
-    if let Some(p) = records
-        .iter()
-        .rev()
-        .find_map(|r| r.as_ref().ok()?.position())
-    {
-        let rest = &bytes[(p.byte() as usize).min(bytes.len())..];
-        if rest.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
-            let line = p.line();
-            let why = match last_line > line {
-                true => format!(
-                    "a quote opened here is never closed; lines {line}–{last_line} would be read as one field"
-                ),
-                false => "a quote opened here is never closed".to_string(),
-            };
-            return refuse(line, why);
-        }
+    if let Some((line, why)) = unclosed_quote(&records, &lines) {
+        return Err(refuse(line, why));
     }
+    let mut out = AudienceFile::default();
     for (i, record) in records.iter().enumerate() {
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                return refuse(line, format!("cannot be read as CSV ({e})"));
-            }
-        };
+        let record = record.as_ref().map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line());
+            refuse(line, format!("cannot be read as CSV ({e})"))
+        })?;
         let line = record.position().map_or(0, |p| p.line());
-        let at = format!("{shown}:{line}");
         if record.iter().all(str::is_empty) {
             continue;
         }
-        if record.len() != headers.len() {
+        if record.len() != columns.names.len() {
             let next = records[i + 1..].iter().find_map(|r| r.as_ref().ok());
-            let end = match next.and_then(|r| r.position()) {
-                Some(p) => line_at(p.byte()) - 1,
-                None => last_line,
-            };
-            let why = if end > line {
-                format!(
-                    "a quoted field runs over lines {line}–{end}, which makes a row of {} fields where the header has {}",
-                    record.len(),
-                    headers.len()
-                )
-            } else {
-                let fields = if record.len() == 1 { "field" } else { "fields" };
-                format!(
-                    "has {} {fields} but the header has {}",
-                    record.len(),
-                    headers.len()
-                )
-            };
-            return refuse(line, why);
+            return Err(refuse(line, misshapen(record, &columns, next, &lines)));
         }
+        match columns.contact(record, line) {
+            Ok(row) => out.rows.push(row),
+            Err(why) => out.problems.push(Problem::new(
+                format!("{shown}:{line}"),
+                format!("{why}; row skipped"),
+            )),
+        }
+    }
+    Ok(out)
+}
+
+/// The file as text (without its BOM), unless it is binary, not UTF-8 or
+/// empty.
+fn text_of<'b>(shown: &str, bytes: &'b [u8]) -> Result<&'b [u8], Problem> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.contains(&0) {
+        return Err(Problem::new(
+            shown,
+            "looks like a binary file, not CSV text",
+        ));
+    }
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let line = Lines(bytes).at(e.valid_up_to() as u64);
+        return Err(Problem::new(
+            format!("{shown}:{line}"),
+            "is not UTF-8 text; save the file as UTF-8",
+        ));
+    }
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Problem::new(
+            shown,
+            "is empty; it needs a header row such as \"username,first_name\"",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Line numbers of the file's bytes.
+struct Lines<'b>(&'b [u8]);
+
+impl Lines<'_> {
+    /// The 1-based line of byte offset `byte`.
+    fn at(&self, byte: u64) -> u64 {
+        let upto = (byte as usize).min(self.0.len());
+        self.0[..upto].iter().filter(|b| **b == b'\n').count() as u64 + 1
+    }
+
+    /// The file's last line with text.
+    fn last(&self) -> u64 {
+        self.at(self.0.len() as u64) - u64::from(self.0.ends_with(b"\n"))
+    }
+}
+
+/// A quote opened in the last record and never closed runs to the end of
+/// the file, whatever the count of fields it leaves: its line and why.
+fn unclosed_quote(
+    records: &[csv::Result<csv::StringRecord>],
+    lines: &Lines,
+) -> Option<(u64, String)> {
+    let p = records
+        .iter()
+        .rev()
+        .find_map(|r| r.as_ref().ok()?.position())?;
+    let rest = &lines.0[(p.byte() as usize).min(lines.0.len())..];
+    if rest.iter().filter(|&&b| b == b'"').count() % 2 == 0 {
+        return None;
+    }
+    let (line, last) = (p.line(), lines.last());
+    let why = match last > line {
+        true => format!(
+            "a quote opened here is never closed; lines {line}–{last} would be read as one field"
+        ),
+        false => "a quote opened here is never closed".to_string(),
+    };
+    Some((line, why))
+}
+
+/// Why a record has another count of fields than the header: a quoted
+/// field over several lines, or simply too few or too many.
+fn misshapen(
+    record: &csv::StringRecord,
+    columns: &Columns,
+    next: Option<&csv::StringRecord>,
+    lines: &Lines,
+) -> String {
+    let line = record.position().map_or(0, |p| p.line());
+    let end = match next.and_then(|r| r.position()) {
+        Some(p) => lines.at(p.byte()) - 1,
+        None => lines.last(),
+    };
+    let (fields, header) = (record.len(), columns.names.len());
+    if end > line {
+        format!(
+            "a quoted field runs over lines {line}–{end}, which makes a row of {fields} fields where the header has {header}"
+        )
+    } else {
+        let noun = if fields == 1 { "field" } else { "fields" };
+        format!("has {fields} {noun} but the header has {header}")
+    }
+}
+
+/// The header row: the columns' names (lowercase) and where the known ones are.
+struct Columns {
+    names: Vec<String>,
+    username: Option<usize>,
+    phone: Option<usize>,
+    user_id: Option<usize>,
+    first_name: Option<usize>,
+    last_name: Option<usize>,
+    timezone: Option<usize>,
+}
+
+impl Columns {
+    fn of(header: &csv::StringRecord) -> Result<Columns, String> {
+        let names: Vec<String> = header.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let col = |name: &str| names.iter().position(|h| h == name);
+        let columns = Columns {
+            username: col("username"),
+            phone: col("phone"),
+            user_id: col("user_id"),
+            first_name: col("first_name"),
+            last_name: col("last_name"),
+            timezone: col(crate::config::TIMEZONE),
+            names: names.clone(),
+        };
+        if columns.username.is_none() && columns.phone.is_none() && columns.user_id.is_none() {
+            return Err(format!(
+                "has no username, phone or user_id column (header: {})",
+                names.join(",")
+            ));
+        }
+        Ok(columns)
+    }
+
+    /// The contact of a row of as many fields as the header, or why the
+    /// row is skipped.
+    fn contact(&self, record: &csv::StringRecord, line: u64) -> Result<ContactRow, String> {
         let get = |c: Option<usize>| {
             c.and_then(|i| record.get(i))
                 .filter(|v| !v.is_empty())
                 .map(str::to_string)
         };
-        let zone = get(col(crate::config::TIMEZONE));
-        if let Some(z) = zone.filter(|z| z.parse::<chrono_tz::Tz>().is_err()) {
-            out.problems.push(Problem::new(
-                at,
-                format!("timezone \"{z}\" is not a known time zone (an IANA name like Europe/Berlin); row skipped"),
+        if let Some(z) = get(self.timezone).filter(|z| z.parse::<chrono_tz::Tz>().is_err()) {
+            return Err(format!(
+                "timezone \"{z}\" is not a known time zone (an IANA name like Europe/Berlin)"
             ));
-            continue;
         }
-        match row(&get, c_user, c_phone, c_id) {
-            Ok((identity, username, phone, user_id)) => {
-                let known = [c_user, c_phone, c_id, c_first, c_last];
-                let fields = headers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !known.contains(&Some(*i)))
-                    .map(|(i, h)| (h.clone(), record.get(i).unwrap_or("").to_string()))
-                    .collect();
-                out.rows.push(ContactRow {
-                    line,
-                    identity,
-                    username,
-                    phone,
-                    user_id,
-                    first_name: get(c_first),
-                    last_name: get(c_last),
-                    fields,
-                });
-            }
-            Err(why) => out
-                .problems
-                .push(Problem::new(at, format!("{why}; row skipped"))),
-        }
+        let (identity, username, phone, user_id) =
+            row(&get, self.username, self.phone, self.user_id)?;
+        let known = [
+            self.username,
+            self.phone,
+            self.user_id,
+            self.first_name,
+            self.last_name,
+        ];
+        let fields = self
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !known.contains(&Some(*i)))
+            .map(|(i, h)| (h.clone(), record.get(i).unwrap_or("").to_string()))
+            .collect();
+        Ok(ContactRow {
+            line,
+            identity,
+            username,
+            phone,
+            user_id,
+            first_name: get(self.first_name),
+            last_name: get(self.last_name),
+            fields,
+        })
     }
-    out
 }
 
 type Ids = (Identity, Option<String>, Option<String>, Option<i64>);
