@@ -510,131 +510,180 @@ pub async fn dialogs(
     Query(filter): Query<DialogFilter>,
 ) -> Page {
     let session = c.require(&headers)?;
-    let host = &c.host;
-    let nonempty = |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(str::to_string);
-    let (campaign, account, status, q) = (
-        nonempty(&filter.campaign),
-        nonempty(&filter.account),
-        nonempty(&filter.status),
-        nonempty(&filter.q).map(|q| q.to_lowercase()),
-    );
-    let page = filter.page.unwrap_or(0);
-    let admits = |d: &DialogSummary| {
-        campaign.as_ref().is_none_or(|c| *c == d.campaign)
-            && account.as_ref().is_none_or(|a| *a == d.account)
-            && status
-                .as_ref()
-                .is_none_or(|s| *s == status_label(&d.status) || *s == d.status.label())
-    };
-    let store = &host.store;
-    // The contacts searched for: one named exactly (a username, a +phone,
-    // a user id) through its identity, else those whose names match.
-    let exact = match q.as_deref().and_then(crate::model::Identity::parse) {
-        Some(identity) => store.contact_by_identity(&identity).map_err(failed)?,
-        None => None,
-    };
-    let searched: Option<Vec<Contact>> = match (exact, &q) {
-        (Some(c), _) => Some(vec![c]),
-        (None, Some(q)) => Some(
-            store
-                .contacts_mentioning(sieve(q))
-                .filter(|c| {
-                    c.as_ref().map_or(true, |c| {
-                        contact_text(c).to_lowercase().contains(q.as_str())
-                    })
-                })
-                .collect::<Result<_, _>>()
-                .map_err(failed)?,
-        ),
-        (None, None) => None,
-    };
-    // The dialogs to page through, newest first, each with its contact
-    // when the search already read it.
-    type Found = Result<(DialogSummary, Option<Contact>), crate::store::StoreError>;
-    let found: Box<dyn Iterator<Item = Found>> = match searched {
+    let chosen = Chosen::of(&filter);
+    let store = &c.host.store;
+    let found = match searched_contacts(store, chosen.q.as_deref()).map_err(failed)? {
         None => Box::new(store.dialog_summaries(true).map(|d| d.map(|d| (d, None)))),
-        Some(contacts) => {
-            let mut hits = Vec::new();
-            for c in contacts {
-                if let Some(id) = store.dialog_of_contact(c.id).map_err(failed)? {
-                    hits.push((id, c));
-                }
-            }
-            hits.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
-            Box::new(hits.into_iter().filter_map(|(id, c)| {
-                store
-                    .dialog(id)
-                    .map(|d| d.map(|d| (DialogSummary::from(&d), Some(c))))
-                    .transpose()
-            }))
-        }
+        Some(contacts) => dialogs_of(store, contacts).map_err(failed)?,
     };
-    let mut shown = Vec::new();
-    let mut skipped = 0;
-    let mut more = false;
-    for found in found {
-        let (d, contact) = found.map_err(failed)?;
-        if !admits(&d) {
-            continue;
-        }
-        if skipped < page * PER_PAGE {
-            skipped += 1;
-            continue;
-        }
-        if shown.len() == PER_PAGE {
-            more = true;
-            break;
-        }
-        let contact = match contact {
-            Some(c) => Some(c),
-            None => store.contact(d.contact).map_err(failed)?,
-        };
-        shown.push((d, contact));
-    }
-    let config = host.config();
-    let options = |values: Vec<String>, chosen: &Option<String>| {
-        let mut out = String::from("<option value=\"\">any</option>");
-        for v in values {
-            let sel = if chosen.as_deref() == Some(v.as_str()) {
-                " selected"
-            } else {
-                ""
-            };
-            let _ = write!(out, "<option{sel}>{}</option>", esc(&v));
-        }
-        out
-    };
-    let mut body = format!(
-        "<form method=\"get\" class=\"filter\">\
-         <label>Campaign <select name=\"campaign\">{}</select></label>\
-         <label>Account <select name=\"account\">{}</select></label>\
-         <label>Status <input name=\"status\" value=\"{}\" placeholder=\"active, handoff, finished:booked…\"></label>\
-         <label>Contact <input name=\"q\" value=\"{}\" placeholder=\"name, username, phone\"></label>\
-         <button>Filter</button></form>",
-        options(config.file.campaigns.iter().map(|c| c.name.clone()).collect(), &campaign),
-        options(config.file.accounts.iter().map(|a| a.name.clone()).collect(), &account),
-        esc(status.as_deref().unwrap_or("")),
-        esc(filter.q.as_deref().unwrap_or("")),
-    );
+    let (shown, more) = chosen.page_of(store, found).map_err(failed)?;
+    let mut body = chosen.form(&c.host.config());
     body.push_str(&dialog_table(&shown));
-    let link = |p: usize| {
-        format!(
-            "/dialogs?campaign={}&account={}&status={}&q={}&page={p}",
-            url(campaign.as_deref().unwrap_or("")),
-            url(account.as_deref().unwrap_or("")),
-            url(status.as_deref().unwrap_or("")),
-            url(filter.q.as_deref().unwrap_or("")),
-        )
-    };
     body.push_str("<p class=\"pages\">");
-    if page > 0 {
-        let _ = write!(body, "<a href=\"{}\">← newer</a> ", link(page - 1));
+    if chosen.page > 0 {
+        let _ = write!(
+            body,
+            "<a href=\"{}\">← newer</a> ",
+            chosen.link(chosen.page - 1)
+        );
     }
     if more {
-        let _ = write!(body, "<a href=\"{}\">older →</a>", link(page + 1));
+        let _ = write!(
+            body,
+            "<a href=\"{}\">older →</a>",
+            chosen.link(chosen.page + 1)
+        );
     }
     body.push_str("</p>");
     Ok(layout("Dialogs", &session, &body))
+}
+
+/// A dialog to list, with its contact when the search already read it.
+type Found = Result<(DialogSummary, Option<Contact>), crate::store::StoreError>;
+
+/// The dialogs page's filter as chosen: empty fields are no filter.
+struct Chosen {
+    campaign: Option<String>,
+    account: Option<String>,
+    status: Option<String>,
+    /// The contact search as typed, and lowercased to match.
+    typed: String,
+    q: Option<String>,
+    page: usize,
+}
+
+impl Chosen {
+    fn of(filter: &DialogFilter) -> Chosen {
+        let nonempty =
+            |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(str::to_string);
+        Chosen {
+            campaign: nonempty(&filter.campaign),
+            account: nonempty(&filter.account),
+            status: nonempty(&filter.status),
+            typed: filter.q.clone().unwrap_or_default(),
+            q: nonempty(&filter.q).map(|q| q.to_lowercase()),
+            page: filter.page.unwrap_or(0),
+        }
+    }
+
+    fn admits(&self, d: &DialogSummary) -> bool {
+        self.campaign.as_ref().is_none_or(|c| *c == d.campaign)
+            && self.account.as_ref().is_none_or(|a| *a == d.account)
+            && self
+                .status
+                .as_ref()
+                .is_none_or(|s| *s == status_label(&d.status) || *s == d.status.label())
+    }
+
+    /// This page's dialogs of `found` (newest first) with their contacts,
+    /// and whether there are more.
+    fn page_of(
+        &self,
+        store: &crate::store::Store,
+        found: Box<dyn Iterator<Item = Found> + '_>,
+    ) -> Result<(Vec<(DialogSummary, Option<Contact>)>, bool), crate::store::StoreError> {
+        let mut shown = Vec::new();
+        let mut skipped = 0;
+        for found in found {
+            let (d, contact) = found?;
+            if !self.admits(&d) {
+                continue;
+            }
+            if skipped < self.page * PER_PAGE {
+                skipped += 1;
+                continue;
+            }
+            if shown.len() == PER_PAGE {
+                return Ok((shown, true));
+            }
+            let contact = match contact {
+                Some(c) => Some(c),
+                None => store.contact(d.contact)?,
+            };
+            shown.push((d, contact));
+        }
+        Ok((shown, false))
+    }
+
+    fn form(&self, config: &crate::config::Config) -> String {
+        let options = |values: Vec<String>, chosen: &Option<String>| {
+            let mut out = String::from("<option value=\"\">any</option>");
+            for v in values {
+                let sel = if chosen.as_deref() == Some(v.as_str()) {
+                    " selected"
+                } else {
+                    ""
+                };
+                let _ = write!(out, "<option{sel}>{}</option>", esc(&v));
+            }
+            out
+        };
+        format!(
+            "<form method=\"get\" class=\"filter\">\
+             <label>Campaign <select name=\"campaign\">{}</select></label>\
+             <label>Account <select name=\"account\">{}</select></label>\
+             <label>Status <input name=\"status\" value=\"{}\" placeholder=\"active, handoff, finished:booked…\"></label>\
+             <label>Contact <input name=\"q\" value=\"{}\" placeholder=\"name, username, phone\"></label>\
+             <button>Filter</button></form>",
+            options(config.file.campaigns.iter().map(|c| c.name.clone()).collect(), &self.campaign),
+            options(config.file.accounts.iter().map(|a| a.name.clone()).collect(), &self.account),
+            esc(self.status.as_deref().unwrap_or("")),
+            esc(&self.typed),
+        )
+    }
+
+    fn link(&self, page: usize) -> String {
+        format!(
+            "/dialogs?campaign={}&account={}&status={}&q={}&page={page}",
+            url(self.campaign.as_deref().unwrap_or("")),
+            url(self.account.as_deref().unwrap_or("")),
+            url(self.status.as_deref().unwrap_or("")),
+            url(&self.typed),
+        )
+    }
+}
+
+/// The contacts searched for (none without a search): one named exactly
+/// (a username, a +phone, a user id) through its identity, else those
+/// whose names match.
+fn searched_contacts(
+    store: &crate::store::Store,
+    q: Option<&str>,
+) -> Result<Option<Vec<Contact>>, crate::store::StoreError> {
+    let Some(q) = q else { return Ok(None) };
+    if let Some(identity) = crate::model::Identity::parse(q) {
+        if let Some(c) = store.contact_by_identity(&identity)? {
+            return Ok(Some(vec![c]));
+        }
+    }
+    store
+        .contacts_mentioning(sieve(q))
+        .filter(|c| {
+            c.as_ref()
+                .map_or(true, |c| contact_text(c).to_lowercase().contains(q))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// The dialogs of `contacts`, newest first.
+fn dialogs_of(
+    store: &crate::store::Store,
+    contacts: Vec<Contact>,
+) -> Result<Box<dyn Iterator<Item = Found> + '_>, crate::store::StoreError> {
+    let mut hits = Vec::new();
+    for c in contacts {
+        if let Some(id) = store.dialog_of_contact(c.id)? {
+            hits.push((id, c));
+        }
+    }
+    hits.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+    Ok(Box::new(hits.into_iter().filter_map(|(id, c)| {
+        store
+            .dialog(id)
+            .map(|d| d.map(|d| (DialogSummary::from(&d), Some(c))))
+            .transpose()
+    })))
 }
 
 fn dialog_table(rows: &[(DialogSummary, Option<crate::model::Contact>)]) -> String {
