@@ -451,30 +451,12 @@ impl AccountSafety {
                 unit: self.inner.rng.unit(),
             },
         );
-        let store = &self.inner.store;
-        let release = outcome.release_slot;
-        let effect = outcome.account.clone();
-        store.update_account(f.account, &|r| {
+        let (release, effect) = (outcome.release_slot, &outcome.account);
+        self.inner.store.update_account(f.account, &|r| {
             if release {
                 decide::release(r, f.key);
             }
-            match &effect {
-                AccountEffect::None => {}
-                AccountEffect::Pause(until) => decide::pause(r, *until),
-                AccountEffect::SpamLimit(until) => decide::spam_limit(r, *until),
-                AccountEffect::Banned => {
-                    if let Ok(s) = r.status.transition(AccountStatus::Blocked {
-                        reason: f.error.to_string(),
-                    }) {
-                        r.status = s;
-                    }
-                }
-                AccountEffect::Unauthorized => {
-                    if let Ok(s) = r.status.transition(AccountStatus::Unauthorized) {
-                        r.status = s;
-                    }
-                }
-            }
+            account_effect(r, effect, f.error);
         })?;
         tracing::warn!(
             account = f.account,
@@ -483,15 +465,23 @@ impl AccountSafety {
             "send failed: {}",
             f.error
         );
-        let alert = |kind, message: String| {
-            let mut a = Alert::new(kind, now, message)
-                .account(f.account)
-                .campaign(f.campaign);
-            if let Some(d) = f.dialog {
-                a = a.dialog(d);
-            }
-            a
-        };
+        self.follow_through(f, &outcome, now)?;
+        if let AccountEffect::SpamLimit(until) = outcome.account {
+            self.spam_limited(f, until, now, &config)?;
+        }
+        Ok(outcome.reaction)
+    }
+
+    /// What a failure's reaction does beyond the account: a contact no
+    /// account can reach goes on the do-not-contact list; a lost account
+    /// blocks its dialogs; a failed dialog raises an alert.
+    fn follow_through(
+        &self,
+        f: &Failure<'_>,
+        outcome: &Outcome,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let store = &self.inner.store;
         match &outcome.reaction {
             Reaction::Unreachable(why) => {
                 if let Some(c) = f.contact {
@@ -513,53 +503,69 @@ impl AccountSafety {
                 } else {
                     AlertKind::AccountUnauthorized
                 };
-                self.inner.alerts.raise(alert(
-                    kind,
-                    format!(
-                        "account {} is out of service ({}); {} dialogs blocked",
-                        f.account,
-                        f.error,
-                        blocked.len()
-                    ),
-                ));
+                let message = format!(
+                    "account {} is out of service ({}); {} dialogs blocked",
+                    f.account,
+                    f.error,
+                    blocked.len()
+                );
+                self.inner
+                    .alerts
+                    .raise(failure_alert(f, kind, now, message));
             }
             Reaction::FailDialog(why) => {
-                self.inner.alerts.raise(alert(
-                    AlertKind::DialogError,
-                    format!("a dialog failed: {why}"),
-                ));
+                let message = format!("a dialog failed: {why}");
+                self.inner
+                    .alerts
+                    .raise(failure_alert(f, AlertKind::DialogError, now, message));
             }
             Reaction::RetryAt(_) | Reaction::Reconcile => {}
         }
-        if let AccountEffect::SpamLimit(until) = outcome.account {
-            self.inner.alerts.raise(alert(
-                AlertKind::AccountSpamLimited,
-                format!(
-                    "account {} may not open dialogs until {} ({})",
-                    f.account,
-                    until.to_rfc3339(),
-                    f.error
-                ),
-            ));
-            for c in config
-                .file
-                .campaigns
-                .iter()
-                .filter(|c| c.accounts.iter().any(|a| a == f.account))
-            {
-                if self.none_can_open(&c.accounts)? {
-                    self.inner.alerts.raise(
-                        Alert::new(
-                            AlertKind::CampaignPaused,
-                            now,
-                            format!("campaign {} paused itself: every account of it is limited for spam", c.name),
-                        )
-                        .campaign(&c.name),
-                    );
-                }
+        Ok(())
+    }
+
+    /// An account limited for spam: an alert, and one for each of its
+    /// campaigns that no account of can open dialogs any more.
+    fn spam_limited(
+        &self,
+        f: &Failure<'_>,
+        until: Timestamp,
+        now: Timestamp,
+        config: &Config,
+    ) -> Result<(), StoreError> {
+        let message = format!(
+            "account {} may not open dialogs until {} ({})",
+            f.account,
+            until.to_rfc3339(),
+            f.error
+        );
+        self.inner.alerts.raise(failure_alert(
+            f,
+            AlertKind::AccountSpamLimited,
+            now,
+            message,
+        ));
+        for c in config
+            .file
+            .campaigns
+            .iter()
+            .filter(|c| c.accounts.iter().any(|a| a == f.account))
+        {
+            if self.none_can_open(&c.accounts)? {
+                self.inner.alerts.raise(
+                    Alert::new(
+                        AlertKind::CampaignPaused,
+                        now,
+                        format!(
+                            "campaign {} paused itself: every account of it is limited for spam",
+                            c.name
+                        ),
+                    )
+                    .campaign(&c.name),
+                );
             }
         }
-        Ok(outcome.reaction)
+        Ok(())
     }
 
     /// The account's session is missing or revoked: nothing is sent from
@@ -638,6 +644,43 @@ fn outgoing(slot: Slot, (contact, text, kind): (Identity, String, MessageKind)) 
 
 /// A message as a send on a slot makes it, for the transports' unit tests,
 /// which send without a host.
+
+/// What a failed send does to its account's record.
+fn account_effect(
+    r: &mut crate::model::AccountRecord,
+    effect: &AccountEffect,
+    error: &crate::transport::SendError,
+) {
+    match effect {
+        AccountEffect::None => {}
+        AccountEffect::Pause(until) => decide::pause(r, *until),
+        AccountEffect::SpamLimit(until) => decide::spam_limit(r, *until),
+        AccountEffect::Banned => {
+            if let Ok(s) = r.status.transition(AccountStatus::Blocked {
+                reason: error.to_string(),
+            }) {
+                r.status = s;
+            }
+        }
+        AccountEffect::Unauthorized => {
+            if let Ok(s) = r.status.transition(AccountStatus::Unauthorized) {
+                r.status = s;
+            }
+        }
+    }
+}
+
+/// An alert about a failed send, naming its account, campaign and dialog.
+fn failure_alert(f: &Failure<'_>, kind: AlertKind, now: Timestamp, message: String) -> Alert {
+    let mut a = Alert::new(kind, now, message)
+        .account(f.account)
+        .campaign(f.campaign);
+    if let Some(d) = f.dialog {
+        a = a.dialog(d);
+    }
+    a
+}
+
 #[cfg(test)]
 pub(crate) fn outgoing_for_tests(
     account: &str,
