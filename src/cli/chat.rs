@@ -25,22 +25,7 @@ pub fn run(config_path: &Path, campaign: &str, variant: Option<&str>) -> Result<
     let Some(camp) = config.campaign(campaign).cloned() else {
         return Err(no_such_campaign(&config, campaign));
     };
-    let variant = match variant {
-        Some(name) if camp.variant(name).is_none() => {
-            let names: Vec<&str> = camp.variants.iter().map(|v| v.name.as_str()).collect();
-            let has = if names.is_empty() {
-                "it declares none".to_string()
-            } else {
-                format!("it has {}", names.join(", "))
-            };
-            return Err(Failure::Input(Problems(vec![Problem::new(
-                "--variant",
-                format!("campaign {campaign} has no variant \"{name}\"; {has}"),
-            )])));
-        }
-        Some(name) => Some(name.to_string()),
-        None => camp.variants.first().map(|v| v.name.clone()),
-    };
+    let variant = chosen_variant(&camp, variant)?;
     let runs = camp.runs_on_declared(variant.as_deref());
     if let Some(name) = &variant {
         eprintln!("[variant {name}: engine {}]", runs.engine);
@@ -54,49 +39,100 @@ pub fn run(config_path: &Path, campaign: &str, variant: Option<&str>) -> Result<
     }
     let _watch = watch(&engines)
         .map_err(|e| Failure::Other(format!("cannot watch the engine files: {e}")))?;
-
-    let template_path = runs.prompt_template.as_ref().map(|t| config.resolve(t));
     let mut ctx = trial_ctx(
         &camp,
         sample_contact(&config, &camp.audiences),
         clock.as_ref(),
     );
     ctx.variant = variant;
+    let chat = Chat {
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::Other(e.to_string()))?,
+        template_path: runs.prompt_template.as_ref().map(|t| config.resolve(t)),
+        engine: runs.engine,
+        engines,
+        clock,
+    };
+    if !chat.say(&mut ctx, Call::Opening) {
+        return Ok(());
+    }
+    let opt_out = OptOut::new(&config.file.compliance.opt_out_patterns);
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| Failure::Other(format!("cannot read stdin: {e}")))?;
+        let go_on = chat.hear(&mut ctx, line.trim(), &opt_out);
+        let _ = std::io::stdout().flush();
+        if !go_on {
+            break;
+        }
+    }
+    Ok(())
+}
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::Other(e.to_string()))?;
-    let say = |ctx: &mut Ctx, call: Call| -> bool {
-        ctx.now = clock.now().as_secs_f64();
-        ctx.prompt_template = template_path
+/// The variant named by `--variant`, or the campaign's first.
+fn chosen_variant(
+    camp: &crate::config::Campaign,
+    variant: Option<&str>,
+) -> Result<Option<String>, Failure> {
+    match variant {
+        Some(name) if camp.variant(name).is_none() => {
+            let names: Vec<&str> = camp.variants.iter().map(|v| v.name.as_str()).collect();
+            let has = if names.is_empty() {
+                "it declares none".to_string()
+            } else {
+                format!("it has {}", names.join(", "))
+            };
+            Err(Failure::Input(Problems(vec![Problem::new(
+                "--variant",
+                format!("campaign {} has no variant \"{name}\"; {has}", camp.name),
+            )])))
+        }
+        Some(name) => Ok(Some(name.to_string())),
+        None => Ok(camp.variants.first().map(|v| v.name.clone())),
+    }
+}
+
+/// A chat's engine and what a call needs besides the ctx.
+struct Chat {
+    rt: tokio::runtime::Runtime,
+    engines: EngineRuntime,
+    engine: String,
+    template_path: Option<std::path::PathBuf>,
+    clock: Arc<SystemClock>,
+}
+
+impl Chat {
+    /// Asks the engine and prints its answer; false when the dialog is over.
+    fn say(&self, ctx: &mut Ctx, call: Call) -> bool {
+        ctx.now = self.clock.now().as_secs_f64();
+        ctx.prompt_template = self
+            .template_path
             .as_ref()
-            .and_then(|p| engines.snapshot().templates.get(p).cloned());
-        match rt.block_on(engines.call(&runs.engine, call.clone(), ctx.clone())) {
+            .and_then(|p| self.engines.snapshot().templates.get(p).cloned());
+        match self
+            .rt
+            .block_on(self.engines.call(&self.engine, call.clone(), ctx.clone()))
+        {
             Ok(reply) => {
                 ctx.state = reply.state;
-                show(ctx, &call, &reply.output, clock.as_ref())
+                show(ctx, &call, &reply.output, self.clock.as_ref())
             }
             Err(e) => {
                 eprintln!("{e}");
                 true
             }
         }
-    };
-
-    if !say(&mut ctx, Call::Opening) {
-        return Ok(());
     }
-    let opt_out = OptOut::new(&config.file.compliance.opt_out_patterns);
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let line = line.map_err(|e| Failure::Other(format!("cannot read stdin: {e}")))?;
-        let text = line.trim();
-        let go_on = match text {
+
+    /// A line the operator typed as the contact, or a command; false when
+    /// the chat is over.
+    fn hear(&self, ctx: &mut Ctx, text: &str, opt_out: &OptOut) -> bool {
+        match text {
             "" => true,
             "/quit" => false,
-            "/followup" => say(&mut ctx, Call::FollowUp),
-            "/dead" => say(&mut ctx, Call::IsDead),
+            "/followup" => self.say(ctx, Call::FollowUp),
+            "/dead" => self.say(ctx, Call::IsDead),
             t if t.starts_with('/') => {
                 println!("[commands: /followup, /dead, /quit]");
                 true
@@ -109,28 +145,18 @@ pub fn run(config_path: &Path, campaign: &str, variant: Option<&str>) -> Result<
                 false
             }
             t => {
-                let at = clock.now().as_secs_f64();
+                let at = self.clock.now().as_secs_f64();
                 Arc::make_mut(&mut ctx.history).push(HistoryEntry {
                     direction: "in".into(),
                     text: t.to_string(),
                     at,
                 });
                 ctx.dialog.last_inbound_at = Some(at);
-                say(
-                    &mut ctx,
-                    Call::Response {
-                        text: t.to_string(),
-                        at,
-                    },
-                )
+                let text = t.to_string();
+                self.say(ctx, Call::Response { text, at })
             }
-        };
-        let _ = std::io::stdout().flush();
-        if !go_on {
-            break;
         }
     }
-    Ok(())
 }
 
 /// Prints what the engine said; false when the dialog is over.
