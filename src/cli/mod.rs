@@ -295,10 +295,6 @@ fn login(
     password_env: Option<&str>,
     import: Option<SessionSource>,
 ) -> Result<(), Failure> {
-    use crate::telegram::login::{self as tg_login, GrammersAuth, LoginError, Terminal};
-    use crate::telegram::session::{SessionRecord, StoredSession};
-    use crate::telegram::string_session;
-
     let config = Config::load(config_path)?;
     let Some(acc) = config.file.accounts.iter().find(|a| a.name == account) else {
         return Err(input(
@@ -306,63 +302,108 @@ fn login(
             format!("there is no account named {account} in {}", config.shown()),
         ));
     };
-    if let Some(source) = import {
-        let on_command_line = matches!(source, SessionSource::Argument(_));
-        let text = source.read()?;
-        let imported = string_session::parse(&text).map_err(|e| input("--import-session", e))?;
-        let store = Store::open(&config.data_dir())?;
-        StoredSession::replace(&store, account, &SessionRecord::imported(&imported))?;
-        crate::telegram::logged_in(&store, account)?;
-        let server = imported
-            .server
-            .map_or("its datacenter's address".to_string(), |s| s.to_string());
-        println!(
-            "account {account}: stored the {} session (DC {}, {server})",
-            imported.format, imported.dc_id
-        );
-        if on_command_line {
-            tracing::warn!(
-                "a session string on the command line shows in `ps` and in shell history; \
-                 pipe it in with `--import-session -`, or use --import-session-file or --import-session-env"
-            );
-        }
-        return Ok(());
+    match import {
+        Some(source) => import_session(&config, account, source),
+        None => login_by_phone(&config, acc, code, password_env),
     }
+}
+
+/// Stores a Telethon or Pyrogram string session for `account`.
+fn import_session(config: &Config, account: &str, source: SessionSource) -> Result<(), Failure> {
+    use crate::telegram::session::{SessionRecord, StoredSession};
+    let on_command_line = matches!(source, SessionSource::Argument(_));
+    let text = source.read()?;
+    let imported =
+        crate::telegram::string_session::parse(&text).map_err(|e| input("--import-session", e))?;
     let store = Store::open(&config.data_dir())?;
-    let Some(telegram) = &config.file.telegram else {
-        return Err(input(
-            "telegram",
-            "logging in needs a [telegram] section with api_id and api_hash_env",
-        ));
-    };
-    let Some(phone) = &acc.phone else {
-        return Err(input(
-            &format!("accounts.{account}.phone"),
-            "is required to log in; add the account's phone number (or use --import-session)",
-        ));
-    };
-    let api_hash = std::env::var(&telegram.api_hash_env).map_err(|_| {
-        input(
-            "telegram.api_hash_env",
-            format!(
-                "the environment variable {} is not set; export the api_hash from my.telegram.org in it",
-                telegram.api_hash_env
-            ),
-        )
-    })?;
-    let password = match password_env {
-        Some(var) => Some(std::env::var(var).map_err(|_| {
+    StoredSession::replace(&store, account, &SessionRecord::imported(&imported))?;
+    crate::telegram::logged_in(&store, account)?;
+    let server = imported
+        .server
+        .map_or("its datacenter's address".to_string(), |s| s.to_string());
+    println!(
+        "account {account}: stored the {} session (DC {}, {server})",
+        imported.format, imported.dc_id
+    );
+    if on_command_line {
+        tracing::warn!(
+            "a session string on the command line shows in `ps` and in shell history; \
+             pipe it in with `--import-session -`, or use --import-session-file or --import-session-env"
+        );
+    }
+    Ok(())
+}
+
+/// What a login with the account's phone needs from the config and the
+/// environment: the API id and hash, the phone, the 2FA password if given.
+struct PhoneLogin<'a> {
+    api_id: i32,
+    api_hash: String,
+    phone: &'a str,
+    password: Option<String>,
+}
+
+impl<'a> PhoneLogin<'a> {
+    fn of(
+        config: &Config,
+        acc: &'a crate::config::Account,
+        password_env: Option<&str>,
+    ) -> Result<PhoneLogin<'a>, Failure> {
+        let Some(telegram) = &config.file.telegram else {
+            return Err(input(
+                "telegram",
+                "logging in needs a [telegram] section with api_id and api_hash_env",
+            ));
+        };
+        let Some(phone) = &acc.phone else {
+            return Err(input(
+                &format!("accounts.{}.phone", acc.name),
+                "is required to log in; add the account's phone number (or use --import-session)",
+            ));
+        };
+        let api_hash = std::env::var(&telegram.api_hash_env).map_err(|_| {
             input(
-                "--password-env",
-                format!("the environment variable {var} is not set"),
+                "telegram.api_hash_env",
+                format!(
+                    "the environment variable {} is not set; export the api_hash from my.telegram.org in it",
+                    telegram.api_hash_env
+                ),
             )
-        })?),
-        None => None,
-    };
-    let api_id = i32::try_from(telegram.api_id)
-        .map_err(|_| input("telegram.api_id", "is too large for Telegram"))?;
-    // The login runs on a scratch session: a failed login leaves the
-    // account's current session as it was.
+        })?;
+        let password = match password_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                input(
+                    "--password-env",
+                    format!("the environment variable {var} is not set"),
+                )
+            })?),
+            None => None,
+        };
+        let api_id = i32::try_from(telegram.api_id)
+            .map_err(|_| input("telegram.api_id", "is too large for Telegram"))?;
+        Ok(PhoneLogin {
+            api_id,
+            api_hash,
+            phone,
+            password,
+        })
+    }
+}
+
+/// Logs the account in with its phone: code, then 2FA password. The login
+/// runs on a scratch session, so a failed login leaves the account's
+/// current session as it was.
+fn login_by_phone(
+    config: &Config,
+    acc: &crate::config::Account,
+    code: Option<String>,
+    password_env: Option<&str>,
+) -> Result<(), Failure> {
+    use crate::telegram::login::{self as tg_login, GrammersAuth, LoginError, Terminal};
+    use crate::telegram::session::{SessionRecord, StoredSession};
+    let account = acc.name.as_str();
+    let store = Store::open(&config.data_dir())?;
+    let needs = PhoneLogin::of(config, acc, password_env)?;
     let scratch = format!("{account}\u{1}login");
     StoredSession::replace(&store, &scratch, &SessionRecord::default())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -371,11 +412,14 @@ fn login(
         .map_err(|e| Failure::Other(format!("cannot start the runtime: {e}")))?;
     let result = rt.block_on(async {
         let (client, _updates, session) =
-            crate::telegram::grammers_client(&store, &scratch, api_id, acc.proxy.clone())
+            crate::telegram::grammers_client(&store, &scratch, needs.api_id, acc.proxy.clone())
                 .map_err(|e| LoginError::Other(e.to_string()))?;
-        let mut auth = GrammersAuth::new(client.clone(), api_hash);
-        let mut prompt = Terminal { code, password };
-        let me = tg_login::login(&mut auth, &mut prompt, phone).await;
+        let mut auth = GrammersAuth::new(client.clone(), needs.api_hash);
+        let mut prompt = Terminal {
+            code,
+            password: needs.password,
+        };
+        let me = tg_login::login(&mut auth, &mut prompt, needs.phone).await;
         client.disconnect();
         me.map(|me| (me, session.record()))
     });
