@@ -603,7 +603,7 @@ fn validate(snapshot: &Arc<Snapshot>, spec: &VmSpec) -> (ModuleErrors, EngineErr
 }
 
 fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let (tx, rx) = mpsc::unbounded_channel::<Job>();
     let busy = Arc::new(AtomicUsize::new(0));
     let alive_at = Arc::new(AtomicU64::new(since_start()));
     let ticking = alive_at.clone();
@@ -626,70 +626,7 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
                     tokio::time::sleep(TICK).await;
                 }
             });
-            local.block_on(&rt, async move {
-                // One VM per engine: no engine can change what another
-                // engine's code sees (the string metatable, globals, modules).
-                let mut vms: HashMap<String, Rc<Vm>> = HashMap::new();
-                let mut generation = None;
-                while let Some(job) = rx.recv().await {
-                    let snap = shared
-                        .snapshot
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone();
-                    if generation != Some(snap.generation) {
-                        vms.clear();
-                        generation = Some(snap.generation);
-                    }
-                    let mut vm_for = |engine: &str| -> Result<Rc<Vm>, EngineError> {
-                        if let Some(vm) = vms.get(engine) {
-                            return Ok(vm.clone());
-                        }
-                        let spec = &shared.spec;
-                        let vm = Vm::new(
-                            snap.clone(),
-                            spec.budgets,
-                            &spec.host,
-                            spec.seed.wrapping_add(index as u64),
-                        )
-                        .map_err(|message| EngineError::Load {
-                            engine: engine.to_string(),
-                            message,
-                        })?;
-                        let vm = Rc::new(vm);
-                        vms.insert(engine.to_string(), vm.clone());
-                        Ok(vm)
-                    };
-                    match job {
-                        // The ctxs are dropped before the answer goes back,
-                        // so the caller holds the only handle on what they
-                        // shared (a dialog's history) and can extend it in
-                        // place.
-                        Job::One(task, reply) => {
-                            let vm = vm_for(&task.engine);
-                            tokio::task::spawn_local(async move {
-                                let Task { engine, call, ctx } = *task;
-                                let out = match vm {
-                                    Ok(vm) => vm.call(&engine, &call, ctx).await,
-                                    Err(e) => Err(e),
-                                };
-                                let _ = reply.send(out);
-                            });
-                        }
-                        Job::Many(tasks, reply) => {
-                            let calls: Vec<_> =
-                                tasks.into_iter().map(|t| (vm_for(&t.engine), t)).collect();
-                            tokio::task::spawn_local(async move {
-                                let calls = calls.into_iter().map(|(vm, t)| async move {
-                                    vm?.call(&t.engine, &t.call, t.ctx).await
-                                });
-                                let out = crate::concurrent::run_all(calls).await;
-                                let _ = reply.send(out);
-                            });
-                        }
-                    }
-                }
-            });
+            local.block_on(&rt, serve(index, shared, rx));
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start engine worker {index}: {e}");
@@ -699,6 +636,94 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> Worker {
         busy,
         alive_at,
         lost: CancellationToken::new(),
+    }
+}
+
+/// A worker's VMs: one per engine, so that no engine can change what
+/// another engine's code sees (the string metatable, globals, modules),
+/// all made anew when the snapshot changes.
+struct Vms {
+    index: usize,
+    shared: Arc<Shared>,
+    by_engine: HashMap<String, Rc<Vm>>,
+    generation: Option<u64>,
+}
+
+impl Vms {
+    /// Forgets every VM if the snapshot changed since they were made.
+    fn on(&mut self, snap: &Arc<Snapshot>) {
+        if self.generation != Some(snap.generation) {
+            self.by_engine.clear();
+            self.generation = Some(snap.generation);
+        }
+    }
+
+    fn vm(&mut self, engine: &str, snap: &Arc<Snapshot>) -> Result<Rc<Vm>, EngineError> {
+        if let Some(vm) = self.by_engine.get(engine) {
+            return Ok(vm.clone());
+        }
+        let spec = &self.shared.spec;
+        let vm = Vm::new(
+            snap.clone(),
+            spec.budgets,
+            &spec.host,
+            spec.seed.wrapping_add(self.index as u64),
+        )
+        .map_err(|message| EngineError::Load {
+            engine: engine.to_string(),
+            message,
+        })?;
+        let vm = Rc::new(vm);
+        self.by_engine.insert(engine.to_string(), vm.clone());
+        Ok(vm)
+    }
+}
+
+/// A worker's loop: each job's calls run as local tasks on their engines'
+/// VMs, until the job channel closes.
+async fn serve(index: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut vms = Vms {
+        index,
+        shared: shared.clone(),
+        by_engine: HashMap::new(),
+        generation: None,
+    };
+    while let Some(job) = rx.recv().await {
+        let snap = shared
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        vms.on(&snap);
+        match job {
+            // The ctxs are dropped before the answer goes back, so the
+            // caller holds the only handle on what they shared (a dialog's
+            // history) and can extend it in place.
+            Job::One(task, reply) => {
+                let vm = vms.vm(&task.engine, &snap);
+                tokio::task::spawn_local(async move {
+                    let Task { engine, call, ctx } = *task;
+                    let out = match vm {
+                        Ok(vm) => vm.call(&engine, &call, ctx).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(out);
+                });
+            }
+            Job::Many(tasks, reply) => {
+                let calls: Vec<_> = tasks
+                    .into_iter()
+                    .map(|t| (vms.vm(&t.engine, &snap), t))
+                    .collect();
+                tokio::task::spawn_local(async move {
+                    let calls = calls
+                        .into_iter()
+                        .map(|(vm, t)| async move { vm?.call(&t.engine, &t.call, t.ctx).await });
+                    let out = crate::concurrent::run_all(calls).await;
+                    let _ = reply.send(out);
+                });
+            }
+        }
     }
 }
 

@@ -93,6 +93,86 @@ impl World {
     fn saw(&mut self, at: Timestamp) {
         self.last_time = Some(self.last_time.map_or(at, |t| t.max(at)));
     }
+
+    /// Replays one entry of the world's journal; `ids` collects the
+    /// transport id and time of each sent message by its key.
+    fn replay(&mut self, entry: Journal, ids: &mut HashMap<u64, (i64, Timestamp)>) {
+        match entry {
+            Journal::Sent {
+                key,
+                id,
+                at,
+                contact,
+                text,
+            } => {
+                ids.insert(key, (id, at));
+                self.next_id = self.next_id.max(id);
+                self.saw(at);
+                self.history_of(&contact).push(HistoryEntry {
+                    direction: "in".into(),
+                    text,
+                    at: at.as_secs_f64(),
+                });
+            }
+            Journal::Pending(p) => {
+                self.next_id = self.next_id.max(p.id);
+                self.pending.insert((p.due, p.id), p);
+            }
+            Journal::Received { id } => {
+                if let Some(k) = self.pending.keys().find(|(_, i)| *i == id).copied() {
+                    let p = self.pending.remove(&k).expect("found above");
+                    self.saw(k.0);
+                    self.history_of(&p.contact).push(HistoryEntry {
+                        direction: "out".into(),
+                        text: p.text,
+                        at: k.0.as_secs_f64(),
+                    });
+                }
+            }
+            Journal::Ban { account } => {
+                self.banned.insert(account);
+            }
+            Journal::FloodWait { account, until } => {
+                self.flood_until.insert(account, until);
+            }
+            Journal::Restricted { contact, value } => {
+                self.restricted.insert(contact, value);
+            }
+            Journal::State { contact, state } => {
+                self.persona_state.insert(contact, state);
+            }
+            Journal::Start => self.restarts += 1,
+        }
+    }
+
+    /// Notes a line of the wire log: an outgoing message on it was
+    /// delivered, with the id and time the journal gave it if it has them.
+    fn delivered_on_wire(&mut self, v: &serde_json::Value, ids: &HashMap<u64, (i64, Timestamp)>) {
+        if let Some(at) = v["at"].as_f64() {
+            self.saw(Timestamp::from_secs_f64(at));
+        }
+        if v["direction"] != "out" {
+            return;
+        }
+        let Some(key) = v["key"]
+            .as_str()
+            .and_then(|k| u64::from_str_radix(k, 16).ok())
+        else {
+            return;
+        };
+        let at = Timestamp::from_secs_f64(v["at"].as_f64().unwrap_or(0.0));
+        let (id, at) = match ids.get(&key) {
+            Some(found) => *found,
+            None => (self.next_id(), at),
+        };
+        self.delivered.insert(
+            key,
+            Delivered {
+                transport_id: id,
+                at,
+            },
+        );
+    }
 }
 
 /// The world's files. Every line goes to the OS at once (no user-space
@@ -135,89 +215,13 @@ pub fn open(dir: &Path) -> Result<(Files, World), String> {
     let journal_path = dir.join("world.jsonl");
     let mut world = World::default();
     let mut ids: HashMap<u64, (i64, Timestamp)> = HashMap::new();
-    if let Ok(f) = File::open(&journal_path) {
-        for line in BufReader::new(f).lines().map_while(Result::ok) {
-            // A line cut short by a kill is skipped.
-            let Ok(entry) = serde_json::from_str::<Journal>(&line) else {
-                continue;
-            };
-            match entry {
-                Journal::Sent {
-                    key,
-                    id,
-                    at,
-                    contact,
-                    text,
-                } => {
-                    ids.insert(key, (id, at));
-                    world.next_id = world.next_id.max(id);
-                    world.saw(at);
-                    world.history_of(&contact).push(HistoryEntry {
-                        direction: "in".into(),
-                        text,
-                        at: at.as_secs_f64(),
-                    });
-                }
-                Journal::Pending(p) => {
-                    world.next_id = world.next_id.max(p.id);
-                    world.pending.insert((p.due, p.id), p);
-                }
-                Journal::Received { id } => {
-                    if let Some(k) = world.pending.keys().find(|(_, i)| *i == id).copied() {
-                        let p = world.pending.remove(&k).expect("found above");
-                        world.saw(k.0);
-                        world.history_of(&p.contact).push(HistoryEntry {
-                            direction: "out".into(),
-                            text: p.text,
-                            at: k.0.as_secs_f64(),
-                        });
-                    }
-                }
-                Journal::Ban { account } => {
-                    world.banned.insert(account);
-                }
-                Journal::FloodWait { account, until } => {
-                    world.flood_until.insert(account, until);
-                }
-                Journal::Restricted { contact, value } => {
-                    world.restricted.insert(contact, value);
-                }
-                Journal::State { contact, state } => {
-                    world.persona_state.insert(contact, state);
-                }
-                Journal::Start => world.restarts += 1,
-            }
-        }
+    // A line cut short by a kill is skipped.
+    for entry in json_lines::<Journal>(&journal_path) {
+        world.replay(entry, &mut ids);
     }
     // The wire log is the truth of what was delivered.
-    if let Ok(f) = File::open(&wire_path) {
-        for line in BufReader::new(f).lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(at) = v["at"].as_f64() {
-                world.saw(Timestamp::from_secs_f64(at));
-            }
-            if v["direction"] == "out" {
-                if let Some(key) = v["key"]
-                    .as_str()
-                    .and_then(|k| u64::from_str_radix(k, 16).ok())
-                {
-                    let at = Timestamp::from_secs_f64(v["at"].as_f64().unwrap_or(0.0));
-                    let (id, at) = match ids.get(&key) {
-                        Some(found) => *found,
-                        None => (world.next_id(), at),
-                    };
-                    world.delivered.insert(
-                        key,
-                        Delivered {
-                            transport_id: id,
-                            at,
-                        },
-                    );
-                }
-            }
-        }
+    for line in json_lines::<serde_json::Value>(&wire_path) {
+        world.delivered_on_wire(&line, &ids);
     }
     let open = |p: &Path| {
         OpenOptions::new()
@@ -232,4 +236,12 @@ pub fn open(dir: &Path) -> Result<(Files, World), String> {
     };
     files.journal(&Journal::Start);
     Ok((files, world))
+}
+
+/// The lines of a JSON-lines file that parse as `T` (none if it is not there).
+fn json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> impl Iterator<Item = T> {
+    File::open(path)
+        .into_iter()
+        .flat_map(|f| BufReader::new(f).lines().map_while(Result::ok))
+        .filter_map(|line| serde_json::from_str(&line).ok())
 }
