@@ -361,6 +361,15 @@ async fn an_operator_runs_the_campaign_from_the_console() {
         "{csv}"
     );
     assert_eq!(csv.lines().count(), listed.lines().count());
+    // `--since` counts back from the simulated clock the host ran on, not
+    // from today's date.
+    let all = text(&colloquy(d, &["export", "--what", "messages"]));
+    let recent = text(&colloquy(
+        d,
+        &["export", "--what", "messages", "--since", "30d"],
+    ));
+    assert!(all.lines().count() > 1, "{all}");
+    assert_eq!(recent.lines().count(), all.lines().count(), "{recent}");
 }
 
 async fn b_url(b: &browser::Browser) -> String {

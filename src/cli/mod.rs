@@ -890,7 +890,13 @@ fn export(
     if let Some(c) = campaign.as_deref().filter(|c| config.campaign(c).is_none()) {
         return Err(no_such_campaign(&config, c));
     }
-    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    // `--since 7d` counts back from the clock the host runs on.
+    let now = match config.file.transport.kind {
+        crate::config::TransportKind::Sim => crate::sim::clock_reading(&config),
+        crate::config::TransportKind::Telegram => {
+            crate::clock::Clock::now(&crate::clock::SystemClock)
+        }
+    };
     let since = since
         .map(|s| crate::export::parse_since(s, now))
         .transpose()

@@ -32,6 +32,15 @@ use world::{Journal, Pending, World};
 /// Where a new simulated world's clock starts: Monday 2026-01-05 08:00 UTC.
 pub const WORLD_START: Timestamp = Timestamp(1_767_600_000_000);
 
+/// What the simulated clock reads for a command run beside the host (the
+/// `1h` of `export --since 1h`): where the world's wire log left off, or
+/// where a new world starts.
+pub fn clock_reading(config: &Config) -> Timestamp {
+    let first = config.file.sim.start.map_or(WORLD_START, |m| m.0);
+    let seen = world::last_seen(&config.data_dir().join("sim"));
+    seen.map_or(first, |t| t.max(first))
+}
+
 /// The simulated transport. Cheap to clone.
 #[derive(Clone)]
 pub struct SimTransport {

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -208,6 +208,22 @@ fn append(file: &Mutex<File>, text: &str) {
     }
 }
 
+/// The time of the newest line of the wire log under `dir`, read from its
+/// last 64 KiB without opening the world; none for a world not made yet.
+pub fn last_seen(dir: &Path) -> Option<Timestamp> {
+    let mut f = File::open(dir.join("wire.jsonl")).ok()?;
+    let from = f.metadata().ok()?.len().saturating_sub(64 << 10);
+    f.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    tail.split(|b| *b == b'\n')
+        // The first line of a tail may be cut.
+        .skip(usize::from(from > 0))
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok()?["at"].as_f64())
+        .map(Timestamp::from_secs_f64)
+        .max()
+}
+
 /// Opens the world's files under `dir` and rebuilds the world from them.
 pub fn open(dir: &Path) -> Result<(Files, World), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -244,4 +260,30 @@ fn json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> impl Iterator<Item
         .into_iter()
         .flat_map(|f| BufReader::new(f).lines().map_while(Result::ok))
         .filter_map(|line| serde_json::from_str(&line).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_seen_reads_the_newest_time_of_the_wire_log() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_seen(dir.path()), None);
+        let mut wire = String::new();
+        // Past 64 KiB, so that only a tail is read and its first line is cut.
+        for i in 0..2_000u32 {
+            let at = 1_767_600_000.0 + f64::from(i) * 1.5;
+            wire.push_str(&format!(
+                "{{\"at\":{at},\"direction\":\"out\",\"text\":\"a line of some length to fill the log\"}}\n"
+            ));
+        }
+        wire.push_str("{\"at\":17676"); // cut short by a kill
+        std::fs::write(dir.path().join("wire.jsonl"), &wire).unwrap();
+        assert!(wire.len() > 64 << 10);
+        assert_eq!(
+            last_seen(dir.path()),
+            Some(Timestamp::from_secs_f64(1_767_600_000.0 + 1_999.0 * 1.5))
+        );
+    }
 }
