@@ -539,7 +539,8 @@ pub async fn dialogs(
 }
 
 /// A dialog to list, with its contact when the search already read it.
-type Found = Result<(DialogSummary, Option<Contact>), crate::store::StoreError>;
+type Listed = (DialogSummary, Option<Contact>);
+type Found = Result<Listed, crate::store::StoreError>;
 
 /// The dialogs page's filter as chosen: empty fields are no filter.
 struct Chosen {
@@ -581,7 +582,7 @@ impl Chosen {
         &self,
         store: &crate::store::Store,
         found: Box<dyn Iterator<Item = Found> + '_>,
-    ) -> Result<(Vec<(DialogSummary, Option<Contact>)>, bool), crate::store::StoreError> {
+    ) -> Result<(Vec<Listed>, bool), crate::store::StoreError> {
         let mut shown = Vec::new();
         let mut skipped = 0;
         for found in found {
@@ -686,7 +687,7 @@ fn dialogs_of(
     })))
 }
 
-fn dialog_table(rows: &[(DialogSummary, Option<crate::model::Contact>)]) -> String {
+fn dialog_table(rows: &[Listed]) -> String {
     if rows.is_empty() {
         return "<p>No dialogs match.</p>".into();
     }

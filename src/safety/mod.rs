@@ -642,9 +642,6 @@ fn outgoing(slot: Slot, (contact, text, kind): (Identity, String, MessageKind)) 
     }
 }
 
-/// A message as a send on a slot makes it, for the transports' unit tests,
-/// which send without a host.
-
 /// What a failed send does to its account's record.
 fn account_effect(
     r: &mut crate::model::AccountRecord,
@@ -681,6 +678,8 @@ fn failure_alert(f: &Failure<'_>, kind: AlertKind, now: Timestamp, message: Stri
     a
 }
 
+/// A message as a send on a slot makes it, for the transports' unit tests,
+/// which send without a host.
 #[cfg(test)]
 pub(crate) fn outgoing_for_tests(
     account: &str,
