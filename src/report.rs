@@ -36,13 +36,13 @@ pub fn status(
 
 /// What `status` shows, gathered once for its text and its JSON.
 struct StatusReport<'a> {
-    campaigns: Vec<CampaignStatus<'a>>,
-    accounts: Vec<AccountStatus<'a>>,
+    campaigns: Vec<CampaignReport<'a>>,
+    accounts: Vec<AccountReport<'a>>,
     /// Dialogs by status and the do-not-contact count; none without a store.
     counts: Option<(Vec<(&'static str, usize)>, usize)>,
 }
 
-struct CampaignStatus<'a> {
+struct CampaignReport<'a> {
     campaign: &'a crate::config::Campaign,
     paused_itself: Option<crate::host::pause::Paused>,
     engine_error: Option<String>,
@@ -51,13 +51,13 @@ struct CampaignStatus<'a> {
     variants: Vec<VariantReport>,
 }
 
-struct AccountStatus<'a> {
+struct AccountReport<'a> {
     name: &'a str,
     record: Option<crate::model::AccountRecord>,
     connection: Option<&'static str>,
 }
 
-impl AccountStatus<'_> {
+impl AccountReport<'_> {
     fn label(&self) -> &'static str {
         self.record.as_ref().map_or("active", |r| r.status.label())
     }
@@ -95,7 +95,7 @@ impl<'a> StatusReport<'a> {
                 _ => None,
             };
             let counted = funnels.iter().find(|f| f.campaign == c.name);
-            campaigns.push(CampaignStatus {
+            campaigns.push(CampaignReport {
                 campaign: c,
                 paused_itself,
                 engine_error: live
@@ -109,7 +109,7 @@ impl<'a> StatusReport<'a> {
         }
         let mut accounts = Vec::new();
         for a in &config.file.accounts {
-            accounts.push(AccountStatus {
+            accounts.push(AccountReport {
                 name: &a.name,
                 record: store.map(|s| s.account(&a.name)).transpose()?,
                 connection: live
@@ -205,7 +205,7 @@ impl<'a> StatusReport<'a> {
 
 /// A campaign's lines of `status`: what it is, why it opens nothing, its
 /// funnel and its variants.
-fn campaign_text(out: &mut String, s: &CampaignStatus) {
+fn campaign_text(out: &mut String, s: &CampaignReport) {
     let c = s.campaign;
     let why = s
         .paused_itself
