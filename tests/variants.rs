@@ -124,9 +124,12 @@ fn shares(openings: &[String]) -> Vec<f64> {
 async fn the_bandit_moves_new_dialogs_to_the_variant_contacts_answer() {
     let (openings, reports) = run("bandit", 1500, 3).await;
     assert_eq!(openings.len(), 1500, "every contact opened");
-    let first = shares(&openings[..300]);
+    // The first 150 openings go out before most replies are in: how many
+    // come back by the 300th depends on how the engine threads are
+    // scheduled (on a loaded machine the bandit had learned by then).
+    let first = shares(&openings[..150]);
     let last = shares(&openings[1200..]);
-    println!("shares of the first 300 openings {first:.2?}, of the last 300 {last:.2?}");
+    println!("shares of the first 150 openings {first:.2?}, of the last 300 {last:.2?}");
     for (i, chunk) in openings.chunks(150).enumerate() {
         println!(
             "openings {:>4}..{:>4}: {:.2?}",
