@@ -225,22 +225,22 @@ impl Columns {
     fn of(header: &csv::StringRecord) -> Result<Columns, String> {
         let names: Vec<String> = header.iter().map(|s| s.to_ascii_lowercase()).collect();
         let col = |name: &str| names.iter().position(|h| h == name);
-        let columns = Columns {
-            username: col("username"),
-            phone: col("phone"),
-            user_id: col("user_id"),
-            first_name: col("first_name"),
-            last_name: col("last_name"),
-            timezone: col(crate::config::TIMEZONE),
-            names: names.clone(),
-        };
-        if columns.username.is_none() && columns.phone.is_none() && columns.user_id.is_none() {
+        let (username, phone, user_id) = (col("username"), col("phone"), col("user_id"));
+        if username.is_none() && phone.is_none() && user_id.is_none() {
             return Err(format!(
                 "has no username, phone or user_id column (header: {})",
                 names.join(",")
             ));
         }
-        Ok(columns)
+        Ok(Columns {
+            username,
+            phone,
+            user_id,
+            first_name: col("first_name"),
+            last_name: col("last_name"),
+            timezone: col(crate::config::TIMEZONE),
+            names,
+        })
     }
 
     /// The contact of a row of as many fields as the header, or why the
@@ -256,8 +256,7 @@ impl Columns {
                 "timezone \"{z}\" is not a known time zone (an IANA name like Europe/Berlin)"
             ));
         }
-        let (identity, username, phone, user_id) =
-            row(&get, self.username, self.phone, self.user_id)?;
+        let (identity, username, phone, user_id) = self.ids(&get)?;
         let known = [
             self.username,
             self.phone,
@@ -283,38 +282,35 @@ impl Columns {
             fields,
         })
     }
+
+    /// A row's identity (its username, else its phone, else its user id)
+    /// and each of the three, normalized; or why the row has none.
+    fn ids(&self, get: &dyn Fn(Option<usize>) -> Option<String>) -> Result<Ids, String> {
+        let username = get(self.username)
+            .map(|u| Identity::normalize_username(&u))
+            .transpose()?;
+        let phone = get(self.phone)
+            .map(|p| Identity::normalize_phone(&p))
+            .transpose()?;
+        let user_id = get(self.user_id)
+            .map(|v| {
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|id| *id > 0)
+                    .ok_or_else(|| format!("user_id \"{v}\" is not a positive number"))
+            })
+            .transpose()?;
+        let identity = match (&username, &phone, user_id) {
+            (Some(u), _, _) => Identity::Username(u.clone()),
+            (None, Some(p), _) => Identity::Phone(p.clone()),
+            (None, None, Some(id)) => Identity::UserId(id),
+            (None, None, None) => return Err("has no username, phone or user_id".into()),
+        };
+        Ok((identity, username, phone, user_id))
+    }
 }
 
 type Ids = (Identity, Option<String>, Option<String>, Option<i64>);
-
-fn row(
-    get: &dyn Fn(Option<usize>) -> Option<String>,
-    c_user: Option<usize>,
-    c_phone: Option<usize>,
-    c_id: Option<usize>,
-) -> Result<Ids, String> {
-    let username = get(c_user)
-        .map(|u| Identity::normalize_username(&u))
-        .transpose()?;
-    let phone = get(c_phone)
-        .map(|p| Identity::normalize_phone(&p))
-        .transpose()?;
-    let user_id = get(c_id)
-        .map(|v| {
-            v.parse::<i64>()
-                .ok()
-                .filter(|id| *id > 0)
-                .ok_or_else(|| format!("user_id \"{v}\" is not a positive number"))
-        })
-        .transpose()?;
-    let identity = match (&username, &phone, user_id) {
-        (Some(u), _, _) => Identity::Username(u.clone()),
-        (None, Some(p), _) => Identity::Phone(p.clone()),
-        (None, None, Some(id)) => Identity::UserId(id),
-        (None, None, None) => return Err("has no username, phone or user_id".into()),
-    };
-    Ok((identity, username, phone, user_id))
-}
 
 #[cfg(test)]
 mod tests {

@@ -274,16 +274,22 @@ impl SessionSource {
                     format!("cannot read {}: {e}", path.display()),
                 )
             })?,
-            SessionSource::Env(var) => std::env::var(&var).map_err(|_| {
-                input(
-                    "--import-session-env",
-                    format!("the environment variable {var} is not set"),
-                )
-            })?,
+            SessionSource::Env(var) => env_var("--import-session-env", &var, "")?,
             SessionSource::Argument(text) => text,
         };
         Ok(text.trim().to_string())
     }
+}
+
+/// The value of the environment variable `var`, named by `key`; unset is
+/// bad input, its sentence ending with `hint`.
+fn env_var(key: &str, var: &str, hint: &str) -> Result<String, Failure> {
+    std::env::var(var).map_err(|_| {
+        input(
+            key,
+            format!("the environment variable {var} is not set{hint}"),
+        )
+    })
 }
 
 /// `colloquy login`: stores a session for the account, from a login with
@@ -361,24 +367,14 @@ impl<'a> PhoneLogin<'a> {
                 "is required to log in; add the account's phone number (or use --import-session)",
             ));
         };
-        let api_hash = std::env::var(&telegram.api_hash_env).map_err(|_| {
-            input(
-                "telegram.api_hash_env",
-                format!(
-                    "the environment variable {} is not set; export the api_hash from my.telegram.org in it",
-                    telegram.api_hash_env
-                ),
-            )
-        })?;
-        let password = match password_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                input(
-                    "--password-env",
-                    format!("the environment variable {var} is not set"),
-                )
-            })?),
-            None => None,
-        };
+        let api_hash = env_var(
+            "telegram.api_hash_env",
+            &telegram.api_hash_env,
+            "; export the api_hash from my.telegram.org in it",
+        )?;
+        let password = password_env
+            .map(|var| env_var("--password-env", var, ""))
+            .transpose()?;
         let api_id = i32::try_from(telegram.api_id)
             .map_err(|_| input("telegram.api_id", "is too large for Telegram"))?;
         Ok(PhoneLogin {

@@ -650,15 +650,13 @@ struct Vms {
 }
 
 impl Vms {
-    /// Forgets every VM if the snapshot changed since they were made.
-    fn on(&mut self, snap: &Arc<Snapshot>) {
+    /// The VM of `engine` on `snap`; every VM made on an earlier snapshot
+    /// is forgotten first.
+    fn vm(&mut self, engine: &str, snap: &Arc<Snapshot>) -> Result<Rc<Vm>, EngineError> {
         if self.generation != Some(snap.generation) {
             self.by_engine.clear();
             self.generation = Some(snap.generation);
         }
-    }
-
-    fn vm(&mut self, engine: &str, snap: &Arc<Snapshot>) -> Result<Rc<Vm>, EngineError> {
         if let Some(vm) = self.by_engine.get(engine) {
             return Ok(vm.clone());
         }
@@ -694,7 +692,6 @@ async fn serve(index: usize, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceive
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        vms.on(&snap);
         match job {
             // The ctxs are dropped before the answer goes back, so the
             // caller holds the only handle on what they shared (a dialog's
