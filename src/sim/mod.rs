@@ -36,9 +36,14 @@ pub const WORLD_START: Timestamp = Timestamp(1_767_600_000_000);
 /// `1h` of `export --since 1h`): where the world's wire log left off, or
 /// where a new world starts.
 pub fn clock_reading(config: &Config) -> Timestamp {
+    resumed_at(config, world::last_seen(&config.data_dir().join("sim")))
+}
+
+/// Where the world's clock goes on from: the last time it saw, or where
+/// the config starts it, whichever is later.
+fn resumed_at(config: &Config, last_seen: Option<Timestamp>) -> Timestamp {
     let first = config.file.sim.start.map_or(WORLD_START, |m| m.0);
-    let seen = world::last_seen(&config.data_dir().join("sim"));
-    seen.map_or(first, |t| t.max(first))
+    last_seen.map_or(first, |t| t.max(first))
 }
 
 /// The simulated transport. Cheap to clone.
@@ -66,8 +71,7 @@ impl SimTransport {
     pub fn open(config: &Config) -> Result<SimTransport, String> {
         let dir = config.data_dir().join("sim");
         let (files, world) = world::open(&dir)?;
-        let first = config.file.sim.start.map_or(WORLD_START, |m| m.0);
-        let start = world.last_time.map_or(first, |t| t.max(first));
+        let start = resumed_at(config, world.last_time);
         let clock = Arc::new(TokioClock::new(start, config.file.sim.time_scale));
         let persona = match &config.file.sim.persona {
             Some(p) => Some(start_persona(config, &config.resolve(p), clock.clone())?),
