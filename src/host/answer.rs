@@ -14,7 +14,7 @@
 //!    and the answers are planned (their records worked out without the
 //!    store, see [`store::plan`](crate::store::plan)) on a task of their
 //!    own, from the records this path wrote last or, for a dialog it did
-//!    not, read with its ctx parts in one transaction
+//!    not, read with its ctx parts while no transaction runs
 //!    ([`Store::latest_dialogs`](crate::store::Store::latest_dialogs));
 //! 3. the messages, answers and the replies' slots are stored in one
 //!    transaction (a planned answer as planned, unless its dialog was

@@ -220,7 +220,7 @@ impl Touched {
 
 /// A dialog's record and its last page as the answer pipeline last wrote
 /// them, kept to work out its next answer without the store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Written {
     /// The dialog's count of writes (see [`Touched`]) just after.
     touched: u64,
@@ -230,6 +230,25 @@ pub struct Written {
 
 /// A page's key and value.
 type KeyedIVec = ([u8; 16], IVec);
+
+impl Written {
+    /// A dialog's records as they stand: `touched` its count of writes,
+    /// `page` reads the page at a key.
+    fn of<E>(
+        dialog: &Dialog,
+        touched: u64,
+        page: impl FnOnce([u8; 16]) -> Result<Option<IVec>, E>,
+    ) -> Result<Box<Written>, E> {
+        let page = match dialog.next_seq.checked_sub(1) {
+            Some(seq) => {
+                let key = pages::page_key(dialog.id, seq);
+                page(key)?.map(|p| (key, p))
+            }
+            None => None,
+        };
+        Ok(Box::new(Written { touched, page }))
+    }
+}
 
 /// A dialog as it stands and its records to plan its next answer from.
 pub type AsWritten = (Dialog, Box<Written>);
@@ -527,12 +546,36 @@ impl Store {
     }
 
     /// Dialogs as they stand, each with its records to plan its next answer
-    /// from (see [`plan`]), read in one transaction, so that a plan made
-    /// from them holds only if nothing wrote the dialog since; `None` for a
-    /// dialog not found. For the answer pipeline's first answer to a dialog
-    /// it did not write last.
+    /// from (see [`plan`]); `None` for a dialog not found. For the answer
+    /// pipeline's first answer to a dialog it did not write last.
+    ///
+    /// Read holding the store's writer, so that no transaction is half
+    /// done (its writes in the trees, the deferred set not yet told) and a
+    /// plan made from them holds only if nothing wrote the dialog since.
+    /// Not in a sled transaction: sled's commit seals its log buffer twice,
+    /// two writes to the file, even for a transaction that wrote nothing
+    /// (see ARCHITECTURE.md, "What the store's mechanisms pay").
     pub fn latest_dialogs(&self, ids: &[DialogId]) -> Result<Vec<Option<AsWritten>>, StoreError> {
-        self.transact(|tx| ids.iter().map(|&id| tx.as_written(id)).collect())
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        ids.iter().map(|&id| self.as_written(id)).collect()
+    }
+
+    /// A dialog as it stands, with its records to plan its next answer
+    /// from; `None` if there is no such dialog. The caller holds the
+    /// writer: the deferred set and the trees agree.
+    fn as_written(&self, id: DialogId) -> Result<Option<AsWritten>, StoreError> {
+        let (dialog, last) = match self.deferred.get(id) {
+            Some(entry) => ((*entry.dialog).clone(), entry.page),
+            None => match self.t.dialogs.get(u64_key(id))? {
+                Some(bytes) => (decode_dialog(&bytes)?, None),
+                None => return Ok(None),
+            },
+        };
+        let written = Written::of(&dialog, self.touched.count(id), |key| match last {
+            Some((k, page)) if k == key => Ok(Some(page)),
+            _ => self.t.messages.get(key),
+        })?;
+        Ok(Some((dialog, written)))
     }
 
     /// Moves the replies of every flight still recorded (a batch that was
@@ -752,36 +795,10 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// A dialog as it stands for this transaction, with its records to plan
-    /// its next answer from, read without writing anything out; `None`
-    /// if there is no such dialog.
-    fn as_written(&self, id: DialogId) -> TxResult<Option<AsWritten>> {
-        let Some((dialog, last)) = self.latest(id)? else {
-            return Ok(None);
-        };
-        let written = self.written_with(&dialog, last)?;
-        Ok(Some((dialog, written)))
-    }
-
     /// What was just written of a dialog, for planning its next answer.
     fn written(&self, dialog: &Dialog) -> TxResult<Box<Written>> {
         self.write_out_dialog(dialog.id)?;
-        self.written_with(dialog, None)
-    }
-
-    /// A dialog's records as they stand, `last` its deferred last page if
-    /// any.
-    fn written_with(&self, dialog: &Dialog, last: Option<KeyedIVec>) -> TxResult<Box<Written>> {
-        let page = match dialog.next_seq.checked_sub(1) {
-            Some(seq) => {
-                let key = pages::page_key(dialog.id, seq);
-                self.page_at(&key, last)?.map(|p| (key, p))
-            }
-            None => None,
-        };
-        Ok(Box::new(Written {
-            touched: self.touched.count(dialog.id),
-            page,
-        }))
+        let touched = self.touched.count(dialog.id);
+        Ok(Written::of(dialog, touched, |key| self.messages.get(key))?)
     }
 }

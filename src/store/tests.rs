@@ -1022,6 +1022,35 @@ fn answer_planned(
         .collect()
 }
 
+/// The pipeline's read of dialogs it did not answer last
+/// (`latest_dialogs`, outside any transaction) sees what the answers wrote
+/// as they returned it, deferred or written out, and a write since.
+#[test]
+fn latest_dialogs_read_what_the_answers_wrote() {
+    let store = Store::temporary().unwrap();
+    let mut dialogs = open_dialogs(&store, 3);
+    for round in 1..=3 {
+        dialogs = answer_planned(&store, round, &dialogs);
+    }
+    assert_eq!(store.deferred(), 3);
+    let ids: Vec<DialogId> = dialogs.iter().map(|(id, _)| *id).collect();
+    let as_answered = |read: Vec<Option<batch::AsWritten>>| {
+        for ((id, written), found) in dialogs.iter().zip(read) {
+            let (dialog, w) = found.expect("stored");
+            assert_eq!(Some(dialog), store.dialog(*id).unwrap());
+            assert_eq!(Some(w), *written);
+        }
+    };
+    as_answered(store.latest_dialogs(&ids).unwrap());
+    assert_eq!(store.write_out_deferred(10).unwrap(), 0);
+    as_answered(store.latest_dialogs(&ids).unwrap());
+    assert!(store.latest_dialogs(&[ids[2] + 100]).unwrap()[0].is_none());
+    // A write since counts: a plan from the earlier read would not hold.
+    store.reindex(ids[0]).unwrap();
+    let read = store.latest_dialogs(&ids[..1]).unwrap();
+    assert_ne!(read[0].as_ref().map(|(_, w)| w), dialogs[0].1.as_ref());
+}
+
 /// Opens `n` dialogs (at most five) in a new store, none answered yet.
 fn open_dialogs(store: &Store, n: usize) -> Vec<(DialogId, Option<Box<Written>>)> {
     import(store, "l", "username\nalice\nbobby\ncarol\ndavid\nerika\n");
