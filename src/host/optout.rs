@@ -123,22 +123,47 @@ impl OptOut {
         o
     }
 
-    /// Whether the message asks to stop.
+    /// Whether the message asks to stop. Runs for every incoming message
+    /// the answer pipeline routes (again each time one waits for its
+    /// dialog's previous batch), so the message's words are lowered into
+    /// one string rather than a string each.
     pub fn matches(&self, text: &str) -> bool {
-        let w: Vec<String> = words(text).map(lower).collect();
-        let phrase = self
-            .phrases
-            .iter()
-            .any(|p| w.windows(p.len()).any(|window| window == p.as_slice()));
+        let lowered = lowered_words(text);
+        let w: Vec<&str> = lowered.split(' ').filter(|w| !w.is_empty()).collect();
+        let phrase = self.phrases.iter().any(|p| {
+            w.windows(p.len())
+                .any(|window| window.iter().zip(p).all(|(a, b)| a == b))
+        });
         let alone = {
-            let mut said = w.iter().filter(|x| !POLITE.contains(&x.as_str()));
+            let mut said = w.iter().filter(|x| !POLITE.contains(x));
             match said.next() {
-                Some(first) => self.words.contains(first) && said.all(|x| x == first),
+                Some(first) => {
+                    self.words.iter().any(|word| word == first) && said.all(|x| x == first)
+                }
                 None => false,
             }
         };
         phrase || alone || self.regexes.iter().any(|r| r.is_match(text))
     }
+}
+
+/// The words of `text` in lower case, as [`lower`] makes them, one space
+/// between each (lowering never makes a space).
+fn lowered_words(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for word in words(text) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.is_ascii() {
+            let start = out.len();
+            out.push_str(word);
+            out[start..].make_ascii_lowercase();
+        } else {
+            out.extend(word.chars().flat_map(char::to_lowercase));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -227,6 +252,18 @@ mod tests {
             assert!(!o.matches(m), "took {m:?} for an opt-out");
         }
         assert!(opt_outs.len() + questions.len() >= 40);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_words_lowered_in_one_string_are_the_words_lowered_one_by_one(
+            text in "([a-zA-Z]{1,6}|STOP|Stop|İ|Σ|ß|ǅ|Стоп|ПИШИТЕ|[ !,.?’'-]{1,3}|\\PC){0,12}",
+        ) {
+            let one_by_one: Vec<String> = words(&text).map(lower).collect();
+            let lowered = lowered_words(&text);
+            let split: Vec<&str> = lowered.split(' ').filter(|w| !w.is_empty()).collect();
+            proptest::prop_assert_eq!(split, one_by_one, "{:?}", text);
+        }
     }
 
     #[test]
