@@ -41,62 +41,6 @@ pub struct Flight {
     pub(super) replies: Vec<FlightReply>,
 }
 
-/// The keys in the `outbox` tree, in memory, so that a planned reply's key
-/// is checked without a read of the tree. A key goes in inside the
-/// transaction that puts it in the tree (transactions run one at a time,
-/// holding the store's writer, so every later one sees it), and out once
-/// the transaction that took it out committed, unless it was put in again
-/// since (each insert gets a new number, and the removal names the one it
-/// saw). So the set may hold a
-/// key the tree no longer does, for a moment or after an aborted
-/// transaction (the plan is then refused, and the transaction's own path
-/// reads the tree), and never misses one the tree holds.
-#[derive(Debug, Default)]
-pub(super) struct OutboxKeys {
-    keys: Mutex<FxHashMap<u64, u64>>,
-    inserts: AtomicU64,
-}
-
-impl OutboxKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, u64>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(super) fn holds(&self, key: IdempotencyKey) -> bool {
-        self.lock().contains_key(&key.0)
-    }
-
-    pub(super) fn inserted(&self, key: IdempotencyKey) {
-        let n = self.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().insert(key.0, n);
-    }
-
-    /// The insert a removal of `key` takes out, for [`OutboxKeys::removed`].
-    /// Called for a key the tree held: so does the set.
-    pub(super) fn removing(&self, key: IdempotencyKey) -> (u64, u64) {
-        let n = self.lock().get(&key.0).copied();
-        debug_assert!(
-            n.is_some(),
-            "the outbox held {key} and its keys in memory did not"
-        );
-        (key.0, n.unwrap_or(0))
-    }
-
-    /// Takes out the keys of a committed transaction's removals, each
-    /// unless put in again since.
-    pub(super) fn removed(&self, removals: &[(u64, u64)]) {
-        if removals.is_empty() {
-            return;
-        }
-        let mut keys = self.lock();
-        for (key, n) in removals {
-            if keys.get(key) == Some(n) {
-                keys.remove(key);
-            }
-        }
-    }
-}
-
 /// The keys of the replies in flight, with their places.
 #[derive(Debug, Default)]
 pub(super) struct FlightKeys {
@@ -691,11 +635,12 @@ impl Tx<'_> {
             }
         }
         // Refused, if so, as the transaction itself refuses it.
-        Ok(!plan
-            .replies
-            .iter()
-            .filter_map(|m| m.key)
-            .any(|key| self.flight_keys.holds(key) || self.outbox_keys.holds(key)))
+        for key in plan.replies.iter().filter_map(|m| m.key) {
+            if self.is_pending(key)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Writes a planned answer if the dialog and the page it adds to are
@@ -768,8 +713,16 @@ impl Tx<'_> {
     pub(super) fn enqueue(&self, m: &FlightReply) -> Result<(), UnabortableTransactionError> {
         self.outbox
             .insert(&u64_key(m.key.0), &pair(u64_key(m.dialog), u64_key(m.seq)))?;
-        self.outbox_keys.inserted(m.key);
         Ok(())
+    }
+
+    /// Whether a message's key is pending already: in a flight or in the
+    /// outbox.
+    pub(super) fn is_pending(
+        &self,
+        key: IdempotencyKey,
+    ) -> Result<bool, UnabortableTransactionError> {
+        Ok(self.flight_keys.holds(key) || self.outbox.get(u64_key(key.0))?.is_some())
     }
 
     /// Takes a key out of the outbox; its address if it was there.
@@ -777,12 +730,7 @@ impl Tx<'_> {
         &self,
         key: IdempotencyKey,
     ) -> Result<Option<IVec>, UnabortableTransactionError> {
-        let at = self.outbox.remove(&u64_key(key.0))?;
-        if at.is_some() {
-            let removal = self.outbox_keys.removing(key);
-            self.outbox_removed.borrow_mut().push(removal);
-        }
-        Ok(at)
+        self.outbox.remove(&u64_key(key.0))
     }
 
     /// Moves a reply of a flight to the outbox, unless it is no longer

@@ -251,8 +251,6 @@ pub struct Store {
     accounts: Arc<accounts::AccountCache>,
     /// Replies the answer pipeline is sending, by key (see `batch.rs`).
     flight_keys: Arc<FlightKeys>,
-    /// The outbox's keys in memory (see [`batch::OutboxKeys`]).
-    outbox_keys: Arc<batch::OutboxKeys>,
     /// The answer pipeline's records not yet in their trees.
     deferred: Arc<Deferred>,
     /// Writes to each dialog's records, for the answer pipeline's plans.
@@ -278,7 +276,7 @@ pub struct Store {
     /// The one writer: every transaction runs holding it, so transactions
     /// run one at a time by our own lock (sled does not promise that its
     /// transactions do), and the records kept beside the trees in memory
-    /// (the outbox's keys, the replies in flight, the deferred set, the
+    /// (the replies in flight, the deferred set, the
     /// counts of writes) change in the order the trees do.
     writer: Arc<std::sync::Mutex<()>>,
 }

@@ -318,10 +318,6 @@ impl Store {
             identities: AtomicU64::new(t.identities.len() as u64),
             claims: AtomicU64::new(t.dialog_of_contact.len() as u64),
         };
-        let outbox_keys = batch::OutboxKeys::default();
-        for key in t.outbox.iter().keys() {
-            outbox_keys.inserted(IdempotencyKey(read_u64(&key?)));
-        }
         let quiet = QuietDialogs::of(&t.dialogs)?;
         Ok(Store {
             db,
@@ -329,7 +325,6 @@ impl Store {
             quiet: Arc::new(quiet),
             accounts: Arc::default(),
             flight_keys: Arc::default(),
-            outbox_keys: Arc::new(outbox_keys),
             deferred: Arc::default(),
             touched: Arc::new(Touched::new()),
             flusher: Arc::new(std::sync::OnceLock::new()),

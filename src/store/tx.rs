@@ -33,10 +33,6 @@ pub(super) struct Tx<'a> {
     pub(super) journal: &'a TransactionalTree,
     /// The replies in flight (see [`FlightKeys`]).
     pub(super) flight_keys: &'a FlightKeys,
-    /// The outbox's keys (see [`batch::OutboxKeys`]), and the removals
-    /// this transaction made, to take out of it once committed.
-    pub(super) outbox_keys: &'a batch::OutboxKeys,
-    pub(super) outbox_removed: std::cell::RefCell<Vec<(u64, u64)>>,
     /// The answer pipeline's deferred records (see `deferred.rs`), and
     /// what this transaction did to them.
     pub(super) deferred: &'a Deferred,
@@ -182,7 +178,7 @@ impl Tx<'_> {
             if matches!(queue, Queue::Journaled) {
                 break;
             }
-            if self.outbox.get(u64_key(key.0))?.is_some() || self.flight_keys.holds(key) {
+            if self.is_pending(key)? {
                 return abort(StoreError::Refused(format!(
                     "idempotency key {key} is already in the outbox"
                 )));
@@ -382,7 +378,7 @@ impl Store {
             &t.accounts,
         );
         let ran = std::cell::Cell::new(false);
-        let (out, removed, quiet_moves, deferred) =
+        let (out, quiet_moves, deferred) =
             trees.transaction(|(c, u, dnc, d, s, doc, m, o, fl, j, i, un, acc)| {
                 if ran.replace(true) {
                     return abort(StoreError::Storage(
@@ -402,8 +398,6 @@ impl Store {
                     flights: fl,
                     journal: j,
                     flight_keys: &self.flight_keys,
-                    outbox_keys: &self.outbox_keys,
-                    outbox_removed: Default::default(),
                     deferred: &self.deferred,
                     local: Default::default(),
                     touched: &self.touched,
@@ -413,17 +407,11 @@ impl Store {
                 };
                 let out = f(&tx)?;
                 let deferred = tx.finish_deferred()?;
-                Ok((
-                    out,
-                    tx.outbox_removed.take(),
-                    tx.quiet_moves.take(),
-                    deferred,
-                ))
+                Ok((out, tx.quiet_moves.take(), deferred))
             })?;
         // What the transaction did to the records mirrored in memory, now
         // that it committed.
         self.deferred.apply(deferred);
-        self.outbox_keys.removed(&removed);
         self.quiet.apply(quiet_moves);
         Ok(out)
     }
