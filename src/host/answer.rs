@@ -85,7 +85,7 @@ pub(super) async fn dispatch(host: Arc<Host>, mut rx: mpsc::Receiver<Inbound>) {
     // Writing out deferred records: the pipeline was quiet for `QUIET`.
     let mut writing_out = false;
     loop {
-        batch.append(&mut pipeline.carry);
+        pipeline.open_with_carried(&mut batch);
         if batch.is_empty() && answered.is_none() {
             match wait_for_messages(&host, &mut rx, &mut batch, writing_out).await {
                 Waited::Stop => break,
@@ -247,8 +247,13 @@ struct Recent {
 
 #[derive(Default)]
 struct Pipeline {
-    /// Messages held for the next batch, in arrival order.
+    /// Messages held for the next batch, in arrival order; they open it.
     carry: Vec<Inbound>,
+    /// How many of the batch being routed were held from the one before.
+    carried: usize,
+    /// The dialogs among whose held messages is an opt-out: a message is
+    /// read for one once, as it first arrives, not again each time it waits.
+    carried_opt_outs: FxHashSet<DialogId>,
     lately: Lately,
 }
 
@@ -676,6 +681,13 @@ async fn send_and_settle(
 }
 
 impl Pipeline {
+    /// Opens the next batch with the messages held from the last one.
+    fn open_with_carried(&mut self, batch: &mut Vec<Inbound>) {
+        debug_assert!(batch.is_empty(), "held messages open a batch");
+        self.carried = self.carry.len();
+        batch.append(&mut self.carry);
+    }
+
     /// Splits a batch: returns the messages to answer here; hands the rest
     /// to [`Host::receive`] or keeps them for the next batch.
     async fn route(
@@ -688,17 +700,19 @@ impl Pipeline {
         let opt_out = host.opt_out();
         // A dialog with an opt-out in the batch goes the one-at-a-time way
         // whole, so that nothing is answered after it.
-        let mut one_by_one: FxHashSet<DialogId> = FxHashSet::default();
+        let mut opted_out = std::mem::take(&mut self.carried_opt_outs);
+        let carried = std::mem::take(&mut self.carried);
         let mut routed = Vec::with_capacity(batch.len());
-        for inbound in batch {
+        for (i, inbound) in batch.into_iter().enumerate() {
             let dialog = self.dialog_of(host, &inbound.message.contact)?;
             if let Some(d) = dialog {
-                if opt_out.matches(&inbound.message.text) {
-                    one_by_one.insert(d);
+                if i >= carried && opt_out.matches(&inbound.message.text) {
+                    opted_out.insert(d);
                 }
             }
             routed.push((inbound, dialog));
         }
+        let mut one_by_one = opted_out.clone();
         let mut jobs: Vec<Job> = Vec::with_capacity(routed.len());
         let mut answered: FxHashSet<DialogId> =
             FxHashSet::with_capacity_and_hasher(routed.len(), Default::default());
@@ -708,6 +722,9 @@ impl Pipeline {
                 continue;
             };
             if answered.contains(&d) || busy.contains(&d) {
+                if opted_out.contains(&d) {
+                    self.carried_opt_outs.insert(d);
+                }
                 self.carry.push(inbound);
                 continue;
             }

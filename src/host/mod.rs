@@ -14,7 +14,7 @@ pub mod control;
 mod disk;
 pub mod dnc;
 pub mod metrics;
-pub(crate) mod optout;
+pub mod optout;
 pub mod pause;
 mod reviver;
 mod runner;

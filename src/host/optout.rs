@@ -11,6 +11,8 @@
 //! - `/regex/` is a regular expression searched in the message, with
 //!   `(?i)`: for anything else.
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 /// What the host ships: opt-outs in English and Russian, each
 /// unambiguous as written.
 pub const DEFAULT_PATTERNS: &[&str] = &[
@@ -77,9 +79,10 @@ const POLITE: &[&str] = &[
 #[derive(Debug, Clone, Default)]
 pub struct OptOut {
     /// Single words: the whole message, politeness aside.
-    words: Vec<String>,
-    /// Phrases, as their lower-case words: anywhere, in a row.
-    phrases: Vec<Vec<String>>,
+    words: FxHashSet<String>,
+    /// Phrases, as their lower-case words: anywhere, in a row. Kept by
+    /// their first word, each with the words that must follow it.
+    phrases: FxHashMap<String, Vec<Vec<String>>>,
     regexes: Vec<regex::Regex>,
 }
 
@@ -113,11 +116,13 @@ impl OptOut {
                 o.regexes.extend(re.ok());
                 continue;
             }
-            let w: Vec<String> = words(p).map(lower).collect();
-            match w.len() {
-                0 => {}
-                1 => o.words.extend(w),
-                _ => o.phrases.push(w),
+            let mut w = words(p).map(lower);
+            match (w.next(), w.collect::<Vec<String>>()) {
+                (None, _) => {}
+                (Some(word), rest) if rest.is_empty() => {
+                    o.words.insert(word);
+                }
+                (Some(first), rest) => o.phrases.entry(first).or_default().push(rest),
             }
         }
         o
@@ -126,24 +131,30 @@ impl OptOut {
     /// Whether the message asks to stop. Runs for every incoming message
     /// the answer pipeline routes (again each time one waits for its
     /// dialog's previous batch), so the message's words are lowered into
-    /// one string rather than a string each.
+    /// one string rather than a string each, and each word is looked up
+    /// once among the phrases' first words.
     pub fn matches(&self, text: &str) -> bool {
         let lowered = lowered_words(text);
-        let w: Vec<&str> = lowered.split(' ').filter(|w| !w.is_empty()).collect();
-        let phrase = self.phrases.iter().any(|p| {
-            w.windows(p.len())
-                .any(|window| window.iter().zip(p).all(|(a, b)| a == b))
-        });
-        let alone = {
-            let mut said = w.iter().filter(|x| !POLITE.contains(x));
-            match said.next() {
-                Some(first) => {
-                    self.words.iter().any(|word| word == first) && said.all(|x| x == first)
-                }
-                None => false,
-            }
+        let said = || lowered.split(' ').filter(|w| !w.is_empty());
+        let mut rest = said();
+        let phrase =
+            std::iter::from_fn(|| rest.next().map(|w| (w, rest.clone()))).any(|(first, after)| {
+                self.phrases.get(first).is_some_and(|tails| {
+                    tails.iter().any(|tail| {
+                        after
+                            .clone()
+                            .take(tail.len())
+                            .eq(tail.iter().map(String::as_str))
+                    })
+                })
+            });
+        let alone = || {
+            let mut words = said().filter(|w| !POLITE.contains(w));
+            words
+                .next()
+                .is_some_and(|first| self.words.contains(first) && words.all(|w| w == first))
         };
-        phrase || alone || self.regexes.iter().any(|r| r.is_match(text))
+        phrase || alone() || self.regexes.iter().any(|r| r.is_match(text))
     }
 }
 
@@ -263,6 +274,43 @@ mod tests {
             let lowered = lowered_words(&text);
             let split: Vec<&str> = lowered.split(' ').filter(|w| !w.is_empty()).collect();
             proptest::prop_assert_eq!(split, one_by_one, "{:?}", text);
+        }
+    }
+
+    /// The patterns read the plain way: every phrase tried at every word.
+    fn matches_plainly(patterns: &[String], text: &str) -> bool {
+        let said: Vec<String> = words(text).map(lower).collect();
+        let plain: Vec<Vec<String>> = patterns
+            .iter()
+            .map(|p| words(p).map(lower).collect())
+            .collect();
+        let phrase = plain
+            .iter()
+            .filter(|p| p.len() > 1)
+            .any(|p| said.windows(p.len()).any(|w| w == p.as_slice()));
+        let mut rest = said.iter().filter(|w| !POLITE.contains(&w.as_str()));
+        let alone = rest.next().is_some_and(|first| {
+            plain.iter().any(|p| p.len() == 1 && &p[0] == first) && rest.all(|w| w == first)
+        });
+        phrase || alone
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_phrase_found_by_its_first_word_is_a_phrase_found_anywhere(
+            text in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(DEFAULT_PATTERNS),
+                    proptest::sample::select(POLITE),
+                    proptest::sample::select(&["me", "to", "not", "do", "Stop", "НЕ", "yes", "m17", ",", "!"][..]),
+                ],
+                0..8,
+            ),
+        ) {
+            let patterns: Vec<String> = DEFAULT_PATTERNS.iter().map(|p| p.to_string()).collect();
+            let o = OptOut::new(&patterns);
+            let text = text.join(" ");
+            proptest::prop_assert_eq!(o.matches(&text), matches_plainly(&patterns, &text), "{:?}", text);
         }
     }
 
