@@ -129,32 +129,43 @@ impl OptOut {
     }
 
     /// Whether the message asks to stop. Runs for every incoming message
-    /// the answer pipeline routes (again each time one waits for its
-    /// dialog's previous batch), so the message's words are lowered into
+    /// the answer pipeline routes, so the message's words are lowered into
     /// one string rather than a string each, and each word is looked up
     /// once among the phrases' first words.
     pub fn matches(&self, text: &str) -> bool {
         let lowered = lowered_words(text);
         let said = || lowered.split(' ').filter(|w| !w.is_empty());
-        let mut rest = said();
-        let phrase =
-            std::iter::from_fn(|| rest.next().map(|w| (w, rest.clone()))).any(|(first, after)| {
-                self.phrases.get(first).is_some_and(|tails| {
-                    tails.iter().any(|tail| {
-                        after
-                            .clone()
-                            .take(tail.len())
-                            .eq(tail.iter().map(String::as_str))
-                    })
-                })
-            });
-        let alone = || {
-            let mut words = said().filter(|w| !POLITE.contains(w));
-            words
-                .next()
-                .is_some_and(|first| self.words.contains(first) && words.all(|w| w == first))
-        };
-        phrase || alone() || self.regexes.iter().any(|r| r.is_match(text))
+        self.has_phrase(said())
+            || self.is_word_alone(said())
+            || self.regexes.iter().any(|r| r.is_match(text))
+    }
+
+    /// Whether a phrase's words come in a row among `said`.
+    fn has_phrase<'a>(&self, mut said: impl Iterator<Item = &'a str> + Clone) -> bool {
+        while let Some(first) = said.next() {
+            let follows = |tail: &Vec<String>| {
+                said.clone()
+                    .take(tail.len())
+                    .eq(tail.iter().map(String::as_str))
+            };
+            if self
+                .phrases
+                .get(first)
+                .is_some_and(|tails| tails.iter().any(follows))
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether `said` is one single-word pattern, politeness aside (said
+    /// once or more).
+    fn is_word_alone<'a>(&self, said: impl Iterator<Item = &'a str>) -> bool {
+        let mut words = said.filter(|w| !POLITE.contains(w));
+        words
+            .next()
+            .is_some_and(|first| self.words.contains(first) && words.all(|w| w == first))
     }
 }
 
