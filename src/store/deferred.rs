@@ -66,8 +66,11 @@ pub(super) const MOST: usize = if cfg!(test) { 4 } else { 131_072 };
 
 /// Journal bytes at most before the dialogs of the oldest record are
 /// written out with the next batch (a few KiB in unit tests, so that they
-/// trim it often).
-pub(super) const JOURNAL_MOST: usize = if cfg!(test) { 8 << 10 } else { 64 << 20 };
+/// trim it often). A burst writes each deferred dialog out about once per
+/// this many bytes of answers (some 1.6 million at 256 MiB), and a kill
+/// leaves at most this much to replay (1.3 million answers took 7.9 s):
+/// see ARCHITECTURE.md, "What the store's mechanisms pay".
+pub(super) const JOURNAL_MOST: usize = if cfg!(test) { 8 << 10 } else { 256 << 20 };
 
 /// Dialogs written per transaction when the journal is replayed.
 const REPLAY_BATCH: usize = 256;
