@@ -68,7 +68,7 @@ pub(super) const MOST: usize = if cfg!(test) { 4 } else { 131_072 };
 /// written out with the next batch (a few KiB in unit tests, so that they
 /// trim it often). A burst writes each deferred dialog out about once per
 /// this many bytes of answers (some 1.6 million at 256 MiB), and a kill
-/// leaves at most this much to replay (1.3 million answers took 7.9 s):
+/// leaves at most this much to replay (1.6 million answers took 10.9 s):
 /// see ARCHITECTURE.md, "What the store's mechanisms pay".
 pub(super) const JOURNAL_MOST: usize = if cfg!(test) { 8 << 10 } else { 256 << 20 };
 
