@@ -40,7 +40,7 @@
 //!   the plan took) and written, one the stored dialog is past is skipped,
 //!   so a record replayed twice, or a replay interrupted by a crash,
 //!   changes nothing.
-//! - The journal stays small: past [`JOURNAL_MOST`] bytes the dialogs of
+//! - The journal is bounded: past [`JOURNAL_MOST`] bytes the dialogs of
 //!   the oldest record are written out with the next batch.
 //!
 //! A dialog's full pages never wait: a planned answer that fills its last
